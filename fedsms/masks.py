@@ -1,0 +1,277 @@
+"""Pruning masks: which tensors are prunable, how masks are chosen, enforced and named.
+
+A mask is a ``dict[str, torch.Tensor]`` from parameter name to a ``bool`` tensor of the
+parameter's shape (True = kept). Only the weights of conv and linear layers are prunable;
+biases and norm layers never are. The dict's order is the model's parameter order, and
+that order defines the wire order and the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from fedsms import FedSMSError
+
+Mask = dict[str, torch.Tensor]
+
+PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNING_METHODS = ("global", "uniform", "random")
+
+
+def prunable_names(
+    model: nn.Module, *, keep_first_dense: bool = False, keep_last_dense: bool = False
+) -> list[str]:
+    """Names of the prunable weights, in the model's parameter order."""
+    names = [
+        f"{module_name}.weight" if module_name else "weight"
+        for module_name, module in model.named_modules()
+        if isinstance(module, PRUNABLE_LAYERS)
+    ]
+    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    names = sorted((n for n in names if n in order), key=order.__getitem__)
+    if keep_first_dense:
+        names = names[1:]
+    if keep_last_dense:
+        names = names[:-1]
+    return names
+
+
+def dense_mask(model: nn.Module, names: Iterable[str]) -> Mask:
+    params = dict(model.named_parameters())
+    return {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
+
+
+# ---- schedule ------------------------------------------------------------------------
+
+
+def prune_fraction_per_phase(target_sparsity: float, phases: int) -> float:
+    """q such that pruning q of the remaining weights in each of ``phases`` phases reaches
+    ``target_sparsity``: q = 1 - (1 - s)^(1/P)."""
+    if not 0.0 <= target_sparsity < 1.0:
+        raise FedSMSError(f"target sparsity must be in [0, 1), got {target_sparsity}; pass e.g. 0.9")
+    if phases < 1:
+        raise FedSMSError(f"phases must be at least 1, got {phases}")
+    return 1.0 - (1.0 - target_sparsity) ** (1.0 / phases)
+
+
+def sparsity_after_phase(target_sparsity: float, phases: int, phase: int) -> float:
+    """Sparsity after phase ``phase`` (1-based): 1 - (1 - q)^p; phase 0 is dense."""
+    q = prune_fraction_per_phase(target_sparsity, phases)
+    return 1.0 - (1.0 - q) ** phase
+
+
+def kept_count(total: int, sparsity: float) -> int:
+    """Entries kept at ``sparsity``: the exact count every pruning method hits."""
+    return total - int(round(sparsity * total))
+
+
+# ---- choosing a mask -----------------------------------------------------------------
+
+
+def compute_mask(
+    params: Mapping[str, torch.Tensor],
+    old_mask: Mask,
+    sparsity: float,
+    *,
+    method: str = "global",
+    generator: torch.Generator | None = None,
+) -> Mask:
+    """The next mask at ``sparsity`` (over all entries of ``old_mask``'s tensors).
+
+    Only entries kept by ``old_mask`` can survive (IMP never regrows), so the result is a
+    subset of ``old_mask``. ``global`` ranks |w| across all tensors, ``uniform`` prunes each
+    tensor to the same sparsity, ``random`` draws the survivors uniformly at random.
+    """
+    if method not in PRUNING_METHODS:
+        raise FedSMSError(f"unknown pruning method {method!r}; use one of {', '.join(PRUNING_METHODS)}")
+    if method == "uniform":
+        return {
+            name: _keep_top(_scores(params[name], keep), keep, kept_count(keep.numel(), sparsity))
+            for name, keep in old_mask.items()
+        }
+    if method == "random" and generator is None:
+        raise ValueError("random pruning needs a torch.Generator")
+    names = list(old_mask)
+    flat_keep = torch.cat([old_mask[n].reshape(-1) for n in names])
+    if method == "global":
+        flat_scores = torch.cat([_scores(params[n], old_mask[n]).reshape(-1) for n in names])
+    else:
+        flat_scores = torch.rand(flat_keep.shape, generator=generator, dtype=torch.float64)
+        flat_scores = flat_scores.masked_fill(~flat_keep, -1.0)
+    new_flat = _keep_top(flat_scores, flat_keep, kept_count(flat_keep.numel(), sparsity))
+    return dict(zip(names, (chunk.view_as(old_mask[n]) for n, chunk in zip(names, _split(new_flat, old_mask)))))
+
+
+def _scores(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """|w| in float64 on the CPU; already pruned entries score -1 so they are never kept."""
+    return weight.detach().to("cpu", torch.float64).abs().masked_fill(~keep.cpu(), -1.0)
+
+
+def _keep_top(scores: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
+    available = int(keep.sum())
+    if k > available:
+        # Reaching the sparsity would need regrowth; keep what is left instead.
+        k = available
+    flat = scores.reshape(-1)
+    new = torch.zeros(flat.shape, dtype=torch.bool)
+    if k > 0:
+        # topk breaks ties by position, so the kept count is exact even with equal |w|.
+        new[torch.topk(flat, k, sorted=False).indices] = True
+    return new.view_as(keep) & keep.cpu()
+
+
+def _split(flat: torch.Tensor, like: Mask) -> list[torch.Tensor]:
+    return list(torch.split(flat, [m.numel() for m in like.values()]))
+
+
+# ---- applying and enforcing ---------------------------------------------------------
+
+
+def check_mask_fits(model: nn.Module, mask: Mask) -> None:
+    params = dict(model.named_parameters())
+    for name, keep in mask.items():
+        if name not in params:
+            raise FedSMSError(f"mask names tensor {name!r} which the model does not have; use a mask made for this model")
+        if tuple(params[name].shape) != tuple(keep.shape):
+            raise FedSMSError(
+                f"mask for {name!r} has shape {tuple(keep.shape)} but the model's is "
+                f"{tuple(params[name].shape)}; use a mask made for this model"
+            )
+
+
+class MaskEnforcer:
+    """Zeroes the pruned entries of a model's weights in place.
+
+    ``apply()`` is one fused ``torch._foreach_mul_`` over all masked tensors, cheap enough
+    to run after every optimizer step.
+    """
+
+    def __init__(self, model: nn.Module, mask: Mask) -> None:
+        check_mask_fits(model, mask)
+        params = dict(model.named_parameters())
+        self.params = [params[n] for n in mask]
+        self.factors = [keep.to(device=params[n].device, dtype=params[n].dtype) for n, keep in mask.items()]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.params:
+            torch._foreach_mul_(self.params, self.factors)
+
+
+def apply_mask(model: nn.Module, mask: Mask) -> None:
+    MaskEnforcer(model, mask).apply()
+
+
+def outside_mask_nonzeros(state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, int]:
+    """Per tensor, the count of nonzero entries the mask says must be zero."""
+    counts = {}
+    for name, keep in mask.items():
+        bad = int(torch.count_nonzero(state[name].detach().cpu() * (~keep.cpu())))
+        if bad:
+            counts[name] = bad
+    return counts
+
+
+def mask_from_state(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> Mask:
+    """The mask implied by a sparse state dict: nonzero entries are kept."""
+    return {n: state[n].detach().cpu() != 0 for n in names}
+
+
+# ---- reporting and naming ------------------------------------------------------------
+
+
+def sparsity(mask: Mask) -> float:
+    total = sum(m.numel() for m in mask.values())
+    kept = sum(int(m.sum()) for m in mask.values())
+    return 1.0 - kept / total if total else 0.0
+
+
+def sparsity_report(mask: Mask) -> list[dict]:
+    """One row per tensor (name, shape, numel, nnz, sparsity) and a final ``total`` row."""
+    rows = []
+    for name, keep in mask.items():
+        nnz = int(keep.sum())
+        rows.append(
+            {"name": name, "shape": list(keep.shape), "numel": keep.numel(), "nnz": nnz,
+             "sparsity": 1.0 - nnz / keep.numel()}
+        )
+    numel = sum(r["numel"] for r in rows)
+    nnz = sum(r["nnz"] for r in rows)
+    rows.append({"name": "total", "shape": [], "numel": numel, "nnz": nnz,
+                 "sparsity": 1.0 - nnz / numel if numel else 0.0})
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'tensor':<{width}}  {'numel':>10}  {'nnz':>10}  {'sparsity':>8}"]
+    lines += [f"{r['name']:<{width}}  {r['numel']:>10}  {r['nnz']:>10}  {r['sparsity']:>8.2%}" for r in rows]
+    return "\n".join(lines)
+
+
+def pack_mask(mask: Mask) -> bytes:
+    """All mask bits in mask order, packed 8 per byte (little bit order)."""
+    if not mask:
+        return b""
+    flat = torch.cat([m.reshape(-1).cpu() for m in mask.values()]).numpy()
+    return np.packbits(flat, bitorder="little").tobytes()
+
+
+def unpack_mask(data: bytes, shapes: Mapping[str, tuple[int, ...]]) -> Mask:
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    if len(data) != (total + 7) // 8:
+        raise FedSMSError(f"mask bits have {len(data)} bytes but the shapes need {(total + 7) // 8}")
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=total, bitorder="little").astype(bool)
+    out, start = {}, 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape))
+        out[name] = torch.from_numpy(flat[start : start + n].copy()).view(*shape)
+        start += n
+    return out
+
+
+def mask_digest(mask: Mask) -> str:
+    """sha256 over names, shapes and bits: two masks with the same digest are the same mask."""
+    h = hashlib.sha256()
+    for name, keep in mask.items():
+        h.update(f"{name}:{tuple(keep.shape)};".encode())
+    h.update(pack_mask(mask))
+    return h.hexdigest()
+
+
+# ---- torch.nn.utils.prune interop ---------------------------------------------------
+
+
+def export_to_torch_prune(model: nn.Module, mask: Mask) -> None:
+    """Attach ``weight_orig``/``weight_mask`` reparametrisations, as ``prune.custom_from_mask``."""
+    check_mask_fits(model, mask)
+    modules = dict(model.named_modules())
+    for name, keep in mask.items():
+        module_name, _, param = name.rpartition(".")
+        module = modules[module_name]
+        torch_prune.custom_from_mask(module, param, keep.to(getattr(module, param).device))
+
+
+def import_from_torch_prune(model: nn.Module, *, make_permanent: bool = True) -> Mask:
+    """Read the masks of every ``torch.nn.utils.prune``-pruned weight.
+
+    With ``make_permanent`` the reparametrisation is removed (``prune.remove``) so the model
+    holds plain zeroed weights again, as fedsms expects.
+    """
+    mask = {}
+    for module_name, module in model.named_modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                param = hook._tensor_name
+                full = f"{module_name}.{param}" if module_name else param
+                mask[full] = getattr(module, f"{param}_mask").detach().cpu().bool().clone()
+                if make_permanent:
+                    torch_prune.remove(module, param)
+    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return dict(sorted(mask.items(), key=lambda kv: order.get(kv[0], len(order))))

@@ -40,15 +40,19 @@ class Classifier(nn.Module):
 
 
 def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
-    from fedsms.models import resnet, small
+    from fedsms.models import small
 
     if name == "mlp":
         return small.mlp(num_classes, input_shape)
     if name == "cnn":
         return small.SmallCNN(num_classes, input_shape)
     if name in ("resnet20", "resnet56"):
+        from fedsms.models import resnet
+
         return resnet.cifar_resnet(int(name[6:]), num_classes, in_channels=input_shape[0])
     if match := re.fullmatch(r"wrn-(\d+)-(\d+)", name):
+        from fedsms.models import resnet
+
         return resnet.wide_resnet(int(match[1]), int(match[2]), num_classes, in_channels=input_shape[0])
     if name.startswith("tv:"):
         return _torchvision_model(name[3:], num_classes, input_shape)

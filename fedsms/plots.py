@@ -1,0 +1,53 @@
+"""PNG plots: test accuracy against sparsity per method, and in-distribution against OOD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedsms.report import grouped, mean_std, methods_in  # noqa: E402
+
+
+def plot_results(rows: list[dict], out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acc, ood, spars = grouped(rows, "accuracy"), grouped(rows, "ood_accuracy"), grouped(rows, "sparsity")
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods_in(rows):
+        keys = sorted(k for k in acc if k[0] == method)
+        if method == "dense":
+            ax.axhline(100 * mean_std(acc[keys[0]])[0], color="gray", ls="--", label="dense")
+            continue
+        xs = [100 * mean_std(spars[k])[0] for k in keys]
+        means, stds = zip(*(mean_std([100 * v for v in acc[k]]) for k in keys))
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set(xlabel="sparsity (%)", ylabel="test accuracy (%)", title="Accuracy vs sparsity")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out_dir / "accuracy_vs_sparsity.png"))
+
+    if ood:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in methods_in(rows):
+            keys = sorted(k for k in ood if k[0] == method)
+            if keys:
+                ax.plot([100 * mean_std(acc[k])[0] for k in keys], [100 * mean_std(ood[k])[0] for k in keys],
+                        marker="o", label=method)
+        ax.set(xlabel="test accuracy (%)", ylabel="OOD accuracy (%)", title="In-distribution vs OOD (each point a phase)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out_dir / "id_vs_ood.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

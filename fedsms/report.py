@@ -1,0 +1,80 @@
+"""Tables from result rows: per-phase accuracy by method, and the final-sparsity summary,
+each as mean ± std over seeds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+METHOD_ORDER = ("dense", "imp", "imp-best", "imp-avg", "sms", "ensemble")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: list[float], scale: float = 100.0) -> str:
+    mean, std = mean_std([v * scale for v in values])
+    return f"{mean:6.2f} ± {std:4.2f}"
+
+
+def methods_in(rows: list[dict]) -> list[str]:
+    present = {r["method"] for r in rows}
+    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+
+
+def grouped(rows: list[dict], key: str) -> dict[tuple[str, int], list[float]]:
+    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for row in rows:
+        if key in row:
+            groups[(row["method"], row["phase"])].append(row[key])
+    return groups
+
+
+def phase_table(rows: list[dict], key: str = "accuracy") -> str:
+    """One line per phase, one column per method: ``key`` in % as mean ± std over seeds."""
+    methods = methods_in(rows)
+    values = grouped(rows, key)
+    sparsities = grouped(rows, "sparsity")
+    phases = sorted({r["phase"] for r in rows})
+    header = f"{'phase':>5}  {'sparsity':>8}  " + "  ".join(f"{m:>15}" for m in methods)
+    lines = [f"test {key} (%), mean ± std over {len({r['seed'] for r in rows})} seed(s)", header, "-" * len(header)]
+    for phase in phases:
+        spars = next(v for (m, p), v in sparsities.items() if p == phase)
+        cells = [_fmt(values[(m, phase)]) if (m, phase) in values else f"{'':>15}" for m in methods]
+        lines.append(f"{phase:>5}  {100 * statistics.fmean(spars):7.2f}%  " + "  ".join(f"{c:>15}" for c in cells))
+    return "\n".join(lines)
+
+
+def final_table(rows: list[dict]) -> str:
+    """Each method at its last phase: sparsity, test accuracy, OOD accuracy, ECE."""
+    last = max(r["phase"] for r in rows)
+    lines = [f"{'method':>10}  {'sparsity':>8}  {'test acc %':>15}  {'OOD acc %':>15}  {'ECE %':>15}  seeds"]
+    for method in methods_in(rows):
+        mine = [r for r in rows if r["method"] == method and r["phase"] == (0 if method == "dense" else last)]
+        if not mine:
+            continue
+        ood = [r["ood_accuracy"] for r in mine if "ood_accuracy" in r]
+        lines.append(
+            f"{method:>10}  {100 * statistics.fmean(r['sparsity'] for r in mine):7.2f}%  "
+            f"{_fmt([r['accuracy'] for r in mine]):>15}  {_fmt(ood) if ood else '-':>15}  "
+            f"{_fmt([r['ece'] for r in mine]):>15}  {len(mine)}"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> dict:
+    """Mean and std of every metric per (method, phase), for summary.json."""
+    out: dict = defaultdict(dict)
+    for key in ("accuracy", "ood_accuracy", "ece", "loss", "sparsity"):
+        for (method, phase), values in grouped(rows, key).items():
+            mean, std = mean_std(values)
+            out[method].setdefault(str(phase), {})[key] = {"mean": mean, "std": std, "n": len(values)}
+    return dict(out)

@@ -43,7 +43,7 @@ class ArrayData:
 def to_float(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
-    return images.float()
+    return images.to(torch.float32, copy=True)  # never hand out the data set's own storage
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,15 @@ def split_heldout(data: ArrayData, fraction: float, seed: int) -> tuple[ArrayDat
     return data.subset(order[n_held:]), data.subset(order[:n_held])
 
 
-def channel_stats(data: ArrayData) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = data.float_images()
-    return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())
+def channel_stats(data: ArrayData, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std, in chunks so no float copy of the whole set is made."""
+    total = torch.zeros(data.images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(data), chunk):
+        x = data.float_images(slice(start, start + chunk)).double()
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    n = len(data) * data.images.shape[2] * data.images.shape[3]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())

@@ -42,6 +42,18 @@ CONFIG_HELP = {
     "workers": "candidates trained in parallel worker processes",
     "out_dir": "where results, checkpoints and plots go",
     "init_checkpoint": "start from this dense checkpoint instead of pretraining",
+    "mode": "hyperparameter (clients differ by recipe) or data (clients differ by shard)",
+    "pretrain_rounds": "dense federated rounds before phase 1",
+    "rounds_per_phase": "federated rounds in each prune-retrain phase",
+    "partitioning": "iid, dirichlet or shards (data mode)",
+    "dirichlet_alpha": "label-skew concentration of the dirichlet partitioning",
+    "min_train_clients": "valid replies a round needs to update the soup",
+    "min_available_clients": "clients to wait for before a round starts",
+    "fraction_evaluate": "fraction of clients asked for federated evaluation",
+    "value_dtype": "fp32, fp16 or bf16 values on the wire",
+    "recalibration": "norm statistics re-estimated on the server's data or by the clients",
+    "server_data": "the server holds the data set (central evaluation, recalibration, greedy)",
+    "round_timeout": "seconds to wait for the replies of a round",
 }
 
 
@@ -79,6 +91,21 @@ def cmd_local(args: argparse.Namespace) -> int:
     print(f"final phase ({config.phases}), target sparsity {config.target_sparsity:.0%}:")
     print(final_table(rows))
     print(f"\nresults: {out / 'results.jsonl'}, {out / 'summary.json'}; plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedsms.config import FederationConfig, RunConfig, split_config
+
+    overrides = config_overrides(args, RunConfig()) | config_overrides(args, FederationConfig())
+    overrides.setdefault("out_dir", "runs/simulate")
+    if (Path(overrides["out_dir"]) / "rounds.jsonl").exists():
+        raise FedSMSError(f"{Path(overrides['out_dir']) / 'rounds.jsonl'} already exists; pass another --out-dir or remove it")
+    split_config(overrides)
+    # Flower is imported only here: the library itself never needs it.
+    from fedsms_server.simulation import simulate
+
+    simulate(overrides, args.num_clients, cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     return 0
 
 
@@ -134,7 +161,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fedsms.config import RunConfig
+    from fedsms.config import FederationConfig, RunConfig
 
     parser = argparse.ArgumentParser(prog="fedsms", description="Sparse Model Soups, local or federated with Flower.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(local, RunConfig())
     local.add_argument("--seeds", help="comma list of seeds to repeat the run with (tables show mean ± std)")
     local.set_defaults(func=cmd_local)
+
+    sim = commands.add_parser("simulate", help="run the federated job with N virtual Flower clients on this machine",
+                              description="Run Sparse Model Soups as a Flower simulation: a SparseSoupStrategy server "
+                                          "and N virtual clients, each retraining its own candidate or data shard.")
+    add_config_options(sim, RunConfig())
+    add_config_options(sim, FederationConfig())
+    sim.add_argument("--num-clients", type=int, default=4, help="virtual clients (default: 4)")
+    sim.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores Ray reserves per client (default: 1)")
+    sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share Ray reserves per client (default: 0)")
+    sim.set_defaults(func=cmd_simulate)
 
     soup = commands.add_parser("soup", help="average candidate checkpoints that share a mask",
                                description="Average candidate checkpoints retrained anywhere under the same mask.")

@@ -105,7 +105,8 @@ def _cast(key: str, value: Any, kind: str) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise FedSMSError(f"config key {key!r} must be a {kind}, got {value!r}") from None
+        article = "an" if kind == "int" else "a"
+        raise FedSMSError(f"config key {key!r} must be {article} {kind}, got {value!r}") from None
 
 
 def _check(config: RunConfig) -> None:
@@ -135,3 +136,63 @@ def _check(config: RunConfig) -> None:
     need(not unknown and bool(config.method_list()), "methods", f"must list some of {', '.join(METHODS)}")
     if config.recipe:
         parse_grid(config.recipe)
+
+
+FEDERATED_MODES = ("hyperparameter", "data")
+PARTITIONINGS = ("iid", "dirichlet", "shards")
+VALUE_DTYPES = ("fp32", "fp16", "bf16")
+RECALIBRATIONS = ("server", "federated")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Settings only a federated run has; its keys share the run config's namespace."""
+
+    mode: str = "hyperparameter"  # clients differ by hyperparameters, or by data shard
+    pretrain_rounds: int = 1  # dense federated rounds before phase 1 (0 with init-checkpoint)
+    rounds_per_phase: int = 1
+    partitioning: str = "iid"  # data mode only
+    dirichlet_alpha: float = 0.3
+    min_train_clients: int = 2
+    min_available_clients: int = 2
+    fraction_evaluate: float = 1.0  # clients asked for federated evaluation each round
+    value_dtype: str = "fp32"  # dtype of the values on the wire
+    recalibration: str = "server"  # server-held data, or a federated norm-statistics round
+    server_data: bool = True  # the server holds the data set: central evaluation, recalibration, greedy soup
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise FedSMSError(f"config key {key.replace('_', '-')!r} {what}, got {getattr(self, key)!r}")
+
+        need(self.mode in FEDERATED_MODES, "mode", f"must be one of {', '.join(FEDERATED_MODES)}")
+        need(self.pretrain_rounds >= 0, "pretrain_rounds", "must be at least 0")
+        need(self.rounds_per_phase >= 1, "rounds_per_phase", "must be at least 1")
+        need(self.partitioning in PARTITIONINGS, "partitioning", f"must be one of {', '.join(PARTITIONINGS)}")
+        need(self.dirichlet_alpha > 0, "dirichlet_alpha", "must be positive")
+        need(self.min_train_clients >= 1, "min_train_clients", "must be at least 1")
+        need(self.min_available_clients >= 1, "min_available_clients", "must be at least 1")
+        need(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate", "must be in [0, 1]")
+        need(self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {', '.join(VALUE_DTYPES)}")
+        need(self.recalibration in RECALIBRATIONS, "recalibration", f"must be one of {', '.join(RECALIBRATIONS)}")
+        need(self.round_timeout > 0, "round_timeout", "must be positive")
+
+
+def split_config(values: Mapping[str, Any]) -> tuple[RunConfig, FederationConfig]:
+    """Parse one flat mapping (a Flower run config) into its run and federation parts."""
+    run_keys = {f.name for f in fields(RunConfig)}
+    fed_keys = {f.name for f in fields(FederationConfig)}
+    run_values, fed_values = {}, {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name in run_keys:
+            run_values[key] = value
+        elif name in fed_keys:
+            fed_values[name] = (key, value)
+        else:
+            known = sorted(k.replace("_", "-") for k in run_keys | fed_keys)
+            raise FedSMSError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
+    fed_types = {f.name: f.type for f in fields(FederationConfig)}
+    fed = FederationConfig(**{name: _cast(key, v, fed_types[name]) for name, (key, v) in fed_values.items()})
+    return RunConfig.from_mapping(run_values), fed

@@ -3,6 +3,8 @@ weights, so after merging they are reset and re-estimated by forward passes."""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
@@ -42,3 +44,61 @@ def recalibrate_norms(
         layer.momentum = momentum
     model.train(was_training)
     return n
+
+# ---- pooling statistics estimated elsewhere (federated recalibration) ---------------
+# Averaging per-client variances would drop the spread between client means, so the pooled
+# variance is E[x²] − E[x]²: Σ nᵢ(vᵢ + mᵢ²)/N − M², with M = Σ nᵢmᵢ/N.
+
+
+def norm_stat_names(model: nn.Module) -> list[str]:
+    """State-dict names of every running mean/var/count, in state-dict order."""
+    layers = {id(m) for m in norm_layers(model)}
+    prefixes = [name for name, module in model.named_modules() if id(module) in layers]
+    suffixes = ("running_mean", "running_var", "num_batches_tracked")
+    return [f"{p}.{s}" for p in prefixes for s in suffixes]
+
+
+def norm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    return {name: state[name].detach().cpu().clone() for name in norm_stat_names(model)}
+
+
+class NormStatsAverage:
+    def __init__(self, model: nn.Module) -> None:
+        self.template = norm_stats(model)
+        self.count, self.examples = 0, 0
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: Mapping[str, torch.Tensor], examples: int) -> None:
+        if list(stats) != list(self.template):
+            raise ValueError("norm statistics name other tensors than the model's norm layers")
+        if examples <= 0:
+            raise ValueError(f"norm statistics over {examples} examples")
+        for name, value in stats.items():
+            if value.shape != self.template[name].shape:
+                raise ValueError(f"norm statistic {name!r} has shape {tuple(value.shape)}")
+            value = value.double()
+            if name.endswith("running_mean"):
+                var_name = name[: -len("mean")] + "var"
+                second = stats[var_name].double() + value**2  # E[x²] of this client
+                self._accumulate(var_name, second * examples)
+                self._accumulate(name, value * examples)
+            elif name.endswith("num_batches_tracked"):
+                self._sums[name] = torch.maximum(self._sums.get(name, value), value)
+        self.count += 1
+        self.examples += examples
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        self._sums[name] = self._sums[name] + value if name in self._sums else value
+
+    def result(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, template in self.template.items():
+            if name.endswith("running_mean"):
+                out[name] = (self._sums[name] / self.examples).to(template.dtype)
+            elif name.endswith("running_var"):
+                mean = self._sums[name[: -len("var")] + "mean"] / self.examples
+                out[name] = (self._sums[name] / self.examples - mean**2).clamp_min(0).to(template.dtype)
+            else:
+                out[name] = self._sums[name].to(template.dtype)
+        return out

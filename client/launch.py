@@ -1,0 +1,139 @@
+"""``fedsms-client``: join a fedsms job as one Flower SuperNode and exit when it is over.
+
+The SuperNode runs the fedsms ClientApp for every message; the ClientApp notes each
+message it handled in a status file, and once the last round has been handled and the
+server has shut its SuperLink down, the SuperNode is stopped and this exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedsms import FedSMSError
+
+from fedsms_server.deployment import flower_bin, flower_env, free_port, reachable, split_address, toml_value, wait_until_reachable
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsms-client",
+        description="Join a federated Sparse Model Soups job as one client (a Flower SuperNode).",
+    )
+    parser.add_argument("--server", required=True, help="HOST:PORT of fedsms-server")
+    parser.add_argument("--partition-id", type=int, required=True, help="this client's index, 0..num-partitions-1")
+    parser.add_argument("--num-partitions", type=int, required=True, help="number of clients in the job")
+    parser.add_argument("--data-dir", help="folder of the torchvision data sets on this machine")
+    parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: the job's setting)")
+    parser.add_argument("--port", type=int, help="local port of the SuperNode's app API (default: a free one)")
+    parser.add_argument("--connect-timeout", type=float, default=120, help="seconds to wait for the server (default: 120)")
+    security = parser.add_argument_group("transport security (one of --insecure or --root-certificates)")
+    security.add_argument("--insecure", action="store_true", help="no TLS: only on a trusted network")
+    security.add_argument("--root-certificates", help="CA certificate (PEM) that signed the server's certificate")
+    security.add_argument("--auth-key", help="this client's private key (OpenSSH ecdsa) when the server authenticates clients")
+    parser.add_argument("--flwr-home", help="Flower state folder (default: a fresh temporary one)")
+    return parser
+
+
+def node_config(args: argparse.Namespace, status_file: Path) -> str:
+    if not 0 <= args.partition_id < args.num_partitions:
+        raise FedSMSError(f"--partition-id {args.partition_id} must be in [0, {args.num_partitions}); fix one of the two")
+    values = {"partition-id": args.partition_id, "num-partitions": args.num_partitions, "status-file": str(status_file)}
+    if args.data_dir:
+        values["data-dir"] = str(Path(args.data_dir).resolve())
+    if args.device:
+        values["device"] = args.device
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def security_flags(args: argparse.Namespace) -> list[str]:
+    if args.insecure and args.root_certificates:
+        raise FedSMSError("--insecure and --root-certificates exclude each other; pass one")
+    if args.insecure:
+        print("fedsms-client: WARNING: connecting without TLS (--insecure)", file=sys.stderr)
+        flags = ["--insecure"]
+    elif args.root_certificates:
+        if not Path(args.root_certificates).is_file():
+            raise FedSMSError(f"certificate file {args.root_certificates} does not exist; pass the right path")
+        flags = ["--root-certificates", args.root_certificates]
+    else:
+        raise FedSMSError("pass --root-certificates CA.pem for TLS, or --insecure explicitly")
+    if args.auth_key:
+        flags += ["--auth-supernode-private-key", args.auth_key]
+    return flags
+
+
+def read_status(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def join(args: argparse.Namespace) -> int:
+    host, port = split_address(args.server)
+    flags = security_flags(args)
+    home = Path(args.flwr_home or tempfile.mkdtemp(prefix=f"fedsms-client{args.partition_id}-"))
+    home.mkdir(parents=True, exist_ok=True)
+    status_file = home / "status.json"
+    config = node_config(args, status_file)
+    wait_until_reachable(host, port, args.connect_timeout, "fedsms-server")
+    print(f"fedsms-client {args.partition_id}: joining {args.server} (log: {home / 'supernode.log'})")
+    with open(home / "supernode.log", "w") as log:
+        supernode = subprocess.Popen(
+            [flower_bin("flower-supernode"), *flags, "--superlink", args.server, "--port", str(args.port or free_port()),
+             "--node-config", config, "--max-wait-time", str(args.connect_timeout)],
+            env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, cwd=home,
+        )
+    try:
+        return watch(supernode, status_file, host, port, args)
+    finally:
+        if supernode.poll() is None:
+            supernode.send_signal(signal.SIGTERM)
+            try:
+                supernode.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                supernode.kill()
+
+
+def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, args: argparse.Namespace) -> int:
+    """Until the server is gone: then done if the last round was handled, else an error."""
+    seen_round = 0
+    while True:
+        status = read_status(status_file)
+        if status.get("server-round", 0) != seen_round:
+            seen_round = status["server-round"]
+            print(f"fedsms-client {args.partition_id}: handled round {seen_round}")
+        if not reachable(host, port):
+            if status.get("last-round"):
+                print(f"fedsms-client {args.partition_id}: job finished; results are on the server in {status.get('out-dir')}")
+                return 0
+            print(f"fedsms-client {args.partition_id}: the server at {args.server} went away before the last round "
+                  f"(last handled: round {seen_round})", file=sys.stderr)
+            return 1
+        if supernode.poll() is not None:
+            print(f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode}; "
+                  f"see {status_file.parent / 'supernode.log'}", file=sys.stderr)
+            return 1
+        time.sleep(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return join(args)
+    except FedSMSError as error:
+        print(f"fedsms-client: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

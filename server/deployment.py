@@ -1,0 +1,114 @@
+"""Driving Flower's own processes (SuperLink, SuperNode, the ``flwr`` CLI) for
+``fedsms-server`` and ``fedsms-client``: environment, app folder, connections, waiting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from fedsms import FedSMSError
+from fedsms.config import FederationConfig, RunConfig
+
+CONNECTION = "fedsms"
+
+
+def flower_bin(name: str) -> str:
+    """Flower's executables live next to this interpreter (the virtual environment)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FedSMSError(f"{path} is missing; install fedsms with its Flower dependency (make setup)")
+    return str(path)
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment every Flower process gets: our venv first on PATH (SuperLink and
+    SuperNode spawn ``flower-superexec``/``flwr-*app`` by name), no runtime installs of
+    dependencies (they would download torch again), no telemetry."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def app_config_defaults() -> dict:
+    """Every run-config key with its default, as ``[tool.flwr.app.config]`` lists them."""
+    values = {}
+    for cls in (RunConfig, FederationConfig):
+        defaults = cls()
+        values.update({f.name.replace("_", "-"): getattr(defaults, f.name) for f in fields(cls)})
+    return values
+
+
+def write_app_dir(folder: Path) -> Path:
+    """A Flower app folder whose components are the installed fedsms apps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = "\n".join(f"{key} = {toml_value(value)}" for key, value in app_config_defaults().items())
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "fedsms-job"\nversion = "1.0.0"\nlicense = "Apache-2.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "fedsms"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "fedsms_server.app:app"\nclientapp = "fedsms_client.app:app"\n\n'
+        f"[tool.flwr.app.config]\n{config}\n"
+    )
+    return folder
+
+
+def write_connection(flwr_home: Path, address: str, root_certificates: str | None) -> None:
+    """The ``flwr`` CLI's connection to our SuperLink, in ``$FLWR_HOME/config.toml``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f"root-certificates = {toml_value(root_certificates)}" if root_certificates else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
+    )
+
+
+def run_config_arg(values: dict) -> str:
+    """``--run-config`` text: space-separated TOML assignments."""
+    return " ".join(f"{key.replace('_', '-')}={toml_value(value)}" for key, value in values.items())
+
+
+def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until_reachable(host: str, port: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not reachable(host, port):
+        if time.monotonic() > deadline:
+            raise FedSMSError(f"{what} at {host}:{port} did not answer within {timeout:.0f} s; check the address and that it is running")
+        time.sleep(0.2)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FedSMSError(f"server address {address!r} is not HOST:PORT; write e.g. 127.0.0.1:9092")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,32 @@
+"""How a fedsms payload rides in a Flower message: one uint8 ``Array`` in an ``ArrayRecord``.
+
+An ArrayRecord rather than a bytes value in a ConfigRecord because Flower moves the arrays
+of an ArrayRecord in chunks through its object store, so a large soup is not bound by
+the gRPC message size, and the payload stays opaque to everything but ``fedsms.codec``.
+The client imports this module too, so the layout is defined once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedsms.codec import PayloadError
+
+KEY = "payload"
+
+
+def record_of(payload: bytes) -> ArrayRecord:
+    return ArrayRecord({KEY: Array(np.frombuffer(payload, dtype=np.uint8))})
+
+
+def payload_of(record: ArrayRecord) -> bytes:
+    if not isinstance(record, ArrayRecord) or KEY not in record:
+        raise PayloadError(f"the message carries no ArrayRecord with a {KEY!r} array")
+    array = record[KEY]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise PayloadError(f"the {KEY!r} array is {array.dtype} of shape {array.shape}, not a 1-D uint8 array")
+    try:
+        return array.numpy().tobytes()
+    except ValueError as error:
+        raise PayloadError(f"the {KEY!r} array cannot be read: {error}") from None

@@ -1,0 +1,349 @@
+"""``SparseSoupStrategy``: Sparse Model Soups as a Flower strategy.
+
+The strategy owns the phase, the global mask and the soup. Each server round belongs to a
+phase (phase 0: optional dense pretraining rounds). The first round of phase p prunes
+the soup to that phase's sparsity; every client then retrains the same sparse model with
+its own candidate hyperparameters (hyperparameter soup) or on its own shard (data soup),
+and its reply (values under the mask, no indices) streams into one running average.
+After the last round of a phase the norm statistics are recalibrated (on server-held data,
+or by a federated round), and the soup is checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from fedsms import codec
+from fedsms.checkpoint import save_checkpoint
+from fedsms.config import FederationConfig, RunConfig
+from fedsms.data import DatasetSplits
+from fedsms.evaluate import evaluate, evaluate_ood
+from fedsms.masks import Mask, compute_mask, mask_digest, prunable_names, dense_mask, sparsity, sparsity_after_phase
+from fedsms.norms import NormStatsAverage, norm_layers, recalibrate_norms
+from fedsms.recipe import CandidateConfig, for_phase
+from fedsms.soup import RunningAverage, greedy_soup
+
+from fedsms_server.records import payload_of, record_of
+
+
+logger = logging.getLogger("fedsms.server")
+
+NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
+
+
+@dataclass
+class RoundLog:
+    """What one server round did; written as one JSON line."""
+
+    server_round: int
+    phase: int
+    round_in_phase: int
+    sparsity: float
+    clients: int = 0
+    accepted: int = 0
+    rejected: dict[int, str] = field(default_factory=dict)
+    bytes_down: int = 0  # server → clients, all clients of the round together
+    bytes_up: int = 0  # clients → server
+    train: dict = field(default_factory=dict)
+    federated_eval: dict = field(default_factory=dict)
+    central_eval: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class SparseSoupStrategy(Strategy):
+    def __init__(
+        self,
+        run: RunConfig,
+        federation: FederationConfig,
+        model: nn.Module,
+        *,
+        server_data: DatasetSplits | None = None,
+        out_dir: str | Path = "runs/federated",
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.run, self.fed = run, federation
+        self.model = model.cpu()
+        self.server_data = server_data
+        self.out_dir = Path(out_dir)
+        self.log = log or logger.info
+        self.names = prunable_names(model, keep_first_dense=run.keep_first_dense, keep_last_dense=run.keep_last_dense)
+        self.mask: Mask = dense_mask(model, self.names)
+        self.digest = mask_digest(self.mask)
+        self.soup: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.candidates = run.candidate_configs()
+        self.phase_of_round = self._schedule()
+        self.rounds: list[RoundLog] = []
+        self._current: RoundLog | None = None
+        self._kept_candidates: list[dict[str, torch.Tensor]] = []
+        self._started = time.perf_counter()
+
+    # ---- schedule --------------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[int, int]]:
+        """(phase, round within phase) of every server round, index 0 = round 1."""
+        rounds = [(0, r) for r in range(1, self.fed.pretrain_rounds + 1)]
+        for phase in range(1, self.run.phases + 1):
+            rounds += [(phase, r) for r in range(1, self.fed.rounds_per_phase + 1)]
+        return rounds
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.phase_of_round)
+
+    def phase_at(self, server_round: int) -> tuple[int, int]:
+        return self.phase_of_round[server_round - 1]
+
+    def ends_phase(self, server_round: int) -> bool:
+        phase, r = self.phase_at(server_round)
+        return r == (self.fed.rounds_per_phase if phase else self.fed.pretrain_rounds)
+
+    # ---- Strategy ----------------------------------------------------------------------
+
+    def summary(self) -> None:
+        self.log(
+            f"SparseSoupStrategy: {self.fed.mode} soup, {self.run.phases} phases to "
+            f"{self.run.target_sparsity:.0%} sparsity ({self.run.pruning} magnitude), "
+            f"{self.fed.pretrain_rounds} dense + {self.fed.rounds_per_phase}/phase rounds, "
+            f"merge {self.run.merge}, values as {self.fed.value_dtype}"
+        )
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        phase, r = self.phase_at(server_round)
+        if phase >= 1 and r == 1:
+            self._prune_for(phase)
+        self._current = RoundLog(server_round, phase, r, sparsity(self.mask))
+        nodes = self._sample(grid, self.fed.min_train_clients)
+        payload = codec.encode(
+            self.soup, self.mask, phase=phase, round=server_round, kind="soup",
+            value_dtype=self.fed.value_dtype, include_mask=True,
+        )
+        self._current.clients = len(nodes)
+        self._current.bytes_down = len(payload) * len(nodes)
+        messages = []
+        for i, node in enumerate(nodes):
+            candidate = self._candidate_for(i, phase, server_round)
+            content = RecordDict({
+                "soup": record_of(payload),
+                "config": ConfigRecord({
+                    **candidate.to_dict(), "phase": phase, "server-round": server_round,
+                    "candidate": i, "num-candidates": len(nodes), **self._job_flags(server_round),
+                }),
+            })
+            messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self.log(f"round {server_round}: phase {phase} round {r}, sparsity {sparsity(self.mask):.2%}, "
+                 f"{len(nodes)} clients, {len(payload)} bytes each")
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        phase, _ = self.phase_at(server_round)
+        average, metrics = RunningAverage(), RunningAverage()
+        keep = self.run.merge == "greedy" and phase >= 1 and self.ends_phase(server_round) and self.server_data
+        self._kept_candidates = []
+        log = self._current
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            try:
+                decoded, num_examples = self._decode_update(reply, phase, server_round)
+            except codec.PayloadError as error:
+                log.rejected[node] = str(error)
+                self.log(f"round {server_round}: rejected reply from node {node}: {error}")
+                continue
+            log.bytes_up += len(payload_of(reply.content["update"]))
+            weight = float(num_examples) if self.run.merge == "weighted" else 1.0
+            average.add({**decoded.values, **decoded.dense}, weight)
+            metrics.add({k: torch.tensor(float(v)) for k, v in reply.content["metrics"].items()})
+            if keep:
+                self._kept_candidates.append(decoded.to_state_dict(self.soup))
+        log.accepted = average.count
+        if average.count < self.fed.min_train_clients:
+            self.log(
+                f"round {server_round}: only {average.count} valid replies (min-train-clients is "
+                f"{self.fed.min_train_clients}); the soup stays as it was this round"
+            )
+            return ArrayRecord(self.soup), None
+        self.soup = codec.state_from_values(average.mean(), self.mask, self.soup)
+        log.train = {k: float(v) for k, v in metrics.mean().items()}
+        return ArrayRecord(self.soup), MetricRecord(log.train)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.ends_phase(server_round):
+            self._finish_phase(server_round, grid)
+        if self.fed.fraction_evaluate == 0:
+            return []
+        available = list(grid.get_node_ids())
+        count = max(1, int(round(self.fed.fraction_evaluate * len(available))))
+        phase, _ = self.phase_at(server_round)
+        payload = codec.encode(self.soup, self.mask, phase=phase, round=server_round, kind="soup",
+                               value_dtype=self.fed.value_dtype, include_mask=True)
+        self._current.bytes_down += len(payload) * count
+        evaluate_config = ConfigRecord({"phase": phase, "server-round": server_round, "ood": self.run.ood,
+                                        "ood-examples": self.run.ood_examples, **self._job_flags(server_round)})
+        return [
+            Message(content=RecordDict({"soup": record_of(payload), "config": evaluate_config}),
+                    dst_node_id=node, message_type=MessageType.EVALUATE)
+            for node in sorted(available)[:count]
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        totals, examples = {}, 0
+        for reply in replies:
+            if reply.has_error():
+                self.log(f"round {server_round}: evaluation failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            metrics = reply.content["metrics"]
+            n = int(metrics["num-examples"])
+            examples += n
+            for key, value in metrics.items():
+                if key != "num-examples":
+                    totals[key] = totals.get(key, 0.0) + float(value) * n
+        if not examples:
+            return None
+        self._current.federated_eval = {k: v / examples for k, v in totals.items()}
+        return MetricRecord(self._current.federated_eval)
+
+    # ---- centralised evaluation: Flower calls it last in every round --------------------
+
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """evaluate_fn: evaluates the strategy's own soup (already recalibrated) on the
+        server's test data, and writes the round's JSON line."""
+        result = None
+        if self.server_data is not None:
+            self.model.load_state_dict(self.soup)
+            metrics = evaluate(self.model, self.server_data.test)
+            if self.run.ood:
+                ood = evaluate_ood(self.model, self.server_data.test.head(self.run.ood_examples), seed=self.run.seed)
+                metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
+            result = MetricRecord({k: float(v) for k, v in metrics.items()})
+        if server_round == 0:
+            return result
+        log = self._current
+        log.central_eval = dict(result) if result is not None else {}
+        log.seconds = round(time.perf_counter() - self._started, 3)
+        self._started = time.perf_counter()
+        self.rounds.append(log)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(log.__dict__) + "\n")
+        self.save_checkpoint(server_round)
+        return result
+
+    # ---- phase machinery ---------------------------------------------------------------
+
+    def _prune_for(self, phase: int) -> None:
+        target = sparsity_after_phase(self.run.target_sparsity, self.run.phases, phase)
+        self.model.load_state_dict(self.soup)
+        self.mask = compute_mask(
+            dict(self.model.named_parameters()), self.mask, target, method=self.run.pruning,
+            generator=torch.Generator().manual_seed(self.run.seed * 1000 + phase),
+        )
+        self.digest = mask_digest(self.mask)
+        self.soup = {k: v * self.mask[k].to(v.dtype) if k in self.mask else v for k, v in self.soup.items()}
+        self.log(f"phase {phase}: pruned to {sparsity(self.mask):.4%} sparsity (mask {self.digest[:12]})")
+
+    def _finish_phase(self, server_round: int, grid: Grid) -> None:
+        phase, _ = self.phase_at(server_round)
+        if self._kept_candidates:
+            self.soup, chosen, _ = greedy_soup(self._kept_candidates, self.mask, self._heldout_score)
+            self.log(f"phase {phase}: greedy soup kept candidates {chosen}")
+            self._kept_candidates = []
+        if not norm_layers(self.model):
+            return
+        if self.fed.recalibration == "server" and self.server_data is not None:
+            self.soup = self._recalibrated(self.soup)
+        else:
+            self._federated_recalibration(server_round, grid)
+
+    def _recalibrated(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.model.load_state_dict(state)
+        recalibrate_norms(self.model, self.server_data.train, fraction=self.run.recalibration_fraction, seed=self.run.seed)
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _heldout_score(self, state: dict[str, torch.Tensor]) -> float:
+        self.model.load_state_dict(self._recalibrated(state))
+        return evaluate(self.model, self.server_data.heldout)["accuracy"]
+
+    def _federated_recalibration(self, server_round: int, grid: Grid) -> None:
+        """Clients re-estimate norm statistics of the soup on their data; the server
+        combines them exactly (pooled mean and variance, weighted by examples)."""
+        phase, _ = self.phase_at(server_round)
+        payload = codec.encode(self.soup, self.mask, phase=phase, round=server_round, kind="soup",
+                               value_dtype=self.fed.value_dtype, include_mask=True)
+        nodes = list(grid.get_node_ids())
+        messages = [
+            Message(content=RecordDict({"soup": record_of(payload), "config": ConfigRecord({
+                "phase": phase, "server-round": server_round, "fraction": self.run.recalibration_fraction})}),
+                dst_node_id=node, message_type=NORM_STATS)
+            for node in nodes
+        ]
+        pooled = NormStatsAverage(self.model)
+        for reply in grid.send_and_receive(messages, timeout=self.fed.round_timeout):
+            if reply.has_error():
+                self.log(f"round {server_round}: norm statistics failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            try:
+                pooled.add(reply.content["stats"].to_torch_state_dict(), int(reply.content["metrics"]["num-examples"]))
+            except (KeyError, ValueError) as error:
+                self.log(f"round {server_round}: rejected norm statistics from node {reply.metadata.src_node_id}: {error}")
+        if pooled.count == 0:
+            self.log(f"phase {phase}: no client returned norm statistics; keeping the averaged statistics")
+            return
+        self.soup = {**self.soup, **pooled.result()}
+        self.log(f"phase {phase}: norm statistics recalibrated by {pooled.count} clients")
+
+    def _job_flags(self, server_round: int) -> dict:
+        """Lets clients tell when the job is over (``fedsms-client`` exits then)."""
+        return {"last-round": server_round == self.num_rounds, "out-dir": str(self.out_dir.resolve())}
+
+    def _candidate_for(self, index: int, phase: int, server_round: int) -> CandidateConfig:
+        if phase == 0:
+            base = replace(self.run.pretrain_candidate(), seed=self.run.seed + index)
+        elif self.fed.mode == "hyperparameter":
+            base = self.candidates[index % len(self.candidates)]
+        else:
+            base = replace(self.run.base_candidate(), seed=self.run.seed + index)
+        return replace(for_phase(base, phase), seed=for_phase(base, phase).seed + 101 * server_round)
+
+    def _sample(self, grid: Grid, minimum: int) -> list[int]:
+        wanted = max(minimum, self.fed.min_available_clients)
+        waited = 0.0
+        while len(nodes := sorted(grid.get_node_ids())) < wanted:
+            if waited == 0.0 or waited % 10 < 1:
+                self.log(f"waiting for clients: {len(nodes)} connected, {wanted} needed")
+            time.sleep(1.0)
+            waited += 1.0
+        return nodes
+
+    def _decode_update(self, reply: Message, phase: int, server_round: int):
+        if reply.has_error():
+            raise codec.PayloadError(f"the client failed: {reply.error.reason}")
+        try:
+            data = payload_of(reply.content["update"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise codec.PayloadError(f"the reply has no readable 'update' record ({error})") from None
+        decoded = codec.decode(
+            data, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,
+            expected_phase=phase, expected_round=server_round, expected_kind="update",
+        )
+        if not 0 < decoded.num_examples <= 10**9:
+            raise codec.PayloadError(f"the reply claims {decoded.num_examples} training examples")
+        return decoded, decoded.num_examples
+
+    def save_checkpoint(self, server_round: int) -> Path:
+        phase, r = self.phase_at(server_round)
+        return save_checkpoint(self.out_dir / "checkpoints" / "soup", self.soup, self.mask, {
+            "phase": phase, "round_in_phase": r, "server_round": server_round, "model": self.run.model,
+            "dataset": self.run.dataset, "config": {**self.run.to_dict(), **self.fed.__dict__},
+            "metrics": self.rounds[-1].central_eval if self.rounds else {},
+        })

@@ -67,7 +67,10 @@ def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, int,
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise FedSMSError(f"torchvision has no classification model {name!r}; see torchvision.models.list_models()")
     if input_shape[0] != 3:
-        raise FedSMSError(f"torchvision model {name!r} expects 3-channel images, the data has {input_shape[0]}")
+        raise FedSMSError(
+            f"torchvision model {name!r} expects 3-channel images, the data has {input_shape[0]}; "
+            "use cnn, resnet20, resnet56 or wrn-DEPTH-WIDTH, which take any channel count"
+        )
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 

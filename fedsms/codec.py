@@ -1,0 +1,462 @@
+"""The versioned wire codec of the sparse payload (schema: ``proto/fedsms/v1/payload.proto``).
+
+A payload is one sparse model state on the wire: the soup going out (``kind="soup"``,
+server -> client, with the packed mask bits), a retrained candidate coming back
+(``kind="update"``, client -> server, without mask bits: the server knows the mask), or
+norm-layer statistics (``kind="norm_stats"``). Pruned tensors travel as the values under
+the mask in row-major mask order with no indices (``itemsize * nnz`` bytes each); every
+other state entry (biases, norm layers, running statistics, ``num_batches_tracked``, any
+non-prunable parameter) travels dense in its own dtype.
+
+How it rides in Flower: ``encode`` returns and ``decode`` takes one opaque ``bytes`` value;
+nothing in Flower looks inside it. The apps wrap it once (``fedsms_server.records``: a 1-D
+uint8 array in an ``ArrayRecord``, which Flower moves in chunks; a bytes entry of a
+``ConfigRecord`` would work as well), so this module stays free of Flower.
+
+``decode`` trusts nothing: the bytes carry a CRC-32 trailer (truncation and corruption),
+then the header (codec version, kind, phase, round, mask digest), then every tensor (names,
+order, shapes, counts, byte lengths, dtypes, finiteness) is checked against what the
+receiver expects, and any mismatch raises :class:`PayloadError` with one sentence, before
+a single value reaches a model or a running average.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+from fedsms import FedSMSError
+from fedsms.masks import Mask, mask_digest, pack_mask, unpack_mask
+from fedsms.wire import payload_pb2 as pb
+
+__all__ = [
+    "CODEC_VERSION", "KINDS", "VALUE_DTYPES", "PayloadError", "Decoded",
+    "encode", "decode", "payload_size_bound", "state_from_values",
+]
+
+CODEC_VERSION = 1
+
+KINDS = {"soup": pb.PAYLOAD_KIND_SOUP, "update": pb.PAYLOAD_KIND_UPDATE, "norm_stats": pb.PAYLOAD_KIND_NORM_STATS}
+_KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+# value dtype name -> (wire enum, torch dtype on the wire, itemsize)
+VALUE_DTYPES = {
+    "fp32": (pb.VALUE_DTYPE_FP32, torch.float32, 4),
+    "fp16": (pb.VALUE_DTYPE_FP16, torch.float16, 2),
+    "bf16": (pb.VALUE_DTYPE_BF16, torch.bfloat16, 2),
+}
+_VALUE_DTYPE_NAMES = {v[0]: k for k, v in VALUE_DTYPES.items()}
+
+# dense dtype name -> torch dtype; bfloat16 moves as its raw 16 bits (numpy has no bf16)
+_DENSE_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+_DENSE_NAMES = {v: k for k, v in _DENSE_DTYPES.items()}
+
+# The integrity trailer: field 15 (crc32), wire type 5 (fixed32) -> tag byte 0x7D, then 4 bytes.
+_TRAILER_TAG = bytes([(15 << 3) | 5])
+_TRAILER_LEN = 5
+
+
+class PayloadError(FedSMSError):
+    """A payload that cannot be used: unreadable, or not the one the receiver expects."""
+
+
+# ---- encoding ----------------------------------------------------------------------
+
+
+def encode(
+    state: Mapping[str, torch.Tensor],
+    mask: Mask,
+    *,
+    phase: int,
+    round: int,
+    kind: str,
+    value_dtype: str = "fp32",
+    include_mask: bool,
+    num_examples: int = 0,
+    check_finite: bool = True,
+) -> bytes:
+    """Serialise ``state`` as a sparse payload under ``mask``.
+
+    Every tensor of ``mask`` (in mask order) sends ``state[name][mask[name]]`` cast to
+    ``value_dtype`` (``"fp32"``, ``"fp16"`` or ``"bf16"``); every other entry of ``state``
+    goes dense in its own dtype, in state order. ``include_mask`` ships the packed mask bits
+    (soups; a reply leaves them out). With ``check_finite`` (the default) a NaN/Inf among
+    the values about to be sent, including fp16 overflow beyond ±65504, raises
+    :class:`PayloadError` here rather than at the receiver.
+    """
+    if kind not in KINDS:
+        raise PayloadError(f"unknown payload kind {kind!r}; use one of {', '.join(KINDS)}")
+    if value_dtype not in VALUE_DTYPES:
+        raise PayloadError(f"unknown value dtype {value_dtype!r}; use one of {', '.join(VALUE_DTYPES)}")
+    if phase < 0 or round < 0:
+        raise PayloadError(f"phase and round must be non-negative, got phase {phase} and round {round}")
+    if num_examples < 0:
+        raise PayloadError(f"num_examples must be non-negative, got {num_examples}")
+    enum, wire_dtype, _ = VALUE_DTYPES[value_dtype]
+
+    message = pb.SparsePayload(num_examples=int(num_examples))
+    header = message.header
+    header.codec_version = CODEC_VERSION
+    header.phase = int(phase)
+    header.round = int(round)
+    header.mask_digest = mask_digest(mask)
+    header.value_dtype = enum
+    header.kind = KINDS[kind]
+
+    for name, keep in mask.items():
+        if name not in state:
+            raise PayloadError(f"the mask names tensor {name!r} which the state does not have; encode with the mask of this model")
+        tensor = state[name].detach()
+        if tuple(tensor.shape) != tuple(keep.shape):
+            raise PayloadError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)} but its mask {tuple(keep.shape)}; "
+                f"encode with the mask of this model"
+            )
+        values = tensor.to("cpu")[keep.to("cpu", torch.bool)].to(wire_dtype)
+        if check_finite and values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise PayloadError(
+                f"tensor {name!r} has NaN or Inf values under the mask (as {value_dtype}); "
+                f"the training diverged or the values overflow {value_dtype}"
+            )
+        entry = message.masked.add()
+        entry.name = name
+        entry.shape.extend(keep.shape)
+        entry.nnz = values.numel()
+        entry.values = _tensor_bytes(values)
+
+    if include_mask:
+        message.mask_bits = pack_mask(mask)
+
+    for name, tensor in state.items():
+        if name in mask:
+            continue
+        tensor = tensor.detach().to("cpu")
+        if tensor.dtype not in _DENSE_NAMES:
+            raise PayloadError(f"tensor {name!r} has dtype {tensor.dtype} which the codec cannot send; convert it to float32")
+        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PayloadError(f"tensor {name!r} has NaN or Inf values; the training diverged")
+        entry = message.dense.add()
+        entry.name = name
+        entry.shape.extend(tensor.shape)
+        entry.dtype = _DENSE_NAMES[tensor.dtype]
+        entry.data = _tensor_bytes(tensor)
+
+    return _seal(message)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of ``tensor`` in row-major order (one vectorised copy)."""
+    tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    array = tensor.numpy()
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not _LITTLE):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()
+
+
+_LITTLE = np.little_endian
+
+
+def _seal(message: pb.SparsePayload) -> bytes:
+    """Serialise ``message`` (its ``crc32`` left unset) and append the CRC-32 trailer."""
+    message.ClearField("crc32")
+    body = message.SerializeToString()
+    return body + _TRAILER_TAG + struct.pack("<I", zlib.crc32(body))
+
+
+# ---- decoding ----------------------------------------------------------------------
+
+
+@dataclass
+class Decoded:
+    """A validated payload. ``values`` holds, per masked tensor, its nnz values as a 1-D
+    float32 tensor in mask order; ``dense`` the dense extras in their own dtype."""
+
+    codec_version: int
+    kind: str
+    phase: int
+    round: int
+    mask_digest: str
+    value_dtype: str
+    mask: Mask
+    values: dict[str, torch.Tensor]
+    dense: dict[str, torch.Tensor]
+    num_examples: int
+    mask_included: bool = False
+    nbytes: int = 0
+
+    def to_state_dict(self, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full state dict, in ``template`` order: masked tensors are zero outside the
+        mask with the values scattered under it; dense extras as sent."""
+        return state_from_values({**self.values, **self.dense}, self.mask, template)
+
+
+def state_from_values(
+    entries: Mapping[str, torch.Tensor], mask: Mask, template: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A full state dict in ``template`` order (CPU, the template's dtypes) from masked
+    values (``entries[name]``: the nnz values of a masked tensor, in mask order) and dense
+    entries (``entries[name]`` of the template's shape, e.g. a running average of them)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, like in template.items():
+        if name not in entries:
+            raise PayloadError(f"tensor {name!r} of the model is missing from the values")
+        value = entries[name].detach().to("cpu")
+        if name in mask:
+            keep = mask[name].to("cpu", torch.bool)
+            if tuple(keep.shape) != tuple(like.shape):
+                raise PayloadError(f"the mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(like.shape)}")
+            nnz = int(torch.count_nonzero(keep))
+            if value.numel() != nnz:
+                raise PayloadError(f"tensor {name!r} has {value.numel()} values but its mask keeps {nnz}")
+            full = torch.zeros(like.shape, dtype=like.dtype)
+            full.masked_scatter_(keep, value.reshape(-1).to(like.dtype))
+        else:
+            if tuple(value.shape) != tuple(like.shape):
+                raise PayloadError(f"tensor {name!r} has shape {tuple(value.shape)} but the model's is {tuple(like.shape)}")
+            if value.dtype != like.dtype and not like.is_floating_point() and value.is_floating_point():
+                value = value.round()  # e.g. an averaged num_batches_tracked
+            full = value.to(like.dtype).clone()
+        out[name] = full
+    return out
+
+
+def decode(
+    data: bytes,
+    *,
+    expected_mask: Mask | None,
+    expected_digest: str | None,
+    template: Mapping[str, torch.Tensor],
+    expected_phase: int | None = None,
+    expected_round: int | None = None,
+    expected_kind: str | None = None,
+) -> Decoded:
+    """Parse and validate a payload against what the receiver expects.
+
+    ``template`` (e.g. ``model.state_dict()``; only names, shapes and dtypes are read) names
+    every tensor the payload must carry. The mask is the one shipped in the payload's mask
+    bits, else ``expected_mask`` (a payload without mask bits needs it). ``expected_digest``,
+    when given, is the digest the header must name (and is taken as ``expected_mask``'s
+    digest; without it the digest of ``expected_mask`` is computed). ``expected_phase``,
+    ``expected_round`` and ``expected_kind`` are checked when given. Any mismatch raises
+    :class:`PayloadError`. ``num_examples`` is exposed unchecked: plausibility is the
+    caller's call.
+    """
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise PayloadError(f"a payload is bytes, not {type(data).__name__}")
+    message = _open(data)
+    header = message.header
+
+    # -- header
+    if header.codec_version != CODEC_VERSION:
+        raise PayloadError(
+            f"the payload uses codec version {header.codec_version} but this fedsms reads version "
+            f"{CODEC_VERSION}; run the same fedsms release on the server and every client"
+        )
+    kind = _KIND_NAMES.get(header.kind)
+    if kind is None:
+        raise PayloadError(f"the payload has an unknown kind ({header.kind})")
+    if expected_kind is not None and kind != expected_kind:
+        raise PayloadError(f"expected a {expected_kind!r} payload but got a {kind!r} payload")
+    if expected_phase is not None and header.phase != expected_phase:
+        raise PayloadError(f"the payload is from phase {header.phase} but phase {expected_phase} is running; it is stale or early")
+    if expected_round is not None and header.round != expected_round:
+        raise PayloadError(f"the payload is from round {header.round} but round {expected_round} is running; it is stale or early")
+    value_dtype = _VALUE_DTYPE_NAMES.get(header.value_dtype)
+    if value_dtype is None:
+        raise PayloadError(f"the payload has an unknown value dtype ({header.value_dtype})")
+    _, wire_dtype, itemsize = VALUE_DTYPES[value_dtype]
+
+    # -- mask
+    template = dict(template)
+    mask = _payload_mask(message, expected_mask, expected_digest, template)
+
+    # -- masked tensors: exactly the mask's tensors, in mask order
+    names = [entry.name for entry in message.masked]
+    if names != list(mask):
+        raise PayloadError(f"the payload's masked tensors {_name_diff(names, list(mask))}")
+    values: dict[str, torch.Tensor] = {}
+    for entry in message.masked:
+        name, keep = entry.name, mask[entry.name]
+        like = template[name]
+        if tuple(entry.shape) != tuple(like.shape):
+            raise PayloadError(f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model")
+        nnz = int(torch.count_nonzero(keep))
+        if entry.nnz != nnz:
+            raise PayloadError(f"tensor {name!r} claims {entry.nnz} values but the mask keeps {nnz}")
+        if len(entry.values) != nnz * itemsize:
+            raise PayloadError(
+                f"tensor {name!r} has {len(entry.values)} bytes of values but {nnz} {value_dtype} values need {nnz * itemsize}"
+            )
+        tensor = _from_bytes(entry.values, wire_dtype).to(torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            raise PayloadError(f"tensor {name!r} has NaN or Inf values")
+        values[name] = tensor
+
+    # -- dense extras: every other template entry, once each
+    dense_names = [entry.name for entry in message.dense]
+    wanted = [n for n in template if n not in mask]
+    if len(set(dense_names)) != len(dense_names) or set(dense_names) != set(wanted):
+        raise PayloadError(f"the payload's dense tensors {_name_diff(dense_names, wanted)}")
+    dense: dict[str, torch.Tensor] = {}
+    for entry in message.dense:
+        name, like = entry.name, template[entry.name]
+        if tuple(entry.shape) != tuple(like.shape):
+            raise PayloadError(f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model")
+        dtype = _DENSE_DTYPES.get(entry.dtype)
+        if dtype != like.dtype:
+            raise PayloadError(f"tensor {name!r} has dtype {entry.dtype!r} in the payload but {_dtype_name(like.dtype)!r} in the model")
+        need = like.numel() * like.element_size()
+        if len(entry.data) != need:
+            raise PayloadError(f"tensor {name!r} has {len(entry.data)} bytes but shape {tuple(like.shape)} of {entry.dtype} needs {need}")
+        tensor = _from_bytes(entry.data, dtype).view(like.shape)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PayloadError(f"tensor {name!r} has NaN or Inf values")
+        dense[name] = tensor
+    dense = {n: dense[n] for n in wanted}
+
+    return Decoded(
+        codec_version=header.codec_version, kind=kind, phase=header.phase, round=header.round,
+        mask_digest=header.mask_digest, value_dtype=value_dtype, mask=mask, values=values, dense=dense,
+        num_examples=int(message.num_examples), mask_included=bool(message.mask_bits), nbytes=len(data),
+    )
+
+
+def _open(data: bytes) -> pb.SparsePayload:
+    """Check the CRC-32 trailer, then parse."""
+    if len(data) < _TRAILER_LEN or data[-_TRAILER_LEN : -_TRAILER_LEN + 1] != _TRAILER_TAG:
+        raise PayloadError(f"the payload ({len(data)} bytes) is truncated or not a fedsms payload: its checksum trailer is missing")
+    body = data[:-_TRAILER_LEN]
+    (crc,) = struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise PayloadError(f"the payload ({len(data)} bytes) is truncated or corrupted: its checksum does not match")
+    try:
+        message = pb.SparsePayload.FromString(data)
+    except DecodeError as error:
+        raise PayloadError(f"the payload cannot be parsed ({error})") from None
+    if not message.HasField("header"):
+        raise PayloadError("the payload has no header; it is not a fedsms payload")
+    return message
+
+
+def _payload_mask(
+    message: pb.SparsePayload, expected_mask: Mask | None, expected_digest: str | None, template: dict
+) -> Mask:
+    header = message.header
+    if expected_digest is not None and header.mask_digest != expected_digest:
+        raise PayloadError(
+            f"the payload was made for mask {header.mask_digest[:12]} but the receiver holds mask {expected_digest[:12]}; "
+            f"it belongs to another phase or run"
+        )
+    if expected_mask is not None and expected_digest is None:
+        own = mask_digest(expected_mask)
+        if header.mask_digest != own:
+            raise PayloadError(
+                f"the payload was made for mask {header.mask_digest[:12]} but the receiver holds mask {own[:12]}; "
+                f"it belongs to another phase or run"
+            )
+    if expected_mask is not None:
+        for name, keep in expected_mask.items():
+            if name not in template:
+                raise PayloadError(f"the expected mask names tensor {name!r} which the model does not have")
+            if tuple(keep.shape) != tuple(template[name].shape):
+                raise PayloadError(f"the expected mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(template[name].shape)}")
+    if not message.mask_bits:
+        if expected_mask is None:
+            raise PayloadError("the payload carries no mask bits and the receiver has no mask to read it with")
+        return {n: m.to("cpu", torch.bool) for n, m in expected_mask.items()}
+
+    # The mask travels: its tensors are the masked entries (or the expected mask's).
+    if expected_mask is not None:
+        shapes = {n: tuple(m.shape) for n, m in expected_mask.items()}
+    else:
+        shapes = {}
+        for entry in message.masked:
+            if entry.name not in template:
+                raise PayloadError(f"the payload has masked tensor {entry.name!r} which the model does not have")
+            if entry.name in shapes:
+                raise PayloadError(f"the payload has masked tensor {entry.name!r} twice")
+            if tuple(entry.shape) != tuple(template[entry.name].shape):
+                raise PayloadError(
+                    f"tensor {entry.name!r} has shape {tuple(entry.shape)} in the payload but "
+                    f"{tuple(template[entry.name].shape)} in the model"
+                )
+            shapes[entry.name] = tuple(entry.shape)
+    try:
+        mask = unpack_mask(message.mask_bits, shapes)
+    except FedSMSError as error:
+        raise PayloadError(f"the payload's mask does not fit the model: {error}") from None
+    if mask_digest(mask) != header.mask_digest:
+        raise PayloadError("the payload's mask bits do not match the mask digest in its header")
+    return mask
+
+
+def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D CPU tensor of ``dtype`` from raw little-endian bytes (one copy)."""
+    if dtype == torch.bfloat16:
+        return _from_bytes(data, torch.int16).view(torch.bfloat16)
+    np_dtype = np.dtype(_dtype_name(dtype) if dtype != torch.bool else np.bool_).newbyteorder("<")
+    array = np.frombuffer(data, dtype=np_dtype)
+    if not _LITTLE:
+        array = array.astype(array.dtype.newbyteorder("="))
+    else:
+        array = array.copy()  # writable, owned by the tensor
+    return torch.from_numpy(array)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DENSE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _name_diff(got: list[str], want: list[str]) -> str:
+    missing = [n for n in want if n not in got]
+    extra = [n for n in got if n not in want]
+    dupes = sorted({n for n in got if got.count(n) > 1})
+    parts = []
+    if missing:
+        parts.append(f"lack {_few(missing)}")
+    if extra:
+        parts.append(f"have unexpected {_few(extra)}")
+    if dupes:
+        parts.append(f"repeat {_few(dupes)}")
+    if not parts:
+        return "are not in the mask's order"
+    return " and ".join(parts) + " compared with the model"
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---- size --------------------------------------------------------------------------
+
+
+def payload_size_bound(
+    mask: Mask, dense_state: Mapping[str, torch.Tensor], value_dtype: str = "fp32", include_mask: bool = False
+) -> int:
+    """The least bytes any encoding of this content needs: itemsize·nnz of the masked
+    values, ceil(N/8) of mask bits when included, and the raw bytes of the dense extras
+    (entries of ``dense_state`` not in ``mask``; a full state dict is fine)."""
+    if value_dtype not in VALUE_DTYPES:
+        raise PayloadError(f"unknown value dtype {value_dtype!r}; use one of {', '.join(VALUE_DTYPES)}")
+    itemsize = VALUE_DTYPES[value_dtype][2]
+    size = sum(int(torch.count_nonzero(keep)) for keep in mask.values()) * itemsize
+    if include_mask:
+        size += math.ceil(sum(keep.numel() for keep in mask.values()) / 8)
+    size += sum(t.numel() * t.element_size() for n, t in dense_state.items() if n not in mask)
+    return size

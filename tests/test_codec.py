@@ -1,0 +1,408 @@
+"""The sparse payload codec: round trips, sizes, and every refusal path."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedsms import FedSMSError, codec
+from fedsms.masks import compute_mask, dense_mask, mask_digest, pack_mask, prunable_names
+from fedsms.models import build_model
+from fedsms.wire import payload_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sparse_state(sparsity: float, seed: int = 0):
+    """A cnn state dict pruned to ``sparsity`` (global magnitude), with its mask; the norm
+    statistics and num_batches_tracked are set to non-default values."""
+    torch.manual_seed(seed)
+    model = build_model("cnn", 10, (1, 8, 8))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in state.items():
+        if value.is_floating_point():
+            value.add_(torch.randn_like(value) * 0.1)
+        else:
+            value.fill_(17)
+    names = prunable_names(model)
+    mask = compute_mask(state, dense_mask(model, names), sparsity)
+    for name, keep in mask.items():
+        state[name] = state[name] * keep
+    return state, mask
+
+
+@pytest.fixture(scope="module")
+def example():
+    return sparse_state(0.9)
+
+
+def soup_bytes(state, mask, **kw):
+    args = dict(phase=2, round=7, kind="soup", value_dtype="fp32", include_mask=True)
+    args.update(kw)
+    return codec.encode(state, mask, **args)
+
+
+def decode_soup(data, state, **kw):
+    args = dict(expected_mask=None, expected_digest=None, template=state,
+                expected_phase=2, expected_round=7, expected_kind="soup")
+    args.update(kw)
+    return codec.decode(data, **args)
+
+
+def reseal(message: pb.SparsePayload) -> bytes:
+    """Re-serialise an edited payload with a valid checksum (what a buggy or hostile
+    sender could produce): only the structural checks stand between it and the model."""
+    return codec._seal(message)
+
+
+def edited(data: bytes, edit) -> bytes:
+    message = pb.SparsePayload.FromString(data)
+    edit(message)
+    return reseal(message)
+
+
+# ---- round trips ---------------------------------------------------------------------
+
+
+def test_fp32_round_trip_is_exact(example):
+    state, mask = example
+    data = soup_bytes(state, mask, num_examples=123)
+    decoded = decode_soup(data, state)
+    assert decoded.codec_version == 1 and decoded.kind == "soup"
+    assert (decoded.phase, decoded.round, decoded.value_dtype) == (2, 7, "fp32")
+    assert decoded.mask_digest == mask_digest(mask) and decoded.mask_included
+    assert decoded.num_examples == 123 and decoded.nbytes == len(data)
+    assert list(decoded.mask) == list(mask)
+    assert all(torch.equal(decoded.mask[n], mask[n]) for n in mask)
+    for name, keep in mask.items():
+        values = decoded.values[name]
+        assert values.dtype == torch.float32 and values.dim() == 1
+        assert torch.equal(values, state[name][keep])
+    assert list(decoded.dense) == [n for n in state if n not in mask]
+    restored = decoded.to_state_dict(state)
+    assert list(restored) == list(state)
+    for name in state:
+        assert restored[name].dtype == state[name].dtype
+        assert torch.equal(restored[name], state[name]), name
+    assert int(restored["net.features.1.num_batches_tracked"]) == 17
+
+
+@pytest.mark.parametrize("value_dtype, rtol", [("fp16", 2.0**-11), ("bf16", 2.0**-8)])
+def test_half_precision_round_trip_within_tolerance(example, value_dtype, rtol):
+    state, mask = example
+    data = soup_bytes(state, mask, value_dtype=value_dtype)
+    decoded = decode_soup(data, state)
+    assert decoded.value_dtype == value_dtype
+    restored = decoded.to_state_dict(state)
+    for name, keep in mask.items():
+        want, got = state[name][keep], restored[name][keep]
+        assert torch.all((got - want).abs() <= rtol * want.abs() + 1e-7), name
+        assert not torch.equal(got, want) or value_dtype == "fp32"  # really went through half
+        assert torch.count_nonzero(restored[name][~keep]) == 0
+    for name in decoded.dense:  # dense extras keep their own dtype: exact
+        assert torch.equal(restored[name], state[name])
+    assert len(data) < len(soup_bytes(state, mask))
+
+
+def test_entries_outside_the_mask_are_exactly_zero():
+    state, mask = sparse_state(0.8, seed=1)
+    noisy = {n: v + torch.randn_like(v) if n in mask else v for n, v in state.items()}  # nonzero everywhere
+    restored = decode_soup(soup_bytes(noisy, mask), state).to_state_dict(state)
+    for name, keep in mask.items():
+        assert torch.count_nonzero(restored[name][~keep]) == 0
+        assert torch.equal(restored[name][keep], noisy[name][keep])
+
+
+def test_update_without_mask_bits_decodes_with_the_known_mask(example):
+    state, mask = example
+    data = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False, num_examples=40)
+    decoded = codec.decode(data, expected_mask=mask, expected_digest=mask_digest(mask), template=state,
+                           expected_phase=2, expected_round=7, expected_kind="update")
+    assert decoded.kind == "update" and not decoded.mask_included and decoded.num_examples == 40
+    restored = decoded.to_state_dict(state)
+    assert all(torch.equal(restored[n], state[n]) for n in state)
+    # the digest of expected_mask is computed when expected_digest is not given
+    codec.decode(data, expected_mask=mask, expected_digest=None, template=state)
+
+
+def test_norm_stats_payload_with_an_empty_mask():
+    state, _ = sparse_state(0.5)
+    stats = {n: v for n, v in state.items() if "running" in n or "num_batches" in n}
+    data = codec.encode(stats, {}, phase=1, round=2, kind="norm_stats", include_mask=False, num_examples=9)
+    decoded = codec.decode(data, expected_mask={}, expected_digest=None, template=stats, expected_kind="norm_stats")
+    assert decoded.values == {} and list(decoded.dense) == list(stats)
+    assert all(torch.equal(decoded.dense[n], stats[n]) for n in stats)
+
+
+def test_state_from_values_builds_the_soup_from_averaged_entries(example):
+    state, mask = example
+    decoded = decode_soup(soup_bytes(state, mask), state)
+    entries = {n: v * 2 for n, v in {**decoded.values, **decoded.dense}.items()}
+    entries["net.features.1.num_batches_tracked"] = torch.tensor(16.6)  # a float average of an int buffer
+    soup = codec.state_from_values(entries, mask, state)
+    assert torch.equal(soup["net.classifier.weight"], state["net.classifier.weight"] * 2)
+    assert soup["net.features.1.num_batches_tracked"].dtype == torch.int64
+    assert int(soup["net.features.1.num_batches_tracked"]) == 17
+
+
+# ---- sizes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_encoded_size_is_close_to_the_bound(sparsity):
+    state, mask = sparse_state(sparsity)
+    nnz = sum(int(k.sum()) for k in mask.values())
+    numel = sum(k.numel() for k in mask.values())
+    dense_bytes = sum(v.numel() * v.element_size() for n, v in state.items() if n not in mask)
+
+    soup = soup_bytes(state, mask)
+    bound = codec.payload_size_bound(mask, state, "fp32", include_mask=True)
+    assert bound == 4 * nnz + math.ceil(numel / 8) + dense_bytes
+    assert bound <= len(soup) <= bound * 1.02 + 4096
+
+    update = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False)
+    update_bound = codec.payload_size_bound(mask, state, "fp32", include_mask=False)
+    assert update_bound == 4 * nnz + dense_bytes
+    assert update_bound <= len(update) <= update_bound * 1.02 + 4096
+    assert len(soup) - len(update) == pytest.approx(math.ceil(numel / 8), abs=8)
+
+    half = soup_bytes(state, mask, value_dtype="bf16")
+    half_bound = codec.payload_size_bound(mask, state, "bf16", include_mask=True)
+    assert half_bound <= len(half) <= half_bound * 1.02 + 4096
+
+
+# ---- refusals ------------------------------------------------------------------------
+
+
+def refuse(data, state, match, **kw):
+    with pytest.raises(codec.PayloadError, match=match) as info:
+        decode_soup(data, state, **kw)
+    assert isinstance(info.value, FedSMSError)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 3, 40, 0.5, -6, -5, -4, -1])
+def test_truncated_bytes_are_refused(example, keep):
+    state, mask = example
+    data = soup_bytes(state, mask)
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep % len(data) if keep < 0 else keep
+    refuse(data[:cut], state, "truncated")
+
+
+@pytest.mark.parametrize("where", [0, 5, 100, 0.3, 0.6, 0.99, -5, -3, -1])
+def test_a_flipped_byte_is_refused(example, where):
+    state, mask = example
+    data = bytearray(soup_bytes(state, mask))
+    at = int(len(data) * where) if isinstance(where, float) else where % len(data)
+    data[at] ^= 0x10
+    refuse(bytes(data), state, "truncated|corrupted")
+
+
+def test_garbage_with_a_valid_checksum_is_unparsable(example):
+    state, _ = example
+    body = b"\x0a\xff\xff\xff\xff\x0f" + b"junk"  # a field 1 claiming a huge length
+    data = body + bytes([0x7D]) + struct.pack("<I", zlib.crc32(body))
+    refuse(data, state, "cannot be parsed")
+    empty = bytes([0x7D]) + struct.pack("<I", zlib.crc32(b""))
+    refuse(empty, state, "no header")
+
+
+def test_not_bytes_is_refused(example):
+    state, _ = example
+    refuse("a string", state, "bytes")
+
+
+def test_unknown_codec_version_is_refused(example):
+    state, mask = example
+    data = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 2))
+    refuse(data, state, "codec version 2 .* reads version 1")
+
+
+def test_wrong_kind_phase_round_are_refused(example):
+    state, mask = example
+    data = soup_bytes(state, mask)
+    refuse(data, state, "expected a 'update' payload but got a 'soup'", expected_kind="update")
+    refuse(data, state, "from phase 2 but phase 3", expected_phase=3)
+    refuse(data, state, "from round 7 but round 8", expected_round=8)
+    refuse(edited(data, lambda m: setattr(m.header, "kind", 0)), state, "unknown kind")
+    refuse(edited(data, lambda m: setattr(m.header, "value_dtype", 0)), state, "unknown value dtype")
+
+
+def test_wrong_digest_and_wrong_mask_are_refused(example):
+    state, mask = example
+    data = soup_bytes(state, mask)
+    refuse(data, state, "another phase or run", expected_digest="0" * 64)
+    _, other_mask = sparse_state(0.5)
+    update = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False)
+    with pytest.raises(codec.PayloadError, match="another phase or run"):
+        codec.decode(update, expected_mask=other_mask, expected_digest=None, template=state)
+    with pytest.raises(codec.PayloadError, match="no mask bits"):
+        codec.decode(update, expected_mask=None, expected_digest=None, template=state)
+
+
+def test_mask_bits_that_disagree_with_the_header_digest_are_refused(example):
+    state, mask = example
+
+    def flip_bit(message):
+        bits = bytearray(message.mask_bits)
+        bits[3] ^= 0x01
+        message.mask_bits = bytes(bits)
+
+    refuse(edited(soup_bytes(state, mask), flip_bit), state, "mask bits do not match the mask digest")
+    refuse(edited(soup_bytes(state, mask), lambda m: setattr(m, "mask_bits", m.mask_bits[:-1])), state,
+           "mask does not fit")
+
+
+def test_non_finite_values_are_refused(example):
+    state, mask = example
+    data = soup_bytes(state, mask)
+    nan = struct.pack("<f", float("nan"))
+
+    def poison_masked(message):
+        message.masked[1].values = nan + message.masked[1].values[4:]
+
+    refuse(edited(data, poison_masked), state, "'net.features.3.weight' has NaN or Inf")
+
+    def poison_dense(message):
+        entry = next(e for e in message.dense if e.name == "net.features.4.running_var")
+        entry.data = entry.data[:-4] + struct.pack("<f", float("inf"))
+
+    refuse(edited(data, poison_dense), state, "'net.features.4.running_var' has NaN or Inf")
+
+    half = soup_bytes(state, mask, value_dtype="fp16")
+    refuse(edited(half, lambda m: setattr(m.masked[0], "values", b"\x00\x7c" + m.masked[0].values[2:])),
+           state, "NaN or Inf")  # 0x7c00 is fp16 +Inf
+
+    bad = dict(state, **{"net.classifier.weight": state["net.classifier.weight"] * float("nan")})
+    with pytest.raises(codec.PayloadError, match="NaN or Inf"):
+        soup_bytes(bad, mask)
+    with pytest.raises(codec.PayloadError, match="overflow fp16"):
+        soup_bytes(dict(state, **{"net.classifier.weight": state["net.classifier.weight"] * 1e6}), mask,
+                   value_dtype="fp16")
+
+
+def test_wrong_shape_template_is_refused(example):
+    state, mask = example
+    data = soup_bytes(state, mask)
+    reshaped = dict(state, **{"net.classifier.weight": state["net.classifier.weight"].reshape(64, 10)})
+    refuse(data, state, "shape", template=reshaped)
+    bias = dict(state, **{"net.classifier.bias": torch.zeros(11)})
+    refuse(data, state, "'net.classifier.bias' has shape \\(10,\\) in the payload but \\(11,\\)", template=bias)
+    with pytest.raises(codec.PayloadError, match="shape"):
+        codec.decode(codec.encode(state, mask, phase=0, round=0, kind="update", include_mask=False),
+                     expected_mask=mask, expected_digest=None, template=reshaped)
+
+
+def test_extra_and_missing_tensors_are_refused(example):
+    state, mask = example
+    data = soup_bytes(state, mask)
+    refuse(data, state, "lack 'net.extra'", template={**state, "net.extra": torch.zeros(3)})
+    fewer = {n: v for n, v in state.items() if n != "net.features.8.running_mean"}
+    refuse(data, state, "unexpected 'net.features.8.running_mean'", template=fewer)
+
+    def drop_dense(message):
+        del message.dense[2]
+
+    refuse(edited(data, drop_dense), state, "dense tensors lack")
+
+    def duplicate_dense(message):
+        message.dense.add().CopyFrom(message.dense[0])
+
+    refuse(edited(data, duplicate_dense), state, "repeat")
+
+    update = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False)
+
+    def drop_masked(message):
+        del message.masked[1]
+
+    def swap_masked(message):
+        first, second = pb.MaskedTensor(), pb.MaskedTensor()
+        first.CopyFrom(message.masked[0])
+        second.CopyFrom(message.masked[1])
+        message.masked[0].CopyFrom(second)
+        message.masked[1].CopyFrom(first)
+
+    for edit, match in [(drop_masked, "masked tensors lack 'net.features.3.weight'"), (swap_masked, "order")]:
+        with pytest.raises(codec.PayloadError, match=match):
+            codec.decode(edited(update, edit), expected_mask=mask, expected_digest=None, template=state)
+    unknown = edited(data, lambda m: setattr(m.masked[0], "name", "net.nothing.weight"))
+    refuse(unknown, state, "'net.nothing.weight' which the model does not have")
+
+
+def test_counts_lengths_and_dtypes_that_do_not_add_up_are_refused(example):
+    state, mask = example
+    data = soup_bytes(state, mask)
+    refuse(edited(data, lambda m: setattr(m.masked[0], "nnz", m.masked[0].nnz + 1)), state, "claims .* the mask keeps")
+    refuse(edited(data, lambda m: setattr(m.masked[2], "values", m.masked[2].values[:-4])), state,
+           "bytes of values but .* need")
+
+    def dense_dtype(message):
+        message.dense[0].dtype = "float64"
+        message.dense[0].data = message.dense[0].data * 2
+
+    refuse(edited(data, dense_dtype), state, "dtype 'float64' in the payload but 'float32'")
+    refuse(edited(data, lambda m: setattr(m.dense[1], "data", m.dense[1].data[:-1])), state, "bytes but shape")
+    refuse(edited(data, lambda m: setattr(m.dense[1], "dtype", "complex64")), state, "dtype 'complex64'")
+
+
+def test_encode_refuses_bad_arguments(example):
+    state, mask = example
+    with pytest.raises(codec.PayloadError, match="unknown payload kind"):
+        codec.encode(state, mask, phase=0, round=0, kind="weights", include_mask=True)
+    with pytest.raises(codec.PayloadError, match="unknown value dtype"):
+        codec.encode(state, mask, phase=0, round=0, kind="soup", value_dtype="int8", include_mask=True)
+    with pytest.raises(codec.PayloadError, match="num_examples"):
+        codec.encode(state, mask, phase=0, round=0, kind="update", include_mask=False, num_examples=-1)
+    with pytest.raises(codec.PayloadError, match="does not have"):
+        codec.encode({}, mask, phase=0, round=0, kind="soup", include_mask=True)
+    wrong = {n: torch.ones(2, 2, dtype=torch.bool) for n in mask}
+    with pytest.raises(codec.PayloadError, match="shape"):
+        codec.encode(state, wrong, phase=0, round=0, kind="soup", include_mask=True)
+
+
+def test_big_num_examples_is_exposed_not_judged(example):
+    state, mask = example
+    data = codec.encode(state, mask, phase=0, round=1, kind="update", include_mask=False, num_examples=2**40)
+    assert codec.decode(data, expected_mask=mask, expected_digest=None, template=state).num_examples == 2**40
+
+
+def test_wire_layout_matches_the_schema(example):
+    """Another implementation could read it: a plain protobuf parse sees what the codec wrote."""
+    state, mask = example
+    data = soup_bytes(state, mask, value_dtype="bf16")
+    message = pb.SparsePayload.FromString(data)
+    assert message.crc32 == zlib.crc32(data[:-5]) and data[-5] == 0x7D
+    assert message.header.value_dtype == pb.VALUE_DTYPE_BF16 and message.header.kind == pb.PAYLOAD_KIND_SOUP
+    assert message.mask_bits == pack_mask(mask)
+    first = message.masked[0]
+    raw = np.frombuffer(first.values, dtype="<u2").astype(np.uint32) << 16  # bf16 = top half of fp32
+    want = state[first.name][mask[first.name]].to(torch.bfloat16).float().numpy()
+    assert np.array_equal(raw.view("<f4"), want)
+    tracked = next(e for e in message.dense if e.name.endswith("num_batches_tracked"))
+    assert tracked.dtype == "int64" and list(tracked.shape) == [] and tracked.data == struct.pack("<q", 17)
+
+
+# ---- generated code ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None,
+                    reason="grpcio-tools is not installed (pip install -e '.[test]'); cannot regenerate payload_pb2.py")
+def test_checked_in_payload_pb2_is_what_protoc_generates(tmp_path):
+    out = tmp_path / "payload_pb2.py"
+    subprocess.run(["bash", str(ROOT / "proto" / "generate.sh"), str(out)], check=True,
+                   env={**os.environ, "PYTHON": sys.executable}, capture_output=True, timeout=60)
+    checked_in = ROOT / "fedsms" / "wire" / "payload_pb2.py"
+    assert out.read_bytes() == checked_in.read_bytes(), (
+        "fedsms/wire/payload_pb2.py is out of date with proto/fedsms/v1/payload.proto; run proto/generate.sh "
+        "(with the grpcio-tools release named in its header) and check the result in"
+    )

@@ -43,6 +43,29 @@ logger = logging.getLogger("fedsms.server")
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
 
 
+MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
+
+
+@dataclass
+class Update:
+    """One client's training reply, unpacked from its Message."""
+
+    node: int
+    payload: bytes = b""
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None  # why the reply is unusable, before decoding
+
+
+def unpack_reply(reply: Message) -> Update:
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        return Update(node, error=f"the client failed: {reply.error.reason}")
+    try:
+        return Update(node, payload_of(reply.content["update"]), dict(reply.content["metrics"]))
+    except (KeyError, TypeError, ValueError, codec.PayloadError) as error:
+        return Update(node, error=f"the reply has no readable update ({error})")
+
+
 @dataclass
 class RoundLog:
     """What one server round did; written as one JSON line."""
@@ -119,16 +142,22 @@ class SparseSoupStrategy(Strategy):
             f"merge {self.run.merge}, values as {self.fed.value_dtype}"
         )
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def begin_round(self, server_round: int) -> bytes:
+        """Start ``server_round`` (pruning first if it opens a phase); returns the soup payload."""
         phase, r = self.phase_at(server_round)
         if phase >= 1 and r == 1:
             self._prune_for(phase)
         self._current = RoundLog(server_round, phase, r, sparsity(self.mask))
+        return self.soup_payload(server_round)
+
+    def soup_payload(self, server_round: int) -> bytes:
+        return codec.encode(self.soup, self.mask, phase=self.phase_at(server_round)[0], round=server_round,
+                            kind="soup", value_dtype=self.fed.value_dtype, include_mask=True)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        payload = self.begin_round(server_round)
+        phase, r = self.phase_at(server_round)
         nodes = self._sample(grid, self.fed.min_train_clients)
-        payload = codec.encode(
-            self.soup, self.mask, phase=phase, round=server_round, kind="soup",
-            value_dtype=self.fed.value_dtype, include_mask=True,
-        )
         self._current.clients = len(nodes)
         self._current.bytes_down = len(payload) * len(nodes)
         messages = []
@@ -147,23 +176,29 @@ class SparseSoupStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates = [unpack_reply(reply) for reply in replies]
+        metrics = self.aggregate_updates(server_round, updates)
+        return ArrayRecord(self.soup), (MetricRecord(metrics) if metrics else None)
+
+    def aggregate_updates(self, server_round: int, updates: list[Update]) -> dict[str, float]:
+        """Stream every valid update into the masked average; the soup becomes that average.
+        Invalid updates are logged with their reason and never touch the soup."""
         phase, _ = self.phase_at(server_round)
         average, metrics = RunningAverage(), RunningAverage()
         keep = self.run.merge == "greedy" and phase >= 1 and self.ends_phase(server_round) and self.server_data
         self._kept_candidates = []
         log = self._current
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for update in updates:
             try:
-                decoded, num_examples = self._decode_update(reply, phase, server_round)
+                decoded = self._decode_update(update, phase, server_round)
             except codec.PayloadError as error:
-                log.rejected[node] = str(error)
-                self.log(f"round {server_round}: rejected reply from node {node}: {error}")
+                log.rejected[update.node] = str(error)
+                self.log(f"round {server_round}: rejected reply from node {update.node}: {error}")
                 continue
-            log.bytes_up += len(payload_of(reply.content["update"]))
-            weight = float(num_examples) if self.run.merge == "weighted" else 1.0
+            log.bytes_up += len(update.payload)
+            weight = float(decoded.num_examples) if self.run.merge == "weighted" else 1.0
             average.add({**decoded.values, **decoded.dense}, weight)
-            metrics.add({k: torch.tensor(float(v)) for k, v in reply.content["metrics"].items()})
+            metrics.add({k: torch.tensor(float(v)) for k, v in update.metrics.items()})
             if keep:
                 self._kept_candidates.append(decoded.to_state_dict(self.soup))
         log.accepted = average.count
@@ -172,10 +207,10 @@ class SparseSoupStrategy(Strategy):
                 f"round {server_round}: only {average.count} valid replies (min-train-clients is "
                 f"{self.fed.min_train_clients}); the soup stays as it was this round"
             )
-            return ArrayRecord(self.soup), None
+            return {}
         self.soup = codec.state_from_values(average.mean(), self.mask, self.soup)
         log.train = {k: float(v) for k, v in metrics.mean().items()}
-        return ArrayRecord(self.soup), MetricRecord(log.train)
+        return log.train
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.ends_phase(server_round):
@@ -185,8 +220,7 @@ class SparseSoupStrategy(Strategy):
         available = list(grid.get_node_ids())
         count = max(1, int(round(self.fed.fraction_evaluate * len(available))))
         phase, _ = self.phase_at(server_round)
-        payload = codec.encode(self.soup, self.mask, phase=phase, round=server_round, kind="soup",
-                               value_dtype=self.fed.value_dtype, include_mask=True)
+        payload = self.soup_payload(server_round)
         self._current.bytes_down += len(payload) * count
         evaluate_config = ConfigRecord({"phase": phase, "server-round": server_round, "ood": self.run.ood,
                                         "ood-examples": self.run.ood_examples, **self._job_flags(server_round)})
@@ -278,8 +312,7 @@ class SparseSoupStrategy(Strategy):
         """Clients re-estimate norm statistics of the soup on their data; the server
         combines them exactly (pooled mean and variance, weighted by examples)."""
         phase, _ = self.phase_at(server_round)
-        payload = codec.encode(self.soup, self.mask, phase=phase, round=server_round, kind="soup",
-                               value_dtype=self.fed.value_dtype, include_mask=True)
+        payload = self.soup_payload(server_round)
         nodes = list(grid.get_node_ids())
         messages = [
             Message(content=RecordDict({"soup": record_of(payload), "config": ConfigRecord({
@@ -325,20 +358,16 @@ class SparseSoupStrategy(Strategy):
             waited += 1.0
         return nodes
 
-    def _decode_update(self, reply: Message, phase: int, server_round: int):
-        if reply.has_error():
-            raise codec.PayloadError(f"the client failed: {reply.error.reason}")
-        try:
-            data = payload_of(reply.content["update"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise codec.PayloadError(f"the reply has no readable 'update' record ({error})") from None
+    def _decode_update(self, update: Update, phase: int, server_round: int) -> codec.Decoded:
+        if update.error is not None:
+            raise codec.PayloadError(update.error)
         decoded = codec.decode(
-            data, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,
+            update.payload, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,
             expected_phase=phase, expected_round=server_round, expected_kind="update",
         )
-        if not 0 < decoded.num_examples <= 10**9:
+        if not 0 < decoded.num_examples <= MAX_EXAMPLES:
             raise codec.PayloadError(f"the reply claims {decoded.num_examples} training examples")
-        return decoded, decoded.num_examples
+        return decoded
 
     def save_checkpoint(self, server_round: int) -> Path:
         phase, r = self.phase_at(server_round)

@@ -1,0 +1,146 @@
+"""Checkpoints: ``X.safetensors`` (the model's state dict, loadable with a plain
+``model.load_state_dict``), ``X.mask.safetensors`` (the mask) and ``X.json`` (metadata).
+
+Nothing is pickled. Every file is written to a temporary name and renamed, the JSON last,
+so a checkpoint is complete exactly when its JSON exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedsms import FedSMSError
+from fedsms.masks import Mask, mask_digest, outside_mask_nonzeros, sparsity
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, torch.Tensor]
+    mask: Mask
+    metadata: dict[str, Any]
+
+
+def _base(path: str | Path) -> Path:
+    path = Path(path)
+    for suffix in (".mask.safetensors", ".safetensors", ".json"):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+def _paths(base: Path) -> tuple[Path, Path, Path]:
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".mask.safetensors"), base.with_name(base.name + ".json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], mask: Mask, metadata: dict) -> Path:
+    """Write the state, the mask and the metadata; returns the ``.safetensors`` path."""
+    base = _base(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    model_path, mask_path, json_path = _paths(base)
+    record = {**metadata, "format_version": FORMAT_VERSION, "mask_digest": mask_digest(mask),
+              "sparsity": sparsity(mask), "mask_tensors": list(mask)}
+    try:
+        text = json.dumps(record, indent=2, allow_nan=False)
+    except (TypeError, ValueError):
+        bad = next((k for k, v in record.items() if not _serialisable(v)), "?")
+        raise FedSMSError(f"checkpoint metadata key {bad!r} is not JSON-serialisable; pass plain numbers, strings, lists or dicts") from None
+    _atomic_write(model_path, lambda tmp: save_file(_contiguous(state), tmp))
+    _atomic_write(mask_path, lambda tmp: save_file({k: v.to(torch.uint8) for k, v in _contiguous(mask).items()}, tmp))
+    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+    return model_path
+
+
+def _serialisable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint written by ``save_checkpoint``."""
+    base = _base(path)
+    model_path, mask_path, json_path = _paths(base)
+    for needed in (json_path, model_path, mask_path):
+        if not needed.is_file():
+            raise FedSMSError(f"checkpoint file {needed} is missing; pass the path of a complete fedsms checkpoint")
+    try:
+        metadata = json.loads(json_path.read_text())
+    except ValueError as error:
+        raise FedSMSError(f"{json_path} is not valid JSON ({error}); the checkpoint is damaged, use another one") from None
+    for key, kind in (("format_version", int), ("mask_digest", str), ("mask_tensors", list)):
+        if not isinstance(metadata.get(key), kind):
+            raise FedSMSError(f"{json_path} lacks {key!r} ({kind.__name__}); it was not written by fedsms, use another checkpoint")
+    if metadata["format_version"] > FORMAT_VERSION:
+        raise FedSMSError(f"{json_path} has format version {metadata['format_version']}; upgrade fedsms to read it")
+    try:
+        state = load_file(model_path)
+        mask = {k: v.bool() for k, v in load_file(mask_path).items()}
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise FedSMSError(f"checkpoint {base} cannot be read ({error}); the files are damaged, use another checkpoint") from None
+    mask = {name: mask[name] for name in metadata["mask_tensors"] if name in mask}
+    if list(mask) != metadata["mask_tensors"] or mask_digest(mask) != metadata["mask_digest"]:
+        raise FedSMSError(f"the mask in {mask_path} does not match the digest in {json_path}; the checkpoint was modified, use another one")
+    for name, keep in mask.items():
+        if name not in state or state[name].shape != keep.shape:
+            raise FedSMSError(f"mask tensor {name!r} does not fit the state in {model_path}; the checkpoint is damaged")
+    bad = outside_mask_nonzeros(state, mask)
+    if bad:
+        raise FedSMSError(
+            f"{model_path} has {sum(bad.values())} nonzero weights outside its mask (first in {next(iter(bad))!r}); "
+            "it was modified after saving, use another checkpoint"
+        )
+    return Checkpoint(state, mask, metadata)
+
+
+def check_compatible(checkpoint: Checkpoint, model: nn.Module) -> None:
+    """Refuse a checkpoint whose tensors do not fit ``model``."""
+    expected = model.state_dict()
+    saved_for = checkpoint.metadata.get("model", "another model")
+    for name, tensor in expected.items():
+        if name not in checkpoint.state or checkpoint.state[name].shape != tensor.shape:
+            found = tuple(checkpoint.state[name].shape) if name in checkpoint.state else "nothing"
+            raise FedSMSError(
+                f"the checkpoint was saved for {saved_for!r} and does not fit this model ({name!r}: expected "
+                f"{tuple(tensor.shape)}, found {found}); pass the matching --model or another checkpoint"
+            )
+    extra = set(checkpoint.state) - set(expected)
+    if extra:
+        raise FedSMSError(f"the checkpoint has tensors this model lacks ({sorted(extra)[:3]}); pass the matching --model")
+
+
+def export_model(path: str | Path, model: nn.Module, metadata: dict | None = None) -> Path:
+    """The model alone: ``X.safetensors`` for a plain ``load_state_dict`` and ``X.json``."""
+    base = _base(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    model_path, _, json_path = _paths(base)
+    _atomic_write(model_path, lambda tmp: save_file(_contiguous(model.state_dict()), tmp))
+    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(metadata or {}, indent=2)))
+    return model_path

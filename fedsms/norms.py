@@ -38,7 +38,10 @@ def recalibrate_norms(
         layer.reset_running_stats()
         layer.momentum = None  # cumulative moving average over all recalibration batches
     model.to(device).train()
-    for x, _ in batches(subset, batch_size, device=device):
+    # BatchNorm's cumulative average weights every batch equally, so the batches are made
+    # equal in size: a small last batch would otherwise skew the statistics badly.
+    even = -(-n // -(-n // batch_size))
+    for x, _ in batches(subset, even, device=device):
         model(x)
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum

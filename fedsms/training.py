@@ -81,7 +81,9 @@ def train_candidate(
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # dropout and any other in-model randomness
     augment = augmentation if config.augment else None
-    steps_per_epoch = num_batches(len(data), config.batch_size)
+    # A last batch of a few examples gives a noisy step and noisy norm statistics: drop it.
+    drop_last = len(data) > config.batch_size
+    steps_per_epoch = num_batches(len(data), config.batch_size, drop_last)
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_fraction * total_steps)
     autocast, scaler = _autocast(device)
@@ -90,7 +92,8 @@ def train_candidate(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for x, y in batches(data, config.batch_size, shuffle=True, generator=generator, augment=augment, device=device):
+        for x, y in batches(data, config.batch_size, shuffle=True, generator=generator, augment=augment,
+                            drop_last=drop_last, device=device):
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(step, total_steps, config.lr_schedule, warmup)
             with autocast:

@@ -106,7 +106,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedsms_server.simulation import simulate
 
     simulate(overrides, args.num_clients, cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
+    if args.baselines:
+        compare_with_local(overrides, args.baselines)
     return 0
+
+
+def compare_with_local(overrides: dict, methods: str) -> None:
+    """Run the local baselines with the same config and print them beside the federated job."""
+    from fedsms.config import RunConfig, split_config
+    from fedsms.local import run_local
+    from fedsms.plots import plot_results
+    from fedsms.report import final_table, phase_table, read_rows
+
+    out = Path(overrides["out_dir"])
+    run, _ = split_config(overrides)
+    local = RunConfig.from_mapping({"methods": methods, "out_dir": str(out / "local")}, base=run)
+    print(f"\nlocal baselines ({methods}) with the same config:")
+    rows = read_rows(out / "results.jsonl") + run_local(local)
+    plot_results(rows, out / "comparison")
+    print()
+    print(phase_table(rows))
+    print()
+    print(final_table(rows))
+    print(f"\nfederated results: {out}; local baselines: {out / 'local'}; plots: {out / 'comparison'}")
 
 
 def cmd_soup(args: argparse.Namespace) -> int:
@@ -181,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--num-clients", type=int, default=4, help="virtual clients (default: 4)")
     sim.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores Ray reserves per client (default: 1)")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share Ray reserves per client (default: 0)")
+    sim.add_argument("--baselines", default="",
+                     help="also run these local methods with the same config and print them alongside (e.g. imp,imp-best,sms)")
     sim.set_defaults(func=cmd_simulate)
 
     soup = commands.add_parser("soup", help="average candidate checkpoints that share a mask",

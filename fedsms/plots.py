@@ -21,7 +21,7 @@ def plot_results(rows: list[dict], out_dir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in methods_in(rows):
         keys = sorted(k for k in acc if k[0] == method)
-        if method == "dense":
+        if method.endswith("dense"):
             ax.axhline(100 * mean_std(acc[keys[0]])[0], color="gray", ls="--", label="dense")
             continue
         xs = [100 * mean_std(spars[k])[0] for k in keys]

@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ("dense", "imp", "imp-best", "imp-avg", "sms", "ensemble")
+METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "ensemble", "fed-hyperparameter", "fed-data")
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -56,14 +56,15 @@ def phase_table(rows: list[dict], key: str = "accuracy") -> str:
 def final_table(rows: list[dict]) -> str:
     """Each method at its last phase: sparsity, test accuracy, OOD accuracy, ECE."""
     last = max(r["phase"] for r in rows)
-    lines = [f"{'method':>10}  {'sparsity':>8}  {'test acc %':>15}  {'OOD acc %':>15}  {'ECE %':>15}  seeds"]
+    width = max(len(m) for m in methods_in(rows))
+    lines = [f"{'method':>{width}}  {'sparsity':>8}  {'test acc %':>15}  {'OOD acc %':>15}  {'ECE %':>15}  seeds"]
     for method in methods_in(rows):
-        mine = [r for r in rows if r["method"] == method and r["phase"] == (0 if method == "dense" else last)]
+        mine = [r for r in rows if r["method"] == method and r["phase"] == (0 if method.endswith("dense") else last)]
         if not mine:
             continue
         ood = [r["ood_accuracy"] for r in mine if "ood_accuracy" in r]
         lines.append(
-            f"{method:>10}  {100 * statistics.fmean(r['sparsity'] for r in mine):7.2f}%  "
+            f"{method:>{width}}  {100 * statistics.fmean(r['sparsity'] for r in mine):7.2f}%  "
             f"{_fmt([r['accuracy'] for r in mine]):>15}  {_fmt(ood) if ood else '-':>15}  "
             f"{_fmt([r['ece'] for r in mine]):>15}  {len(mine)}"
         )

@@ -1,0 +1,41 @@
+"""fedsms-server and fedsms-client refuse unsafe or wrong set-ups before starting anything."""
+
+import pytest
+
+from fedsms_client import launch as client_launch
+from fedsms_server import launch as server_launch
+
+
+def test_server_requires_insecure_to_be_asked_for(capsys):
+    assert server_launch.main(["--port", "1"]) == 2
+    assert "--insecure explicitly" in capsys.readouterr().err
+
+
+def test_server_refuses_missing_certificates_and_bad_config(capsys, tmp_path):
+    assert server_launch.main(["--ssl-ca-certfile", "a", "--ssl-certfile", "b", "--ssl-keyfile", "c"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert server_launch.main(["--insecure", "--target-sparsity", "2"]) == 2
+    assert "'target-sparsity' must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_client_checks_its_arguments(capsys):
+    base = ["--server", "127.0.0.1:1", "--num-partitions", "2"]
+    assert client_launch.main([*base, "--partition-id", "0"]) == 2
+    assert "--insecure explicitly" in capsys.readouterr().err
+    assert client_launch.main([*base, "--partition-id", "5", "--insecure"]) == 2
+    assert "--partition-id 5 must be in [0, 2)" in capsys.readouterr().err
+    assert client_launch.main(["--server", "nohost", "--num-partitions", "2", "--partition-id", "0", "--insecure"]) == 2
+    assert "not HOST:PORT" in capsys.readouterr().err
+
+
+def test_client_gives_up_on_an_absent_server(capsys):
+    code = client_launch.main(["--server", "127.0.0.1:9", "--num-partitions", "1", "--partition-id", "0",
+                               "--insecure", "--connect-timeout", "1"])
+    assert code == 2 and "did not answer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [server_launch, client_launch])
+def test_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0 and "--insecure" in capsys.readouterr().out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,10 @@ from pathlib import Path
 
 from fedsms import FedSMSError
 
-from fedsms_server.deployment import flower_bin, flower_env, free_port, reachable, split_address, toml_value, wait_until_reachable
+from fedsms.cli import run_command
+from fedsms_server.deployment import (
+    flower_bin, flower_env, free_port, reachable, split_address, stop, toml_value, wait_until_reachable,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,12 +96,7 @@ def join(args: argparse.Namespace) -> int:
     try:
         return watch(supernode, status_file, host, port, args)
     finally:
-        if supernode.poll() is None:
-            supernode.send_signal(signal.SIGTERM)
-            try:
-                supernode.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                supernode.kill()
+        stop(supernode)
 
 
 def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, args: argparse.Namespace) -> int:
@@ -125,14 +122,7 @@ def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return join(args)
-    except FedSMSError as error:
-        print(f"fedsms-client: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("fedsms-client", join, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -224,16 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(prog: str, command, args: argparse.Namespace) -> int:
+    """Run ``command(args)``: a user's mistake ends in one sentence and exit code 2, not a traceback."""
     try:
-        return args.func(args)
+        return command(args)
     except FedSMSError as error:
-        print(f"fedsms: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedsms: interrupted; results written so far are kept", file=sys.stderr)
+        print(f"{prog}: interrupted; results and checkpoints written so far are kept", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command("fedsms", args.func, args)
 
 
 if __name__ == "__main__":

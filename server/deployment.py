@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import fields
@@ -112,3 +114,14 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise FedSMSError(f"server address {address!r} is not HOST:PORT; write e.g. 127.0.0.1:9092")
     return host.strip("[]"), int(port)
+
+
+def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()

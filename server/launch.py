@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,11 +15,11 @@ import time
 from pathlib import Path
 
 from fedsms import FedSMSError
-from fedsms.cli import add_config_options, config_overrides
+from fedsms.cli import add_config_options, config_overrides, run_command
 from fedsms.config import FederationConfig, RunConfig, split_config
 
 from fedsms_server.deployment import (
-    CONNECTION, flower_bin, flower_env, run_config_arg, wait_until_reachable, write_app_dir, write_connection,
+    CONNECTION, flower_bin, flower_env, run_config_arg, stop, wait_until_reachable, write_app_dir, write_connection,
 )
 
 
@@ -108,11 +107,7 @@ def serve(args: argparse.Namespace) -> int:
                 raise FedSMSError(f"could not register client key {key}: {registered.stdout.strip() or registered.stderr.strip()}")
         return follow(app, overrides, env, superlink)
     finally:
-        superlink.send_signal(signal.SIGTERM)
-        try:
-            superlink.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            superlink.kill()
+        stop(superlink)
 
 
 def follow(app: Path, overrides: dict, env: dict, superlink: subprocess.Popen) -> int:
@@ -141,15 +136,7 @@ def follow(app: Path, overrides: dict, env: dict, superlink: subprocess.Popen) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return serve(args)
-    except FedSMSError as error:
-        print(f"fedsms-server: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedsms-server: interrupted; checkpoints written so far are kept", file=sys.stderr)
-        return 130
+    return run_command("fedsms-server", serve, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """SparseSoupStrategy's aggregation, without a Flower transport: the soup after a round is
 exactly the masked average of the clients' decoded replies, and bad replies never count."""
 
+import json
+
 import pytest
 import torch
 
@@ -131,3 +133,21 @@ def test_each_phase_prunes_to_its_exact_sparsity_and_nests(tmp_path):
     digest = strategy.digest
     strategy.begin_round(5)
     assert strategy.digest == digest
+
+
+def test_greedy_merge_keeps_only_candidates_that_do_not_hurt_the_heldout_soup(tmp_path):
+    messages = []
+    strategy = make_strategy(tmp_path, merge="greedy")
+    strategy.log = messages.append
+    payload = strategy.begin_round(2)  # phase 1 has one round, so this round ends the phase
+    replies = [client_reply(payload, 2, seed, 200)[0] for seed in range(3)]
+    states = [decoded_state(r, strategy) for r in replies]
+    strategy.aggregate_updates(2, [Update(n, r, {}) for n, r in enumerate(replies)])
+    strategy._finish_phase(2, grid=None)  # server-held data: no federated round needed
+
+    [line] = [m for m in messages if "greedy soup kept candidates" in m]
+    chosen = json.loads(line.split("candidates ")[1])
+    assert 1 <= len(chosen) <= 3
+    for name in strategy.mask:  # weights are the chosen candidates' average; norm statistics are recalibrated
+        expected = torch.stack([states[i][name] for i in chosen]).mean(0)
+        torch.testing.assert_close(strategy.soup[name], expected)

@@ -75,6 +75,9 @@ class RunningAverage:
 
 def check_shares_mask(state: Mapping[str, torch.Tensor], mask: Mask, label: str = "candidate") -> None:
     """Refuse a candidate with nonzeros outside ``mask``: averaging it would break sparsity."""
+    missing = [name for name in mask if name not in state]
+    if missing:
+        raise SoupError(f"{label} lacks the masked tensors {missing[:3]}; average only candidates of the same model")
     bad = outside_mask_nonzeros(state, mask)
     if bad:
         name, count = next(iter(bad.items()))

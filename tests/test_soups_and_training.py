@@ -1,0 +1,175 @@
+"""Retraining under a mask, soups of candidates, the greedy rule, norm recalibration,
+recipes and checkpoints: the invariants Sparse Model Soups rests on."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from fedsms import FedSMSError
+from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from fedsms.data import ArrayData, load_dataset
+from fedsms.masks import compute_mask, dense_mask, prunable_names
+from fedsms.models import build_for
+from fedsms.norms import recalibrate_norms
+from fedsms.recipe import CandidateConfig, expand_recipe, parse_grid
+from fedsms.soup import RunningAverage, SoupError, average, greedy_soup
+from fedsms.training import lr_factor, make_optimizer, resolve_device, train_candidate
+
+SPLITS = load_dataset("digits")
+DATA = SPLITS.train.head(300)
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    torch.manual_seed(0)
+    model = build_for("cnn", SPLITS)
+    mask = compute_mask(dict(model.named_parameters()), dense_mask(model, prunable_names(model)), 0.8)
+    state = {k: v * mask[k] if k in mask else v.clone() for k, v in model.state_dict().items()}
+    return model, mask, state
+
+
+def candidates(pruned, seeds, epochs=1):
+    model, mask, state = pruned
+    states = []
+    for config in (CandidateConfig(seed=seed, epochs=epochs, batch_size=32) for seed in seeds):
+        candidate = copy.deepcopy(model)
+        candidate.load_state_dict(state)
+        train_candidate(candidate, mask, DATA, config)
+        states.append(candidate.state_dict())
+    return states
+
+
+def test_lr_schedules():
+    assert lr_factor(0, 100, "linear", 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, "linear", 10) == pytest.approx(1.0)
+    assert lr_factor(99, 100, "linear", 10) == pytest.approx(1 / 90, abs=1e-9)
+    assert lr_factor(55, 100, "cosine", 10) == pytest.approx(0.5)
+    assert lr_factor(70, 100, "constant", 10) == 1.0
+
+
+def test_nesterov_only_with_weight_decay(pruned):
+    model = pruned[0]
+    assert make_optimizer(model, CandidateConfig(weight_decay=1e-4)).defaults["nesterov"] is True
+    assert make_optimizer(model, CandidateConfig(weight_decay=0.0)).defaults["nesterov"] is False
+
+
+def test_zeros_stay_zero_through_training_and_averaging(pruned):
+    _, mask, _ = pruned
+    states = candidates(pruned, [0, 1, 2])
+    soup = average(states, mask)
+    for name, keep in mask.items():
+        for state in [*states, soup]:
+            assert torch.count_nonzero(state[name][~keep]) == 0
+        torch.testing.assert_close(soup[name], torch.stack([s[name] for s in states]).mean(0))
+
+
+def test_same_seed_same_weights_other_seed_other_weights(pruned):
+    a, b = candidates(pruned, [0, 0]), candidates(pruned, [0, 1])
+    name = prunable_names(pruned[0])[0]
+    assert torch.equal(a[0][name], a[1][name])
+    assert torch.equal(a[0][name], b[0][name]) and not torch.equal(b[0][name], b[1][name])
+
+
+def test_training_learns_and_divergence_is_reported(pruned):
+    model, mask, state = pruned
+    model = copy.deepcopy(model)
+    model.load_state_dict(state)
+    result = train_candidate(model, mask, SPLITS.train, CandidateConfig(epochs=3, lr=0.05))
+    assert result["train_accuracy"] > 0.8
+    poisoned = ArrayData(torch.full_like(DATA.images, float("nan")), DATA.labels)
+    with pytest.raises(FedSMSError, match="lower the learning rate"):
+        train_candidate(model, mask, poisoned, CandidateConfig(epochs=1))
+
+
+def test_cuda_on_a_cpu_machine_names_the_fix():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(FedSMSError, match="--device cpu"):
+        resolve_device("cuda")
+
+
+def test_refusals_of_the_soup(pruned):
+    _, mask, state = pruned
+    outside = {k: v.clone() for k, v in state.items()}
+    name = next(iter(mask))
+    outside[name][~mask[name]] = 1.0
+    with pytest.raises(SoupError, match=f"outside the shared mask in '{name}'"):
+        average([state, outside], mask)
+    with pytest.raises(SoupError, match="lacks the masked tensors"):
+        average([state, {k: v for k, v in state.items() if k != name}], mask)
+
+
+def test_weighted_running_average_and_integer_buffers():
+    average_ = RunningAverage()
+    average_.add({"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, weight=1)
+    average_.add({"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}, weight=3)
+    mean = average_.mean()
+    torch.testing.assert_close(mean["w"], torch.tensor([2.5, 5.0]))
+    assert int(mean["n"]) == 5
+
+
+def test_greedy_rule_adds_only_what_does_not_lower_the_score():
+    mask = {"w": torch.tensor([True, True])}
+    states = [{"w": torch.tensor([v, 0.5])} for v in (1.0, 0.0, 0.75, 0.2)]
+
+    def score(state):  # best when w[0] is near 0.9
+        return -abs(float(state["w"][0]) - 0.9)
+
+    soup, chosen, scores = greedy_soup(states, mask, score)
+    # ranked 1.0, 0.75, 0.2, 0.0; adding 0.75 gives 0.875 (better), then 0.2 → 0.65 and 0.0 → 0.58 (worse)
+    assert chosen == [0, 2]
+    torch.testing.assert_close(soup["w"], torch.tensor([0.875, 0.5]))
+    assert scores == [score(s) for s in states]
+
+
+def test_recalibration_changes_the_statistics_and_restores_the_mode(pruned):
+    model = copy.deepcopy(pruned[0])
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    layer.running_mean.fill_(100.0)
+    model.eval()
+    used = recalibrate_norms(model, DATA, fraction=0.5)
+    assert used == 150 and not model.training
+    assert float(layer.running_mean.abs().max()) < 10 and layer.momentum == 0.1
+
+
+def test_recipe_grid_and_errors():
+    configs = expand_recipe("weight_decay=1e-4,5e-4;lr=0.1,0.05", 5, CandidateConfig(seed=7))
+    assert [(c.weight_decay, c.lr) for c in configs] == [(1e-4, 0.1), (1e-4, 0.05), (5e-4, 0.1), (5e-4, 0.05), (1e-4, 0.1)]
+    assert [c.seed for c in configs] == [7, 8, 9, 10, 11]
+    with pytest.raises(FedSMSError, match="unknown recipe key 'momentumm'"):
+        parse_grid("momentumm=0.9")
+    with pytest.raises(FedSMSError, match="not a valid float"):
+        parse_grid("lr=fast")
+
+
+def test_checkpoint_round_trip_and_refusals(pruned, tmp_path):
+    model, mask, state = pruned
+    path = save_checkpoint(tmp_path / "c", state, mask, {"model": "cnn", "phase": 2})
+    loaded = load_checkpoint(tmp_path / "c")
+    assert loaded.metadata["phase"] == 2 and all(torch.equal(loaded.state[k], state[k]) for k in state)
+    fresh = build_for("cnn", SPLITS)
+    from safetensors.torch import load_file
+
+    fresh.load_state_dict(load_file(path))  # plain PyTorch loading
+    check_compatible(loaded, fresh)
+    with pytest.raises(FedSMSError, match="saved for 'cnn'"):
+        check_compatible(loaded, build_for("mlp", SPLITS))
+    meta = json.loads((tmp_path / "c.json").read_text())
+    meta["mask_digest"] = "0" * 64
+    (tmp_path / "c.json").write_text(json.dumps(meta))
+    with pytest.raises(FedSMSError, match="does not match the digest"):
+        load_checkpoint(tmp_path / "c")
+    with pytest.raises(FedSMSError, match="is missing"):
+        load_checkpoint(tmp_path / "nothing")
+    outside = {k: v.clone() for k, v in state.items()}
+    name = next(iter(mask))
+    outside[name][~mask[name]] = 1.0
+    save_checkpoint(tmp_path / "d", state, mask, {})
+    from safetensors.torch import save_file
+
+    save_file(outside, tmp_path / "d.safetensors")
+    with pytest.raises(FedSMSError, match="modified after saving"):
+        load_checkpoint(tmp_path / "d")
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporary files

@@ -29,7 +29,7 @@ from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedsms.config import RunConfig
 from fedsms.data import DatasetSplits, load_dataset
 from fedsms.evaluate import ensemble_metrics, evaluate, evaluate_ood
-from fedsms.masks import Mask, compute_mask, dense_mask, mask_digest, prunable_names, sparsity, sparsity_after_phase
+from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, prune_state, sparsity, sparsity_after_phase
 from fedsms.norms import recalibrate_norms
 from fedsms.recipe import for_phase
 from fedsms.soup import average, greedy_soup
@@ -113,12 +113,7 @@ class LocalRun:
         for phase in range(1, config.phases + 1):
             started = time.perf_counter()
             target = sparsity_after_phase(config.target_sparsity, config.phases, phase)
-            self.model.load_state_dict(state)
-            mask = compute_mask(
-                dict(self.model.named_parameters()), mask, target, method=config.pruning,
-                generator=torch.Generator().manual_seed(config.seed * 1000 + phase),
-            )
-            state = {k: v * mask[k].to(v.dtype) if k in mask else v for k, v in state.items()}
+            state, mask = prune_state(state, mask, target, method=config.pruning, seed=config.seed * 1000 + phase)
             many = method in ("imp-best", "sms") or (method == "imp-avg" and phase == config.phases)
             configs = [for_phase(c, phase) for c in (self.candidate_configs if many else self.candidate_configs[:1])]
             label = f"[{method}] phase {phase}/{config.phases} sparsity {sparsity(mask):.2%}"

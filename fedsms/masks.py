@@ -108,6 +108,15 @@ def compute_mask(
     return dict(zip(names, (chunk.view_as(old_mask[n]) for n, chunk in zip(names, _split(new_flat, old_mask)))))
 
 
+def prune_state(
+    state: Mapping[str, torch.Tensor], old_mask: Mask, sparsity: float, *, method: str = "global", seed: int = 0
+) -> tuple[dict[str, torch.Tensor], Mask]:
+    """One prune step of IMP on a state dict: the next mask at ``sparsity`` and the state
+    with everything outside it set to zero."""
+    new = compute_mask(state, old_mask, sparsity, method=method, generator=torch.Generator().manual_seed(seed))
+    return {k: v * new[k].to(v.dtype) if k in new else v for k, v in state.items()}, new
+
+
 def _scores(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """|w| in float64 on the CPU; already pruned entries score -1 so they are never kept."""
     return weight.detach().to("cpu", torch.float64).abs().masked_fill(~keep.cpu(), -1.0)

@@ -30,7 +30,7 @@ from fedsms.checkpoint import save_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.data import DatasetSplits
 from fedsms.evaluate import evaluate, evaluate_ood
-from fedsms.masks import Mask, compute_mask, mask_digest, prunable_names, dense_mask, sparsity, sparsity_after_phase
+from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, prune_state, sparsity, sparsity_after_phase
 from fedsms.norms import NormStatsAverage, norm_layers, recalibrate_norms
 from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.soup import RunningAverage, greedy_soup
@@ -277,13 +277,9 @@ class SparseSoupStrategy(Strategy):
 
     def _prune_for(self, phase: int) -> None:
         target = sparsity_after_phase(self.run.target_sparsity, self.run.phases, phase)
-        self.model.load_state_dict(self.soup)
-        self.mask = compute_mask(
-            dict(self.model.named_parameters()), self.mask, target, method=self.run.pruning,
-            generator=torch.Generator().manual_seed(self.run.seed * 1000 + phase),
-        )
+        self.soup, self.mask = prune_state(self.soup, self.mask, target, method=self.run.pruning,
+                                           seed=self.run.seed * 1000 + phase)
         self.digest = mask_digest(self.mask)
-        self.soup = {k: v * self.mask[k].to(v.dtype) if k in self.mask else v for k, v in self.soup.items()}
         self.log(f"phase {phase}: pruned to {sparsity(self.mask):.4%} sparsity (mask {self.digest[:12]})")
 
     def _finish_phase(self, server_round: int, grid: Grid) -> None:

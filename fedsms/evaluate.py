@@ -156,23 +156,6 @@ def ensemble_logits(
     return torch.logsumexp(log_probs, dim=0) - math.log(len(models))
 
 
-def ensemble_ood(
-    models: Sequence[nn.Module],
-    data: ArrayData,
-    corruptions: Sequence[str] = CORRUPTIONS,
-    severities: Sequence[int] = SEVERITIES,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    max_examples: int | None = None,
-) -> dict:
-    """``evaluate_ood`` for the prediction ensemble of ``models``."""
-    return _ood(
-        lambda d, c: ensemble_logits(models, d, batch_size, device, corruption=c, seed=seed),
-        data, corruptions, severities, max_examples,
-    )
-
-
 def ensemble_metrics(
     models: Sequence[nn.Module],
     data: ArrayData,
@@ -187,5 +170,8 @@ def ensemble_metrics(
     """The prediction ensemble (mean of softmax probabilities): {"accuracy", "loss", "ece"}
     on clean ``data``, or with ``ood=True`` the ``evaluate_ood`` dict under corruptions."""
     if ood:
-        return ensemble_ood(models, data, corruptions, severities, batch_size, device, seed, max_examples)
+        return _ood(
+            lambda d, c: ensemble_logits(models, d, batch_size, device, corruption=c, seed=seed),
+            data, corruptions, severities, max_examples,
+        )
     return metrics_from_logits(ensemble_logits(models, data, batch_size, device), data.labels)

@@ -10,7 +10,6 @@ from fedsms.data.arrays import ArrayData
 from fedsms.evaluate import (
     ensemble_logits,
     ensemble_metrics,
-    ensemble_ood,
     evaluate,
     evaluate_ood,
     metrics_from_logits,
@@ -205,7 +204,6 @@ def test_ensemble_of_identical_models_equals_the_model(digits):
     ensemble_ood_ = ensemble_metrics([model, model], digits, ood=True, **kwargs)
     assert ensemble_ood_["per_corruption"] == single_ood["per_corruption"]
     assert ensemble_ood_["ood_ece"] == pytest.approx(single_ood["ood_ece"], abs=1e-5)
-    assert ensemble_ood(models=[model], data=digits, **kwargs) == ensemble_metrics([model], digits, ood=True, **kwargs)
 
 
 def test_ensemble_averages_probabilities(digits):

@@ -37,9 +37,12 @@ def plot_results(rows: list[dict], out_dir: str | Path) -> list[Path]:
         for method in methods_in(rows):
             keys = sorted(k for k in ood if k[0] == method)
             if keys:
-                ax.plot([100 * mean_std(acc[k])[0] for k in keys], [100 * mean_std(ood[k])[0] for k in keys],
-                        marker="o", label=method)
-        ax.set(xlabel="test accuracy (%)", ylabel="OOD accuracy (%)", title="In-distribution vs OOD (each point a phase)")
+                xs = [100 * mean_std(acc[k])[0] for k in keys]
+                ys = [100 * mean_std(ood[k])[0] for k in keys]
+                ax.plot(xs, ys, marker="o", ls=":", label=method)
+                for (_, phase), x, y in zip(keys, xs, ys):
+                    ax.annotate(str(phase), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set(xlabel="test accuracy (%)", ylabel="OOD accuracy (%)", title="In-distribution vs OOD (numbers: phase)")
         ax.legend()
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / "id_vs_ood.png"))

@@ -54,6 +54,8 @@ CONFIG_HELP = {
     "recalibration": "norm statistics re-estimated on the server's data or by the clients",
     "server_data": "the server holds the data set (central evaluation, recalibration, greedy)",
     "round_timeout": "seconds to wait for the replies of a round",
+    "round_retries": "times a round is sent again when too few valid replies came back",
+    "resume": "continue from the last round checkpoint in --out-dir",
 }
 
 
@@ -62,7 +64,9 @@ def add_config_options(parser: argparse.ArgumentParser, defaults) -> None:
     for field in fields(defaults):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        parser.add_argument(flag, dest=field.name, default=None, metavar=field.type.upper(),
+        # A bare boolean flag (``--resume``) means true; ``--ood false`` still works.
+        switch = {"nargs": "?", "const": "true"} if field.type == "bool" else {}
+        parser.add_argument(flag, dest=field.name, default=None, metavar=field.type.upper(), **switch,
                             help=f"{CONFIG_HELP.get(field.name, '')} (default: {default!r})")
 
 
@@ -99,16 +103,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     overrides = config_overrides(args, RunConfig()) | config_overrides(args, FederationConfig())
     overrides.setdefault("out_dir", "runs/simulate")
-    if (Path(overrides["out_dir"]) / "rounds.jsonl").exists():
-        raise FedSMSError(f"{Path(overrides['out_dir']) / 'rounds.jsonl'} already exists; pass another --out-dir or remove it")
-    split_config(overrides)
+    _, fed = split_config(overrides)
+    check_out_dir(Path(overrides["out_dir"]), fed.resume)
     # Flower is imported only here: the library itself never needs it.
     from fedsms_server.simulation import simulate
 
     simulate(overrides, args.num_clients, cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
+    stopped = json.loads((Path(overrides["out_dir"]) / "summary.json").read_text()).get("stopped")
+    if stopped:
+        raise FedSMSError(f"the job stopped early: {stopped}")
     if args.baselines:
         compare_with_local(overrides, args.baselines)
     return 0
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """A new job must not mix its results with an old one's; a resumed job needs one."""
+    if resume and not (out / "checkpoints" / "soup.json").is_file():
+        raise FedSMSError(f"--resume needs a round checkpoint in {out / 'checkpoints'}; pass the --out-dir of the interrupted job")
+    if not resume and (out / "rounds.jsonl").exists():
+        raise FedSMSError(f"{out / 'rounds.jsonl'} already exists; pass another --out-dir, remove it, or add --resume")
 
 
 def compare_with_local(overrides: dict, methods: str) -> None:

@@ -160,6 +160,8 @@ class FederationConfig:
     recalibration: str = "server"  # server-held data, or a federated norm-statistics round
     server_data: bool = True  # the server holds the data set: central evaluation, recalibration, greedy soup
     round_timeout: float = 600.0
+    round_retries: int = 1  # times a round is sent again when too few valid replies came back
+    resume: bool = False  # continue from the last round checkpoint in out-dir
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -177,6 +179,7 @@ class FederationConfig:
         need(self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {', '.join(VALUE_DTYPES)}")
         need(self.recalibration in RECALIBRATIONS, "recalibration", f"must be one of {', '.join(RECALIBRATIONS)}")
         need(self.round_timeout > 0, "round_timeout", "must be positive")
+        need(self.round_retries >= 0, "round_retries", "must be at least 0")
 
 
 def split_config(values: Mapping[str, Any]) -> tuple[RunConfig, FederationConfig]:

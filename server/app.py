@@ -19,13 +19,13 @@ from fedsms.models import build_for
 from fedsms.plots import plot_results
 from fedsms.report import final_table, phase_table
 
-from fedsms_server.strategy import SparseSoupStrategy
+from fedsms_server.strategy import RoundFailed, SparseSoupStrategy
 
 
 
-def build_strategy(run: RunConfig, fed: FederationConfig, log=print) -> tuple[SparseSoupStrategy, dict]:
-    """The strategy and its initial state: the init checkpoint, or a seeded fresh model
-    that the dense pretraining rounds train."""
+def build_strategy(run: RunConfig, fed: FederationConfig, log=print) -> SparseSoupStrategy:
+    """The strategy, starting from the init checkpoint or a seeded fresh model that the
+    dense pretraining rounds train; or, with ``resume``, from the last round checkpoint."""
     splits = load_dataset(run.dataset, data_dir=run.data_dir or None, heldout_fraction=run.heldout_fraction, seed=run.seed)
     torch.manual_seed(run.seed)
     model = build_for(run.model, splits)
@@ -37,7 +37,9 @@ def build_strategy(run: RunConfig, fed: FederationConfig, log=print) -> tuple[Sp
         raise FedSMSError("pretrain-rounds is 0 and no init-checkpoint was given; set one of them")
     strategy = SparseSoupStrategy(run, fed, model, server_data=splits if fed.server_data else None,
                                   out_dir=run.out_dir, log=log)
-    return strategy, model.state_dict()
+    if fed.resume:
+        strategy.restore(load_checkpoint(Path(run.out_dir) / "checkpoints" / "soup"))
+    return strategy
 
 
 def phase_rows(strategy: SparseSoupStrategy) -> list[dict]:
@@ -52,7 +54,7 @@ def phase_rows(strategy: SparseSoupStrategy) -> list[dict]:
     return rows
 
 
-def write_outputs(strategy: SparseSoupStrategy) -> Path:
+def write_outputs(strategy: SparseSoupStrategy, stopped: str = "") -> Path:
     out = Path(strategy.run.out_dir)
     strategy.model.load_state_dict(strategy.soup)
     final = export_model(out / "final_model", strategy.model)
@@ -69,6 +71,7 @@ def write_outputs(strategy: SparseSoupStrategy) -> Path:
         "bytes_down": sum(r.bytes_down for r in strategy.rounds),
         "bytes_up": sum(r.bytes_up for r in strategy.rounds),
         "final_model": str(final),
+        "stopped": stopped,  # why the job ended early; empty when every round ran
     }, indent=2))
     return out
 
@@ -81,13 +84,18 @@ def make_server_app(defaults: Mapping | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run, fed = split_config({**defaults, **dict(context.run_config)})
-        strategy, initial = build_strategy(run, fed)
-        strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=strategy.num_rounds,
-            timeout=fed.round_timeout, evaluate_fn=strategy.evaluate_round,
-        )
-        out = write_outputs(strategy)
-        print(f"fedsms: job finished; results in {out.resolve()}")
+        strategy = build_strategy(run, fed)
+        stopped = ""
+        try:
+            strategy.start(
+                grid=grid, initial_arrays=ArrayRecord(strategy.soup), num_rounds=strategy.rounds_left,
+                timeout=fed.round_timeout, evaluate_fn=strategy.evaluate_round,
+            )
+        except RoundFailed as error:  # the completed rounds stay checkpointed; --resume continues
+            stopped = str(error)
+            print(f"fedsms: job stopped: {stopped}")
+        out = write_outputs(strategy, stopped)
+        print(f"fedsms: job {'stopped' if stopped else 'finished'}; results in {out.resolve()}")
 
     return app
 

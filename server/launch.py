@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from fedsms import FedSMSError
-from fedsms.cli import add_config_options, config_overrides, run_command
+from fedsms.cli import add_config_options, check_out_dir, config_overrides, run_command
 from fedsms.config import FederationConfig, RunConfig, split_config
 
 from fedsms_server.deployment import (
@@ -86,7 +86,8 @@ def serve(args: argparse.Namespace) -> int:
     overrides["out_dir"] = str(Path(overrides.get("out_dir", "runs/server")).resolve())  # the ServerApp runs elsewhere
     if overrides.get("data_dir"):
         overrides["data_dir"] = str(Path(overrides["data_dir"]).resolve())
-    split_config(overrides)
+    _, fed = split_config(overrides)
+    check_out_dir(Path(overrides["out_dir"]), fed.resume)
     flags, root_cert = security_flags(args)
     home = Path(args.flwr_home or tempfile.mkdtemp(prefix="fedsms-server-"))
     env = flower_env(home)
@@ -131,8 +132,20 @@ def follow(app: Path, overrides: dict, env: dict, superlink: subprocess.Popen) -
     if status["status"] != "finished:completed":
         print(f"fedsms-server: job {run_id} ended as {status['status']}: {status.get('status-details', '')}", file=sys.stderr)
         return 1
+    stopped = stop_reason(Path(out_dir))
+    if stopped:
+        print(f"fedsms-server: job {run_id} stopped early: {stopped}", file=sys.stderr)
+        return 1
     print(f"fedsms-server: job {run_id} completed; results in {out_dir}")
     return 0
+
+
+def stop_reason(out_dir: Path) -> str:
+    """Why the ServerApp ended the job early (its summary says), or "" when it ran to the end."""
+    try:
+        return json.loads((out_dir / "summary.json").read_text()).get("stopped", "")
+    except (OSError, ValueError):
+        return "the job wrote no summary.json"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from fedsms import codec
-from fedsms.checkpoint import save_checkpoint
+from fedsms import FedSMSError, codec
+from fedsms.checkpoint import Checkpoint, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.data import DatasetSplits
 from fedsms.evaluate import evaluate, evaluate_ood
@@ -44,6 +44,17 @@ NORM_STATS = "query.norm_stats"  # message type of the federated recalibration r
 
 
 MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
+
+# Config keys a resumed job may change: where things live and how patient the server is.
+# Every other key shapes the soup, so a checkpoint written under another value is refused.
+RESUMABLE_CHANGES = frozenset({
+    "out_dir", "data_dir", "device", "workers", "round_timeout", "round_retries", "resume",
+    "min_available_clients", "min_train_clients", "fraction_evaluate",
+})
+
+
+class RoundFailed(FedSMSError):
+    """Too few valid replies after every retry: the job stops at the last completed round."""
 
 
 @dataclass
@@ -110,7 +121,12 @@ class SparseSoupStrategy(Strategy):
         self.rounds: list[RoundLog] = []
         self._current: RoundLog | None = None
         self._kept_candidates: list[dict[str, torch.Tensor]] = []
+        self._candidate_of_node: dict[int, int] = {}
+        self._grid: Grid | None = None
         self._started = time.perf_counter()
+        # Flower numbers the rounds of each start() from 1; a resumed job continues after
+        # the checkpoint's round, so every Flower round is shifted by the rounds already done.
+        self.round_offset = 0
 
     # ---- schedule --------------------------------------------------------------------
 
@@ -132,7 +148,36 @@ class SparseSoupStrategy(Strategy):
         phase, r = self.phase_at(server_round)
         return r == (self.fed.rounds_per_phase if phase else self.fed.pretrain_rounds)
 
-    # ---- Strategy ----------------------------------------------------------------------
+    @property
+    def rounds_left(self) -> int:
+        return self.num_rounds - self.round_offset
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from a round checkpoint written by ``save_checkpoint`` under the same config."""
+        meta = checkpoint.metadata
+        saved = meta.get("config", {})
+        mine = {**self.run.to_dict(), **self.fed.__dict__}
+        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        if changed:
+            shown = ", ".join(f"{k.replace('_', '-')}={saved.get(k)!r} (now {mine[k]!r})" for k in changed[:4])
+            raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
+                              "resume with the same settings or start a new job in another --out-dir")
+        if set(checkpoint.state) != set(self.soup) or any(checkpoint.state[k].shape != v.shape for k, v in self.soup.items()):
+            raise FedSMSError(f"the checkpoint does not fit model {self.run.model!r}; resume with the model it was written for")
+        done = int(meta["server_round"])
+        if not 1 <= done <= self.num_rounds:
+            raise FedSMSError(f"the checkpoint is of round {done}, outside this job's {self.num_rounds} rounds; start a new job")
+        self.soup = {k: v.clone() for k, v in checkpoint.state.items()}
+        self.mask = {k: v.clone() for k, v in checkpoint.mask.items()}
+        self.digest = mask_digest(self.mask)
+        self.rounds = [RoundLog(**log) for log in meta.get("rounds", [])]
+        self.round_offset = done
+        # rounds.jsonl may hold a line for a round whose checkpoint never landed: that round reruns.
+        self._write_round_lines()
+        self.log(f"resumed after round {done} (phase {self.phase_at(done)[0]}, sparsity {sparsity(self.mask):.2%}); "
+                 f"{self.rounds_left} rounds left")
+
+    # ---- Strategy (Flower's round numbers are shifted by ``round_offset``) ---------------
 
     def summary(self) -> None:
         self.log(
@@ -154,12 +199,23 @@ class SparseSoupStrategy(Strategy):
         return codec.encode(self.soup, self.mask, phase=self.phase_at(server_round)[0], round=server_round,
                             kind="soup", value_dtype=self.fed.value_dtype, include_mask=True)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, flower_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round = flower_round + self.round_offset
+        self._grid = grid
         payload = self.begin_round(server_round)
+        messages = self._train_messages(server_round, payload)
         phase, r = self.phase_at(server_round)
-        nodes = self._sample(grid, self.fed.min_train_clients)
+        self.log(f"round {server_round}: phase {phase} round {r}, sparsity {sparsity(self.mask):.2%}, "
+                 f"{len(messages)} clients, {len(payload)} bytes each")
+        return messages
+
+    def _train_messages(self, server_round: int, payload: bytes) -> list[Message]:
+        """One message per client, each with its own candidate's hyperparameters."""
+        phase, _ = self.phase_at(server_round)
+        nodes = self._sample(self._grid, self.fed.min_train_clients)
         self._current.clients = len(nodes)
-        self._current.bytes_down = len(payload) * len(nodes)
+        self._current.bytes_down += len(payload) * len(nodes)
+        self._candidate_of_node = {node: i for i, node in enumerate(nodes)}
         messages = []
         for i, node in enumerate(nodes):
             candidate = self._candidate_for(i, phase, server_round)
@@ -171,14 +227,27 @@ class SparseSoupStrategy(Strategy):
                 }),
             })
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
-        self.log(f"round {server_round}: phase {phase} round {r}, sparsity {sparsity(self.mask):.2%}, "
-                 f"{len(nodes)} clients, {len(payload)} bytes each")
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, flower_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the valid replies; with fewer than ``min-train-clients`` of them, send the
+        round again (``round-retries`` times), then stop the job at the last completed round."""
+        server_round = flower_round + self.round_offset
         updates = [unpack_reply(reply) for reply in replies]
-        metrics = self.aggregate_updates(server_round, updates)
-        return ArrayRecord(self.soup), (MetricRecord(metrics) if metrics else None)
+        for retry in range(self.fed.round_retries + 1):
+            metrics = self.aggregate_updates(server_round, updates)
+            if self._current.accepted >= self.fed.min_train_clients:
+                return ArrayRecord(self.soup), MetricRecord(metrics)
+            if retry == self.fed.round_retries:
+                break
+            self.log(f"round {server_round}: retrying ({retry + 1} of {self.fed.round_retries})")
+            messages = self._train_messages(server_round, self.soup_payload(server_round))
+            updates = [unpack_reply(reply) for reply in self._grid.send_and_receive(messages, timeout=self.fed.round_timeout)]
+        raise RoundFailed(
+            f"round {server_round} got {self._current.accepted} valid replies after {self.fed.round_retries} "
+            f"retries, fewer than min-train-clients={self.fed.min_train_clients}; start more clients or lower "
+            "min-train-clients, then rerun with --resume to continue from the last completed round"
+        )
 
     def aggregate_updates(self, server_round: int, updates: list[Update]) -> dict[str, float]:
         """Stream every valid update into the masked average; the soup becomes that average.
@@ -188,6 +257,8 @@ class SparseSoupStrategy(Strategy):
         keep = self.run.merge == "greedy" and phase >= 1 and self.ends_phase(server_round) and self.server_data
         self._kept_candidates = []
         log = self._current
+        # Candidate order, not arrival order: the float sum, hence the soup, is then reproducible.
+        updates = sorted(updates, key=lambda u: self._candidate_of_node.get(u.node, len(self._candidate_of_node)))
         for update in updates:
             try:
                 decoded = self._decode_update(update, phase, server_round)
@@ -205,14 +276,15 @@ class SparseSoupStrategy(Strategy):
         if average.count < self.fed.min_train_clients:
             self.log(
                 f"round {server_round}: only {average.count} valid replies (min-train-clients is "
-                f"{self.fed.min_train_clients}); the soup stays as it was this round"
+                f"{self.fed.min_train_clients}); the soup stays as it was"
             )
             return {}
         self.soup = codec.state_from_values(average.mean(), self.mask, self.soup)
         log.train = {k: float(v) for k, v in metrics.mean().items()}
         return log.train
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, flower_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round = flower_round + self.round_offset
         if self.ends_phase(server_round):
             self._finish_phase(server_round, grid)
         if self.fed.fraction_evaluate == 0:
@@ -230,7 +302,8 @@ class SparseSoupStrategy(Strategy):
             for node in sorted(available)[:count]
         ]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(self, flower_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round = flower_round + self.round_offset
         totals, examples = {}, 0
         for reply in replies:
             if reply.has_error():
@@ -249,9 +322,9 @@ class SparseSoupStrategy(Strategy):
 
     # ---- centralised evaluation: Flower calls it last in every round --------------------
 
-    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """evaluate_fn: evaluates the strategy's own soup (already recalibrated) on the
-        server's test data, and writes the round's JSON line."""
+        server's test data, writes the round's JSON line and checkpoints the round."""
         result = None
         if self.server_data is not None:
             self.model.load_state_dict(self.soup)
@@ -260,8 +333,9 @@ class SparseSoupStrategy(Strategy):
                 ood = evaluate_ood(self.model, self.server_data.test.head(self.run.ood_examples), seed=self.run.seed)
                 metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
             result = MetricRecord({k: float(v) for k, v in metrics.items()})
-        if server_round == 0:
+        if flower_round == 0:  # Flower's look at the initial arrays, before any round
             return result
+        server_round = flower_round + self.round_offset
         log = self._current
         log.central_eval = dict(result) if result is not None else {}
         log.seconds = round(time.perf_counter() - self._started, 3)
@@ -272,6 +346,10 @@ class SparseSoupStrategy(Strategy):
             f.write(json.dumps(log.__dict__) + "\n")
         self.save_checkpoint(server_round)
         return result
+
+    def _write_round_lines(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "rounds.jsonl").write_text("".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
 
     # ---- phase machinery ---------------------------------------------------------------
 
@@ -371,4 +449,5 @@ class SparseSoupStrategy(Strategy):
             "phase": phase, "round_in_phase": r, "server_round": server_round, "model": self.run.model,
             "dataset": self.run.dataset, "config": {**self.run.to_dict(), **self.fed.__dict__},
             "metrics": self.rounds[-1].central_eval if self.rounds else {},
+            "rounds": [log.__dict__ for log in self.rounds],  # the history a resumed job continues
         })

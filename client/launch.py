@@ -63,11 +63,13 @@ def security_flags(args: argparse.Namespace) -> list[str]:
     elif args.root_certificates:
         if not Path(args.root_certificates).is_file():
             raise FedSMSError(f"certificate file {args.root_certificates} does not exist; pass the right path")
-        flags = ["--root-certificates", args.root_certificates]
+        flags = ["--root-certificates", str(Path(args.root_certificates).resolve())]  # the SuperNode runs in its own folder
     else:
         raise FedSMSError("pass --root-certificates CA.pem for TLS, or --insecure explicitly")
     if args.auth_key:
-        flags += ["--auth-supernode-private-key", args.auth_key]
+        if not Path(args.auth_key).is_file():
+            raise FedSMSError(f"key file {args.auth_key} does not exist; pass the right path")
+        flags += ["--auth-supernode-private-key", str(Path(args.auth_key).resolve())]
     return flags
 
 

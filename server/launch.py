@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--enable-supernode-auth", action="store_true",
                           help="only registered clients may join (register keys with --authorized-key)")
     security.add_argument("--authorized-key", action="append", default=[],
-                          help="public key (OpenSSH ecdsa) of a client allowed to join; repeat per client")
+                          help="public key file (OpenSSH ecdsa, e.g. from ssh-keygen -t ecdsa -b 384) of a client "
+                               "allowed to join; repeat per client")
     parser.add_argument("--flwr-home", help="Flower state folder (default: a fresh temporary one)")
     add_config_options(parser, RunConfig())
     add_config_options(parser, FederationConfig())
@@ -61,10 +62,16 @@ def security_flags(args: argparse.Namespace) -> tuple[list[str], str | None]:
     for path in certs:
         if not Path(path).is_file():
             raise FedSMSError(f"certificate file {path} does not exist; pass the right path")
+    certs = [str(Path(path).resolve()) for path in certs]  # the SuperLink runs in its own folder
     flags = ["--ssl-ca-certfile", certs[0], "--ssl-certfile", certs[1], "--ssl-keyfile", certs[2]]
+    if args.authorized_key and not args.enable_supernode_auth:
+        raise FedSMSError("--authorized-key needs --enable-supernode-auth; add it, or drop the keys")
+    for key in args.authorized_key:
+        if not Path(key).is_file():
+            raise FedSMSError(f"key file {key} does not exist; pass the right path")
     if args.enable_supernode_auth:
         flags.append("--enable-supernode-auth")
-    return flags, str(Path(certs[0]).resolve())
+    return flags, certs[0]
 
 
 def flwr(args: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
@@ -103,7 +110,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         wait_until_reachable("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, 60, "the SuperLink")
         for key in args.authorized_key:
-            registered = flwr(["supernode", "register", key, CONNECTION], env)
+            registered = flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env)
             if registered.returncode != 0:
                 raise FedSMSError(f"could not register client key {key}: {registered.stdout.strip() or registered.stderr.strip()}")
         return follow(app, overrides, env, superlink)

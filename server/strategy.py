@@ -67,8 +67,10 @@ class Update:
     error: str | None = None  # why the reply is unusable, before decoding
 
 
-def unpack_reply(reply: Message) -> Update:
-    node = reply.metadata.src_node_id
+def unpack_reply(reply: Message, node_of_message: dict[str, int] | None = None) -> Update:
+    """``node_of_message`` maps sent message ids to their clients: the SuperLink itself
+    answers for a client that stopped sending heartbeats, under its own node id."""
+    node = (node_of_message or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
     if reply.has_error():
         return Update(node, error=f"the client failed: {reply.error.reason}")
     try:
@@ -122,6 +124,7 @@ class SparseSoupStrategy(Strategy):
         self._current: RoundLog | None = None
         self._kept_candidates: list[dict[str, torch.Tensor]] = []
         self._candidate_of_node: dict[int, int] = {}
+        self._sent: list[Message] = []
         self._grid: Grid | None = None
         self._started = time.perf_counter()
         # Flower numbers the rounds of each start() from 1; a resumed job continues after
@@ -164,13 +167,19 @@ class SparseSoupStrategy(Strategy):
                               "resume with the same settings or start a new job in another --out-dir")
         if set(checkpoint.state) != set(self.soup) or any(checkpoint.state[k].shape != v.shape for k, v in self.soup.items()):
             raise FedSMSError(f"the checkpoint does not fit model {self.run.model!r}; resume with the model it was written for")
-        done = int(meta["server_round"])
+        done, history = meta.get("server_round"), meta.get("rounds")
+        if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise FedSMSError("the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
+                              "it is not a fedsms server checkpoint, start a new job in another --out-dir")
         if not 1 <= done <= self.num_rounds:
             raise FedSMSError(f"the checkpoint is of round {done}, outside this job's {self.num_rounds} rounds; start a new job")
         self.soup = {k: v.clone() for k, v in checkpoint.state.items()}
         self.mask = {k: v.clone() for k, v in checkpoint.mask.items()}
         self.digest = mask_digest(self.mask)
-        self.rounds = [RoundLog(**log) for log in meta.get("rounds", [])]
+        try:
+            self.rounds = [RoundLog(**log) for log in history]
+        except TypeError as error:
+            raise FedSMSError(f"the checkpoint's round history does not fit this fedsms ({error}); start a new job") from None
         self.round_offset = done
         # rounds.jsonl may hold a line for a round whose checkpoint never landed: that round reruns.
         self._write_round_lines()
@@ -227,14 +236,16 @@ class SparseSoupStrategy(Strategy):
                 }),
             })
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self._sent = messages
         return messages
 
     def aggregate_train(self, flower_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the valid replies; with fewer than ``min-train-clients`` of them, send the
         round again (``round-retries`` times), then stop the job at the last completed round."""
         server_round = flower_round + self.round_offset
-        updates = [unpack_reply(reply) for reply in replies]
+        updates = [unpack_reply(reply, self._node_of_message()) for reply in replies]
         for retry in range(self.fed.round_retries + 1):
+            self._log_missing(server_round, updates)
             metrics = self.aggregate_updates(server_round, updates)
             if self._current.accepted >= self.fed.min_train_clients:
                 return ArrayRecord(self.soup), MetricRecord(metrics)
@@ -242,12 +253,26 @@ class SparseSoupStrategy(Strategy):
                 break
             self.log(f"round {server_round}: retrying ({retry + 1} of {self.fed.round_retries})")
             messages = self._train_messages(server_round, self.soup_payload(server_round))
-            updates = [unpack_reply(reply) for reply in self._grid.send_and_receive(messages, timeout=self.fed.round_timeout)]
+            replies = self._grid.send_and_receive(messages, timeout=self.fed.round_timeout)
+            updates = [unpack_reply(reply, self._node_of_message()) for reply in replies]
         raise RoundFailed(
             f"round {server_round} got {self._current.accepted} valid replies after {self.fed.round_retries} "
             f"retries, fewer than min-train-clients={self.fed.min_train_clients}; start more clients or lower "
             "min-train-clients, then rerun with --resume to continue from the last completed round"
         )
+
+    def _node_of_message(self) -> dict[str, int]:
+        # The Grid gives each message its id when it sends it.
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+
+    def _log_missing(self, server_round: int, updates: list[Update]) -> None:
+        """Clients that were sent the round but did not answer in time (dead or straggling)."""
+        answered = {update.node for update in updates}
+        for node in self._candidate_of_node:
+            if node not in answered:
+                reason = f"no reply within round-timeout ({self.fed.round_timeout:g} s)"
+                self._current.rejected[node] = reason
+                self.log(f"round {server_round}: node {node}: {reason}")
 
     def aggregate_updates(self, server_round: int, updates: list[Update]) -> dict[str, float]:
         """Stream every valid update into the masked average; the soup becomes that average.

@@ -18,6 +18,23 @@ def test_server_refuses_missing_certificates_and_bad_config(capsys, tmp_path):
     assert "'target-sparsity' must be in [0, 1)" in capsys.readouterr().err
 
 
+def test_server_checks_node_authentication_and_resume(capsys, tmp_path):
+    for name in ("ca.crt", "server.pem", "server.key", "client.pub"):
+        (tmp_path / name).write_text("x")
+    tls = ["--ssl-ca-certfile", str(tmp_path / "ca.crt"), "--ssl-certfile", str(tmp_path / "server.pem"),
+           "--ssl-keyfile", str(tmp_path / "server.key")]
+    assert server_launch.main([*tls, "--authorized-key", str(tmp_path / "client.pub")]) == 2
+    assert "--authorized-key needs --enable-supernode-auth" in capsys.readouterr().err
+    assert server_launch.main([*tls, "--enable-supernode-auth", "--authorized-key", str(tmp_path / "nope.pub")]) == 2
+    assert "key file" in capsys.readouterr().err
+    assert server_launch.main(["--insecure", "--resume", "--out-dir", str(tmp_path / "fresh")]) == 2
+    assert "--resume needs a round checkpoint" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "rounds.jsonl").write_text("{}\n")
+    assert server_launch.main(["--insecure", "--out-dir", str(tmp_path / "old")]) == 2
+    assert "or add --resume" in capsys.readouterr().err
+
+
 def test_client_checks_its_arguments(capsys):
     base = ["--server", "127.0.0.1:1", "--num-partitions", "2"]
     assert client_launch.main([*base, "--partition-id", "0"]) == 2
@@ -26,6 +43,8 @@ def test_client_checks_its_arguments(capsys):
     assert "--partition-id 5 must be in [0, 2)" in capsys.readouterr().err
     assert client_launch.main(["--server", "nohost", "--num-partitions", "2", "--partition-id", "0", "--insecure"]) == 2
     assert "not HOST:PORT" in capsys.readouterr().err
+    assert client_launch.main([*base, "--partition-id", "0", "--insecure", "--auth-key", "missing.key"]) == 2
+    assert "key file missing.key does not exist" in capsys.readouterr().err
 
 
 def test_client_gives_up_on_an_absent_server(capsys):

@@ -80,6 +80,9 @@ def read_status(path: Path) -> dict:
         return {}
 
 
+NOT_ADMITTED = 305  # Flower's SuperNode exit code when the SuperLink refuses to activate it
+
+
 def join(args: argparse.Namespace) -> int:
     host, port = split_address(args.server)
     flags = security_flags(args)
@@ -89,20 +92,32 @@ def join(args: argparse.Namespace) -> int:
     config = node_config(args, status_file)
     wait_until_reachable(host, port, args.connect_timeout, "fedsms-server")
     print(f"fedsms-client {args.partition_id}: joining {args.server} (log: {home / 'supernode.log'})")
-    with open(home / "supernode.log", "w") as log:
-        supernode = subprocess.Popen(
-            [flower_bin("flower-supernode"), *flags, "--superlink", args.server, "--port", str(args.port or free_port()),
-             "--node-config", config, "--max-wait-time", str(args.connect_timeout)],
-            env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, cwd=home,
-        )
-    try:
-        return watch(supernode, status_file, host, port, args)
-    finally:
-        stop(supernode)
+    # With node authentication the server registers the clients' keys just after its
+    # SuperLink opens, so a client that is quicker than that is refused at first: retry.
+    deadline = time.monotonic() + args.connect_timeout
+    while True:
+        with open(home / "supernode.log", "a") as log:
+            supernode = subprocess.Popen(
+                [flower_bin("flower-supernode"), *flags, "--superlink", args.server, "--port", str(args.port or free_port()),
+                 "--node-config", config, "--max-wait-time", str(args.connect_timeout)],
+                env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            )
+        try:
+            code = watch(supernode, status_file, host, port, args)
+        finally:
+            stop(supernode)
+        if code != NOT_ADMITTED:
+            return code
+        if time.monotonic() > deadline:
+            print(f"fedsms-client {args.partition_id}: the server refused this client for {args.connect_timeout:g} s; "
+                  "is its public key registered with --authorized-key?", file=sys.stderr)
+            return 1
+        time.sleep(2)
 
 
 def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, args: argparse.Namespace) -> int:
-    """Until the server is gone: then done if the last round was handled, else an error."""
+    """Until the server is gone: then done if the last round was handled, else an error.
+    ``NOT_ADMITTED`` when the SuperLink refused the SuperNode before any round."""
     seen_round = 0
     while True:
         status = read_status(status_file)
@@ -117,6 +132,8 @@ def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, 
                   f"(last handled: round {seen_round})", file=sys.stderr)
             return 1
         if supernode.poll() is not None:
+            if supernode.returncode == NOT_ADMITTED and not seen_round:
+                return NOT_ADMITTED
             print(f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode}; "
                   f"see {status_file.parent / 'supernode.log'}", file=sys.stderr)
             return 1

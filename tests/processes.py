@@ -30,9 +30,10 @@ def start_server(tmp_path: Path, port: int, out: Path, *extra: str, clients: int
                   "--flwr-home", str(tmp_path / "server-home"), "--out-dir", str(out), *JOB, *extra])
 
 
-def start_client(tmp_path: Path, port: int, index: int, total: int, home: str = "", security=("--insecure",)) -> subprocess.Popen:
+def start_client(tmp_path: Path, port: int, index: int, total: int, home: str = "", security=("--insecure",),
+                 *extra: str) -> subprocess.Popen:
     return start([venv_bin("fedsms-client"), *security, "--server", f"127.0.0.1:{port}", "--partition-id", str(index),
-                  "--num-partitions", str(total), "--flwr-home", str(tmp_path / (home or f"client{index}-home"))])
+                  "--num-partitions", str(total), "--flwr-home", str(tmp_path / (home or f"client{index}-home")), *extra])
 
 
 def kill_group(process: subprocess.Popen) -> None:

@@ -29,7 +29,7 @@ def test_authenticated_tls_job_survives_a_client_killed_mid_round_that_comes_bac
     server = start_server(tmp_path, port, out, "--round-timeout", "120", "--fraction-evaluate", "0",
                           clients=2, security=server_security)
     clients = [start_client(tmp_path, port, i, 3, security=client_security(keys[i][0])) for i in range(3)]
-    intruder = start_client(tmp_path, port, 0, 3, home="intruder-home", security=client_security(intruder_key))
+    intruder = start_client(tmp_path, port, 0, 3, "intruder-home", client_security(intruder_key), "--connect-timeout", "30")
     try:
         # Round 3 (phase 1, round 2) has just been sent to all three: kill client 2 while it trains.
         wait_for(lambda: len(round_lines(out)) >= 2, 400, "round 2 to finish")
@@ -49,7 +49,8 @@ def test_authenticated_tls_job_survives_a_client_killed_mid_round_that_comes_bac
         assert process.returncode == 0, text
         assert "job finished" in text
     assert "handled round 5" in comeback_out  # the client that came back took part again
-    assert intruder.returncode != 0 and "handled round" not in intruder_out, intruder_out
+    assert intruder.returncode == 1 and "handled round" not in intruder_out, intruder_out
+    assert "is its public key registered" in intruder_out
 
     rounds = round_lines(out)
     assert [r["server_round"] for r in rounds] == [1, 2, 3, 4, 5]

@@ -16,6 +16,7 @@ from fedsms.gmp import (cubic_sparsity, federated_prune_step, interval_epochs, s
 from fedsms.local import LocalRun
 from fedsms.masks import kept_count, mask_digest, outside_mask_nonzeros
 from fedsms.models import build_for
+from fedsms.report import by_schedule, final_table, phase_table
 from fedsms_server.strategy import SparseSoupStrategy, Update
 
 SPLITS = load_dataset("digits")
@@ -205,3 +206,17 @@ def test_federated_and_local_gmp_soups_agree_on_the_same_candidates(tmp_path):
         strategy._finish_phase(server_round, grid=None)  # server-held data; the mlp has no norm layers
         for name, value in soup["state"].items():
             torch.testing.assert_close(strategy.soup[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_tables_show_each_method_at_its_own_last_update_and_split_the_schedules():
+    def row(method, phase, sparsity, accuracy):
+        return {"method": method, "seed": 0, "phase": phase, "sparsity": sparsity, "accuracy": accuracy, "ece": 0.1}
+
+    rows = [row("dense", 0, 0.0, 0.99), row("imp", 1, 0.5, 0.97), row("imp", 2, 0.75, 0.95),
+            *(row("gmp", u, s, a) for u, s, a in ((1, 0.6, 0.96), (2, 0.7, 0.95), (3, 0.75, 0.94)))]
+    lines = {line.split()[0]: line for line in final_table(rows).splitlines()[1:]}
+    assert "75.00%" in lines["imp"] and "95.00" in lines["imp"]
+    assert "75.00%" in lines["gmp"] and "94.00" in lines["gmp"]
+    parts = by_schedule(rows)
+    assert [sorted({r["method"] for r in part}) for part in parts] == [["dense", "imp"], ["dense", "gmp"]]
+    assert "70.00%" in phase_table(parts[1]) and "70.00%" not in phase_table(parts[0])

@@ -91,7 +91,7 @@ def federated_prune_step(run: RunConfig, fed: FederationConfig, phase: int, roun
     return None if update is None else (update, update_targets(run)[update - 1])
 
 
-def run_gmp(run: "LocalRun", method: str, dense: "State", mask: Mask) -> list[dict]:
+def run_gmp(run: LocalRun, method: str, dense: State, mask: Mask) -> list[dict]:
     """GMP (one candidate) or GMP with a soup at every update, from the dense state."""
     config, rows, state = run.config, [], dense
     targets, epochs = update_targets(config), interval_epochs(config)

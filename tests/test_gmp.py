@@ -3,6 +3,7 @@ update, the local methods end to end, and the federated strategy agreeing with t
 driver on the same candidates."""
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -19,9 +20,20 @@ from fedsms.models import build_for
 from fedsms.report import by_schedule, final_table, phase_table
 from fedsms_server.strategy import SparseSoupStrategy, Update
 
+from conftest import venv_bin
+
 SPLITS = load_dataset("digits")
 TINY = dict(model="mlp", target_sparsity=0.8, candidates=2, pretrain_epochs=1, retrain_epochs=1,
             ood=False, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one torch thread beats several, by far on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- the schedule ---------------------------------------------------------------------
@@ -220,3 +232,22 @@ def test_tables_show_each_method_at_its_own_last_update_and_split_the_schedules(
     parts = by_schedule(rows)
     assert [sorted({r["method"] for r in part}) for part in parts] == [["dense", "imp"], ["dense", "gmp"]]
     assert "70.00%" in phase_table(parts[1]) and "70.00%" not in phase_table(parts[0])
+
+
+@pytest.mark.slow
+def test_masked_fedavg_on_the_gmp_schedule_runs_as_a_flower_simulation(tmp_path, flwr_home):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [venv_bin("fedsms"), "simulate", "--num-clients", "3", "--mode", "data", "--pruning-schedule", "gmp",
+         "--out-dir", str(out), "--model", "mlp", "--phases", "3", "--target-sparsity", "0.9",
+         "--pretrain-rounds", "1", "--pretrain-epochs", "2", "--retrain-epochs", "1", "--ood", "false",
+         "--min-train-clients", "3", "--min-available-clients", "3", "--device", "cpu"],
+        capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rounds] == [0, 1, 2, 3] and all(r["accepted"] == 3 for r in rounds)
+    targets = update_targets(RunConfig(target_sparsity=0.9, phases=3))
+    assert [r["sparsity"] for r in rounds[1:]] == pytest.approx(targets, abs=1e-4)
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in results] == ["fed-dense"] + ["fed-data-gmp"] * 3

@@ -17,6 +17,8 @@ CONFIG_HELP = {
     "target_sparsity": "final fraction of prunable weights that are zero",
     "phases": "prune-retrain phases P",
     "candidates": "candidates m retrained per phase",
+    "gmp_updates": "mask updates of gmp/gmp-soup within the phases × retrain-epochs budget (0: one per phase)",
+    "gmp_initial_sparsity": "sparsity where the cubic GMP schedule starts (the dense model's step)",
     "pruning": "global (magnitude over all layers), uniform (per layer) or random",
     "keep_first_dense": "never prune the first prunable layer",
     "keep_last_dense": "never prune the last prunable layer",
@@ -34,7 +36,7 @@ CONFIG_HELP = {
     "merge": "uniform, weighted (by examples) or greedy (held-out accuracy) soup",
     "recalibration_fraction": "fraction of training data for norm-statistics recalibration",
     "heldout_fraction": "fraction of the training data held out (seeded) for greedy/best-of-m",
-    "methods": "comma list of imp, imp-best, imp-avg, sms (dense always runs)",
+    "methods": "comma list of imp, imp-best, imp-avg, sms, gmp, gmp-soup (dense always runs)",
     "ood": "evaluate under corruptions at severities 1-5",
     "ood_examples": "test examples used for the OOD evaluation",
     "seed": "base seed",
@@ -45,6 +47,7 @@ CONFIG_HELP = {
     "mode": "hyperparameter (clients differ by recipe) or data (clients differ by shard)",
     "pretrain_rounds": "dense federated rounds before phase 1",
     "rounds_per_phase": "federated rounds in each prune-retrain phase",
+    "pruning_schedule": "imp (prune at each phase start) or gmp (cubic schedule, mask updated at round boundaries)",
     "partitioning": "iid, dirichlet or shards (data mode)",
     "dirichlet_alpha": "label-skew concentration of the dirichlet partitioning",
     "min_train_clients": "valid replies a round needs to update the soup",
@@ -78,7 +81,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     from fedsms.config import RunConfig
     from fedsms.local import run_local
     from fedsms.plots import plot_results
-    from fedsms.report import final_table, phase_table, summary
+    from fedsms.report import by_schedule, final_table, phase_table, summary
 
     config = RunConfig.from_mapping(config_overrides(args, RunConfig()))
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
@@ -89,10 +92,11 @@ def cmd_local(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps({"config": config.to_dict(), "seeds": seeds or [config.seed],
                                                   "results": summary(rows)}, indent=2))
     plots = plot_results(rows, out)
+    for part in by_schedule(rows):
+        print()
+        print(phase_table(part))
     print()
-    print(phase_table(rows))
-    print()
-    print(f"final phase ({config.phases}), target sparsity {config.target_sparsity:.0%}:")
+    print(f"final phase of each method, target sparsity {config.target_sparsity:.0%}:")
     print(final_table(rows))
     print(f"\nresults: {out / 'results.jsonl'}, {out / 'summary.json'}; plots: {', '.join(str(p) for p in plots)}")
     return 0
@@ -130,7 +134,7 @@ def compare_with_local(overrides: dict, methods: str) -> None:
     from fedsms.config import RunConfig, split_config
     from fedsms.local import run_local
     from fedsms.plots import plot_results
-    from fedsms.report import final_table, phase_table, read_rows
+    from fedsms.report import by_schedule, final_table, phase_table, read_rows
 
     out = Path(overrides["out_dir"])
     run, _ = split_config(overrides)
@@ -138,8 +142,9 @@ def compare_with_local(overrides: dict, methods: str) -> None:
     print(f"\nlocal baselines ({methods}) with the same config:")
     rows = read_rows(out / "results.jsonl") + run_local(local)
     plot_results(rows, out / "comparison")
-    print()
-    print(phase_table(rows))
+    for part in by_schedule(rows):
+        print()
+        print(phase_table(part))
     print()
     print(final_table(rows))
     print(f"\nfederated results: {out}; local baselines: {out / 'local'}; plots: {out / 'comparison'}")

@@ -14,7 +14,7 @@ from fedsms.masks import PRUNING_METHODS
 from fedsms.recipe import LR_SCHEDULES, CandidateConfig, expand_recipe, parse_grid
 from fedsms.soup import MERGE_RULES
 
-METHODS = ("imp", "imp-best", "imp-avg", "sms")
+METHODS = ("imp", "imp-best", "imp-avg", "sms", "gmp", "gmp-soup")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class RunConfig:
     target_sparsity: float = 0.9
     phases: int = 3
     candidates: int = 4  # m: candidates retrained per phase
+    gmp_updates: int = 0  # GMP mask updates sharing the IMP epoch budget; 0: one per phase
+    gmp_initial_sparsity: float = 0.0  # s_i: where GMP's cubic schedule starts (the dense model's step)
     pruning: str = "global"
     keep_first_dense: bool = False
     keep_last_dense: bool = False
@@ -117,6 +119,10 @@ def _check(config: RunConfig) -> None:
     need(0.0 <= config.target_sparsity < 1.0, "target_sparsity", "must be in [0, 1)")
     need(config.phases >= 1, "phases", "must be at least 1")
     need(config.candidates >= 1, "candidates", "must be at least 1")
+    need(0 <= config.gmp_updates <= config.phases * config.retrain_epochs, "gmp_updates",
+         "must be in [0, phases × retrain-epochs] (each update trains at least one epoch)")
+    need(0.0 <= config.gmp_initial_sparsity <= config.target_sparsity, "gmp_initial_sparsity",
+         "must be in [0, target-sparsity]")
     need(config.pruning in PRUNING_METHODS, "pruning", f"must be one of {', '.join(PRUNING_METHODS)}")
     need(config.pretrain_epochs >= 0, "pretrain_epochs", "must be at least 0")
     need(config.retrain_epochs >= 1, "retrain_epochs", "must be at least 1")
@@ -142,6 +148,7 @@ FEDERATED_MODES = ("hyperparameter", "data")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 VALUE_DTYPES = ("fp32", "fp16", "bf16")
 RECALIBRATIONS = ("server", "federated")
+PRUNING_SCHEDULES = ("imp", "gmp")
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class FederationConfig:
     mode: str = "hyperparameter"  # clients differ by hyperparameters, or by data shard
     pretrain_rounds: int = 1  # dense federated rounds before phase 1 (0 with init-checkpoint)
     rounds_per_phase: int = 1
+    pruning_schedule: str = "imp"  # imp: prune at each phase start; gmp: cubic schedule at round boundaries
     partitioning: str = "iid"  # data mode only
     dirichlet_alpha: float = 0.3
     min_train_clients: int = 2
@@ -171,6 +179,8 @@ class FederationConfig:
         need(self.mode in FEDERATED_MODES, "mode", f"must be one of {', '.join(FEDERATED_MODES)}")
         need(self.pretrain_rounds >= 0, "pretrain_rounds", "must be at least 0")
         need(self.rounds_per_phase >= 1, "rounds_per_phase", "must be at least 1")
+        need(self.pruning_schedule in PRUNING_SCHEDULES, "pruning_schedule",
+             f"must be one of {', '.join(PRUNING_SCHEDULES)}")
         need(self.partitioning in PARTITIONINGS, "partitioning", f"must be one of {', '.join(PARTITIONINGS)}")
         need(self.dirichlet_alpha > 0, "dirichlet_alpha", "must be positive")
         need(self.min_train_clients >= 1, "min_train_clients", "must be at least 1")

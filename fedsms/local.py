@@ -11,6 +11,9 @@ retrained candidates into the next state:
   ensemble of the same candidates is reported as ``ensemble`` (an upper reference).
 
 Every candidate retrains ``retrain_epochs`` epochs per phase in every method.
+
+``gmp`` and ``gmp-soup`` prune during training instead (cubic schedule, a soup at every
+mask update for ``gmp-soup``) within the same epoch budget; ``fedsms.gmp`` drives them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedsms.config import RunConfig
 from fedsms.data import DatasetSplits, load_dataset
 from fedsms.evaluate import ensemble_metrics, evaluate, evaluate_ood
+from fedsms.gmp import GMP_METHODS, run_gmp
 from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, prune_state, sparsity, sparsity_after_phase
 from fedsms.norms import recalibrate_norms
 from fedsms.recipe import for_phase
@@ -105,7 +109,10 @@ class LocalRun:
         self.log(_describe(rows[-1]))
         self.save("dense", 0, dense, dense_mask_, rows[-1])
         for method in self.config.method_list():
-            rows += self.run_method(method, dense, dense_mask_)
+            if method in GMP_METHODS:
+                rows += run_gmp(self, method, dense, dense_mask_)
+            else:
+                rows += self.run_method(method, dense, dense_mask_)
         return rows
 
     def run_method(self, method: str, dense: State, mask: Mask) -> list[dict]:
@@ -130,10 +137,7 @@ class LocalRun:
                 if method == "sms":
                     rows.append(self._ensemble_row(phase, mask, states, started))
                 state, extra["chosen"] = self.merge(states, mask, phase, [m["num_examples"] for _, m in trained])
-            row = self._row(method, phase, mask, self.evaluate_state(state), extra, started)
-            self.log(_describe(row))
-            self.save(method, phase, state, mask, row)
-            rows.append(row)
+            rows.append(self.record(method, phase, state, mask, extra, started))
         return rows
 
     def merge(self, states: list[State], mask: Mask, phase: int, examples: list[int]) -> tuple[State, list[int]]:
@@ -145,6 +149,13 @@ class LocalRun:
         return self.recalibrated(soup, phase), chosen
 
     # ---- records -----------------------------------------------------------------------
+
+    def record(self, method: str, phase: int, state: State, mask: Mask, extra: dict, started: float) -> dict:
+        """Evaluate ``state``, write and log its row, and checkpoint it."""
+        row = self._row(method, phase, mask, self.evaluate_state(state), extra, started)
+        self.log(_describe(row))
+        self.save(method, phase, state, mask, row)
+        return row
 
     def _ensemble_row(self, phase: int, mask: Mask, states: list[State], started: float) -> dict:
         models = [_model_with(self.model, state) for state in states]

@@ -8,7 +8,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "ensemble", "fed-hyperparameter", "fed-data")
+from fedsms.gmp import GMP_METHODS
+
+METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "ensemble", "fed-hyperparameter", "fed-data",
+                "gmp", "gmp-soup", "fed-hyperparameter-gmp", "fed-data-gmp")
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -38,6 +41,17 @@ def grouped(rows: list[dict], key: str) -> dict[tuple[str, int], list[float]]:
     return groups
 
 
+def by_schedule(rows: list[dict]) -> list[list[dict]]:
+    """Rows pruned on the IMP phase schedule, then rows on the GMP schedule, each with the
+    dense rows: a per-phase table shows one sparsity per line, so each schedule gets its own."""
+    def is_gmp(row: dict) -> bool:
+        return row["method"] in GMP_METHODS or row["method"].endswith("-gmp")
+
+    dense = [r for r in rows if r["phase"] == 0]
+    parts = [[r for r in rows if r["phase"] and not is_gmp(r)], [r for r in rows if r["phase"] and is_gmp(r)]]
+    return [dense + part for part in parts if part] or [dense]
+
+
 def phase_table(rows: list[dict], key: str = "accuracy") -> str:
     """One line per phase, one column per method: ``key`` in % as mean ± std over seeds."""
     methods = methods_in(rows)
@@ -54,14 +68,13 @@ def phase_table(rows: list[dict], key: str = "accuracy") -> str:
 
 
 def final_table(rows: list[dict]) -> str:
-    """Each method at its last phase: sparsity, test accuracy, OOD accuracy, ECE."""
-    last = max(r["phase"] for r in rows)
+    """Each method at its own last phase (GMP counts mask updates, not phases): sparsity,
+    test accuracy, OOD accuracy, ECE."""
     width = max(len(m) for m in methods_in(rows))
     lines = [f"{'method':>{width}}  {'sparsity':>8}  {'test acc %':>15}  {'OOD acc %':>15}  {'ECE %':>15}  seeds"]
     for method in methods_in(rows):
-        mine = [r for r in rows if r["method"] == method and r["phase"] == (0 if method.endswith("dense") else last)]
-        if not mine:
-            continue
+        last = max(r["phase"] for r in rows if r["method"] == method)
+        mine = [r for r in rows if r["method"] == method and r["phase"] == last]
         ood = [r["ood_accuracy"] for r in mine if "ood_accuracy" in r]
         lines.append(
             f"{method:>{width}}  {100 * statistics.fmean(r['sparsity'] for r in mine):7.2f}%  "

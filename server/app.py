@@ -48,7 +48,8 @@ def phase_rows(strategy: SparseSoupStrategy) -> list[dict]:
     for log in strategy.rounds:
         if strategy.ends_phase(log.server_round):
             metrics = log.central_eval or log.federated_eval
-            rows.append({"method": "fed-dense" if log.phase == 0 else f"fed-{strategy.fed.mode}",
+            gmp = "-gmp" if strategy.fed.pruning_schedule == "gmp" else ""
+            rows.append({"method": "fed-dense" if log.phase == 0 else f"fed-{strategy.fed.mode}{gmp}",
                          "seed": strategy.run.seed, "phase": log.phase, "sparsity": log.sparsity,
                          **{k: metrics[k] for k in ("accuracy", "loss", "ece", "ood_accuracy") if k in metrics}})
     return rows

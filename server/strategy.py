@@ -30,7 +30,8 @@ from fedsms.checkpoint import Checkpoint, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.data import DatasetSplits
 from fedsms.evaluate import evaluate, evaluate_ood
-from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, prune_state, sparsity, sparsity_after_phase
+from fedsms.gmp import federated_prune_step, federated_update_rounds
+from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, prune_state, sparsity
 from fedsms.norms import NormStatsAverage, norm_layers, recalibrate_norms
 from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.soup import RunningAverage, greedy_soup
@@ -120,6 +121,8 @@ class SparseSoupStrategy(Strategy):
         self.soup: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.candidates = run.candidate_configs()
         self.phase_of_round = self._schedule()
+        if federation.pruning_schedule == "gmp":
+            federated_update_rounds(run, federation)  # too many mask updates for the rounds fail now, not mid-run
         self.rounds: list[RoundLog] = []
         self._current: RoundLog | None = None
         self._kept_candidates: list[dict[str, torch.Tensor]] = []
@@ -197,10 +200,11 @@ class SparseSoupStrategy(Strategy):
         )
 
     def begin_round(self, server_round: int) -> bytes:
-        """Start ``server_round`` (pruning first if it opens a phase); returns the soup payload."""
+        """Start ``server_round`` (pruning first if it opens a phase, or a GMP interval); returns the soup payload."""
         phase, r = self.phase_at(server_round)
-        if phase >= 1 and r == 1:
-            self._prune_for(phase)
+        step = federated_prune_step(self.run, self.fed, phase, r)
+        if step is not None:
+            self._prune_for(*step)
         self._current = RoundLog(server_round, phase, r, sparsity(self.mask))
         return self.soup_payload(server_round)
 
@@ -378,12 +382,12 @@ class SparseSoupStrategy(Strategy):
 
     # ---- phase machinery ---------------------------------------------------------------
 
-    def _prune_for(self, phase: int) -> None:
-        target = sparsity_after_phase(self.run.target_sparsity, self.run.phases, phase)
+    def _prune_for(self, step: int, target: float) -> None:
         self.soup, self.mask = prune_state(self.soup, self.mask, target, method=self.run.pruning,
-                                           seed=self.run.seed * 1000 + phase)
+                                           seed=self.run.seed * 1000 + step)
         self.digest = mask_digest(self.mask)
-        self.log(f"phase {phase}: pruned to {sparsity(self.mask):.4%} sparsity (mask {self.digest[:12]})")
+        unit = "phase" if self.fed.pruning_schedule == "imp" else "mask update"
+        self.log(f"{unit} {step}: pruned to {sparsity(self.mask):.4%} sparsity (mask {self.digest[:12]})")
 
     def _finish_phase(self, server_round: int, grid: Grid) -> None:
         phase, _ = self.phase_at(server_round)

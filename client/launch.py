@@ -80,7 +80,9 @@ def read_status(path: Path) -> dict:
         return {}
 
 
-NOT_ADMITTED = 305  # Flower's SuperNode exit code when the SuperLink refuses to activate it
+# Flower's SuperNode exits with code 305 when the SuperLink refuses to activate it; a
+# process exit status keeps the low 8 bits.
+NOT_ADMITTED = 305 % 256
 
 
 def join(args: argparse.Namespace) -> int:

@@ -80,7 +80,9 @@ def read_status(path: Path) -> dict:
         return {}
 
 
-NOT_ADMITTED = 305  # Flower's SuperNode exit code when the SuperLink refuses to activate it
+# What Flower's SuperNode logs when the SuperLink refuses to activate it (its process exit
+# status does not carry the code).
+NOT_ADMITTED = "Exit Code: 305"
 
 
 def join(args: argparse.Namespace) -> int:
@@ -88,15 +90,16 @@ def join(args: argparse.Namespace) -> int:
     flags = security_flags(args)
     home = Path(args.flwr_home or tempfile.mkdtemp(prefix=f"fedsms-client{args.partition_id}-"))
     home.mkdir(parents=True, exist_ok=True)
-    status_file = home / "status.json"
+    status_file, log_path = home / "status.json", home / "supernode.log"
     config = node_config(args, status_file)
     wait_until_reachable(host, port, args.connect_timeout, "fedsms-server")
-    print(f"fedsms-client {args.partition_id}: joining {args.server} (log: {home / 'supernode.log'})")
+    print(f"fedsms-client {args.partition_id}: joining {args.server} (log: {log_path})")
     # With node authentication the server registers the clients' keys just after its
     # SuperLink opens, so a client that is quicker than that is refused at first: retry.
     deadline = time.monotonic() + args.connect_timeout
     while True:
-        with open(home / "supernode.log", "a") as log:
+        logged_before = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "a") as log:
             supernode = subprocess.Popen(
                 [flower_bin("flower-supernode"), *flags, "--superlink", args.server, "--port", str(args.port or free_port()),
                  "--node-config", config, "--max-wait-time", str(args.connect_timeout)],
@@ -106,8 +109,12 @@ def join(args: argparse.Namespace) -> int:
             code = watch(supernode, status_file, host, port, args)
         finally:
             stop(supernode)
-        if code != NOT_ADMITTED:
+        if code is not None:
             return code
+        if NOT_ADMITTED not in log_path.read_text(errors="replace")[logged_before:]:
+            print(f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode}; "
+                  f"see {log_path}", file=sys.stderr)
+            return 1
         if time.monotonic() > deadline:
             print(f"fedsms-client {args.partition_id}: the server refused this client for {args.connect_timeout:g} s; "
                   "is its public key registered with --authorized-key?", file=sys.stderr)
@@ -115,9 +122,9 @@ def join(args: argparse.Namespace) -> int:
         time.sleep(2)
 
 
-def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, args: argparse.Namespace) -> int:
-    """Until the server is gone: then done if the last round was handled, else an error.
-    ``NOT_ADMITTED`` when the SuperLink refused the SuperNode before any round."""
+def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, args: argparse.Namespace) -> int | None:
+    """Until the server is gone: then 0 if the last round was handled, else 1. None when
+    the SuperNode exited before handling any round."""
     seen_round = 0
     while True:
         status = read_status(status_file)
@@ -132,10 +139,10 @@ def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, 
                   f"(last handled: round {seen_round})", file=sys.stderr)
             return 1
         if supernode.poll() is not None:
-            if supernode.returncode == NOT_ADMITTED and not seen_round:
-                return NOT_ADMITTED
-            print(f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode}; "
-                  f"see {status_file.parent / 'supernode.log'}", file=sys.stderr)
+            if not seen_round:
+                return None
+            print(f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode} after "
+                  f"round {seen_round}; see {status_file.parent / 'supernode.log'}", file=sys.stderr)
             return 1
         time.sleep(1)
 

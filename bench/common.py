@@ -4,6 +4,7 @@ peak-memory reading, the printed table and the JSON file with the machine it ran
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -52,8 +53,11 @@ def median(values: Sequence[float]) -> float:
 
 
 def peak_rss_reset() -> bool:
-    """Reset this process's peak RSS (Linux ``clear_refs``), so that ``peak_rss()`` reads the
-    peak since now. False where the kernel does not allow it."""
+    """Give freed heap back to the kernel (glibc ``malloc_trim``, so memory freed earlier is not
+    silently reused below the baseline), then reset this process's peak RSS (Linux
+    ``clear_refs``) so that ``peak_rss()`` reads the peak since now. False where the kernel
+    does not allow the reset."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True

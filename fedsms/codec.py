@@ -124,7 +124,7 @@ def encode(
                 f"encode with the mask of this model"
             )
         values = tensor.to("cpu")[keep.to("cpu", torch.bool)].to(wire_dtype)
-        if check_finite and values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        if check_finite and values.is_floating_point() and not _all_finite(values):
             raise PayloadError(
                 f"tensor {name!r} has NaN or Inf values under the mask (as {value_dtype}); "
                 f"the training diverged or the values overflow {value_dtype}"
@@ -144,7 +144,7 @@ def encode(
         tensor = tensor.detach().to("cpu")
         if tensor.dtype not in _DENSE_NAMES:
             raise PayloadError(f"tensor {name!r} has dtype {tensor.dtype} which the codec cannot send; convert it to float32")
-        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if check_finite and tensor.is_floating_point() and not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values; the training diverged")
         entry = message.dense.add()
         entry.name = name
@@ -218,7 +218,7 @@ def state_from_values(
             keep = mask[name].to("cpu", torch.bool)
             if tuple(keep.shape) != tuple(like.shape):
                 raise PayloadError(f"the mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(like.shape)}")
-            nnz = int(torch.count_nonzero(keep))
+            nnz = _kept(keep)
             if value.numel() != nnz:
                 raise PayloadError(f"tensor {name!r} has {value.numel()} values but its mask keeps {nnz}")
             full = torch.zeros(like.shape, dtype=like.dtype)
@@ -284,6 +284,7 @@ def decode(
     # -- mask
     template = dict(template)
     mask = _payload_mask(message, expected_mask, expected_digest, template)
+    counts = _kept_counts(mask, header.mask_digest)  # the digest is the mask's, checked above
 
     # -- masked tensors: exactly the mask's tensors, in mask order
     names = [entry.name for entry in message.masked]
@@ -291,11 +292,11 @@ def decode(
         raise PayloadError(f"the payload's masked tensors {_name_diff(names, list(mask))}")
     values: dict[str, torch.Tensor] = {}
     for entry in message.masked:
-        name, keep = entry.name, mask[entry.name]
+        name = entry.name
         like = template[name]
         if tuple(entry.shape) != tuple(like.shape):
             raise PayloadError(f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model")
-        nnz = int(torch.count_nonzero(keep))
+        nnz = counts[name]
         if entry.nnz != nnz:
             raise PayloadError(f"tensor {name!r} claims {entry.nnz} values but the mask keeps {nnz}")
         if len(entry.values) != nnz * itemsize:
@@ -303,7 +304,7 @@ def decode(
                 f"tensor {name!r} has {len(entry.values)} bytes of values but {nnz} {value_dtype} values need {nnz * itemsize}"
             )
         tensor = _from_bytes(entry.values, wire_dtype).to(torch.float32)
-        if not bool(torch.isfinite(tensor).all()):
+        if not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values")
         values[name] = tensor
 
@@ -324,7 +325,7 @@ def decode(
         if len(entry.data) != need:
             raise PayloadError(f"tensor {name!r} has {len(entry.data)} bytes but shape {tuple(like.shape)} of {entry.dtype} needs {need}")
         tensor = _from_bytes(entry.data, dtype).view(like.shape)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values")
         dense[name] = tensor
     dense = {n: dense[n] for n in wanted}
@@ -418,6 +419,35 @@ def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+# Per-element checks run on every value of every reply, so they use numpy: on the CPU,
+# torch.isfinite is several passes with temporaries (about 50x numpy's single pass) and
+# count_nonzero of a bool tensor is several times slower than numpy's popcount.
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating CPU tensor."""
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return bool(torch.isfinite(tensor).all())
+    return bool(np.isfinite(tensor.numpy()).all())
+
+
+def _kept(keep: torch.Tensor) -> int:
+    """True entries of a CPU bool mask tensor."""
+    return int(np.count_nonzero(keep.numpy()))
+
+
+_COUNTS: dict[str, dict[str, int]] = {}  # mask digest -> kept entries per tensor, last few masks
+
+
+def _kept_counts(mask: Mask, digest: str) -> dict[str, int]:
+    """Kept entries per tensor of ``mask``, counted once per mask rather than once per reply."""
+    if digest not in _COUNTS:
+        if len(_COUNTS) >= 4:
+            del _COUNTS[next(iter(_COUNTS))]
+        _COUNTS[digest] = {name: _kept(keep) for name, keep in mask.items()}
+    return _COUNTS[digest]
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return _DENSE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
@@ -455,7 +485,7 @@ def payload_size_bound(
     if value_dtype not in VALUE_DTYPES:
         raise PayloadError(f"unknown value dtype {value_dtype!r}; use one of {', '.join(VALUE_DTYPES)}")
     itemsize = VALUE_DTYPES[value_dtype][2]
-    size = sum(int(torch.count_nonzero(keep)) for keep in mask.values()) * itemsize
+    size = sum(_kept(keep.cpu()) for keep in mask.values()) * itemsize
     if include_mask:
         size += math.ceil(sum(keep.numel() for keep in mask.values()) / 8)
     size += sum(t.numel() * t.element_size() for n, t in dense_state.items() if n not in mask)

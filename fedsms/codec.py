@@ -130,7 +130,6 @@ def encode(
                 f"the training diverged or the values overflow {value_dtype}"
             )
         entry = message.masked.add()
-        entry.name = name
         entry.shape.extend(keep.shape)
         entry.nnz = values.numel()
         entry.values = _tensor_bytes(values)
@@ -147,12 +146,19 @@ def encode(
         if check_finite and tensor.is_floating_point() and not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values; the training diverged")
         entry = message.dense.add()
-        entry.name = name
         entry.shape.extend(tensor.shape)
         entry.dtype = _DENSE_NAMES[tensor.dtype]
         entry.data = _tensor_bytes(tensor)
 
+    message.names = _name_table([*mask, *(name for name in state if name not in mask)])
     return _seal(message)
+
+
+def _name_table(names: list[str]) -> bytes:
+    for name in names:
+        if not name or "\n" in name:
+            raise PayloadError(f"tensor name {name!r} cannot be sent; names must be non-empty and on one line")
+    return zlib.compress("\n".join(names).encode(), 9)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -283,16 +289,15 @@ def decode(
 
     # -- mask
     template = dict(template)
-    mask = _payload_mask(message, expected_mask, expected_digest, template)
+    names, dense_names = _wire_names(message)
+    mask = _payload_mask(message, names, expected_mask, expected_digest, template)
     counts = _kept_counts(mask, header.mask_digest)  # the digest is the mask's, checked above
 
     # -- masked tensors: exactly the mask's tensors, in mask order
-    names = [entry.name for entry in message.masked]
     if names != list(mask):
         raise PayloadError(f"the payload's masked tensors {_name_diff(names, list(mask))}")
     values: dict[str, torch.Tensor] = {}
-    for entry in message.masked:
-        name = entry.name
+    for name, entry in zip(names, message.masked):
         like = template[name]
         if tuple(entry.shape) != tuple(like.shape):
             raise PayloadError(f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model")
@@ -309,13 +314,12 @@ def decode(
         values[name] = tensor
 
     # -- dense extras: every other template entry, once each
-    dense_names = [entry.name for entry in message.dense]
     wanted = [n for n in template if n not in mask]
     if len(set(dense_names)) != len(dense_names) or set(dense_names) != set(wanted):
         raise PayloadError(f"the payload's dense tensors {_name_diff(dense_names, wanted)}")
     dense: dict[str, torch.Tensor] = {}
-    for entry in message.dense:
-        name, like = entry.name, template[entry.name]
+    for name, entry in zip(dense_names, message.dense):
+        like = template[name]
         if tuple(entry.shape) != tuple(like.shape):
             raise PayloadError(f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model")
         dtype = _DENSE_DTYPES.get(entry.dtype)
@@ -354,8 +358,32 @@ def _open(data: bytes) -> pb.SparsePayload:
     return message
 
 
+def _wire_names(message: pb.SparsePayload) -> tuple[list[str], list[str]]:
+    """The names of the masked and of the dense entries: from the name table where the
+    payload has one, else from the entries themselves."""
+    if not message.names:
+        return [e.name for e in message.masked], [e.name for e in message.dense]
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(message.names, _MAX_NAME_TABLE)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise PayloadError(f"the payload's name table is damaged or larger than {_MAX_NAME_TABLE} bytes")
+        names = text.decode("utf-8").split("\n") if text else []
+    except (zlib.error, UnicodeDecodeError):
+        raise PayloadError("the payload's name table cannot be read") from None
+    entries = len(message.masked) + len(message.dense)
+    if len(names) != entries:
+        raise PayloadError(f"the payload's name table lists {len(names)} tensors but the payload carries {entries}")
+    if any(e.name for e in message.masked) or any(e.name for e in message.dense):
+        raise PayloadError("the payload names tensors both in its name table and in its entries")
+    return names[: len(message.masked)], names[len(message.masked) :]
+
+
+_MAX_NAME_TABLE = 1 << 24  # bytes of names a payload may inflate to
+
+
 def _payload_mask(
-    message: pb.SparsePayload, expected_mask: Mask | None, expected_digest: str | None, template: dict
+    message: pb.SparsePayload, names: list[str], expected_mask: Mask | None, expected_digest: str | None, template: dict
 ) -> Mask:
     header = message.header
     if expected_digest is not None and header.mask_digest != expected_digest:
@@ -386,17 +414,17 @@ def _payload_mask(
         shapes = {n: tuple(m.shape) for n, m in expected_mask.items()}
     else:
         shapes = {}
-        for entry in message.masked:
-            if entry.name not in template:
-                raise PayloadError(f"the payload has masked tensor {entry.name!r} which the model does not have")
-            if entry.name in shapes:
-                raise PayloadError(f"the payload has masked tensor {entry.name!r} twice")
-            if tuple(entry.shape) != tuple(template[entry.name].shape):
+        for name, entry in zip(names, message.masked):
+            if name not in template:
+                raise PayloadError(f"the payload has masked tensor {name!r} which the model does not have")
+            if name in shapes:
+                raise PayloadError(f"the payload has masked tensor {name!r} twice")
+            if tuple(entry.shape) != tuple(template[name].shape):
                 raise PayloadError(
-                    f"tensor {entry.name!r} has shape {tuple(entry.shape)} in the payload but "
-                    f"{tuple(template[entry.name].shape)} in the model"
+                    f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but "
+                    f"{tuple(template[name].shape)} in the model"
                 )
-            shapes[entry.name] = tuple(entry.shape)
+            shapes[name] = tuple(entry.shape)
     try:
         mask = unpack_mask(message.mask_bits, shapes)
     except FedSMSError as error:

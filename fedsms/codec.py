@@ -304,11 +304,12 @@ def decode(
         nnz = counts[name]
         if entry.nnz != nnz:
             raise PayloadError(f"tensor {name!r} claims {entry.nnz} values but the mask keeps {nnz}")
-        if len(entry.values) != nnz * itemsize:
+        raw = entry.values  # read once: every read of a bytes field copies it
+        if len(raw) != nnz * itemsize:
             raise PayloadError(
-                f"tensor {name!r} has {len(entry.values)} bytes of values but {nnz} {value_dtype} values need {nnz * itemsize}"
+                f"tensor {name!r} has {len(raw)} bytes of values but {nnz} {value_dtype} values need {nnz * itemsize}"
             )
-        tensor = _from_bytes(entry.values, wire_dtype).to(torch.float32)
+        tensor = _from_bytes(raw, wire_dtype).to(torch.float32)
         if not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values")
         values[name] = tensor
@@ -326,9 +327,10 @@ def decode(
         if dtype != like.dtype:
             raise PayloadError(f"tensor {name!r} has dtype {entry.dtype!r} in the payload but {_dtype_name(like.dtype)!r} in the model")
         need = like.numel() * like.element_size()
-        if len(entry.data) != need:
-            raise PayloadError(f"tensor {name!r} has {len(entry.data)} bytes but shape {tuple(like.shape)} of {entry.dtype} needs {need}")
-        tensor = _from_bytes(entry.data, dtype).view(like.shape)
+        raw = entry.data
+        if len(raw) != need:
+            raise PayloadError(f"tensor {name!r} has {len(raw)} bytes but shape {tuple(like.shape)} of {entry.dtype} needs {need}")
+        tensor = _from_bytes(raw, dtype).view(like.shape)
         if tensor.is_floating_point() and not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values")
         dense[name] = tensor
@@ -345,7 +347,7 @@ def _open(data: bytes) -> pb.SparsePayload:
     """Check the CRC-32 trailer, then parse."""
     if len(data) < _TRAILER_LEN or data[-_TRAILER_LEN : -_TRAILER_LEN + 1] != _TRAILER_TAG:
         raise PayloadError(f"the payload ({len(data)} bytes) is truncated or not a fedsms payload: its checksum trailer is missing")
-    body = data[:-_TRAILER_LEN]
+    body = memoryview(data)[:-_TRAILER_LEN]  # no copy of a large payload just to checksum it
     (crc,) = struct.unpack("<I", data[-4:])
     if zlib.crc32(body) != crc:
         raise PayloadError(f"the payload ({len(data)} bytes) is truncated or corrupted: its checksum does not match")

@@ -3,19 +3,20 @@
     python bench/scaling.py [--clients 2 4 8 16 32] [--repeats 1] [--out results/scaling.json]
 
 A data soup of the digits cnn (each client an IID shard of the train split, so the total
-training work per round is the same at every size), 1 dense round then 2 phases of one
-round, 1 epoch per round, 1 CPU per virtual client (2 clients train at once on this
+training work per round is the same at every size), 1 dense round then 2 phases of two
+rounds, 1 epoch per round, 1 CPU per virtual client (2 clients train at once on this
 machine), the server evaluating on the test split, no federated evaluation. Each size
 runs in its own child process, which is the server process (ServerApp, strategy and
 Flower's simulation engine; clients run in Ray worker processes).
 
-Split of a round (medians over rounds), measured by timing the strategy's hooks in the
-server process and by the clients' own ``train_seconds``:
+Split of a round (medians over rounds 2-5: round 1 carries the Ray workers' start-up),
+measured by timing the strategy's hooks in the server process and by the clients' own
+``train_seconds``:
 
 - server encode: ``configure_train`` (pruning where a phase opens, the soup payload, messages);
 - server aggregate: ``aggregate_train`` (``codec.decode`` of every reply + streaming average);
-- server evaluate: ``configure_evaluate`` + ``evaluate_round`` (recalibration at a phase
-  end, test-set evaluation, checkpoint);
+- server recalibrate: ``configure_evaluate`` (BatchNorm recalibration at a phase end);
+- server evaluate: ``evaluate_round`` (test-set evaluation, the round's JSON line, checkpoint);
 - client training: sum of the clients' ``train_candidate`` seconds / 2 parallel workers;
 - rest: Flower's transport and scheduling, and client-side work outside training (app
   start-up per message, data shard, model build, decode of the soup, encode of the reply).
@@ -35,7 +36,7 @@ from common import median, parser, peak_rss, peak_rss_reset, report, rss
 from federation_overhead import fedsms_config, in_child, round_seconds, stamped
 
 HOOKS = {"configure_train": "encode_s", "aggregate_train": "aggregate_s",
-         "configure_evaluate": "evaluate_s", "evaluate_round": "evaluate_s"}
+         "configure_evaluate": "recalibrate_s", "evaluate_round": "evaluate_s"}
 PARALLEL = min(2, os.cpu_count() or 1)  # 1 CPU per virtual client
 
 
@@ -68,7 +69,7 @@ def run_scaled(clients: int, epochs: int) -> dict:
         logs = [json.loads(line) for line in (Path(out_dir) / "rounds.jsonl").read_text().splitlines()]
     rounds = round_seconds(stamps)
     splits = []
-    for log, wall in zip(logs, rounds):
+    for log, wall in list(zip(logs, rounds))[1:]:
         server = totals.get(log["server_round"], {})
         split = {key: server.get(key, 0.0) for key in set(HOOKS.values())}
         split["client_train_s"] = log["train"]["train_seconds"] * log["accepted"] / PARALLEL
@@ -78,7 +79,7 @@ def run_scaled(clients: int, epochs: int) -> dict:
             "bytes_down": sum(log["bytes_down"] for log in logs), "bytes_up": sum(log["bytes_up"] for log in logs)}
 
 
-PARTS = ["round_s", "encode_s", "aggregate_s", "evaluate_s", "client_train_s", "rest_s"]
+PARTS = ["round_s", "encode_s", "aggregate_s", "recalibrate_s", "evaluate_s", "client_train_s", "rest_s"]
 
 
 def main() -> None:
@@ -98,7 +99,8 @@ def main() -> None:
         row["per_client_s"] = row["round_s"] / clients
         rows.append({**row, "runs": runs})
     report(args.out, rows, [("clients", "clients", "d"), ("round_s", "round s", ".2f"), ("per_client_s", "s/client", ".3f"),
-                            ("encode_s", "encode", ".3f"), ("aggregate_s", "aggregate", ".3f"), ("evaluate_s", "evaluate", ".3f"),
+                            ("encode_s", "encode", ".3f"), ("aggregate_s", "aggregate", ".3f"),
+                            ("recalibrate_s", "recalibrate", ".3f"), ("evaluate_s", "evaluate", ".3f"),
                             ("client_train_s", "train", ".2f"), ("rest_s", "Flower+client rest", ".2f"),
                             ("server_peak_rss", "server peak B", "d"), ("server_growth", "growth B", "d")],
            parallel_clients=PARALLEL)

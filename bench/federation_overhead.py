@@ -19,7 +19,9 @@ A round's wall time is the time between two calls of the server's per-round eval
 (Flower calls it last in every round, and once before round 1); each simulation runs in
 its own child process, the two alternate, and the figure is the median over rounds 2-7 of
 all runs. Round 1 is reported apart: it carries the start-up of the Ray workers (imports,
-the client app, loading the data), not the cost of a round.
+the client app, loading the data), not the cost of a round. Beside the ratio, the fedsms
+server's own work per round (the strategy's hooks, timed in the server process as in
+``bench/scaling.py``) shows what fedsms does that FedAvg's server does not.
 """
 
 from __future__ import annotations
@@ -54,15 +56,47 @@ def round_seconds(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def run_fedsms(clients: int, epochs: int) -> dict:
-    from fedsms_server.simulation import simulate
+# What fedsms's server does in a round: SparseSoupStrategy's hooks, timed per server round.
+# evaluate_round includes save_checkpoint, which is also shown on its own.
+HOOKS = {"configure_train": "encode_s", "aggregate_train": "aggregate_s", "configure_evaluate": "recalibrate_s",
+         "evaluate_round": "evaluate_s", "save_checkpoint": "checkpoint_s"}
+SERVER_PARTS = ("encode_s", "aggregate_s", "recalibrate_s", "evaluate_s")  # disjoint: they sum to the server's time
+
+
+def timed(method: Callable, totals: dict, key: str) -> Callable:
+    def wrapper(self, server_round, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, server_round, *args, **kwargs)
+        finally:
+            per_round = totals.setdefault(server_round, {})
+            per_round[key] = per_round.get(key, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+def instrument() -> tuple[dict[int, dict[str, float]], list[float]]:
+    """Time the strategy's hooks per server round, and stamp the end of every round."""
     from fedsms_server.strategy import SparseSoupStrategy
 
+    totals: dict[int, dict[str, float]] = {}
+    for hook, key in HOOKS.items():
+        setattr(SparseSoupStrategy, hook, timed(getattr(SparseSoupStrategy, hook), totals, key))
     stamps: list[float] = []
     SparseSoupStrategy.evaluate_round = stamped(SparseSoupStrategy.evaluate_round, stamps)
+    return totals, stamps
+
+
+def server_split(totals: dict[int, dict[str, float]], server_round: int) -> dict[str, float]:
+    return {key: totals.get(server_round, {}).get(key, 0.0) for key in HOOKS.values()}
+
+
+def run_fedsms(clients: int, epochs: int) -> dict:
+    from fedsms_server.simulation import simulate
+
+    totals, stamps = instrument()
     with tempfile.TemporaryDirectory() as out_dir:
         simulate(fedsms_config(out_dir, clients, epochs), clients)
-    return {"round_s": round_seconds(stamps)}
+    return {"round_s": round_seconds(stamps), "server": [server_split(totals, r) for r in range(1, ROUNDS + 1)]}
 
 
 def run_fedavg(clients: int, epochs: int) -> dict:
@@ -134,12 +168,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     args = p.parse_args()
     runs: dict[str, list[list[float]]] = {"fedsms": [], "fedavg": []}
+    servers: list[list[dict[str, float]]] = []
 
     def variant(name: str, target: Callable) -> Callable[[], float]:
         def run() -> float:
-            rounds = in_child(target, args.clients, args.epochs)["round_s"]
-            runs[name].append(rounds)
-            return median(rounds[1:])
+            result = in_child(target, args.clients, args.epochs)
+            runs[name].append(result["round_s"])
+            servers.extend([result["server"]] if "server" in result else [])
+            return median(result["round_s"][1:])
         return run
 
     interleaved({"fedsms": variant("fedsms", run_fedsms), "fedavg": variant("fedavg", run_fedavg)},
@@ -150,13 +186,20 @@ def main() -> None:
     def first(name: str) -> float:
         return median([rounds[0] for rounds in runs[name]])
 
+    # fedsms's server work per round (rounds 2-7), the part of its round FedAvg's server does not do
+    server = {key: median([split[key] for run in servers for split in run[1:]]) for key in HOOKS.values()}
+
     rows = [{"clients": args.clients, "epochs": args.epochs, "rounds": ROUNDS, "fedsms_round_s": steady("fedsms"),
              "fedavg_round_s": steady("fedavg"), "ratio": steady("fedsms") / steady("fedavg"),
              "fedsms_first_round_s": first("fedsms"), "fedavg_first_round_s": first("fedavg"),
+             **{f"fedsms_server_{key}": value for key, value in server.items()},
              "fedsms_runs": runs["fedsms"], "fedavg_runs": runs["fedavg"]}]
     report(args.out, rows, [("clients", "clients", "d"), ("epochs", "epochs", "d"), ("fedavg_round_s", "FedAvg s/round", ".3f"),
                             ("fedsms_round_s", "fedsms s/round", ".3f"), ("ratio", "fedsms/FedAvg", ".3f"),
-                            ("fedavg_first_round_s", "FedAvg round 1 s", ".1f"), ("fedsms_first_round_s", "fedsms round 1 s", ".1f")],
+                            ("fedavg_first_round_s", "FedAvg round 1 s", ".1f"), ("fedsms_first_round_s", "fedsms round 1 s", ".1f"),
+                            ("fedsms_server_encode_s", "encode", ".3f"), ("fedsms_server_aggregate_s", "aggregate", ".3f"),
+                            ("fedsms_server_recalibrate_s", "recalibrate", ".3f"), ("fedsms_server_evaluate_s", "evaluate", ".3f"),
+                            ("fedsms_server_checkpoint_s", "of which checkpoint", ".3f")],
            target="fedsms round time <= 1.15x FedAvg's")
 
 

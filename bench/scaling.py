@@ -16,7 +16,8 @@ measured by timing the strategy's hooks in the server process and by the clients
 - server encode: ``configure_train`` (pruning where a phase opens, the soup payload, messages);
 - server aggregate: ``aggregate_train`` (``codec.decode`` of every reply + streaming average);
 - server recalibrate: ``configure_evaluate`` (BatchNorm recalibration at a phase end);
-- server evaluate: ``evaluate_round`` (test-set evaluation, the round's JSON line, checkpoint);
+- server evaluate: ``evaluate_round`` (test-set evaluation, the round's JSON line, and the
+  checkpoint, also shown on its own: ``save_checkpoint``);
 - client training: sum of the clients' ``train_candidate`` seconds / 2 parallel workers;
 - rest: Flower's transport and scheduling, and client-side work outside training (app
   start-up per message, data shard, model build, decode of the soup, encode of the reply).
@@ -33,35 +34,15 @@ import tempfile
 from pathlib import Path
 
 from common import median, parser, peak_rss, peak_rss_reset, report, rss
-from federation_overhead import fedsms_config, in_child, round_seconds, stamped
+from federation_overhead import SERVER_PARTS, fedsms_config, in_child, instrument, round_seconds, server_split
 
-HOOKS = {"configure_train": "encode_s", "aggregate_train": "aggregate_s",
-         "configure_evaluate": "recalibrate_s", "evaluate_round": "evaluate_s"}
 PARALLEL = min(2, os.cpu_count() or 1)  # 1 CPU per virtual client
-
-
-def timed(method, totals: dict, key: str):
-    def wrapper(self, server_round, *args, **kwargs):
-        import time
-
-        start = time.perf_counter()
-        try:
-            return method(self, server_round, *args, **kwargs)
-        finally:
-            per_round = totals.setdefault(server_round, {})
-            per_round[key] = per_round.get(key, 0.0) + time.perf_counter() - start
-    return wrapper
 
 
 def run_scaled(clients: int, epochs: int) -> dict:
     from fedsms_server.simulation import simulate
-    from fedsms_server.strategy import SparseSoupStrategy
 
-    totals: dict[int, dict[str, float]] = {}
-    for hook, key in HOOKS.items():
-        setattr(SparseSoupStrategy, hook, timed(getattr(SparseSoupStrategy, hook), totals, key))
-    stamps: list[float] = []
-    SparseSoupStrategy.evaluate_round = stamped(SparseSoupStrategy.evaluate_round, stamps)
+    totals, stamps = instrument()
     peak_rss_reset()
     before = rss()
     with tempfile.TemporaryDirectory() as out_dir:
@@ -70,16 +51,15 @@ def run_scaled(clients: int, epochs: int) -> dict:
     rounds = round_seconds(stamps)
     splits = []
     for log, wall in list(zip(logs, rounds))[1:]:
-        server = totals.get(log["server_round"], {})
-        split = {key: server.get(key, 0.0) for key in set(HOOKS.values())}
+        split = server_split(totals, log["server_round"])
         split["client_train_s"] = log["train"]["train_seconds"] * log["accepted"] / PARALLEL
-        split["rest_s"] = wall - sum(split.values())
+        split["rest_s"] = wall - sum(split[key] for key in (*SERVER_PARTS, "client_train_s"))
         splits.append({"round_s": wall, **split})
     return {"rounds": splits, "rss_before": before, "peak_rss": peak_rss(),
             "bytes_down": sum(log["bytes_down"] for log in logs), "bytes_up": sum(log["bytes_up"] for log in logs)}
 
 
-PARTS = ["round_s", "encode_s", "aggregate_s", "recalibrate_s", "evaluate_s", "client_train_s", "rest_s"]
+PARTS = ["round_s", *SERVER_PARTS, "checkpoint_s", "client_train_s", "rest_s"]
 
 
 def main() -> None:
@@ -101,6 +81,7 @@ def main() -> None:
     report(args.out, rows, [("clients", "clients", "d"), ("round_s", "round s", ".2f"), ("per_client_s", "s/client", ".3f"),
                             ("encode_s", "encode", ".3f"), ("aggregate_s", "aggregate", ".3f"),
                             ("recalibrate_s", "recalibrate", ".3f"), ("evaluate_s", "evaluate", ".3f"),
+                            ("checkpoint_s", "of which ckpt", ".3f"),
                             ("client_train_s", "train", ".2f"), ("rest_s", "Flower+client rest", ".2f"),
                             ("server_peak_rss", "server peak B", "d"), ("server_growth", "growth B", "d")],
            parallel_clients=PARALLEL)

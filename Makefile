@@ -32,7 +32,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The systems benchmarks at full size (about 20 minutes on 2 CPU cores); tables print, results
+# The systems benchmarks at full size (10-20 minutes on 2 CPU cores); tables print, results
 # go to results/*.json, and BENCHMARKS.md holds the figures.
 bench-systems: setup
 	for b in wire_bytes aggregation masked_step federation_overhead scaling; do \

@@ -176,11 +176,11 @@ class SparseSoupStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # A generator: each reply's payload copy is freed once it is in the running sum.
-        metrics = self.aggregate_updates(server_round, (unpack_reply(reply) for reply in replies))
+        updates = [unpack_reply(reply) for reply in replies]
+        metrics = self.aggregate_updates(server_round, updates)
         return ArrayRecord(self.soup), (MetricRecord(metrics) if metrics else None)
 
-    def aggregate_updates(self, server_round: int, updates: Iterable[Update]) -> dict[str, float]:
+    def aggregate_updates(self, server_round: int, updates: list[Update]) -> dict[str, float]:
         """Stream every valid update into the masked average; the soup becomes that average.
         Invalid updates are logged with their reason and never touch the soup."""
         phase, _ = self.phase_at(server_round)

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo demo-local test test-fast bench clean
+.PHONY: setup demo demo-local test test-fast bench bench-systems clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The systems benchmarks at full size (10-20 minutes on 2 CPU cores); tables print, results
+# go to results/*.json, and BENCHMARKS.md holds the figures.
+bench-systems: setup
+	for b in wire_bytes aggregation masked_step federation_overhead scaling; do \
+	    FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/$$b.py --out results/$$b.json || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

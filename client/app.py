@@ -123,7 +123,7 @@ def make_client_app(
         return Message(RecordDict({
             "update": record_of(payload),
             "metrics": MetricRecord({"train_loss": result["train_loss"], "train_accuracy": result["train_accuracy"],
-                                     "num-examples": len(data)}),
+                                     "train_seconds": result["seconds"], "num-examples": len(data)}),
         }), reply_to=message)
 
     @app.evaluate()

@@ -65,6 +65,17 @@ def reseal(message: pb.SparsePayload) -> bytes:
     return codec._seal(message)
 
 
+def wire_names(message: pb.SparsePayload) -> list[str]:
+    """All entry names in wire order (masked, then dense), read from the name table."""
+    masked, dense = codec._wire_names(message)
+    return masked + dense
+
+
+def renamed(message: pb.SparsePayload, names: list[str]) -> None:
+    """Rewrite the name table, as a sender that edits its entries would."""
+    message.names = zlib.compress("\n".join(names).encode())
+
+
 def edited(data: bytes, edit) -> bytes:
     message = pb.SparsePayload.FromString(data)
     edit(message)
@@ -274,7 +285,7 @@ def test_non_finite_values_are_refused(example):
     refuse(edited(data, poison_masked), state, "'net.features.3.weight' has NaN or Inf")
 
     def poison_dense(message):
-        entry = next(e for e in message.dense if e.name == "net.features.4.running_var")
+        entry = message.dense[codec._wire_names(message)[1].index("net.features.4.running_var")]
         entry.data = entry.data[:-4] + struct.pack("<f", float("inf"))
 
     refuse(edited(data, poison_dense), state, "'net.features.4.running_var' has NaN or Inf")
@@ -311,19 +322,25 @@ def test_extra_and_missing_tensors_are_refused(example):
     refuse(data, state, "unexpected 'net.features.8.running_mean'", template=fewer)
 
     def drop_dense(message):
-        del message.dense[2]
+        names = wire_names(message)
+        del message.dense[2], names[len(message.masked) + 2]
+        renamed(message, names)
 
     refuse(edited(data, drop_dense), state, "dense tensors lack")
 
     def duplicate_dense(message):
+        names = wire_names(message)
         message.dense.add().CopyFrom(message.dense[0])
+        renamed(message, names + [names[len(message.masked)]])
 
     refuse(edited(data, duplicate_dense), state, "repeat")
 
     update = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False)
 
     def drop_masked(message):
-        del message.masked[1]
+        names = wire_names(message)
+        del message.masked[1], names[1]
+        renamed(message, names)
 
     def swap_masked(message):
         first, second = pb.MaskedTensor(), pb.MaskedTensor()
@@ -331,11 +348,13 @@ def test_extra_and_missing_tensors_are_refused(example):
         second.CopyFrom(message.masked[1])
         message.masked[0].CopyFrom(second)
         message.masked[1].CopyFrom(first)
+        names = wire_names(message)
+        renamed(message, [names[1], names[0], *names[2:]])
 
     for edit, match in [(drop_masked, "masked tensors lack 'net.features.3.weight'"), (swap_masked, "order")]:
         with pytest.raises(codec.PayloadError, match=match):
             codec.decode(edited(update, edit), expected_mask=mask, expected_digest=None, template=state)
-    unknown = edited(data, lambda m: setattr(m.masked[0], "name", "net.nothing.weight"))
+    unknown = edited(data, lambda m: renamed(m, ["net.nothing.weight", *wire_names(m)[1:]]))
     refuse(unknown, state, "'net.nothing.weight' which the model does not have")
 
 
@@ -384,12 +403,47 @@ def test_wire_layout_matches_the_schema(example):
     assert message.crc32 == zlib.crc32(data[:-5]) and data[-5] == 0x7D
     assert message.header.value_dtype == pb.VALUE_DTYPE_BF16 and message.header.kind == pb.PAYLOAD_KIND_SOUP
     assert message.mask_bits == pack_mask(mask)
+    names = zlib.decompress(message.names).decode().split("\n")
+    assert names == [*mask, *(n for n in state if n not in mask)]  # masked in mask order, then dense
+    assert not any(e.name for e in [*message.masked, *message.dense])
+    masked_names, dense_names = names[: len(message.masked)], names[len(message.masked) :]
+    assert masked_names == list(mask)
     first = message.masked[0]
     raw = np.frombuffer(first.values, dtype="<u2").astype(np.uint32) << 16  # bf16 = top half of fp32
-    want = state[first.name][mask[first.name]].to(torch.bfloat16).float().numpy()
+    want = state[masked_names[0]][mask[masked_names[0]]].to(torch.bfloat16).float().numpy()
     assert np.array_equal(raw.view("<f4"), want)
-    tracked = next(e for e in message.dense if e.name.endswith("num_batches_tracked"))
+    tracked = next(e for e, n in zip(message.dense, dense_names) if n.endswith("num_batches_tracked"))
     assert tracked.dtype == "int64" and list(tracked.shape) == [] and tracked.data == struct.pack("<q", 17)
+
+
+def test_payloads_that_name_each_entry_still_decode(example):
+    """The name table is optional in the schema: entries that carry their own names read the same."""
+    state, mask = example
+    data = soup_bytes(state, mask, num_examples=5)
+
+    def names_in_entries(message):
+        masked, dense = codec._wire_names(message)
+        for entry, name in zip([*message.masked, *message.dense], masked + dense):
+            entry.name = name
+        message.ClearField("names")
+
+    old_style = edited(data, names_in_entries)
+    assert len(old_style) > len(data)
+    a, b = decode_soup(data, state), decode_soup(old_style, state)
+    for name in state:
+        assert torch.equal(a.to_state_dict(state)[name], b.to_state_dict(state)[name])
+
+
+def test_a_name_table_that_does_not_fit_is_refused(example):
+    state, mask = example
+    data = soup_bytes(state, mask)
+    refuse(edited(data, lambda m: setattr(m, "names", b"not zlib")), state, "name table cannot be read")
+    refuse(edited(data, lambda m: renamed(m, wire_names(m)[:-1])), state, "lists .* tensors but the payload carries")
+    refuse(edited(data, lambda m: setattr(m.dense[0], "name", "net.x")), state, "both in its name table and in its entries")
+    refuse(edited(data, lambda m: setattr(m, "names", zlib.compress(b"a" * (codec._MAX_NAME_TABLE + 1)))), state,
+           "larger than")
+    with pytest.raises(codec.PayloadError, match="cannot be sent"):
+        codec.encode({"a\nb": torch.zeros(2)}, {}, phase=0, round=0, kind="norm_stats", include_mask=False)
 
 
 # ---- generated code ------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""Aggregation: server time and peak memory to aggregate m replies through the real path.
+
+    python bench/aggregation.py [--model tv:resnet18] [--clients 4 16 64] [--repeats 5] [--out results/aggregation.json]
+
+One child process per m (so memory figures do not mix). In it, a ``SparseSoupStrategy``
+for the model prunes to 90 % (its own round-1 prune), then ``aggregate_updates`` (what
+``aggregate_train`` calls: ``codec.decode`` with every check, the streaming masked
+average, the soup rebuilt from it) takes m replies from a generator that makes each reply
+payload (a fresh copy of one encoded update) just before it is decoded. The bench itself
+holds one encoded update; the copying is timed apart and left out of the aggregation time.
+
+Throughput is set against a plain memory copy (``numpy.copyto`` into a preallocated
+buffer) of the same m·payload bytes, timed interleaved with the aggregation in the same
+process. Peak memory is the child's peak RSS (Linux VmHWM, reset through
+``/proc/self/clear_refs`` just before the timed aggregations, so every allocator counts,
+torch's included) minus its RSS at that moment.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from common import interleaved, median, parser, peak_rss, peak_rss_reset, report, rss
+from fedsms import codec
+from fedsms.config import FederationConfig, RunConfig
+from fedsms.models import build_model
+from fedsms_server.strategy import SparseSoupStrategy, Update
+
+SPARSITY = 0.9
+
+
+def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    run = RunConfig(model=model_name, phases=1, target_sparsity=SPARSITY, ood=False)
+    fed = FederationConfig(pretrain_rounds=0, min_train_clients=1)
+    with tempfile.TemporaryDirectory() as out_dir:
+        strategy = SparseSoupStrategy(run, fed, build_model(model_name, 10, (3, 32, 32)), server_data=None,
+                                      out_dir=out_dir, log=lambda _: None)
+        strategy.begin_round(1)  # prunes the soup to 90 % under a fresh mask
+        soup_bytes = sum(t.numel() * t.element_size() for t in strategy.soup.values())
+        update = codec.encode(strategy.soup, strategy.mask, phase=1, round=1, kind="update", include_mask=False,
+                              num_examples=100)
+        copying = [0.0]
+
+        def replies():
+            for node in range(m):
+                start = time.perf_counter()
+                payload = bytes(memoryview(update))  # a new reply, made just before it is decoded
+                copying[0] += time.perf_counter() - start
+                yield Update(node, payload, {"train_loss": 0.5})
+
+        def aggregate() -> float:
+            copying[0] = 0.0
+            start = time.perf_counter()
+            strategy.aggregate_updates(1, replies())
+            elapsed = time.perf_counter() - start - copying[0]
+            assert strategy._current.accepted == m, strategy._current.rejected
+            return elapsed
+
+        source = np.frombuffer(update, dtype=np.uint8)
+        target = np.empty_like(source)
+
+        def memcpy() -> None:
+            for _ in range(m):
+                np.copyto(target, source)
+
+        peak_rss_reset()
+        before = rss()
+        times = interleaved({"aggregate": aggregate, "memcpy": memcpy}, repeats)
+        peak = peak_rss() - before
+    agg, copy = median(times["aggregate"]), median(times["memcpy"])
+    nnz = sum(int(k.sum()) for k in strategy.mask.values())
+    return {
+        "model": model_name, "clients": m, "torch_threads": threads, "sparsity": SPARSITY, "nnz": nnz, "payload_bytes": len(update),
+        "soup_bytes": soup_bytes, "aggregate_s": agg, "per_reply_ms": 1000 * agg / m, "memcpy_s": copy,
+        "aggregate_MBps": m * len(update) / agg / 1e6, "memcpy_MBps": m * len(update) / copy / 1e6,
+        "throughput_vs_memcpy": copy / agg, "peak_delta_bytes": peak, "peak_over_soup": peak / soup_bytes,
+        "aggregate_runs_s": times["aggregate"], "memcpy_runs_s": times["memcpy"],
+    }
+
+
+def _child(args: tuple, queue) -> None:
+    queue.put(measure(*args))
+
+
+def measure_in_child(model_name: str, m: int, repeats: int, threads: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=((model_name, m, repeats, threads), queue))
+    child.start()
+    row = queue.get()
+    child.join()
+    return row
+
+
+COLUMNS = [
+    ("clients", "m", "d"), ("payload_bytes", "reply B", "d"), ("aggregate_s", "aggregate s", ".3f"),
+    ("per_reply_ms", "ms/reply", ".1f"), ("aggregate_MBps", "MB/s", ".0f"), ("memcpy_MBps", "memcpy MB/s", ".0f"),
+    ("throughput_vs_memcpy", "vs memcpy", ".2f"), ("peak_delta_bytes", "peak +B", "d"), ("peak_over_soup", "peak/soup", ".2f"),
+]
+
+
+def main() -> None:
+    p = parser(__doc__, "results/aggregation.json", repeats=5)
+    p.add_argument("--model", default="tv:resnet18")
+    p.add_argument("--clients", nargs="+", type=int, default=[4, 16, 64])
+    # One thread by default: on a shared, oversubscribed CPU torch's OpenMP team of 2 spins
+    # waiting for a descheduled partner and runs elementwise ops ~10x slower than 1 thread.
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the measuring process (default 1)")
+    args = p.parse_args()
+    model, clients = ("cnn", [2, 4]) if args.tiny else (args.model, args.clients)
+    rows = [measure_in_child(model, m, args.repeats, args.threads) for m in clients]
+    report(args.out, rows, COLUMNS, model=model,
+           target="peak memory independent of m and <= 3x the soup; throughput >= 0.5x memcpy of the same bytes",
+           memory="peak RSS (VmHWM after clear_refs) of the child process minus its RSS before aggregating",
+           holds="one encoded update; each reply is a fresh copy of it made just before decoding (copy time excluded)")
+
+
+if __name__ == "__main__":
+    main()

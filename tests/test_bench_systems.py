@@ -1,0 +1,71 @@
+"""Smoke test of the systems benchmarks: each script runs at its tiny size and writes a JSON
+with the expected keys and sane values. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(script: str, tmp_path: Path, *extra: str, timeout: int = 120) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    result = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--tiny", "--repeats", "1", "--out", str(out), *extra],
+                            capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    machine = data["machine"]
+    assert machine["torch"] and machine["flwr"] and machine["cpu_cores"] >= 1 and len(machine["load_average"]) == 3
+    assert data["rows"]
+    return data
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def test_wire_bytes(tmp_path):
+    rows = run_bench("wire_bytes", tmp_path)["rows"]
+    assert {(r["sparsity"], r["value_dtype"]) for r in rows} == {(s, d) for s in (0.5, 0.9, 0.98) for d in ("fp32", "fp16")}
+    for r in rows:
+        assert positive(r["down"], r["up"], r["bound_down"], r["bound_up"], r["fedavg_dense"], r["down_over_dense"])
+        assert r["down"] >= r["bound_down"] and r["up"] >= r["bound_up"] and r["down"] > r["up"]
+        assert isinstance(r["within_target"], bool)
+
+
+def test_aggregation(tmp_path):
+    rows = run_bench("aggregation", tmp_path)["rows"]
+    assert [r["clients"] for r in rows] == [2, 4]
+    for r in rows:
+        assert positive(r["aggregate_s"], r["memcpy_s"], r["throughput_vs_memcpy"], r["payload_bytes"], r["soup_bytes"])
+        assert r["peak_delta_bytes"] >= 0 and math.isfinite(r["peak_over_soup"])
+
+
+def test_masked_step(tmp_path):
+    (row,) = run_bench("masked_step", tmp_path)["rows"]
+    assert positive(row["masked_step_s"], row["dense_step_s"]) and math.isfinite(row["overhead"])
+
+
+@pytest.mark.slow
+def test_federation_overhead(tmp_path):
+    (row,) = run_bench("federation_overhead", tmp_path, "--clients", "2", timeout=400)["rows"]
+    assert positive(row["fedsms_round_s"], row["fedavg_round_s"], row["ratio"])
+    assert len(row["fedsms_runs"][0]) == len(row["fedavg_runs"][0]) == row["rounds"]
+
+
+@pytest.mark.slow
+def test_scaling(tmp_path):
+    rows = run_bench("scaling", tmp_path, timeout=400)["rows"]
+    assert [r["clients"] for r in rows] == [2, 4]
+    for r in rows:
+        assert positive(r["round_s"], r["client_train_s"], r["server_peak_rss"])
+        assert all(math.isfinite(r[k]) for k in ("encode_s", "aggregate_s", "recalibrate_s", "evaluate_s", "rest_s"))

@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "ensemble", "fed-hyperparameter", "fed-data")
+METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "sms-greedy", "ensemble", "fed-hyperparameter", "fed-data")
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -4,6 +4,7 @@ mean ± std of test accuracy, OOD accuracy (mean over corruptions × severities 
 
     python bench/quality.py                      # MNIST-1D (20k), MLP-512, 90/95/98 %, 5 seeds
     python bench/quality.py --dataset cifar10 --model resnet20 --data-dir D --pretrain-epochs 160
+    python bench/quality.py --merge A B --out C  # one table from runs over disjoint seeds
 
 Every method runs through ``fedsms.local`` with the same P, m and retraining epochs per
 candidate. Per seed the dense model is trained once and shared by every target sparsity.
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest for small models on a shared machine)")
     parser.add_argument("--out", default="results/quality")
+    parser.add_argument("--merge", nargs="+", metavar="RUN_OUT",
+                        help="train nothing: tabulate the rows of these finished (or partial) runs together")
     return parser.parse_args(argv)
 
 
@@ -89,6 +92,35 @@ def run(args: argparse.Namespace, log=print) -> dict:
                   "torch": torch.__version__, "table": table, "checks": checks(table), "rows": rows}
         (out / "partial.json").write_text(json.dumps(result, indent=2))
     (out / "partial.json").rename(out / "quality.json")
+    result["plots"] = [str(p) for p in plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")]
+    return result
+
+
+def merge(args: argparse.Namespace) -> dict:
+    """One table from runs with the same settings over different seeds (e.g. run side by side)."""
+    out = Path(args.out)
+    if (out / "quality.json").exists():
+        raise FedSMSError(f"{out / 'quality.json'} already exists; pass another --out or remove it")
+    results = []
+    for folder in map(Path, args.merge):
+        found = [folder / n for n in ("quality.json", "partial.json") if (folder / n).exists()]
+        if not found:
+            raise FedSMSError(f"{folder} holds no quality.json or partial.json; pass the --out folder of a quality run")
+        results.append(json.loads(found[0].read_text()))
+    settings = [{k: v for k, v in r["config"].items() if k not in ("seeds", "out", "merge", "data_dir")} for r in results]
+    if any(s != settings[0] for s in settings):
+        raise FedSMSError("the runs to merge differ in settings other than seeds; merge only runs of one command")
+    rows = [row for r in results for row in r["rows"]]
+    seeds = sorted({r["seed"] for r in rows})
+    if len(rows) != len({(r["seed"], r["target_sparsity"], r["method"], r["phase"]) for r in rows}):
+        raise FedSMSError("the runs to merge share seeds; merge runs over disjoint seeds")
+    table = final_rows(rows)
+    result = {"config": {**results[0]["config"], "seeds": ",".join(map(str, seeds)), "merged_from": args.merge},
+              "seconds": sum(r["seconds"] for r in results), "torch": torch.__version__, "table": table,
+              "checks": checks(table), "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    sparsities = sorted({r["target_sparsity"] for r in rows})
     result["plots"] = [str(p) for p in plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")]
     return result
 
@@ -151,13 +183,15 @@ def format_checks(result_checks: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        result = run(args)
+        result = merge(args) if args.merge else run(args)
     except FedSMSError as error:
         print(f"quality: error: {error}", file=sys.stderr)
         return 2
     print()
-    print(f"{args.dataset} / {args.model}, P={args.phases}, m={args.candidates}, {args.retrain_epochs} retraining "
-          f"epochs per candidate and phase, {len(args.seeds.split(','))} seeds, {result['seconds']:.0f} s")
+    config = result["config"]
+    print(f"{config['dataset']} / {config['model']}, P={config['phases']}, m={config['candidates']}, "
+          f"{config['retrain_epochs']} retraining epochs per candidate and phase, seeds {config['seeds']}, "
+          f"{result['seconds']:.0f} s of training")
     print(format_table(result["table"]))
     print()
     print(format_checks(result["checks"]))

@@ -52,6 +52,17 @@ def test_quality_table_on_mnist1d(tmp_path):
     dense = [json.loads(line) for line in (out / "s80" / "results.jsonl").read_text().splitlines()]
     assert all(r.get("source", "").endswith("-dense") for r in dense if r["method"] == "dense")
 
+    # runs over disjoint seeds merge into one table; overlapping seeds are refused
+    other = tmp_path / "other"
+    run_bench("quality.py", "--dataset", "mnist1d-300", "--model", "mlp-16", "--sparsities", "0.5,0.8",
+              "--seeds", "2", "--data-dir", str(tmp_path / "data"), "--out", str(other), *TINY)
+    run_bench("quality.py", "--merge", str(out), str(other), "--out", str(tmp_path / "merged"))
+    merged = check_quality(tmp_path / "merged", [0.5, 0.8], seeds=3)
+    assert merged["config"]["seeds"] == "0,1,2"
+    refused = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--merge", str(out), str(out),
+                              "--out", str(tmp_path / "twice")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "disjoint seeds" in refused.stderr
+
 
 def test_quality_table_runs_the_cifar_path(tmp_path):
     write_cifar10(tmp_path / "cifar" / "cifar-10-batches-bin", per_file=8)

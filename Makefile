@@ -32,8 +32,8 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The quality benchmarks of BENCHMARKS.md: the paper table on MNIST-1D (about 1 hour on 2
-# shared CPU cores), then the federated soups against masked FedAvg (about 15 minutes).
+# The quality benchmarks of BENCHMARKS.md: the paper table on MNIST-1D (about 1.5 hours on 2
+# shared CPU cores), then the federated soups against masked FedAvg (about 35 minutes).
 bench-quality: setup
 	$(BIN)/python bench/quality.py --data-dir runs/data --out results/quality
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/federated.py --data-dir runs/data --out results/federated

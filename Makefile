@@ -4,14 +4,14 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo demo-local test test-fast bench bench-systems clean
+.PHONY: setup demo demo-local test test-fast bench-systems bench-quality clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $@
 
 # The main job: a federated hyperparameter soup (4 virtual Flower clients, 3 phases) on the
@@ -37,6 +37,12 @@ test-fast: setup
 bench-systems: setup
 	for b in wire_bytes aggregation masked_step federation_overhead scaling; do \
 	    FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/$$b.py --out results/$$b.json || exit 1; done
+
+# The quality benchmarks of BENCHMARKS.md: the paper table on MNIST-1D (about 1.5 hours on 2
+# shared CPU cores), then the federated soups against masked FedAvg (about 35 minutes).
+bench-quality: setup
+	$(BIN)/python bench/quality.py --data-dir runs/data --out results/quality
+	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/federated.py --data-dir runs/data --out results/federated
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

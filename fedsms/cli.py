@@ -11,9 +11,9 @@ from pathlib import Path
 from fedsms import FedSMSError
 
 CONFIG_HELP = {
-    "dataset": "digits (embedded), cifar10, cifar100, mnist or fashion-mnist",
+    "dataset": "digits (embedded), mnist1d or mnist1d-N (generated), cifar10, cifar100, mnist or fashion-mnist",
     "data_dir": "folder holding the torchvision data sets' files",
-    "model": "mlp, cnn, resnet20, resnet56, wrn-D-K or tv:TORCHVISION_NAME",
+    "model": "mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-D-K or tv:TORCHVISION_NAME",
     "target_sparsity": "final fraction of prunable weights that are zero",
     "phases": "prune-retrain phases P",
     "candidates": "candidates m retrained per phase",
@@ -36,7 +36,7 @@ CONFIG_HELP = {
     "merge": "uniform, weighted (by examples) or greedy (held-out accuracy) soup",
     "recalibration_fraction": "fraction of training data for norm-statistics recalibration",
     "heldout_fraction": "fraction of the training data held out (seeded) for greedy/best-of-m",
-    "methods": "comma list of imp, imp-best, imp-avg, sms, gmp, gmp-soup (dense always runs)",
+    "methods": "comma list of imp, imp-best, imp-avg, sms, sms-greedy, gmp, gmp-soup (dense always runs)",
     "ood": "evaluate under corruptions at severities 1-5",
     "ood_examples": "test examples used for the OOD evaluation",
     "seed": "base seed",

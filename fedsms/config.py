@@ -14,7 +14,7 @@ from fedsms.masks import PRUNING_METHODS
 from fedsms.recipe import LR_SCHEDULES, CandidateConfig, expand_recipe, parse_grid
 from fedsms.soup import MERGE_RULES
 
-METHODS = ("imp", "imp-best", "imp-avg", "sms", "gmp", "gmp-soup")
+METHODS = ("imp", "imp-best", "imp-avg", "sms", "sms-greedy", "gmp", "gmp-soup")
 
 
 @dataclass(frozen=True)

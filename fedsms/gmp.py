@@ -107,6 +107,7 @@ def run_gmp(run: LocalRun, method: str, dense: State, mask: Mask) -> list[dict]:
         if len(trained) == 1:
             state = trained[0][0]
         else:
-            state, extra["chosen"] = run.merge([s for s, _ in trained], mask, update, [m["num_examples"] for _, m in trained])
+            state, extra["chosen"] = run.merge([s for s, _ in trained], mask, update, [m["num_examples"] for _, m in trained],
+                                               config.merge)
         rows.append(run.record(method, update, state, mask, extra, started))
     return rows

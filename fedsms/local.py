@@ -9,6 +9,8 @@ retrained candidates into the next state:
 - ``sms``: m candidates averaged under the mask in every phase (the merge rule decides
   uniform, weighted or greedy), and the soup starts the next phase. The prediction
   ensemble of the same candidates is reported as ``ensemble`` (an upper reference).
+- ``sms-greedy``: ``sms`` with the greedy soup whatever the merge rule, so one run can
+  report both soups side by side.
 
 Every candidate retrains ``retrain_epochs`` epochs per phase in every method.
 
@@ -121,7 +123,7 @@ class LocalRun:
             started = time.perf_counter()
             target = sparsity_after_phase(config.target_sparsity, config.phases, phase)
             state, mask = prune_state(state, mask, target, method=config.pruning, seed=config.seed * 1000 + phase)
-            many = method in ("imp-best", "sms") or (method == "imp-avg" and phase == config.phases)
+            many = method in ("imp-best", "sms", "sms-greedy") or (method == "imp-avg" and phase == config.phases)
             configs = [for_phase(c, phase) for c in (self.candidate_configs if many else self.candidate_configs[:1])]
             label = f"[{method}] phase {phase}/{config.phases} sparsity {sparsity(mask):.2%}"
             trained = self.trainer.train(state, mask, configs, label)
@@ -136,12 +138,12 @@ class LocalRun:
             else:
                 if method == "sms":
                     rows.append(self._ensemble_row(phase, mask, states, started))
-                state, extra["chosen"] = self.merge(states, mask, phase, [m["num_examples"] for _, m in trained])
+                rule = "greedy" if method == "sms-greedy" else config.merge
+                state, extra["chosen"] = self.merge(states, mask, phase, [m["num_examples"] for _, m in trained], rule)
             rows.append(self.record(method, phase, state, mask, extra, started))
         return rows
 
-    def merge(self, states: list[State], mask: Mask, phase: int, examples: list[int]) -> tuple[State, list[int]]:
-        rule = self.config.merge
+    def merge(self, states: list[State], mask: Mask, phase: int, examples: list[int], rule: str) -> tuple[State, list[int]]:
         if rule == "greedy":
             soup, chosen, _ = greedy_soup(states, mask, lambda s: self.heldout_accuracy(self.recalibrated(s, phase)))
         else:

@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedsms.report import grouped, mean_std, methods_in  # noqa: E402
 
 
-def plot_results(rows: list[dict], out_dir: str | Path) -> list[Path]:
+def plot_results(rows: list[dict], out_dir: str | Path, point_label: str = "phase") -> list[Path]:
+    """The two plots of ``rows``; on the ID-vs-OOD plot each point is numbered by its row's
+    ``phase`` field, which ``point_label`` names (bench/quality.py puts a target index there)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     acc, ood, spars = grouped(rows, "accuracy"), grouped(rows, "ood_accuracy"), grouped(rows, "sparsity")
@@ -42,7 +44,7 @@ def plot_results(rows: list[dict], out_dir: str | Path) -> list[Path]:
                 ax.plot(xs, ys, marker="o", ls=":", label=method)
                 for (_, phase), x, y in zip(keys, xs, ys):
                     ax.annotate(str(phase), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        ax.set(xlabel="test accuracy (%)", ylabel="OOD accuracy (%)", title="In-distribution vs OOD (numbers: phase)")
+        ax.set(xlabel="test accuracy (%)", ylabel="OOD accuracy (%)", title=f"In-distribution vs OOD (numbers: {point_label})")
         ax.legend()
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / "id_vs_ood.png"))

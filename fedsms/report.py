@@ -10,8 +10,8 @@ from pathlib import Path
 
 from fedsms.gmp import GMP_METHODS
 
-METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "ensemble", "fed-hyperparameter", "fed-data",
-                "gmp", "gmp-soup", "fed-hyperparameter-gmp", "fed-data-gmp")
+METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "sms-greedy", "ensemble", "fed-hyperparameter",
+                "fed-data", "gmp", "gmp-soup", "fed-hyperparameter-gmp", "fed-data-gmp")
 
 
 def read_rows(path: str | Path) -> list[dict]:

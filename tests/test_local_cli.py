@@ -110,3 +110,13 @@ def test_every_command_has_help(capsys):
             main([*command, "--help"])
         assert exit_info.value.code == 0
     assert "--target-sparsity" in capsys.readouterr().out
+
+
+def test_sms_greedy_is_sms_with_the_greedy_merge(tmp_path):
+    # the alias reports the greedy soup beside the configured one; with merge=greedy both are the same run
+    out = tmp_path / "run"
+    assert main(["local", *TINY, "--methods", "sms,sms-greedy", "--merge", "greedy", "--out-dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    pick = lambda method: [(r["phase"], r["mask_digest"], r["accuracy"], r["chosen"]) for r in rows if r["method"] == method]  # noqa: E731
+    assert pick("sms-greedy") == pick("sms") and len(pick("sms")) == 2
+    assert sum(r["method"] == "ensemble" for r in rows) == 2  # only sms reports the ensemble

@@ -21,6 +21,7 @@ NUM_CLASSES = 7  # not 10, so a hard-coded head size would show
 # since they take any channel count.
 CASES = [
     ("mlp", DIGITS),
+    ("mlp-64", (1, 1, 40)),  # MNIST-1D signals
     ("cnn", DIGITS),
     ("cnn", CIFAR),
     ("resnet20", CIFAR),
@@ -264,3 +265,11 @@ def test_wide_resnet_rejects_depth_not_6n_plus_4(depth):
 def test_wide_resnet_rejects_bad_dropout():
     with pytest.raises(FedSMSError, match="dropout"):
         wide_resnet(16, 4, 10, dropout=1.0)
+
+
+def test_mlp_width_comes_from_its_name():
+    model = build_model("mlp-64", NUM_CLASSES, (1, 1, 40))
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(40, 64), (64, 64), (64, NUM_CLASSES)]
+    with pytest.raises(FedSMSError, match="mlp-WIDTH"):
+        build_model("mlp-wide", NUM_CLASSES, DIGITS)

@@ -1,7 +1,7 @@
 """Models by name. Every model takes [0, 1] images and normalises them itself.
 
-Names: ``mlp``, ``cnn`` (digits), ``resnet20``, ``resnet56``, ``wrn-D-K`` (CIFAR), and
-``tv:NAME`` for any torchvision classification model (``tv:resnet18``).
+Names: ``mlp`` (two hidden layers of 256), ``mlp-W`` (two of width W), ``cnn`` (digits),
+``resnet20``, ``resnet56``, ``wrn-D-K`` (CIFAR), and ``tv:NAME`` for any torchvision classification model (``tv:resnet18``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> 
 
     if name == "mlp":
         return small.mlp(num_classes, input_shape)
+    if match := re.fullmatch(r"mlp-(\d+)", name):
+        return small.mlp(num_classes, input_shape, hidden=(int(match[1]),) * 2)
     if name == "cnn":
         return small.SmallCNN(num_classes, input_shape)
     if name in ("resnet20", "resnet56"):
@@ -57,7 +59,7 @@ def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> 
     if name.startswith("tv:"):
         return _torchvision_model(name[3:], num_classes, input_shape)
     raise FedSMSError(
-        f"unknown model {name!r}; use mlp, cnn, resnet20, resnet56, wrn-DEPTH-WIDTH or tv:TORCHVISION_NAME"
+        f"unknown model {name!r}; use mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-DEPTH-WIDTH or tv:TORCHVISION_NAME"
     )
 
 

@@ -1,0 +1,203 @@
+"""The paper table: dense, IMP, IMP best-of-m, IMP-AVG, SMS (uniform and greedy soup) and the
+prediction ensemble of the SMS candidates at several target sparsities over several seeds:
+mean ± std of test accuracy, OOD accuracy (mean over corruptions × severities 1-5) and ECE.
+
+    python bench/quality.py                      # MNIST-1D (20k), MLP-512, 90/95/98 %, 5 seeds
+    python bench/quality.py --dataset cifar10 --model resnet20 --data-dir D --pretrain-epochs 160
+    python bench/quality.py --merge A B --out C  # one table from runs over disjoint seeds
+
+Every method runs through ``fedsms.local`` with the same P, m and retraining epochs per
+candidate. Per seed the dense model is trained once and shared by every target sparsity.
+Writes ``OUT/quality.json`` (config, every row, the final-phase table), per-sparsity
+``results.jsonl`` and checkpoints, and PNG plots (accuracy vs sparsity, ID vs OOD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedsms import FedSMSError
+from fedsms.config import RunConfig
+from fedsms.local import run_local
+from fedsms.plots import plot_results
+from fedsms.report import mean_std, methods_in
+
+METHODS = "imp,imp-best,imp-avg,sms,sms-greedy"
+METRICS = ("accuracy", "ood_accuracy", "ece")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist1d-20000")
+    parser.add_argument("--model", default="mlp-512")
+    parser.add_argument("--data-dir", default="", help="data folder (CIFAR files; MNIST-1D's .npz cache)")
+    parser.add_argument("--sparsities", default="0.9,0.95,0.98", help="comma list of target sparsities")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--phases", type=int, default=3)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--pretrain-epochs", type=int, default=40)
+    parser.add_argument("--retrain-epochs", type=int, default=5)
+    parser.add_argument("--pretrain-lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.1, help="retraining learning rate (unless the recipe sets it)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    # Seeds alone barely move an MLP's candidates apart (soup = IMP); IMP and IMP-AVG's
+    # single-candidate phases use the recipe's first point (lr 0.1, weight decay 1e-4).
+    parser.add_argument("--recipe", default="lr=0.1,0.05;weight_decay=1e-4,1e-3",
+                        help="how the m candidates differ (seeds always differ)")
+    parser.add_argument("--ood-examples", type=int, default=1000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is fastest for small models on a shared machine)")
+    parser.add_argument("--out", default="results/quality")
+    parser.add_argument("--merge", nargs="+", metavar="RUN_OUT",
+                        help="train nothing: tabulate the rows of these finished (or partial) runs together")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if (out / "quality.json").exists():
+        raise FedSMSError(f"{out / 'quality.json'} already exists; pass another --out or remove it")
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = RunConfig(
+        dataset=args.dataset, data_dir=args.data_dir, model=args.model, phases=args.phases,
+        candidates=args.candidates, pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
+        retrain_epochs=args.retrain_epochs, lr=args.lr, batch_size=args.batch_size, recipe=args.recipe,
+        methods=METHODS, merge="uniform", ood_examples=args.ood_examples, device=args.device,
+    )
+    started = time.perf_counter()
+    rows = []
+    for seed in seeds:
+        dense = ""  # the first sparsity trains the dense model; the others start from its checkpoint
+        for target in sparsities:
+            run_dir = out / f"s{round(100 * target)}"
+            config = RunConfig.from_mapping(
+                {"seed": seed, "target_sparsity": target, "out_dir": str(run_dir), "init_checkpoint": dense}, base=base
+            )
+            log(f"== seed {seed}, target sparsity {target:.0%} ==")
+            rows += [{**row, "target_sparsity": target} for row in run_local(config, log=log)]
+            dense = str(run_dir / "checkpoints" / f"seed{seed}-dense")
+        # Written after every seed, so a long run that is stopped keeps the seeds it finished.
+        table = final_rows(rows)
+        result = {"config": {**vars(args), "methods": METHODS}, "seconds": round(time.perf_counter() - started, 1),
+                  "torch": torch.__version__, "table": table, "checks": checks(table), "rows": rows}
+        (out / "partial.json").write_text(json.dumps(result, indent=2))
+    (out / "partial.json").rename(out / "quality.json")
+    result["plots"] = [str(p) for p in plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")]
+    return result
+
+
+def merge(args: argparse.Namespace) -> dict:
+    """One table from runs with the same settings over different seeds (e.g. run side by side)."""
+    out = Path(args.out)
+    if (out / "quality.json").exists():
+        raise FedSMSError(f"{out / 'quality.json'} already exists; pass another --out or remove it")
+    results = []
+    for folder in map(Path, args.merge):
+        found = [folder / n for n in ("quality.json", "partial.json") if (folder / n).exists()]
+        if not found:
+            raise FedSMSError(f"{folder} holds no quality.json or partial.json; pass the --out folder of a quality run")
+        results.append(json.loads(found[0].read_text()))
+    settings = [{k: v for k, v in r["config"].items() if k not in ("seeds", "out", "merge", "data_dir")} for r in results]
+    if any(s != settings[0] for s in settings):
+        raise FedSMSError("the runs to merge differ in settings other than seeds; merge only runs of one command")
+    rows = [row for r in results for row in r["rows"]]
+    seeds = sorted({r["seed"] for r in rows})
+    if len(rows) != len({(r["seed"], r["target_sparsity"], r["method"], r["phase"]) for r in rows}):
+        raise FedSMSError("the runs to merge share seeds; merge runs over disjoint seeds")
+    table = final_rows(rows)
+    result = {"config": {**results[0]["config"], "seeds": ",".join(map(str, seeds)), "merged_from": args.merge},
+              "seconds": sum(r["seconds"] for r in results), "torch": torch.__version__, "table": table,
+              "checks": checks(table), "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    sparsities = sorted({r["target_sparsity"] for r in rows})
+    result["plots"] = [str(p) for p in plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")]
+    return result
+
+
+def final_rows(rows: list[dict]) -> list[dict]:
+    """One row per (target sparsity, method): its last phase (dense: phase 0), mean/std over seeds."""
+    last = max(r["phase"] for r in rows)
+    table = []
+    for target in sorted({r["target_sparsity"] for r in rows}):
+        mine = [r for r in rows if r["target_sparsity"] == target]
+        for method in methods_in(mine):
+            done = [r for r in mine if r["method"] == method and r["phase"] == (0 if method == "dense" else last)]
+            entry = {"target_sparsity": target, "method": method, "seeds": len(done),
+                     "sparsity": statistics.fmean(r["sparsity"] for r in done)}
+            for key in METRICS:
+                entry[key], entry[key + "_std"] = mean_std([r[key] for r in done])
+            table.append(entry)
+    return table
+
+
+def checks(table: list[dict]) -> dict:
+    """Per target sparsity: SMS (uniform, greedy) minus IMP and minus IMP best-of-m, in points."""
+    acc = {(r["target_sparsity"], r["method"]): r["accuracy"] for r in table}
+    out = {}
+    for target in sorted({r["target_sparsity"] for r in table}):
+        gaps = {f"{sms}-minus-{imp}": round(100 * (acc[(target, sms)] - acc[(target, imp)]), 3)
+                for sms in ("sms", "sms-greedy") for imp in ("imp", "imp-best")}
+        out[f"{target:g}"] = {**gaps, "target_met": all(v >= 0 for v in gaps.values())}
+    return out
+
+
+def plot_rows(rows: list[dict], sparsities: list[float]) -> list[dict]:
+    """Final-phase rows keyed by target-sparsity index, so the plots draw one point per target."""
+    last = max(r["phase"] for r in rows)
+    picked = [r for r in rows if r["method"] == "dense" and r["target_sparsity"] == sparsities[0]]
+    picked += [{**r, "phase": sparsities.index(r["target_sparsity"]) + 1}
+               for r in rows if r["method"] != "dense" and r["phase"] == last]
+    return picked
+
+
+def format_table(table: list[dict]) -> str:
+    width = max(len(r["method"]) for r in table)
+    header = f"{'target':>6}  {'method':>{width}}  {'sparsity':>8}  {'test acc %':>14}  {'OOD acc %':>14}  {'ECE %':>13}  seeds"
+    lines = [header, "-" * len(header)]
+    for r in table:
+        cells = [f"{100 * r[k]:6.2f} ± {100 * r[k + '_std']:4.2f}" for k in METRICS]
+        lines.append(f"{r['target_sparsity']:>6.0%}  {r['method']:>{width}}  {100 * r['sparsity']:7.2f}%  "
+                     f"{cells[0]:>14}  {cells[1]:>14}  {cells[2]:>13}  {r['seeds']}")
+    return "\n".join(lines)
+
+
+def format_checks(result_checks: dict) -> str:
+    lines = ["SMS minus baseline, test accuracy (points):"]
+    for target, gaps in result_checks.items():
+        text = ", ".join(f"{k} {v:+.2f}" for k, v in gaps.items() if k != "target_met")
+        lines.append(f"  {float(target):.0%}: {text}  -> {'SMS >= IMP and IMP best-of-m' if gaps['target_met'] else 'target missed'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = merge(args) if args.merge else run(args)
+    except FedSMSError as error:
+        print(f"quality: error: {error}", file=sys.stderr)
+        return 2
+    print()
+    config = result["config"]
+    print(f"{config['dataset']} / {config['model']}, P={config['phases']}, m={config['candidates']}, "
+          f"{config['retrain_epochs']} retraining epochs per candidate and phase, seeds {config['seeds']}, "
+          f"{result['seconds']:.0f} s of training")
+    print(format_table(result["table"]))
+    print()
+    print(format_checks(result["checks"]))
+    print(f"\nresults: {Path(args.out) / 'quality.json'}; plots: {', '.join(result['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""MNIST-1D (Greydanus & Steinbach): 10 classes of 40-sample 1-D signals, generated locally
+by the ``mnist1d`` package's ``make_dataset`` (its default arguments and fixed generation
+seed, our sample count); its download path is never used.
+
+Signals are stored as images of shape (1, 1, 40) so every trainer, model and corruption
+works unchanged: a corruption's height axis has size 1, so blurs act along the signal.
+The generator's standardised values are mapped to [0, 1] by a fixed affine map
+(``(x - LOW) / (HIGH - LOW)``, clipped); the models normalise them back themselves.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedsms import FedSMSError
+from fedsms.data.arrays import ArrayData
+
+DEFAULT_SAMPLES = 10_000
+LOW, HIGH = -6.0, 6.0  # the generated data lies within about ±5.5 standard deviations
+SIGNAL_LENGTH = 40
+
+
+def parse_samples(name: str) -> int:
+    """Sample count of ``mnist1d`` (the default) or ``mnist1d-N``."""
+    if name == "mnist1d":
+        return DEFAULT_SAMPLES
+    match = re.fullmatch(r"mnist1d-(\d+)", name)
+    if not match or int(match[1]) < 100:
+        raise FedSMSError(f"MNIST-1D is named mnist1d or mnist1d-N with N >= 100 samples, got {name!r}")
+    return int(match[1])
+
+
+def _generate(num_samples: int) -> dict[str, np.ndarray]:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise FedSMSError("MNIST-1D needs the mnist1d package; run pip install -e '.[bench]'") from None
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    # make_dataset reseeds the global numpy and random generators; give the caller theirs back.
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def _arrays(x: np.ndarray, y: np.ndarray) -> ArrayData:
+    signals = torch.from_numpy(((x - LOW) / (HIGH - LOW)).clip(0.0, 1.0).astype(np.float32))
+    return ArrayData(signals.view(-1, 1, 1, SIGNAL_LENGTH).contiguous(), torch.from_numpy(y.astype(np.int64)))
+
+
+def load_mnist1d_arrays(name: str, data_dir: Path | None = None) -> tuple[ArrayData, ArrayData]:
+    """(train, test): mnist1d's own 80/20 split of ``parse_samples(name)`` signals, cached
+    as ``data_dir/mnist1d-N.npz`` when a data folder is given (never a pickle)."""
+    num_samples = parse_samples(name)
+    cache = data_dir / f"mnist1d-{num_samples}.npz" if data_dir is not None else None
+    if cache is not None and cache.exists():
+        with np.load(cache, allow_pickle=False) as stored:
+            data = {k: stored[k] for k in stored.files}
+    else:
+        data = _generate(num_samples)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **data)
+    return _arrays(data["x"], data["y"]), _arrays(data["x_test"], data["y_test"])

@@ -67,7 +67,7 @@ def test_updates_follow_the_cubic_schedule_and_share_the_imp_epoch_budget():
     ({"gmp-updates": -1}, "'gmp-updates'"),
     ({"gmp-initial-sparsity": 0.95}, "'gmp-initial-sparsity' must be in [0, target-sparsity]"),
     ({"pruning-schedule": "cubic"}, "'pruning-schedule' must be one of imp, gmp"),
-    ({"methods": "gmp,magic"}, "'methods' must list some of imp, imp-best, imp-avg, sms, gmp, gmp-soup"),
+    ({"methods": "gmp,magic"}, "'methods' must list some of imp, imp-best, imp-avg, sms, sms-greedy, gmp, gmp-soup"),
 ])
 def test_bad_gmp_settings_name_the_key(values, message):
     with pytest.raises(FedSMSError) as error:

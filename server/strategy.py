@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -68,10 +68,9 @@ class Update:
     error: str | None = None  # why the reply is unusable, before decoding
 
 
-def unpack_reply(reply: Message, node_of_message: dict[str, int] | None = None) -> Update:
-    """``node_of_message`` maps sent message ids to their clients: the SuperLink itself
-    answers for a client that stopped sending heartbeats, under its own node id."""
-    node = (node_of_message or {}).get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+def unpack_reply(reply: Message, node: int) -> Update:
+    """``node`` is the client the reply answers for (the SuperLink itself answers, under its
+    own node id, for a client that stopped sending heartbeats)."""
     if reply.has_error():
         return Update(node, error=f"the client failed: {reply.error.reason}")
     try:
@@ -247,38 +246,39 @@ class SparseSoupStrategy(Strategy):
         """Average the valid replies; with fewer than ``min-train-clients`` of them, send the
         round again (``round-retries`` times), then stop the job at the last completed round."""
         server_round = flower_round + self.round_offset
-        updates = [unpack_reply(reply, self._node_of_message()) for reply in replies]
+        replies = list(replies)
         for retry in range(self.fed.round_retries + 1):
-            self._log_missing(server_round, updates)
-            metrics = self.aggregate_updates(server_round, updates)
+            metrics = self.aggregate_updates(server_round, self._updates_in_candidate_order(server_round, replies))
             if self._current.accepted >= self.fed.min_train_clients:
                 return ArrayRecord(self.soup), MetricRecord(metrics)
             if retry == self.fed.round_retries:
                 break
             self.log(f"round {server_round}: retrying ({retry + 1} of {self.fed.round_retries})")
             messages = self._train_messages(server_round, self.soup_payload(server_round))
-            replies = self._grid.send_and_receive(messages, timeout=self.fed.round_timeout)
-            updates = [unpack_reply(reply, self._node_of_message()) for reply in replies]
+            replies = list(self._grid.send_and_receive(messages, timeout=self.fed.round_timeout))
         raise RoundFailed(
             f"round {server_round} got {self._current.accepted} valid replies after {self.fed.round_retries} "
             f"retries, fewer than min-train-clients={self.fed.min_train_clients}; start more clients or lower "
             "min-train-clients, then rerun with --resume to continue from the last completed round"
         )
 
-    def _node_of_message(self) -> dict[str, int]:
-        # The Grid gives each message its id when it sends it.
-        return {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+    def _updates_in_candidate_order(self, server_round: int, replies: list[Message]) -> Iterator[Update]:
+        """The replies' updates, unpacked one at a time (each payload copy lives only while
+        it is averaged) in candidate order, not arrival order: the float sum, hence the
+        soup, is then reproducible. Clients sent the round that did not answer in time (dead
+        or straggling) are recorded as rejected."""
+        # The Grid gave each message its id when it sent it; the SuperLink answers for a dead client.
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        nodes = [node_of_message.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
+        for node in self._candidate_of_node.keys() - set(nodes):
+            reason = f"no reply within round-timeout ({self.fed.round_timeout:g} s)"
+            self._current.rejected[node] = reason
+            self.log(f"round {server_round}: node {node}: {reason}")
+        order = sorted(range(len(replies)), key=lambda i: self._candidate_of_node.get(nodes[i], len(self._candidate_of_node)))
+        for i in order:
+            yield unpack_reply(replies[i], nodes[i])
 
-    def _log_missing(self, server_round: int, updates: list[Update]) -> None:
-        """Clients that were sent the round but did not answer in time (dead or straggling)."""
-        answered = {update.node for update in updates}
-        for node in self._candidate_of_node:
-            if node not in answered:
-                reason = f"no reply within round-timeout ({self.fed.round_timeout:g} s)"
-                self._current.rejected[node] = reason
-                self.log(f"round {server_round}: node {node}: {reason}")
-
-    def aggregate_updates(self, server_round: int, updates: list[Update]) -> dict[str, float]:
+    def aggregate_updates(self, server_round: int, updates: Iterable[Update]) -> dict[str, float]:
         """Stream every valid update into the masked average; the soup becomes that average.
         Invalid updates are logged with their reason and never touch the soup."""
         phase, _ = self.phase_at(server_round)
@@ -286,8 +286,6 @@ class SparseSoupStrategy(Strategy):
         keep = self.run.merge == "greedy" and phase >= 1 and self.ends_phase(server_round) and self.server_data
         self._kept_candidates = []
         log = self._current
-        # Candidate order, not arrival order: the float sum, hence the soup, is then reproducible.
-        updates = sorted(updates, key=lambda u: self._candidate_of_node.get(u.node, len(self._candidate_of_node)))
         for update in updates:
             try:
                 decoded = self._decode_update(update, phase, server_round)

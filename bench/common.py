@@ -119,3 +119,21 @@ def report(out: str, rows: Sequence[Mapping], columns: Sequence[tuple[str, str, 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+QUALITY_METRICS = ("accuracy", "ood_accuracy", "ece")
+
+
+def seed_summary(done: Sequence[Mapping]) -> dict:
+    """Mean sparsity and mean ± std of each quality metric over the seeds' rows ``done``."""
+    from fedsms.report import mean_std
+
+    entry = {"seeds": len(done), "sparsity": statistics.fmean(r["sparsity"] for r in done)}
+    for key in QUALITY_METRICS:
+        entry[key], entry[key + "_std"] = mean_std([r[key] for r in done])
+    return entry
+
+
+def metric_cells(row: Mapping) -> list[str]:
+    """``mean ± std`` in percent for each quality metric of a ``seed_summary`` row."""
+    return [f"{100 * row[k]:6.2f} ± {100 * row[k + '_std']:4.2f}" for k in QUALITY_METRICS]

@@ -35,9 +35,8 @@ import torch
 from fedsms import FedSMSError
 from fedsms.config import RunConfig
 from fedsms.local import run_local
-from fedsms.report import mean_std
 
-METRICS = ("accuracy", "ood_accuracy", "ece")
+from common import metric_cells, seed_summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,9 +143,7 @@ def final_rows(rows: list[dict]) -> list[dict]:
     table = []
     for method in order:
         done = [r for r in rows if r["method"] == method and r["phase"] == (0 if method.endswith("dense") else last)]
-        entry = {"method": method, "seeds": len(done), "sparsity": statistics.fmean(r["sparsity"] for r in done)}
-        for key in METRICS:
-            entry[key], entry[key + "_std"] = mean_std([r[key] for r in done])
+        entry = {"method": method, **seed_summary(done)}
         if "bytes_up" in done[0]:
             entry["megabytes"] = statistics.fmean(r["bytes_up"] + r["bytes_down"] for r in done) / 1e6
         table.append(entry)
@@ -158,7 +155,7 @@ def format_table(table: list[dict]) -> str:
     header = f"{'method':>{width}}  {'sparsity':>8}  {'test acc %':>14}  {'OOD acc %':>14}  {'ECE %':>13}  {'MB sent':>7}  seeds"
     lines = [header, "-" * len(header)]
     for r in table:
-        cells = [f"{100 * r[k]:6.2f} ± {100 * r[k + '_std']:4.2f}" for k in METRICS]
+        cells = metric_cells(r)
         megabytes = f"{r['megabytes']:7.2f}" if "megabytes" in r else f"{'-':>7}"
         lines.append(f"{r['method']:>{width}}  {100 * r['sparsity']:7.2f}%  {cells[0]:>14}  {cells[1]:>14}  "
                      f"{cells[2]:>13}  {megabytes}  {r['seeds']}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,10 +26,11 @@ from fedsms import FedSMSError
 from fedsms.config import RunConfig
 from fedsms.local import run_local
 from fedsms.plots import plot_results
-from fedsms.report import mean_std, methods_in
+from fedsms.report import methods_in
+
+from common import metric_cells, seed_summary
 
 METHODS = "imp,imp-best,imp-avg,sms,sms-greedy"
-METRICS = ("accuracy", "ood_accuracy", "ece")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,11 +133,7 @@ def final_rows(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if r["target_sparsity"] == target]
         for method in methods_in(mine):
             done = [r for r in mine if r["method"] == method and r["phase"] == (0 if method == "dense" else last)]
-            entry = {"target_sparsity": target, "method": method, "seeds": len(done),
-                     "sparsity": statistics.fmean(r["sparsity"] for r in done)}
-            for key in METRICS:
-                entry[key], entry[key + "_std"] = mean_std([r[key] for r in done])
-            table.append(entry)
+            table.append({"target_sparsity": target, "method": method, **seed_summary(done)})
     return table
 
 
@@ -166,7 +162,7 @@ def format_table(table: list[dict]) -> str:
     header = f"{'target':>6}  {'method':>{width}}  {'sparsity':>8}  {'test acc %':>14}  {'OOD acc %':>14}  {'ECE %':>13}  seeds"
     lines = [header, "-" * len(header)]
     for r in table:
-        cells = [f"{100 * r[k]:6.2f} ± {100 * r[k + '_std']:4.2f}" for k in METRICS]
+        cells = metric_cells(r)
         lines.append(f"{r['target_sparsity']:>6.0%}  {r['method']:>{width}}  {100 * r['sparsity']:7.2f}%  "
                      f"{cells[0]:>14}  {cells[1]:>14}  {cells[2]:>13}  {r['seeds']}")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedsms import FedSMSError, codec
-from fedsms.checkpoint import Checkpoint, save_checkpoint
+from fedsms.checkpoint import Checkpoint, check_compatible, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.data import DatasetSplits
 from fedsms.evaluate import evaluate, evaluate_ood
@@ -125,8 +125,7 @@ class SparseSoupStrategy(Strategy):
         self.rounds: list[RoundLog] = []
         self._current: RoundLog | None = None
         self._kept_candidates: list[dict[str, torch.Tensor]] = []
-        self._candidate_of_node: dict[int, int] = {}
-        self._sent: list[Message] = []
+        self._sent: list[Message] = []  # this round's train messages, in candidate order
         self._grid: Grid | None = None
         self._started = time.perf_counter()
         # Flower numbers the rounds of each start() from 1; a resumed job continues after
@@ -167,8 +166,7 @@ class SparseSoupStrategy(Strategy):
             shown = ", ".join(f"{k.replace('_', '-')}={saved.get(k)!r} (now {mine[k]!r})" for k in changed[:4])
             raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
                               "resume with the same settings or start a new job in another --out-dir")
-        if set(checkpoint.state) != set(self.soup) or any(checkpoint.state[k].shape != v.shape for k, v in self.soup.items()):
-            raise FedSMSError(f"the checkpoint does not fit model {self.run.model!r}; resume with the model it was written for")
+        check_compatible(checkpoint, self.model)
         done, history = meta.get("server_round"), meta.get("rounds")
         if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise FedSMSError("the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
@@ -227,7 +225,6 @@ class SparseSoupStrategy(Strategy):
         nodes = self._sample(self._grid, self.fed.min_train_clients)
         self._current.clients = len(nodes)
         self._current.bytes_down += len(payload) * len(nodes)
-        self._candidate_of_node = {node: i for i, node in enumerate(nodes)}
         messages = []
         for i, node in enumerate(nodes):
             candidate = self._candidate_for(i, phase, server_round)
@@ -269,12 +266,13 @@ class SparseSoupStrategy(Strategy):
         or straggling) are recorded as rejected."""
         # The Grid gave each message its id when it sent it; the SuperLink answers for a dead client.
         node_of_message = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        candidate_of_node = {m.metadata.dst_node_id: i for i, m in enumerate(self._sent)}
         nodes = [node_of_message.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
-        for node in self._candidate_of_node.keys() - set(nodes):
+        for node in candidate_of_node.keys() - set(nodes):
             reason = f"no reply within round-timeout ({self.fed.round_timeout:g} s)"
             self._current.rejected[node] = reason
             self.log(f"round {server_round}: node {node}: {reason}")
-        order = sorted(range(len(replies)), key=lambda i: self._candidate_of_node.get(nodes[i], len(self._candidate_of_node)))
+        order = sorted(range(len(replies)), key=lambda i: candidate_of_node.get(nodes[i], len(candidate_of_node)))
         for i in order:
             yield unpack_reply(replies[i], nodes[i])
 

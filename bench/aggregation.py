@@ -60,7 +60,7 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
             start = time.perf_counter()
             strategy.aggregate_updates(1, replies())
             elapsed = time.perf_counter() - start - copying[0]
-            assert strategy._current.accepted == m, strategy._current.rejected
+            assert strategy.current.accepted == m, strategy.current.rejected
             return elapsed
 
         source = np.frombuffer(update, dtype=np.uint8)

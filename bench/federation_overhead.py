@@ -57,9 +57,9 @@ def round_seconds(stamps: list[float]) -> list[float]:
 
 
 # What fedsms's server does in a round: SparseSoupStrategy's hooks, timed per server round.
-# evaluate_round includes save_checkpoint, which is also shown on its own.
-HOOKS = {"configure_train": "encode_s", "aggregate_train": "aggregate_s", "configure_evaluate": "recalibrate_s",
-         "evaluate_round": "evaluate_s", "save_checkpoint": "checkpoint_s"}
+# end_round includes save_checkpoint, which is also shown on its own.
+HOOKS = {"configure_train": "encode_s", "aggregate_train": "aggregate_s", "finish_phase": "recalibrate_s",
+         "end_round": "evaluate_s", "save_checkpoint": "checkpoint_s"}
 SERVER_PARTS = ("encode_s", "aggregate_s", "recalibrate_s", "evaluate_s")  # disjoint: they sum to the server's time
 
 
@@ -82,7 +82,7 @@ def instrument() -> tuple[dict[int, dict[str, float]], list[float]]:
     for hook, key in HOOKS.items():
         setattr(SparseSoupStrategy, hook, timed(getattr(SparseSoupStrategy, hook), totals, key))
     stamps: list[float] = []
-    SparseSoupStrategy.evaluate_round = stamped(SparseSoupStrategy.evaluate_round, stamps)
+    SparseSoupStrategy.end_round = stamped(SparseSoupStrategy.end_round, stamps)
     return totals, stamps
 
 

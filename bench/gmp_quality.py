@@ -33,12 +33,11 @@ from fedsms import codec
 from fedsms.checkpoint import load_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.data.partition import partition
-from fedsms.gmp import interval_epochs, num_updates
+from fedsms.schedule import gmp_steps, num_updates
 from fedsms.local import LocalRun
 from fedsms.models import build_for
 from fedsms.report import mean_std
 from fedsms.training import train_candidate
-from fedsms_server.app import phase_rows
 from fedsms_server.strategy import SparseSoupStrategy, Update
 
 LOCAL_METHODS = ("imp", "sms", "gmp", "gmp-soup")
@@ -49,7 +48,7 @@ def masked_fedavg(run: LocalRun, clients: int, out_dir: Path) -> dict:
     """Masked FedAvg on the GMP schedule from ``run``'s dense model; its final row."""
     config = run.config
     updates = num_updates(config)
-    epochs = interval_epochs(config)[0]  # one round per update; main() made the intervals equal
+    epochs = gmp_steps(config)[0].epochs  # one round per update; main() made the intervals equal
     # One phase per update and one round per phase, so each round opens with the server's prune.
     fed_run = RunConfig.from_mapping({"phases": updates, "retrain_epochs": epochs, "gmp_updates": 0}, base=config)
     fed = FederationConfig(mode="data", pruning_schedule="gmp", pretrain_rounds=0, min_train_clients=clients)
@@ -67,14 +66,14 @@ def masked_fedavg(run: LocalRun, clients: int, out_dir: Path) -> dict:
             template = client_model.state_dict()
             soup = codec.decode(payload, expected_mask=None, expected_digest=None, template=template, expected_kind="soup")
             client_model.load_state_dict(soup.to_state_dict(template))
-            train_candidate(client_model, soup.mask, shard, strategy._candidate_for(i, phase, server_round),
+            train_candidate(client_model, soup.mask, shard, strategy.candidate_for(i, phase, server_round),
                             augmentation=run.splits.augmentation)
             replies.append(Update(i, codec.encode(client_model.state_dict(), soup.mask, phase=phase, round=server_round,
                                                   kind="update", include_mask=False, num_examples=len(shard)), {}))
         strategy.aggregate_updates(server_round, replies)
-        strategy._finish_phase(server_round, grid=None)  # recalibration on the server's data
-        strategy.evaluate_round(server_round, None)
-    return {**phase_rows(strategy)[-1], "method": FEDAVG}
+        strategy.finish_phase(server_round)  # recalibration on the server's data
+        strategy.end_round(server_round)
+    return {**strategy.phase_rows()[-1], "method": FEDAVG}
 
 
 def final_rows(rows: list[dict]) -> list[dict]:

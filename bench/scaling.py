@@ -15,8 +15,8 @@ measured by timing the strategy's hooks in the server process and by the clients
 
 - server encode: ``configure_train`` (pruning where a phase opens, the soup payload, messages);
 - server aggregate: ``aggregate_train`` (``codec.decode`` of every reply + streaming average);
-- server recalibrate: ``configure_evaluate`` (BatchNorm recalibration at a phase end);
-- server evaluate: ``evaluate_round`` (test-set evaluation, the round's JSON line, and the
+- server recalibrate: ``finish_phase`` (greedy choice and BatchNorm recalibration at a phase end);
+- server evaluate: ``end_round`` (test-set evaluation, the round's JSON line, and the
   checkpoint, also shown on its own: ``save_checkpoint``);
 - client training: sum of the clients' ``train_candidate`` seconds / 2 parallel workers;
 - rest: Flower's transport and scheduling, and client-side work outside training (app

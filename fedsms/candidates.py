@@ -16,17 +16,13 @@ import torch
 from torch import nn
 
 from fedsms.data import DatasetSplits
+from fedsms.engine import State, cpu_state
 from fedsms.masks import Mask
 from fedsms.models import build_for
 from fedsms.recipe import CandidateConfig
 from fedsms.training import train_candidate
 
-State = dict[str, torch.Tensor]
 Log = Callable[[str], None]
-
-
-def cpu_state(model: nn.Module) -> State:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def train_one(

@@ -176,7 +176,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
 def recalibrated_soup(soup: dict, metadata: dict, data_dir: str | None) -> dict:
     """Re-estimate the soup's norm statistics on the training data its metadata names."""
-    from fedsms.candidates import cpu_state
+    from fedsms.engine import cpu_state
     from fedsms.data import load_dataset
     from fedsms.models import build_for
     from fedsms.norms import recalibrate_norms

@@ -1,7 +1,7 @@
-"""The single-machine driver: dense → P × (prune → retrain m → merge → recalibrate → evaluate).
+"""The single-machine driver: dense → steps of (prune → retrain candidates → merge → evaluate).
 
-Every method runs through the same loop and differs only in how a phase turns its
-retrained candidates into the next state:
+Every method drives the same ``SoupEngine`` through the same loop and differs only in its
+prune schedule and in how a step turns its retrained candidates into the next state:
 
 - ``imp``: one candidate per phase (candidate 0 of the recipe).
 - ``imp-best``: m candidates, keep the best on the held-out split, no averaging.
@@ -11,11 +11,8 @@ retrained candidates into the next state:
   ensemble of the same candidates is reported as ``ensemble`` (an upper reference).
 - ``sms-greedy``: ``sms`` with the greedy soup whatever the merge rule, so one run can
   report both soups side by side.
-
-Every candidate retrains ``retrain_epochs`` epochs per phase in every method.
-
-``gmp`` and ``gmp-soup`` prune during training instead (cubic schedule, a soup at every
-mask update for ``gmp-soup``) within the same epoch budget; ``fedsms.gmp`` drives them.
+- ``gmp`` and ``gmp-soup``: ``imp`` and ``sms`` on the gradual (cubic) schedule of
+  ``fedsms.schedule``, within the same epoch budget.
 """
 
 from __future__ import annotations
@@ -23,29 +20,71 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
 from fedsms import FedSMSError
-from fedsms.candidates import CandidateTrainer, State, cpu_state
+from fedsms.candidates import CandidateTrainer
 from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedsms.config import RunConfig
 from fedsms.data import DatasetSplits, load_dataset
+from fedsms.engine import SoupEngine, State, cpu_state, data_hooks, values_under_mask
 from fedsms.evaluate import ensemble_metrics, evaluate, evaluate_ood
-from fedsms.gmp import GMP_METHODS, run_gmp
-from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, prune_state, sparsity, sparsity_after_phase
-from fedsms.norms import recalibrate_norms
+from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, sparsity
 from fedsms.recipe import for_phase
-from fedsms.soup import average, greedy_soup
+from fedsms.schedule import PruneStep, prune_steps
 from fedsms.training import resolve_device
 
 Log = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class Method:
+    """How a local method runs the loop.
+
+    Parameters
+    ----------
+    schedule : str
+        ``imp`` (prune at each phase) or ``gmp`` (cubic schedule of mask updates).
+    candidates : str
+        ``one`` (candidate 0 of the recipe), ``all`` (m candidates) or ``last`` (m in the
+        last step only, one before: IMP-AVG).
+    rule : str or None
+        Merge rule of a step with m candidates; None takes the config's ``merge``.
+    ensemble : bool
+        Also report the prediction ensemble of the step's candidates.
+    """
+
+    schedule: str
+    candidates: str
+    rule: str | None = None
+    ensemble: bool = False
+
+
+METHOD_SPECS = {
+    "imp": Method("imp", "one"),
+    "imp-best": Method("imp", "all", "best"),
+    "imp-avg": Method("imp", "last"),
+    "sms": Method("imp", "all", ensemble=True),
+    "sms-greedy": Method("imp", "all", "greedy"),
+    "gmp": Method("gmp", "one"),
+    "gmp-soup": Method("gmp", "all"),
+}
+
+
 class LocalRun:
-    """One seed of the whole pipeline for every configured method."""
+    """One seed of the whole pipeline for every configured method.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's settings (data, model, schedule, recipe, methods, output folder).
+    log : callable
+        Receives progress lines (default: ``print``).
+    """
 
     def __init__(self, config: RunConfig, log: Log = print) -> None:
         self.config, self.log = config, log
@@ -60,6 +99,8 @@ class LocalRun:
         self.names = prunable_names(
             self.model, keep_first_dense=config.keep_first_dense, keep_last_dense=config.keep_last_dense
         )
+        self.hooks = data_hooks(self.model, self.splits, fraction=config.recalibration_fraction, seed=config.seed,
+                                device=self.device)
         self.candidate_configs = config.candidate_configs()
         self.ood_data = self.splits.test.head(config.ood_examples)
 
@@ -74,18 +115,6 @@ class LocalRun:
             ood = evaluate_ood(self.model, self.ood_data, device=self.device, seed=self.config.seed)
             row.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
         return row
-
-    def heldout_accuracy(self, state: Mapping[str, torch.Tensor]) -> float:
-        self.model.load_state_dict(state)
-        return evaluate(self.model, self.splits.heldout, device=self.device)["accuracy"]
-
-    def recalibrated(self, state: Mapping[str, torch.Tensor], phase: int) -> State:
-        self.model.load_state_dict(state)
-        recalibrate_norms(
-            self.model, self.splits.train, fraction=self.config.recalibration_fraction,
-            device=self.device, seed=self.config.seed + phase,
-        )
-        return cpu_state(self.model)
 
     # ---- the pipeline ------------------------------------------------------------------
 
@@ -104,51 +133,44 @@ class LocalRun:
         return state, metrics
 
     def run(self) -> list[dict]:
+        """Dense first, then every configured method from the same dense state; returns the rows."""
         started = time.perf_counter()
         dense, dense_metrics = self.dense_state()
-        dense_mask_ = dense_mask(self.model, self.names)
-        rows = [self._row("dense", 0, dense_mask_, self.evaluate_state(dense), dense_metrics, started)]
+        mask = dense_mask(self.model, self.names)
+        rows = [self._row("dense", 0, mask, self.evaluate_state(dense), dense_metrics, started)]
         self.log(_describe(rows[-1]))
-        self.save("dense", 0, dense, dense_mask_, rows[-1])
+        self.save("dense", 0, dense, mask, rows[-1])
         for method in self.config.method_list():
-            if method in GMP_METHODS:
-                rows += run_gmp(self, method, dense, dense_mask_)
-            else:
-                rows += self.run_method(method, dense, dense_mask_)
+            rows += self.run_method(method, dense, mask)
         return rows
 
     def run_method(self, method: str, dense: State, mask: Mask) -> list[dict]:
-        config, rows, state = self.config, [], dense
-        for phase in range(1, config.phases + 1):
+        """Every prune step of ``method`` from the dense state."""
+        spec, config, rows = METHOD_SPECS[method], self.config, []
+        engine = SoupEngine(dense, mask, pruning=config.pruning, seed=config.seed, hooks=self.hooks)
+        steps = prune_steps(config, spec.schedule)
+        for step in steps:
             started = time.perf_counter()
-            target = sparsity_after_phase(config.target_sparsity, config.phases, phase)
-            state, mask = prune_state(state, mask, target, method=config.pruning, seed=config.seed * 1000 + phase)
-            many = method in ("imp-best", "sms", "sms-greedy") or (method == "imp-avg" and phase == config.phases)
-            configs = [for_phase(c, phase) for c in (self.candidate_configs if many else self.candidate_configs[:1])]
-            label = f"[{method}] phase {phase}/{config.phases} sparsity {sparsity(mask):.2%}"
-            trained = self.trainer.train(state, mask, configs, label)
-            states = [s for s, _ in trained]
-            extra: dict = {"candidates": len(states), "train_loss": sum(m["train_loss"] for _, m in trained) / len(trained)}
-            if len(states) == 1:
-                state = states[0]
-            elif method == "imp-best":
-                scores = [self.heldout_accuracy(s) for s in states]
-                best = max(range(len(states)), key=scores.__getitem__)
-                state, extra["chosen"] = states[best], [best]
-            else:
-                if method == "sms":
-                    rows.append(self._ensemble_row(phase, mask, states, started))
-                rule = "greedy" if method == "sms-greedy" else config.merge
-                state, extra["chosen"] = self.merge(states, mask, phase, [m["num_examples"] for _, m in trained], rule)
-            rows.append(self.record(method, phase, state, mask, extra, started))
+            engine.prune(step)
+            many = spec.candidates == "all" or (spec.candidates == "last" and step.index == len(steps))
+            configs = [replace(for_phase(c, step.index), epochs=step.epochs)
+                       for c in (self.candidate_configs if many else self.candidate_configs[:1])]
+            unit = "phase" if spec.schedule == "imp" else "update"
+            label = f"[{method}] {unit} {step.index}/{len(steps)} sparsity {engine.sparsity:.2%}"
+            trained = self.trainer.train(engine.state, engine.mask, configs, label)
+            if spec.ensemble:
+                rows.append(self._ensemble_row(step, engine.mask, [s for s, _ in trained], started))
+            merge = engine.merge((spec.rule or config.merge) if many else "uniform")
+            for state, metrics in trained:
+                merge.add(values_under_mask(state, engine.mask), metrics["num_examples"])
+            engine.end_round(merge)
+            chosen = engine.end_phase(step.index, merge)
+            extra: dict = {"candidates": len(trained), "epochs": step.epochs,
+                           "train_loss": sum(m["train_loss"] for _, m in trained) / len(trained)}
+            if len(trained) > 1:
+                extra["chosen"] = chosen
+            rows.append(self.record(method, step.index, engine.state, engine.mask, extra, started))
         return rows
-
-    def merge(self, states: list[State], mask: Mask, phase: int, examples: list[int], rule: str) -> tuple[State, list[int]]:
-        if rule == "greedy":
-            soup, chosen, _ = greedy_soup(states, mask, lambda s: self.heldout_accuracy(self.recalibrated(s, phase)))
-        else:
-            soup, chosen = average(states, mask, examples if rule == "weighted" else None), list(range(len(states)))
-        return self.recalibrated(soup, phase), chosen
 
     # ---- records -----------------------------------------------------------------------
 
@@ -159,14 +181,14 @@ class LocalRun:
         self.save(method, phase, state, mask, row)
         return row
 
-    def _ensemble_row(self, phase: int, mask: Mask, states: list[State], started: float) -> dict:
+    def _ensemble_row(self, step: PruneStep, mask: Mask, states: list[State], started: float) -> dict:
         models = [_model_with(self.model, state) for state in states]
         metrics = ensemble_metrics(models, self.splits.test, device=self.device)
         row = {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "ece": metrics["ece"]}
         if self.config.ood:
             ood = ensemble_metrics(models, self.ood_data, device=self.device, ood=True, seed=self.config.seed)
             row.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
-        return self._row("ensemble", phase, mask, row, {"candidates": len(states)}, started)
+        return self._row("ensemble", step.index, mask, row, {"candidates": len(states)}, started)
 
     def _row(self, method: str, phase: int, mask: Mask, metrics: dict, extra: dict, started: float) -> dict:
         row = {"method": method, "seed": self.config.seed, "phase": phase, "sparsity": sparsity(mask),

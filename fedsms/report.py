@@ -8,7 +8,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from fedsms.gmp import GMP_METHODS
+from fedsms.local import METHOD_SPECS
+
 
 METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "sms-greedy", "ensemble", "fed-hyperparameter",
                 "fed-data", "gmp", "gmp-soup", "fed-hyperparameter-gmp", "fed-data-gmp")
@@ -45,7 +46,8 @@ def by_schedule(rows: list[dict]) -> list[list[dict]]:
     """Rows pruned on the IMP phase schedule, then rows on the GMP schedule, each with the
     dense rows: a per-phase table shows one sparsity per line, so each schedule gets its own."""
     def is_gmp(row: dict) -> bool:
-        return row["method"] in GMP_METHODS or row["method"].endswith("-gmp")
+        spec = METHOD_SPECS.get(row["method"])
+        return (spec is not None and spec.schedule == "gmp") or row["method"].endswith("-gmp")
 
     dense = [r for r in rows if r["phase"] == 0]
     parts = [[r for r in rows if r["phase"] and not is_gmp(r)], [r for r in rows if r["phase"] and is_gmp(r)]]

@@ -1,23 +1,20 @@
-"""The fedsms ServerApp: builds the model and the strategy from the run config, runs every
-phase, then exports the final soup, the per-phase results and the plots."""
+"""The fedsms ServerApp: builds the model and the strategy from the run config and runs the
+job; the strategy writes the final soup, the per-phase results and the plots."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsms import FedSMSError
-from fedsms.checkpoint import check_compatible, export_model, load_checkpoint
+from fedsms.checkpoint import check_compatible, load_checkpoint
 from fedsms.config import FederationConfig, RunConfig, split_config
 from fedsms.data import load_dataset
 from fedsms.models import build_for
-from fedsms.plots import plot_results
-from fedsms.report import final_table, phase_table
 
 from fedsms_server.strategy import RoundFailed, SparseSoupStrategy
 
@@ -42,41 +39,6 @@ def build_strategy(run: RunConfig, fed: FederationConfig, log=print) -> SparseSo
     return strategy
 
 
-def phase_rows(strategy: SparseSoupStrategy) -> list[dict]:
-    """The last round of every phase as a result row, in the local driver's format."""
-    rows = []
-    for log in strategy.rounds:
-        if strategy.ends_phase(log.server_round):
-            metrics = log.central_eval or log.federated_eval
-            gmp = "-gmp" if strategy.fed.pruning_schedule == "gmp" else ""
-            rows.append({"method": "fed-dense" if log.phase == 0 else f"fed-{strategy.fed.mode}{gmp}",
-                         "seed": strategy.run.seed, "phase": log.phase, "sparsity": log.sparsity,
-                         **{k: metrics[k] for k in ("accuracy", "loss", "ece", "ood_accuracy") if k in metrics}})
-    return rows
-
-
-def write_outputs(strategy: SparseSoupStrategy, stopped: str = "") -> Path:
-    out = Path(strategy.run.out_dir)
-    strategy.model.load_state_dict(strategy.soup)
-    final = export_model(out / "final_model", strategy.model)
-    rows = phase_rows(strategy)
-    with open(out / "results.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    if rows and all("accuracy" in r for r in rows):
-        plot_results(rows, out)
-        print(phase_table(rows))
-        print(final_table(rows))
-    (out / "summary.json").write_text(json.dumps({
-        "config": {**strategy.run.to_dict(), **strategy.fed.__dict__},
-        "phases": rows,
-        "bytes_down": sum(r.bytes_down for r in strategy.rounds),
-        "bytes_up": sum(r.bytes_up for r in strategy.rounds),
-        "final_model": str(final),
-        "stopped": stopped,  # why the job ended early; empty when every round ran
-    }, indent=2))
-    return out
-
-
 def make_server_app(defaults: Mapping | None = None) -> ServerApp:
     """A fedsms ServerApp; ``defaults`` are run-config values the run's own config overrides."""
     defaults = dict(defaults or {})
@@ -86,17 +48,12 @@ def make_server_app(defaults: Mapping | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         run, fed = split_config({**defaults, **dict(context.run_config)})
         strategy = build_strategy(run, fed)
-        stopped = ""
         try:
-            strategy.start(
-                grid=grid, initial_arrays=ArrayRecord(strategy.soup), num_rounds=strategy.rounds_left,
-                timeout=fed.round_timeout, evaluate_fn=strategy.evaluate_round,
-            )
-        except RoundFailed as error:  # the completed rounds stay checkpointed; --resume continues
-            stopped = str(error)
-            print(f"fedsms: job stopped: {stopped}")
-        out = write_outputs(strategy, stopped)
-        print(f"fedsms: job {'stopped' if stopped else 'finished'}; results in {out.resolve()}")
+            strategy.start(grid)
+        except RoundFailed as error:  # outputs are written; the completed rounds stay checkpointed
+            print(f"fedsms: job stopped: {error}")
+            return
+        print(f"fedsms: job finished; results in {strategy.out_dir}")
 
     return app
 

@@ -1,12 +1,19 @@
 """``SparseSoupStrategy``: Sparse Model Soups as a Flower strategy.
 
-The strategy owns the phase, the global mask and the soup. Each server round belongs to a
-phase (phase 0: optional dense pretraining rounds). The first round of phase p prunes
-the soup to that phase's sparsity; every client then retrains the same sparse model with
-its own candidate hyperparameters (hyperparameter soup) or on its own shard (data soup),
-and its reply (values under the mask, no indices) streams into one running average.
-After the last round of a phase the norm statistics are recalibrated (on server-held data,
-or by a federated round), and the soup is checkpointed.
+A thin adapter between Flower messages and ``fedsms.engine.SoupEngine``, which owns the
+mask and the soup. Each server round belongs to a phase (phase 0: optional dense
+pretraining rounds); ``start`` runs one round top to bottom:
+
+1. prune, when the round opens a phase (or a GMP interval);
+2. send the soup (values under the mask + mask bits) and each client's candidate
+   hyperparameters; every reply passes the codec's validating gate and streams into the
+   engine's merge; too few valid replies: send the round again, then stop the job;
+3. after the last round of a phase: greedy choice and norm recalibration (on server-held
+   data, or by a federated round);
+4. federated and central evaluation, one JSON line, a round checkpoint.
+
+When every round has run (or the job stopped), the strategy writes ``summary.json``,
+``results.jsonl``, plots and the final model to its ``out_dir``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from logging import INFO
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,25 +29,27 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
+from flwr.common.logger import log as flower_log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
 from fedsms import FedSMSError, codec
-from fedsms.checkpoint import Checkpoint, check_compatible, save_checkpoint
+from fedsms.checkpoint import Checkpoint, check_compatible, export_model, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.data import DatasetSplits
+from fedsms.engine import Merge, PhaseHooks, SoupEngine, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
-from fedsms.gmp import federated_prune_step, federated_update_rounds
-from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, prune_state, sparsity
-from fedsms.norms import NormStatsAverage, norm_layers, recalibrate_norms
+from fedsms.masks import Mask, dense_mask, prunable_names, sparsity
+from fedsms.norms import NormStatsAverage, norm_layers
+from fedsms.plots import plot_results
 from fedsms.recipe import CandidateConfig, for_phase
-from fedsms.soup import RunningAverage, greedy_soup
+from fedsms.report import final_table, phase_table
+from fedsms.schedule import Round, federated_rounds
+from fedsms.soup import RunningAverage
 
 from fedsms_server.records import payload_of, record_of
 
-
-logger = logging.getLogger("fedsms.server")
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
 
@@ -99,6 +109,31 @@ class RoundLog:
 
 
 class SparseSoupStrategy(Strategy):
+    """Sparse Model Soups as a Flower strategy: the server owns the mask and the soup.
+
+    Parameters
+    ----------
+    run : RunConfig
+        What shapes the soup: target sparsity, phases, candidates and their recipe, the
+        merge rule, pruning, retraining hyperparameters, seed, ``out_dir``.
+    federation : FederationConfig
+        How the federation runs: soup mode, rounds per phase, pruning schedule,
+        partitioning, client counts, wire dtype, recalibration, timeouts, retries.
+    model : nn.Module
+        A model of the job's architecture holding the starting weights (a pretrained dense
+        model, or fresh weights that the dense pretraining rounds train). Clients must hold
+        the same architecture.
+    server_data : DatasetSplits, optional
+        Data held by the server: central evaluation, norm recalibration and the held-out
+        split of the greedy soup. Without it, norm statistics are recalibrated by a
+        federated round and greedy merges are refused.
+    out_dir : str or Path, optional
+        Where round lines, checkpoints, results and the final model go (default:
+        ``run.out_dir``); a relative path is resolved against the current folder now.
+    log : callable, optional
+        Receives one line per event (default: Flower's logger, at INFO).
+    """
+
     def __init__(
         self,
         run: RunConfig,
@@ -106,158 +141,208 @@ class SparseSoupStrategy(Strategy):
         model: nn.Module,
         *,
         server_data: DatasetSplits | None = None,
-        out_dir: str | Path = "runs/federated",
+        out_dir: str | Path | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
+        if run.merge == "greedy" and server_data is None:
+            raise FedSMSError("merge 'greedy' needs a held-out split on the server; give the strategy server_data "
+                              "or use merge 'uniform' or 'weighted'")
         self.run, self.fed = run, federation
         self.model = model.cpu()
         self.server_data = server_data
-        self.out_dir = Path(out_dir)
-        self.log = log or logger.info
-        self.names = prunable_names(model, keep_first_dense=run.keep_first_dense, keep_last_dense=run.keep_last_dense)
-        self.mask: Mask = dense_mask(model, self.names)
-        self.digest = mask_digest(self.mask)
-        self.soup: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.out_dir = Path(out_dir if out_dir is not None else run.out_dir).resolve()
+        self.log = log or (lambda line: flower_log(INFO, line))
+        names = prunable_names(model, keep_first_dense=run.keep_first_dense, keep_last_dense=run.keep_last_dense)
+        hooks = PhaseHooks()
+        if server_data is not None:
+            hooks = data_hooks(self.model, server_data, fraction=run.recalibration_fraction, seed=run.seed)
+        self.engine = SoupEngine(model.state_dict(), dense_mask(model, names), pruning=run.pruning, seed=run.seed,
+                                 hooks=hooks, log=lambda line: self.log(line))
         self.candidates = run.candidate_configs()
-        self.phase_of_round = self._schedule()
-        if federation.pruning_schedule == "gmp":
-            federated_update_rounds(run, federation)  # too many mask updates for the rounds fail now, not mid-run
-        self.rounds: list[RoundLog] = []
-        self._current: RoundLog | None = None
-        self._kept_candidates: list[dict[str, torch.Tensor]] = []
+        self.schedule: list[Round] = federated_rounds(run, federation)
+        self.rounds: list[RoundLog] = []  # the completed rounds
+        self.current: RoundLog | None = None  # the round in progress
+        self.round_offset = 0  # rounds done before this process started (a resumed job)
+        self._merge: Merge | None = None
         self._sent: list[Message] = []  # this round's train messages, in candidate order
-        self._grid: Grid | None = None
         self._started = time.perf_counter()
-        # Flower numbers the rounds of each start() from 1; a resumed job continues after
-        # the checkpoint's round, so every Flower round is shifted by the rounds already done.
-        self.round_offset = 0
 
-    # ---- schedule --------------------------------------------------------------------
+    # ---- the job's shape ---------------------------------------------------------------
 
-    def _schedule(self) -> list[tuple[int, int]]:
-        """(phase, round within phase) of every server round, index 0 = round 1."""
-        rounds = [(0, r) for r in range(1, self.fed.pretrain_rounds + 1)]
-        for phase in range(1, self.run.phases + 1):
-            rounds += [(phase, r) for r in range(1, self.fed.rounds_per_phase + 1)]
-        return rounds
+    @property
+    def soup(self) -> dict[str, torch.Tensor]:
+        """The current soup (a full state dict, zero outside the mask)."""
+        return self.engine.state
+
+    @property
+    def mask(self) -> Mask:
+        """The current global mask."""
+        return self.engine.mask
+
+    @property
+    def digest(self) -> str:
+        """Digest of the current mask; every reply must name it."""
+        return self.engine.digest
 
     @property
     def num_rounds(self) -> int:
-        return len(self.phase_of_round)
-
-    def phase_at(self, server_round: int) -> tuple[int, int]:
-        return self.phase_of_round[server_round - 1]
-
-    def ends_phase(self, server_round: int) -> bool:
-        phase, r = self.phase_at(server_round)
-        return r == (self.fed.rounds_per_phase if phase else self.fed.pretrain_rounds)
+        """Server rounds of the whole job."""
+        return len(self.schedule)
 
     @property
     def rounds_left(self) -> int:
+        """Server rounds still to run."""
         return self.num_rounds - self.round_offset
 
-    def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue from a round checkpoint written by ``save_checkpoint`` under the same config."""
-        meta = checkpoint.metadata
-        saved = meta.get("config", {})
-        mine = {**self.run.to_dict(), **self.fed.__dict__}
-        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
-        if changed:
-            shown = ", ".join(f"{k.replace('_', '-')}={saved.get(k)!r} (now {mine[k]!r})" for k in changed[:4])
-            raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
-                              "resume with the same settings or start a new job in another --out-dir")
-        check_compatible(checkpoint, self.model)
-        done, history = meta.get("server_round"), meta.get("rounds")
-        if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-            raise FedSMSError("the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
-                              "it is not a fedsms server checkpoint, start a new job in another --out-dir")
-        if not 1 <= done <= self.num_rounds:
-            raise FedSMSError(f"the checkpoint is of round {done}, outside this job's {self.num_rounds} rounds; start a new job")
-        self.soup = {k: v.clone() for k, v in checkpoint.state.items()}
-        self.mask = {k: v.clone() for k, v in checkpoint.mask.items()}
-        self.digest = mask_digest(self.mask)
-        try:
-            self.rounds = [RoundLog(**log) for log in history]
-        except TypeError as error:
-            raise FedSMSError(f"the checkpoint's round history does not fit this fedsms ({error}); start a new job") from None
-        self.round_offset = done
-        # rounds.jsonl may hold a line for a round whose checkpoint never landed: that round reruns.
-        self._write_round_lines()
-        self.log(f"resumed after round {done} (phase {self.phase_at(done)[0]}, sparsity {sparsity(self.mask):.2%}); "
-                 f"{self.rounds_left} rounds left")
+    def phase_at(self, server_round: int) -> tuple[int, int]:
+        """(phase, round within phase) of ``server_round``."""
+        step = self.schedule[server_round - 1]
+        return step.phase, step.round_in_phase
 
-    # ---- Strategy (Flower's round numbers are shifted by ``round_offset``) ---------------
+    def ends_phase(self, server_round: int) -> bool:
+        """Whether ``server_round`` is the last round of its phase."""
+        return self.schedule[server_round - 1].ends_phase
 
     def summary(self) -> None:
+        """Log the job's shape (Flower calls this at the start)."""
         self.log(
             f"SparseSoupStrategy: {self.fed.mode} soup, {self.run.phases} phases to "
             f"{self.run.target_sparsity:.0%} sparsity ({self.run.pruning} magnitude), "
             f"{self.fed.pretrain_rounds} dense + {self.fed.rounds_per_phase}/phase rounds, "
-            f"merge {self.run.merge}, values as {self.fed.value_dtype}"
+            f"merge {self.run.merge}, values as {self.fed.value_dtype}; results in {self.out_dir}"
         )
 
+    # ---- one job, one round after the other ----------------------------------------------
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the job's remaining rounds, then write its outputs.
+
+        Parameters
+        ----------
+        grid : Grid
+            Flower's grid to the clients.
+        initial_arrays : ArrayRecord, optional
+            Ignored: the soup starts from the ``model`` given to the constructor (or a
+            restored checkpoint). Accepted so ``start`` is called as for any strategy.
+        num_rounds : int, optional
+            Rounds to run (default: every remaining round of the schedule).
+        timeout : float, optional
+            Seconds to wait for a round's replies (default: ``round-timeout``).
+        train_config, evaluate_config : ConfigRecord, optional
+            Extra entries added to every train / evaluate message's config.
+        evaluate_fn : callable, optional
+            ``evaluate_fn(server_round, arrays)``, called after each round as Flower's
+            strategies do, besides the strategy's own central evaluation.
+
+        Returns
+        -------
+        Result
+            The final soup and the metrics of every round.
+
+        Raises
+        ------
+        RoundFailed
+            After every retry a round had fewer than ``min-train-clients`` valid replies.
+            The outputs of the completed rounds are written first.
+        """
+        self.summary()
+        timeout = self.fed.round_timeout if timeout is None else timeout
+        extra_train, extra_evaluate = dict(train_config or {}), dict(evaluate_config or {})
+        result = Result()
+        todo = self.schedule[self.round_offset:][: num_rounds or None]
+        try:
+            for step in todo:
+                self.run_round(grid, step, timeout, extra_train, extra_evaluate)
+                log = self.rounds[-1]
+                result.train_metrics_clientapp[step.number] = MetricRecord(log.train)
+                if log.federated_eval:
+                    result.evaluate_metrics_clientapp[step.number] = MetricRecord(log.federated_eval)
+                if log.central_eval:
+                    result.evaluate_metrics_serverapp[step.number] = MetricRecord(log.central_eval)
+                if evaluate_fn is not None and (metrics := evaluate_fn(step.number, ArrayRecord(self.soup))) is not None:
+                    result.evaluate_metrics_serverapp[step.number] = metrics
+        except RoundFailed as error:
+            self.write_outputs(stopped=str(error))
+            raise
+        self.write_outputs()
+        result.arrays = ArrayRecord(self.soup)
+        return result
+
+    def run_round(self, grid: Grid, step: Round, timeout: float, extra_train: dict, extra_evaluate: dict) -> None:
+        """One server round, top to bottom."""
+        self.begin_round(step.number)
+        for attempt in range(self.fed.round_retries + 1):
+            if attempt:
+                self.log(f"round {step.number}: retrying ({attempt} of {self.fed.round_retries})")
+            messages = self.configure_train(step.number, ArrayRecord(), ConfigRecord(extra_train), grid)
+            self.aggregate_train(step.number, grid.send_and_receive(messages, timeout=timeout))
+            if self.current.accepted >= self.fed.min_train_clients:
+                break
+        else:
+            raise RoundFailed(self._failure(step.number))
+        if step.ends_phase:
+            self.finish_phase(step.number, grid, timeout)
+        messages = self.configure_evaluate(step.number, ArrayRecord(), ConfigRecord(extra_evaluate), grid)
+        if messages:
+            self.aggregate_evaluate(step.number, grid.send_and_receive(messages, timeout=timeout))
+        self.end_round(step.number)
+
     def begin_round(self, server_round: int) -> bytes:
-        """Start ``server_round`` (pruning first if it opens a phase, or a GMP interval); returns the soup payload."""
-        phase, r = self.phase_at(server_round)
-        step = federated_prune_step(self.run, self.fed, phase, r)
-        if step is not None:
-            self._prune_for(*step)
-        self._current = RoundLog(server_round, phase, r, sparsity(self.mask))
+        """Start ``server_round``: prune first if it opens a phase (or a GMP interval).
+        Returns the soup payload the round sends."""
+        step = self.schedule[server_round - 1]
+        if step.prune is not None:
+            self.engine.prune(step.prune)
+        self.current = RoundLog(server_round, step.phase, step.round_in_phase, sparsity(self.mask))
+        phase, _ = self.phase_at(server_round)
+        self.log(f"round {server_round}: phase {phase} round {step.round_in_phase}, sparsity {sparsity(self.mask):.2%}")
         return self.soup_payload(server_round)
 
     def soup_payload(self, server_round: int) -> bytes:
+        """The soup as the clients receive it: values under the mask and the mask bits."""
         return codec.encode(self.soup, self.mask, phase=self.phase_at(server_round)[0], round=server_round,
                             kind="soup", value_dtype=self.fed.value_dtype, include_mask=True)
 
-    def configure_train(self, flower_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round = flower_round + self.round_offset
-        self._grid = grid
-        payload = self.begin_round(server_round)
-        messages = self._train_messages(server_round, payload)
-        phase, r = self.phase_at(server_round)
-        self.log(f"round {server_round}: phase {phase} round {r}, sparsity {sparsity(self.mask):.2%}, "
-                 f"{len(messages)} clients, {len(payload)} bytes each")
-        return messages
+    # ---- training ----------------------------------------------------------------------
 
-    def _train_messages(self, server_round: int, payload: bytes) -> list[Message]:
-        """One message per client, each with its own candidate's hyperparameters."""
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """One message per client: the soup payload, the client's candidate hyperparameters
+        and the job's settings (a client needs no run config of its own)."""
         phase, _ = self.phase_at(server_round)
-        nodes = self._sample(self._grid, self.fed.min_train_clients)
-        self._current.clients = len(nodes)
-        self._current.bytes_down += len(payload) * len(nodes)
+        payload = self.soup_payload(server_round)
+        nodes = self._sample(grid)
+        self.current.clients = len(nodes)
+        self.current.bytes_down += len(payload) * len(nodes)
         messages = []
         for i, node in enumerate(nodes):
-            candidate = self._candidate_for(i, phase, server_round)
+            candidate = self.candidate_for(i, phase, server_round)
             content = RecordDict({
                 "soup": record_of(payload),
                 "config": ConfigRecord({
-                    **candidate.to_dict(), "phase": phase, "server-round": server_round,
+                    **dict(config), **candidate.to_dict(), "phase": phase, "server-round": server_round,
                     "candidate": i, "num-candidates": len(nodes), **self._job_flags(server_round),
                 }),
+                "job": self._job_record(),
             })
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._sent = messages
         return messages
 
-    def aggregate_train(self, flower_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid replies; with fewer than ``min-train-clients`` of them, send the
-        round again (``round-retries`` times), then stop the job at the last completed round."""
-        server_round = flower_round + self.round_offset
-        replies = list(replies)
-        for retry in range(self.fed.round_retries + 1):
-            metrics = self.aggregate_updates(server_round, self._updates_in_candidate_order(server_round, replies))
-            if self._current.accepted >= self.fed.min_train_clients:
-                return ArrayRecord(self.soup), MetricRecord(metrics)
-            if retry == self.fed.round_retries:
-                break
-            self.log(f"round {server_round}: retrying ({retry + 1} of {self.fed.round_retries})")
-            messages = self._train_messages(server_round, self.soup_payload(server_round))
-            replies = list(self._grid.send_and_receive(messages, timeout=self.fed.round_timeout))
-        raise RoundFailed(
-            f"round {server_round} got {self._current.accepted} valid replies after {self.fed.round_retries} "
-            f"retries, fewer than min-train-clients={self.fed.min_train_clients}; start more clients or lower "
-            "min-train-clients, then rerun with --resume to continue from the last completed round"
-        )
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Stream this attempt's replies into the merge, in candidate order."""
+        metrics = self.aggregate_updates(server_round, self._updates_in_candidate_order(server_round, list(replies)))
+        if self.current.accepted < self.fed.min_train_clients:
+            return None, None
+        return ArrayRecord(self.soup), MetricRecord(metrics)
 
     def _updates_in_candidate_order(self, server_round: int, replies: list[Message]) -> Iterator[Update]:
         """The replies' updates, unpacked one at a time (each payload copy lives only while
@@ -270,65 +355,96 @@ class SparseSoupStrategy(Strategy):
         nodes = [node_of_message.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
         for node in candidate_of_node.keys() - set(nodes):
             reason = f"no reply within round-timeout ({self.fed.round_timeout:g} s)"
-            self._current.rejected[node] = reason
+            self.current.rejected[node] = reason
             self.log(f"round {server_round}: node {node}: {reason}")
         order = sorted(range(len(replies)), key=lambda i: candidate_of_node.get(nodes[i], len(candidate_of_node)))
         for i in order:
             yield unpack_reply(replies[i], nodes[i])
 
     def aggregate_updates(self, server_round: int, updates: Iterable[Update]) -> dict[str, float]:
-        """Stream every valid update into the masked average; the soup becomes that average.
-        Invalid updates are logged with their reason and never touch the soup."""
-        phase, _ = self.phase_at(server_round)
-        average, metrics = RunningAverage(), RunningAverage()
-        keep = self.run.merge == "greedy" and phase >= 1 and self.ends_phase(server_round) and self.server_data
-        self._kept_candidates = []
-        log = self._current
+        """Stream every valid update into a new merge; with at least ``min-train-clients``
+        of them the soup becomes their masked average. Invalid updates are logged with their
+        reason and never touch the soup."""
+        step = self.schedule[server_round - 1]
+        rule = "uniform" if step.phase == 0 and self.run.merge == "greedy" else self.run.merge
+        merge = self.engine.merge(rule, ends_phase=step.ends_phase)
+        metrics, log = RunningAverage(), self.current
         for update in updates:
             try:
-                decoded = self._decode_update(update, phase, server_round)
+                decoded = self._decode_update(update, step.phase, server_round)
             except codec.PayloadError as error:
                 log.rejected[update.node] = str(error)
                 self.log(f"round {server_round}: rejected reply from node {update.node}: {error}")
                 continue
             log.bytes_up += len(update.payload)
-            weight = float(decoded.num_examples) if self.run.merge == "weighted" else 1.0
-            average.add({**decoded.values, **decoded.dense}, weight)
+            merge.add({**decoded.values, **decoded.dense}, decoded.num_examples)
             metrics.add({k: torch.tensor(float(v)) for k, v in update.metrics.items()})
-            if keep:
-                self._kept_candidates.append(decoded.to_state_dict(self.soup))
-        log.accepted = average.count
-        if average.count < self.fed.min_train_clients:
-            self.log(
-                f"round {server_round}: only {average.count} valid replies (min-train-clients is "
-                f"{self.fed.min_train_clients}); the soup stays as it was"
-            )
+        log.accepted = merge.count
+        if merge.count < self.fed.min_train_clients:
+            self.log(f"round {server_round}: only {merge.count} valid replies (min-train-clients is "
+                     f"{self.fed.min_train_clients}); the soup stays as it was")
             return {}
-        self.soup = codec.state_from_values(average.mean(), self.mask, self.soup)
-        log.train = {k: float(v) for k, v in metrics.mean().items()}
+        self.engine.end_round(merge)
+        self._merge = merge
+        log.train = {k: float(v) for k, v in metrics.mean().items()} if metrics.count else {}
         return log.train
 
-    def configure_evaluate(self, flower_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round = flower_round + self.round_offset
-        if self.ends_phase(server_round):
-            self._finish_phase(server_round, grid)
+    def finish_phase(self, server_round: int, grid: Grid | None = None, timeout: float | None = None) -> None:
+        """After a phase's last round: greedy choice and norm recalibration, on the server's
+        data or, without it or when asked, by a federated norm-statistics round."""
+        phase, _ = self.phase_at(server_round)
+        federated = norm_layers(self.model) and (self.fed.recalibration == "federated" or self.server_data is None)
+        self.engine.end_phase(phase, self._merge, recalibrate=not federated)
+        if federated:
+            self._federated_recalibration(server_round, grid, self.fed.round_timeout if timeout is None else timeout)
+
+    def _federated_recalibration(self, server_round: int, grid: Grid, timeout: float) -> None:
+        """Clients re-estimate norm statistics of the soup on their data; the server
+        combines them exactly (pooled mean and variance, weighted by examples)."""
+        phase, _ = self.phase_at(server_round)
+        payload = self.soup_payload(server_round)
+        messages = [
+            Message(content=RecordDict({"soup": record_of(payload), "job": self._job_record(), "config": ConfigRecord({
+                "phase": phase, "server-round": server_round, "fraction": self.run.recalibration_fraction})}),
+                dst_node_id=node, message_type=NORM_STATS)
+            for node in grid.get_node_ids()
+        ]
+        pooled = NormStatsAverage(self.model)
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error():
+                self.log(f"round {server_round}: norm statistics failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            try:
+                pooled.add(reply.content["stats"].to_torch_state_dict(), int(reply.content["metrics"]["num-examples"]))
+            except (KeyError, ValueError) as error:
+                self.log(f"round {server_round}: rejected norm statistics from node {reply.metadata.src_node_id}: {error}")
+        if pooled.count == 0:
+            self.log(f"phase {phase}: no client returned norm statistics; keeping the averaged statistics")
+            return
+        self.engine.state = {**self.soup, **pooled.result()}
+        self.log(f"phase {phase}: norm statistics recalibrated by {pooled.count} clients")
+
+    # ---- evaluation ------------------------------------------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """The soup to a ``fraction-evaluate`` share of the clients, for federated evaluation."""
         if self.fed.fraction_evaluate == 0:
             return []
-        available = list(grid.get_node_ids())
+        available = sorted(grid.get_node_ids())
         count = max(1, int(round(self.fed.fraction_evaluate * len(available))))
         phase, _ = self.phase_at(server_round)
         payload = self.soup_payload(server_round)
-        self._current.bytes_down += len(payload) * count
-        evaluate_config = ConfigRecord({"phase": phase, "server-round": server_round, "ood": self.run.ood,
+        self.current.bytes_down += len(payload) * count
+        evaluate_config = ConfigRecord({**dict(config), "phase": phase, "server-round": server_round, "ood": self.run.ood,
                                         "ood-examples": self.run.ood_examples, **self._job_flags(server_round)})
         return [
-            Message(content=RecordDict({"soup": record_of(payload), "config": evaluate_config}),
+            Message(content=RecordDict({"soup": record_of(payload), "config": evaluate_config, "job": self._job_record()}),
                     dst_node_id=node, message_type=MessageType.EVALUATE)
-            for node in sorted(available)[:count]
+            for node in available[:count]
         ]
 
-    def aggregate_evaluate(self, flower_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        server_round = flower_round + self.round_offset
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' evaluation metrics."""
         totals, examples = {}, 0
         for reply in replies:
             if reply.has_error():
@@ -342,27 +458,26 @@ class SparseSoupStrategy(Strategy):
                     totals[key] = totals.get(key, 0.0) + float(value) * n
         if not examples:
             return None
-        self._current.federated_eval = {k: v / examples for k, v in totals.items()}
-        return MetricRecord(self._current.federated_eval)
+        self.current.federated_eval = {k: v / examples for k, v in totals.items()}
+        return MetricRecord(self.current.federated_eval)
 
-    # ---- centralised evaluation: Flower calls it last in every round --------------------
+    def central_evaluation(self) -> dict[str, float]:
+        """The soup on the server's test data (empty without server data)."""
+        if self.server_data is None:
+            return {}
+        self.model.load_state_dict(self.soup)
+        metrics = evaluate(self.model, self.server_data.test)
+        if self.run.ood:
+            ood = evaluate_ood(self.model, self.server_data.test.head(self.run.ood_examples), seed=self.run.seed)
+            metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
+        return {k: float(v) for k, v in metrics.items()}
 
-    def evaluate_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """evaluate_fn: evaluates the strategy's own soup (already recalibrated) on the
-        server's test data, writes the round's JSON line and checkpoints the round."""
-        result = None
-        if self.server_data is not None:
-            self.model.load_state_dict(self.soup)
-            metrics = evaluate(self.model, self.server_data.test)
-            if self.run.ood:
-                ood = evaluate_ood(self.model, self.server_data.test.head(self.run.ood_examples), seed=self.run.seed)
-                metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
-            result = MetricRecord({k: float(v) for k, v in metrics.items()})
-        if flower_round == 0:  # Flower's look at the initial arrays, before any round
-            return result
-        server_round = flower_round + self.round_offset
-        log = self._current
-        log.central_eval = dict(result) if result is not None else {}
+    # ---- records -----------------------------------------------------------------------
+
+    def end_round(self, server_round: int) -> None:
+        """Evaluate the soup centrally, write the round's JSON line and checkpoint the round."""
+        log = self.current
+        log.central_eval = self.central_evaluation()
         log.seconds = round(time.perf_counter() - self._started, 3)
         self._started = time.perf_counter()
         self.rounds.append(log)
@@ -370,75 +485,116 @@ class SparseSoupStrategy(Strategy):
         with open(self.out_dir / "rounds.jsonl", "a") as f:
             f.write(json.dumps(log.__dict__) + "\n")
         self.save_checkpoint(server_round)
-        return result
 
-    def _write_round_lines(self) -> None:
+    def phase_rows(self) -> list[dict]:
+        """The last round of every phase as a result row, in the local driver's format."""
+        rows = []
+        gmp = "-gmp" if self.fed.pruning_schedule == "gmp" else ""
+        for log in self.rounds:
+            if self.ends_phase(log.server_round):
+                metrics = log.central_eval or log.federated_eval
+                rows.append({"method": "fed-dense" if log.phase == 0 else f"fed-{self.fed.mode}{gmp}",
+                             "seed": self.run.seed, "phase": log.phase, "sparsity": log.sparsity,
+                             **{k: metrics[k] for k in ("accuracy", "loss", "ece", "ood_accuracy") if k in metrics}})
+        return rows
+
+    def write_outputs(self, stopped: str = "") -> Path:
+        """``final_model``, ``results.jsonl``, plots and ``summary.json`` in ``out_dir``;
+        ``stopped`` says why the job ended early (empty when every round ran)."""
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.load_state_dict(self.soup)
+        final = export_model(out / "final_model", self.model, self._model_metadata())
+        rows = self.phase_rows()
+        with open(out / "results.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        if rows and all("accuracy" in r for r in rows):
+            plot_results(rows, out)
+            self.log("\n" + phase_table(rows) + "\n" + final_table(rows))
+        (out / "summary.json").write_text(json.dumps({
+            "config": self._settings(),
+            "model": self._model_metadata(),
+            "phases": rows,
+            "bytes_down": sum(r.bytes_down for r in self.rounds),
+            "bytes_up": sum(r.bytes_up for r in self.rounds),
+            "final_model": str(final),
+            "stopped": stopped,
+        }, indent=2))
+        self.log(f"job {'stopped: ' + stopped if stopped else 'finished'}; results in {out}")
+        return out
+
+    def save_checkpoint(self, server_round: int) -> Path:
+        """The round checkpoint a resumed job continues from."""
+        phase, r = self.phase_at(server_round)
+        return save_checkpoint(self.out_dir / "checkpoints" / "soup", self.soup, self.mask, {
+            "phase": phase, "round_in_phase": r, "server_round": server_round, **self._model_metadata(),
+            "dataset": self.run.dataset, "config": self._settings(),
+            "metrics": self.rounds[-1].central_eval if self.rounds else {},
+            "rounds": [log.__dict__ for log in self.rounds],  # the history a resumed job continues
+        })
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from a round checkpoint written by ``save_checkpoint`` under the same settings."""
+        meta = checkpoint.metadata
+        saved = meta.get("config", {})
+        mine = self._settings()
+        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        if changed:
+            shown = ", ".join(f"{k.replace('_', '-')}={saved.get(k)!r} (now {mine[k]!r})" for k in changed[:4])
+            raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
+                              "resume with the same settings or start a new job in another --out-dir")
+        check_compatible(checkpoint, self.model)
+        done, history = meta.get("server_round"), meta.get("rounds")
+        if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise FedSMSError("the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
+                              "it is not a fedsms server checkpoint, start a new job in another --out-dir")
+        if not 1 <= done <= self.num_rounds:
+            raise FedSMSError(f"the checkpoint is of round {done}, outside this job's {self.num_rounds} rounds; start a new job")
+        try:
+            self.rounds = [RoundLog(**log) for log in history]
+        except TypeError as error:
+            raise FedSMSError(f"the checkpoint's round history does not fit this fedsms ({error}); start a new job") from None
+        self.engine.restore(checkpoint.state, checkpoint.mask)
+        self.round_offset = done
+        # rounds.jsonl may hold a line for a round whose checkpoint never landed: that round reruns.
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "rounds.jsonl").write_text("".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
+        self.log(f"resumed after round {done} (phase {self.phase_at(done)[0]}, sparsity {sparsity(self.mask):.2%}); "
+                 f"{self.rounds_left} rounds left")
 
-    # ---- phase machinery ---------------------------------------------------------------
+    # ---- helpers -----------------------------------------------------------------------
 
-    def _prune_for(self, step: int, target: float) -> None:
-        self.soup, self.mask = prune_state(self.soup, self.mask, target, method=self.run.pruning,
-                                           seed=self.run.seed * 1000 + step)
-        self.digest = mask_digest(self.mask)
-        unit = "phase" if self.fed.pruning_schedule == "imp" else "mask update"
-        self.log(f"{unit} {step}: pruned to {sparsity(self.mask):.4%} sparsity (mask {self.digest[:12]})")
+    def _settings(self) -> dict:
+        return {**self.run.to_dict(), **self.fed.__dict__}
 
-    def _finish_phase(self, server_round: int, grid: Grid) -> None:
-        phase, _ = self.phase_at(server_round)
-        if self._kept_candidates:
-            self.soup, chosen, _ = greedy_soup(self._kept_candidates, self.mask, self._heldout_score)
-            self.log(f"phase {phase}: greedy soup kept candidates {chosen}")
-            self._kept_candidates = []
-        if not norm_layers(self.model):
-            return
-        if self.fed.recalibration == "server" and self.server_data is not None:
-            self.soup = self._recalibrated(self.soup)
-        else:
-            self._federated_recalibration(server_round, grid)
+    def _job_record(self) -> ConfigRecord:
+        """Every job setting, under its run-config name: what shapes a client's work
+        travels with the message, so a client is correct with an empty run config."""
+        return ConfigRecord({k.replace("_", "-"): v for k, v in self._settings().items()})
 
-    def _recalibrated(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.model.load_state_dict(state)
-        recalibrate_norms(self.model, self.server_data.train, fraction=self.run.recalibration_fraction, seed=self.run.seed)
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    def _model_metadata(self) -> dict:
+        params = dict(self.model.named_parameters())
+        return {"model": self.run.model, "model_class": type(self.model).__name__,
+                "parameters": sum(p.numel() for p in params.values()),
+                "prunable": sum(params[n].numel() for n in self.mask)}
 
-    def _heldout_score(self, state: dict[str, torch.Tensor]) -> float:
-        self.model.load_state_dict(self._recalibrated(state))
-        return evaluate(self.model, self.server_data.heldout)["accuracy"]
-
-    def _federated_recalibration(self, server_round: int, grid: Grid) -> None:
-        """Clients re-estimate norm statistics of the soup on their data; the server
-        combines them exactly (pooled mean and variance, weighted by examples)."""
-        phase, _ = self.phase_at(server_round)
-        payload = self.soup_payload(server_round)
-        nodes = list(grid.get_node_ids())
-        messages = [
-            Message(content=RecordDict({"soup": record_of(payload), "config": ConfigRecord({
-                "phase": phase, "server-round": server_round, "fraction": self.run.recalibration_fraction})}),
-                dst_node_id=node, message_type=NORM_STATS)
-            for node in nodes
-        ]
-        pooled = NormStatsAverage(self.model)
-        for reply in grid.send_and_receive(messages, timeout=self.fed.round_timeout):
-            if reply.has_error():
-                self.log(f"round {server_round}: norm statistics failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
-                continue
-            try:
-                pooled.add(reply.content["stats"].to_torch_state_dict(), int(reply.content["metrics"]["num-examples"]))
-            except (KeyError, ValueError) as error:
-                self.log(f"round {server_round}: rejected norm statistics from node {reply.metadata.src_node_id}: {error}")
-        if pooled.count == 0:
-            self.log(f"phase {phase}: no client returned norm statistics; keeping the averaged statistics")
-            return
-        self.soup = {**self.soup, **pooled.result()}
-        self.log(f"phase {phase}: norm statistics recalibrated by {pooled.count} clients")
+    def _failure(self, server_round: int) -> str:
+        """Why a round failed, in one sentence: what the clients reported, or that none answered."""
+        reasons = sorted(set(self.current.rejected.values()))
+        said = f"; clients reported: {' | '.join(reasons[:3])}" if reasons else ""
+        advice = ("fix what the clients reported" if any("timeout" not in r for r in reasons)
+                  else "start more clients or lower min-train-clients")
+        return (f"round {server_round} got {self.current.accepted} valid replies after {self.fed.round_retries} "
+                f"retries, fewer than min-train-clients={self.fed.min_train_clients}{said}; {advice}, then rerun with "
+                "--resume to continue from the last completed round")
 
     def _job_flags(self, server_round: int) -> dict:
         """Lets clients tell when the job is over (``fedsms-client`` exits then)."""
-        return {"last-round": server_round == self.num_rounds, "out-dir": str(self.out_dir.resolve())}
+        return {"last-round": server_round == self.num_rounds, "out-dir": str(self.out_dir)}
 
-    def _candidate_for(self, index: int, phase: int, server_round: int) -> CandidateConfig:
+    def candidate_for(self, index: int, phase: int, server_round: int) -> CandidateConfig:
+        """The hyperparameters of the ``index``-th client of ``server_round``: its recipe
+        candidate (hyperparameter soup) or the base config with its own seed (data soup)."""
         if phase == 0:
             base = replace(self.run.pretrain_candidate(), seed=self.run.seed + index)
         elif self.fed.mode == "hyperparameter":
@@ -447,14 +603,21 @@ class SparseSoupStrategy(Strategy):
             base = replace(self.run.base_candidate(), seed=self.run.seed + index)
         return replace(for_phase(base, phase), seed=for_phase(base, phase).seed + 101 * server_round)
 
-    def _sample(self, grid: Grid, minimum: int) -> list[int]:
-        wanted = max(minimum, self.fed.min_available_clients)
-        waited = 0.0
+    def _sample(self, grid: Grid) -> list[int]:
+        """Every connected client, once enough are; waits at most ``round-timeout``."""
+        wanted = max(self.fed.min_train_clients, self.fed.min_available_clients)
+        deadline = time.monotonic() + self.fed.round_timeout
+        announced = 0.0
         while len(nodes := sorted(grid.get_node_ids())) < wanted:
-            if waited == 0.0 or waited % 10 < 1:
+            now = time.monotonic()
+            if now >= deadline:
+                raise RoundFailed(f"only {len(nodes)} of the {wanted} clients the job needs connected within "
+                                  f"round-timeout ({self.fed.round_timeout:g} s); start more clients or lower "
+                                  "min-available-clients / min-train-clients")
+            if now - announced >= 10:
                 self.log(f"waiting for clients: {len(nodes)} connected, {wanted} needed")
-            time.sleep(1.0)
-            waited += 1.0
+                announced = now
+            time.sleep(0.5)
         return nodes
 
     def _decode_update(self, update: Update, phase: int, server_round: int) -> codec.Decoded:
@@ -467,12 +630,3 @@ class SparseSoupStrategy(Strategy):
         if not 0 < decoded.num_examples <= MAX_EXAMPLES:
             raise codec.PayloadError(f"the reply claims {decoded.num_examples} training examples")
         return decoded
-
-    def save_checkpoint(self, server_round: int) -> Path:
-        phase, r = self.phase_at(server_round)
-        return save_checkpoint(self.out_dir / "checkpoints" / "soup", self.soup, self.mask, {
-            "phase": phase, "round_in_phase": r, "server_round": server_round, "model": self.run.model,
-            "dataset": self.run.dataset, "config": {**self.run.to_dict(), **self.fed.__dict__},
-            "metrics": self.rounds[-1].central_eval if self.rounds else {},
-            "rounds": [log.__dict__ for log in self.rounds],  # the history a resumed job continues
-        })

@@ -166,11 +166,11 @@ def test_aggregator_averages_exactly_the_replies_that_decode(mutants, order):
         if 0 < decoded.num_examples <= 10**9:
             accepted[update.node] = decoded.to_state_dict(STRATEGY.soup)
 
-    STRATEGY.soup = {k: v.clone() for k, v in BASE_SOUP.items()}
-    STRATEGY._current = RoundLog(2, 1, 1, 0.0)
+    STRATEGY.engine.state = {k: v.clone() for k, v in BASE_SOUP.items()}
+    STRATEGY.current = RoundLog(2, 1, 1, 0.0)
     STRATEGY.aggregate_updates(2, updates)
 
-    log = STRATEGY._current
+    log = STRATEGY.current
     assert set(log.rejected) == {u.node for u in updates} - set(accepted)
     assert all(isinstance(reason, str) and reason for reason in log.rejected.values())
     assert log.accepted == len(accepted) >= 2

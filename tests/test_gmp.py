@@ -12,8 +12,7 @@ from fedsms import FedSMSError, codec
 from fedsms.cli import main
 from fedsms.config import FederationConfig, RunConfig, split_config
 from fedsms.data import load_dataset
-from fedsms.gmp import (cubic_sparsity, federated_prune_step, interval_epochs, split_evenly,
-                        update_targets)
+from fedsms.schedule import cubic_sparsity, gmp_steps, split_evenly
 from fedsms.local import LocalRun
 from fedsms.masks import kept_count, mask_digest, outside_mask_nonzeros
 from fedsms.models import build_for
@@ -23,6 +22,14 @@ from fedsms_server.strategy import SparseSoupStrategy, Update
 from conftest import venv_bin
 
 SPLITS = load_dataset("digits")
+
+
+def update_targets(run: RunConfig) -> list[float]:
+    return [step.sparsity for step in gmp_steps(run)]
+
+
+def interval_epochs(run: RunConfig) -> list[int]:
+    return [step.epochs for step in gmp_steps(run)]
 TINY = dict(model="mlp", target_sparsity=0.8, candidates=2, pretrain_epochs=1, retrain_epochs=1,
             ood=False, device="cpu")
 
@@ -173,8 +180,8 @@ def test_federated_gmp_prunes_at_round_boundaries_exactly_and_nested(tmp_path):
     run = RunConfig(**{**TINY, "phases": 2, "retrain_epochs": 3, "gmp_updates": 3})
     strategy = gmp_strategy(tmp_path, run, rounds_per_phase=2)
     # 4 pruning rounds split over 3 updates: rounds 1, 2 and 3 open one; round 4 keeps the mask
-    opens = [federated_prune_step(run, strategy.fed, *strategy.phase_at(r)) for r in range(1, 5)]
-    assert [o and o[0] for o in opens] == [1, 2, 3, None]
+    opens = [step.prune and step.prune.index for step in strategy.schedule]
+    assert opens == [1, 2, 3, None]
     total = sum(m.numel() for m in strategy.mask.values())
     previous, digests = strategy.mask, []
     for server_round, target in zip(range(1, 5), update_targets(run) + [update_targets(run)[-1]]):
@@ -214,8 +221,8 @@ def test_federated_and_local_gmp_soups_agree_on_the_same_candidates(tmp_path):
             for i, (state, n) in enumerate(zip(step["states"], step["examples"]))
         ]
         strategy.aggregate_updates(server_round, updates)
-        assert strategy._current.accepted == 2
-        strategy._finish_phase(server_round, grid=None)  # server-held data; the mlp has no norm layers
+        assert strategy.current.accepted == 2
+        strategy.finish_phase(server_round)  # server-held data; the mlp has no norm layers
         for name, value in soup["state"].items():
             torch.testing.assert_close(strategy.soup[name], value, rtol=1e-6, atol=1e-7)
 

@@ -33,8 +33,8 @@ def play(strategy, flower_rounds):
         replies = [client_reply(payload, server_round, seed + 10 * server_round, 150)[0] for seed in CLIENT_SEEDS]
         strategy.aggregate_updates(server_round, [Update(n, r, {}) for n, r in enumerate(replies)])
         if strategy.ends_phase(server_round):
-            strategy._finish_phase(server_round, grid=None)
-        strategy.evaluate_round(flower_round, arrays=None)
+            strategy.finish_phase(server_round)
+        strategy.end_round(server_round)
 
 
 def history(out_dir):

@@ -62,7 +62,7 @@ def test_soup_is_the_masked_average_of_the_replies(tmp_path, merge):
             assert torch.equal(value, stacked.max(0).values)  # num_batches_tracked
     for name, keep in strategy.mask.items():
         assert torch.count_nonzero(strategy.soup[name][~keep]) == 0, name  # exactly zero outside the mask
-    assert strategy._current.accepted == 3 and not strategy._current.rejected
+    assert strategy.current.accepted == 3 and not strategy.current.rejected
 
 
 def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp_path):
@@ -97,13 +97,13 @@ def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp
     for name, value in strategy.soup.items():
         if value.is_floating_point():
             torch.testing.assert_close(value, (expected[0][name] + expected[1][name]) / 2)
-    assert set(strategy._current.rejected) == set(bad)
-    reasons = strategy._current.rejected
+    assert set(strategy.current.rejected) == set(bad)
+    reasons = strategy.current.rejected
     assert "round" in reasons[10]
     assert "finite" in reasons[11].lower() or "nan" in reasons[11].lower()
     assert "digest" in reasons[12] or "mask" in reasons[12]
     assert "training examples" in reasons[15] and "out of memory" in reasons[16]
-    assert strategy._current.accepted == 2
+    assert strategy.current.accepted == 2
 
 
 def test_too_few_valid_replies_leave_the_soup_unchanged(tmp_path):
@@ -143,7 +143,7 @@ def test_greedy_merge_keeps_only_candidates_that_do_not_hurt_the_heldout_soup(tm
     replies = [client_reply(payload, 2, seed, 200)[0] for seed in range(3)]
     states = [decoded_state(r, strategy) for r in replies]
     strategy.aggregate_updates(2, [Update(n, r, {}) for n, r in enumerate(replies)])
-    strategy._finish_phase(2, grid=None)  # server-held data: no federated round needed
+    strategy.finish_phase(2)  # server-held data: no federated round needed
 
     [line] = [m for m in messages if "greedy soup kept candidates" in m]
     chosen = json.loads(line.split("candidates ")[1])

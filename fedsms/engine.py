@@ -1,0 +1,237 @@
+"""The SMS engine: the state of one job and the rules that move it from step to step.
+
+The local driver (``fedsms local``), the offline ``fedsms soup`` and the Flower strategy all
+drive one ``SoupEngine``, so every rule below is written once:
+
+1. ``prune(step)``: the state is pruned to the step's sparsity (global/uniform magnitude or
+   random, the new mask a subset of the old) and the digest of the new mask is kept.
+2. Candidates retrain elsewhere under that mask (in this process, in worker processes, or
+   on Flower clients) and flow into a ``Merge`` one at a time: one running sum of the values
+   under the mask, never m models (the greedy and best-of-m rules keep the candidates,
+   which they must score one by one).
+3. ``end_round(merge)``: the state becomes the (weighted) mean of the merge.
+4. ``end_phase(step, merge)``: the greedy soup or the best candidate is chosen on held-out
+   accuracy, and the norm statistics of an average of several candidates are recalibrated.
+
+Data-dependent parts (recalibration, held-out scores) come in as ``PhaseHooks``, so the
+engine runs the same with data in this process (``data_hooks``), with a federated
+recalibration round, or with no data at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from fedsms import FedSMSError
+from fedsms.codec import state_from_values
+from fedsms.data import DatasetSplits
+from fedsms.evaluate import evaluate
+from fedsms.masks import Mask, mask_digest, prune_state, sparsity
+from fedsms.norms import norm_layers, recalibrate_norms
+from fedsms.schedule import PruneStep, prune_seed
+from fedsms.soup import RunningAverage, greedy_soup
+
+State = dict[str, torch.Tensor]
+
+# How a merge turns its candidates into one state: the configurable soups, and "best"
+# (IMP best-of-m: the best candidate on the held-out split, no averaging).
+MERGE_RULES = ("uniform", "weighted", "greedy")
+RULES = (*MERGE_RULES, "best")
+
+
+@dataclass
+class PhaseHooks:
+    """What finishing a phase needs from data.
+
+    Parameters
+    ----------
+    recalibrate : callable or None
+        ``recalibrate(state, step_index) -> state``: the state with its norm statistics
+        re-estimated. None: the model has no norm layers, or there is no data to do it.
+    heldout_score : callable or None
+        ``heldout_score(state) -> float``: accuracy on the held-out split (never the test
+        set). None: greedy and best-of-m merges cannot run and are refused.
+    """
+
+    recalibrate: Callable[[State, int], State] | None = None
+    heldout_score: Callable[[State], float] | None = None
+
+
+def cpu_state(model: nn.Module) -> State:
+    """A detached CPU copy of ``model``'s state dict."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def data_hooks(
+    model: nn.Module,
+    splits: DatasetSplits,
+    *,
+    fraction: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> PhaseHooks:
+    """Hooks that recalibrate on a seeded ``fraction`` of ``splits.train`` and score on
+    ``splits.heldout``, using ``model`` as scratch space.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model of the job's architecture; its weights are overwritten.
+    splits : DatasetSplits
+        Train (for recalibration) and held-out (for scores) data.
+    fraction : float
+        Fraction of the training data forwarded to re-estimate norm statistics.
+    seed : int
+        Base seed; step p recalibrates on the subset drawn with ``seed + p``.
+    device : torch.device or str
+        Where the forward passes run.
+    """
+
+    def recalibrate(state: State, step: int) -> State:
+        model.load_state_dict(state)
+        recalibrate_norms(model, splits.train, fraction=fraction, device=device, seed=seed + step)
+        return cpu_state(model)
+
+    def heldout_score(state: State) -> float:
+        model.load_state_dict(state)
+        return evaluate(model, splits.heldout, device=device)["accuracy"]
+
+    return PhaseHooks(recalibrate if norm_layers(model) else None, heldout_score)
+
+
+def values_under_mask(state: Mapping[str, torch.Tensor], mask: Mask) -> State:
+    """The compact form a merge holds: each masked tensor's kept values in mask order, the
+    other tensors (biases, norm layers) whole. The wire payload carries the same values."""
+    return {k: (v.detach().cpu()[mask[k].cpu()] if k in mask else v.detach().cpu()) for k, v in state.items()}
+
+
+class Merge:
+    """Candidates of one round flowing into their merge.
+
+    Parameters
+    ----------
+    rule : str
+        ``uniform`` or ``weighted`` (by example counts) average, ``greedy`` soup or ``best``.
+    keep_candidates : bool
+        Keep every candidate's values besides the running sum (needed by ``greedy`` and
+        ``best``, which score candidates one by one).
+    """
+
+    def __init__(self, rule: str, keep_candidates: bool) -> None:
+        if rule not in RULES:
+            raise FedSMSError(f"unknown merge rule {rule!r}; use one of {', '.join(RULES)}")
+        self.rule = rule
+        self.average = RunningAverage()
+        self.candidates: list[State] = []
+        self.examples: list[int] = []
+        self._keep = keep_candidates
+
+    @property
+    def count(self) -> int:
+        """Candidates added so far."""
+        return self.average.count
+
+    def add(self, values: Mapping[str, torch.Tensor], num_examples: int) -> None:
+        """Add one candidate, in the compact form of ``values_under_mask``."""
+        self.average.add(values, float(num_examples) if self.rule == "weighted" else 1.0)
+        self.examples.append(num_examples)
+        if self._keep:
+            self.candidates.append(dict(values))
+
+
+class SoupEngine:
+    """The state and mask of one SMS job.
+
+    Parameters
+    ----------
+    state : mapping of str to Tensor
+        The starting state dict (a dense model, a checkpoint's soup).
+    mask : Mask
+        The starting mask (all ones for a dense model).
+    pruning : str
+        ``global`` or ``uniform`` magnitude pruning, or ``random``.
+    seed : int
+        The job's seed; random pruning at step p uses ``prune_seed(seed, p)``.
+    hooks : PhaseHooks, optional
+        Recalibration and held-out scores; without them phases end without either.
+    log : callable, optional
+        Receives one line per prune and per greedy choice.
+    """
+
+    def __init__(
+        self,
+        state: Mapping[str, torch.Tensor],
+        mask: Mask,
+        *,
+        pruning: str = "global",
+        seed: int = 0,
+        hooks: PhaseHooks | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.state: State = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self.mask: Mask = {k: v.to("cpu", copy=True) for k, v in mask.items()}
+        self.digest = mask_digest(self.mask)
+        self.pruning, self.seed = pruning, seed
+        self.hooks = hooks or PhaseHooks()
+        self.log = log or (lambda _: None)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of prunable weights that are zero under the current mask."""
+        return sparsity(self.mask)
+
+    def restore(self, state: Mapping[str, torch.Tensor], mask: Mask) -> None:
+        """Continue from a saved state and mask (a checkpoint)."""
+        self.state = {k: v.clone() for k, v in state.items()}
+        self.mask = {k: v.clone() for k, v in mask.items()}
+        self.digest = mask_digest(self.mask)
+
+    def prune(self, step: PruneStep) -> None:
+        """Prune the state to ``step.sparsity``; the new mask never regrows."""
+        self.state, self.mask = prune_state(
+            self.state, self.mask, step.sparsity, method=self.pruning, seed=prune_seed(self.seed, step.index)
+        )
+        self.digest = mask_digest(self.mask)
+        self.log(f"step {step.index}: pruned to {self.sparsity:.4%} sparsity (mask {self.digest[:12]})")
+
+    def merge(self, rule: str, *, ends_phase: bool = True) -> Merge:
+        """A new merge for the current mask; candidates are kept only when ``rule`` will
+        choose among them at the end of the phase."""
+        return Merge(rule, keep_candidates=ends_phase and rule in ("greedy", "best"))
+
+    def end_round(self, merge: Merge) -> None:
+        """The state becomes the mean of the merge's candidates (values outside the mask stay zero)."""
+        self.state = state_from_values(merge.average.mean(), self.mask, self.state)
+
+    def end_phase(self, step_index: int, merge: Merge, *, recalibrate: bool = True) -> list[int]:
+        """Finish a phase after its last ``end_round``: choose (greedy, best) and, unless
+        ``recalibrate`` is False (the caller recalibrates some other way), recalibrate an
+        average of several candidates. Returns the indices of the candidates in the state."""
+        chosen = list(range(merge.count))
+        if merge.rule == "best":
+            scores = [self._score(self._full(c)) for c in merge.candidates]
+            best = max(range(len(scores)), key=scores.__getitem__)
+            self.state, chosen = self._full(merge.candidates[best]), [best]
+        elif merge.rule == "greedy" and merge.count > 1:
+            states = [self._full(c) for c in merge.candidates]
+            self.state, chosen, _ = greedy_soup(states, self.mask, lambda s: self._score(self.recalibrated(s, step_index)))
+            self.log(f"phase {step_index}: greedy soup kept candidates {chosen}")
+        if recalibrate and merge.rule != "best" and merge.count > 1:  # one candidate's own statistics already fit it
+            self.state = self.recalibrated(self.state, step_index)
+        return chosen
+
+    def recalibrated(self, state: State, step_index: int) -> State:
+        """``state`` with its norm statistics re-estimated, when the hooks can do it."""
+        return self.hooks.recalibrate(state, step_index) if self.hooks.recalibrate else state
+
+    def _score(self, state: State) -> float:
+        if self.hooks.heldout_score is None:
+            raise FedSMSError("greedy and best-of-m merges need held-out data; use merge uniform or give the server data")
+        return self.hooks.heldout_score(state)
+
+    def _full(self, values: Mapping[str, torch.Tensor]) -> State:
+        return state_from_values(values, self.mask, self.state)

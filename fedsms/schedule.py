@@ -1,0 +1,136 @@
+"""When a job prunes, to what sparsity, and how long candidates retrain in between.
+
+A job is a list of *prune steps*. Each step prunes the current state to its sparsity, then
+candidates retrain under that mask and their merge starts the next step.
+
+- IMP: step p (1..P) is phase p, reaching ``1 - (1 - q)^p`` with ``q = 1 - (1 - s)^(1/P)``;
+  candidates retrain ``retrain-epochs`` each.
+- GMP: the cubic schedule of Zhu & Gupta, ``s_t = s_f + (s_i - s_f)(1 - t/N)^3`` at the N
+  mask updates t = 1..N (``gmp-updates``, 0 meaning one per phase), t = 0 being the dense
+  model at ``gmp-initial-sparsity`` s_i. The IMP epoch budget (P × retrain-epochs) is split
+  as evenly as whole epochs allow over the N intervals.
+
+A federated job groups its server rounds into phases (phase 0: dense pretraining rounds).
+Under ``pruning-schedule = imp`` the first round of each phase prunes; under ``gmp`` the
+P × rounds-per-phase pruning rounds are split evenly over the N updates and the first round
+of each interval prunes, after the previous round's aggregation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedsms import FedSMSError
+from fedsms.config import FederationConfig, RunConfig
+from fedsms.masks import sparsity_after_phase
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    """One prune of a job.
+
+    Parameters
+    ----------
+    index : int
+        1-based number of the step: the phase (IMP) or the mask update (GMP). It seeds
+        random pruning and the candidates' batch order, so it is part of the result.
+    sparsity : float
+        Fraction of prunable weights that are zero after this prune.
+    epochs : int
+        Epochs each candidate retrains after this prune (the local driver's budget).
+    """
+
+    index: int
+    sparsity: float
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Round:
+    """One server round of a federated job.
+
+    Parameters
+    ----------
+    number : int
+        1-based server round (continues across a resume).
+    phase : int
+        Phase the round belongs to; 0 for dense pretraining rounds.
+    round_in_phase : int
+        1-based position of the round in its phase.
+    prune : PruneStep or None
+        The prune that opens this round, or None when the round keeps the mask.
+    ends_phase : bool
+        True for the last round of a phase: the phase's soup is finished after it.
+    """
+
+    number: int
+    phase: int
+    round_in_phase: int
+    prune: PruneStep | None
+    ends_phase: bool
+
+
+def prune_seed(seed: int, step: int) -> int:
+    """The seed of random pruning at ``step``: derived, so a resumed job needs no RNG state."""
+    return seed * 1000 + step
+
+
+def cubic_sparsity(step: float, start: float, end: float, initial: float, final: float) -> float:
+    """Zhu & Gupta's cubic schedule: ``initial`` up to ``start``, ``final`` from ``end`` on."""
+    if step >= end:
+        return final
+    if step <= start:
+        return initial
+    return final + (initial - final) * (1.0 - (step - start) / (end - start)) ** 3
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` whole units over ``parts`` intervals, as evenly as possible (earlier ones shorter)."""
+    if not 1 <= parts <= total:
+        raise FedSMSError(
+            f"cannot split {total} epochs or rounds into {parts} mask-update intervals; set gmp-updates to at most {total}"
+        )
+    return [(i + 1) * total // parts - i * total // parts for i in range(parts)]
+
+
+def num_updates(run: RunConfig) -> int:
+    """N, the mask updates of the GMP schedule."""
+    return run.gmp_updates or run.phases
+
+
+def imp_steps(run: RunConfig) -> list[PruneStep]:
+    """The P phases of IMP."""
+    return [
+        PruneStep(p, sparsity_after_phase(run.target_sparsity, run.phases, p), run.retrain_epochs)
+        for p in range(1, run.phases + 1)
+    ]
+
+
+def gmp_steps(run: RunConfig) -> list[PruneStep]:
+    """The N mask updates of GMP, sharing IMP's epoch budget."""
+    n = num_updates(run)
+    epochs = split_evenly(run.phases * run.retrain_epochs, n)
+    return [
+        PruneStep(t, cubic_sparsity(t, 0, n, run.gmp_initial_sparsity, run.target_sparsity), epochs[t - 1])
+        for t in range(1, n + 1)
+    ]
+
+
+def prune_steps(run: RunConfig, schedule: str) -> list[PruneStep]:
+    """The prune steps of ``schedule`` (``"imp"`` or ``"gmp"``)."""
+    return gmp_steps(run) if schedule == "gmp" else imp_steps(run)
+
+
+def federated_rounds(run: RunConfig, fed: FederationConfig) -> list[Round]:
+    """Every server round of a federated job, in order."""
+    rounds = [Round(r, 0, r, None, r == fed.pretrain_rounds) for r in range(1, fed.pretrain_rounds + 1)]
+    steps = prune_steps(run, fed.pruning_schedule)
+    if fed.pruning_schedule == "gmp":
+        lengths = split_evenly(run.phases * fed.rounds_per_phase, len(steps))
+        opening = {sum(lengths[:i]): step for i, step in enumerate(steps)}  # pruning round (0-based) -> step
+    else:
+        opening = {(step.index - 1) * fed.rounds_per_phase: step for step in steps}
+    for i in range(run.phases * fed.rounds_per_phase):
+        phase, r = i // fed.rounds_per_phase + 1, i % fed.rounds_per_phase + 1
+        rounds.append(Round(len(rounds) + 1, phase, r, opening.get(i), r == fed.rounds_per_phase))
+    return rounds

@@ -152,8 +152,9 @@ def compare_with_local(overrides: dict, methods: str) -> None:
 
 def cmd_soup(args: argparse.Namespace) -> int:
     from fedsms.checkpoint import load_checkpoint, save_checkpoint
+    from fedsms.engine import SoupEngine, values_under_mask
     from fedsms.masks import mask_digest
-    from fedsms.soup import SoupError, average
+    from fedsms.soup import SoupError, check_shares_mask
 
     checkpoints = [load_checkpoint(p) for p in args.checkpoints]
     digests = [mask_digest(c.mask) for c in checkpoints]
@@ -163,31 +164,35 @@ def cmd_soup(args: argparse.Namespace) -> int:
                 f"{path} has mask {digest[:12]} but {args.checkpoints[0]} has {digests[0][:12]}; "
                 "soup only candidates retrained under the same mask"
             )
-    weights = [c.metadata.get("num_examples", 1) for c in checkpoints] if args.weighted else None
-    soup = average([c.state for c in checkpoints], checkpoints[0].mask, weights)
     metadata = {k: v for k, v in checkpoints[0].metadata.items() if k in ("model", "dataset", "phase", "config")}
     metadata["soup_of"] = [str(p) for p in args.checkpoints]
-    if args.recalibrate:
-        soup = recalibrated_soup(soup, metadata, args.data_dir)
-    path = save_checkpoint(args.output, soup, checkpoints[0].mask, metadata)
+    hooks = soup_hooks(metadata, args.data_dir) if args.recalibrate else None
+    engine = SoupEngine(checkpoints[0].state, checkpoints[0].mask, hooks=hooks)
+    merge = engine.merge("weighted" if args.weighted else "uniform")
+    for path, checkpoint in zip(args.checkpoints, checkpoints):
+        check_shares_mask(checkpoint.state, engine.mask, path)
+        examples = checkpoint.metadata.get("num_examples", 1)
+        if args.weighted and not (isinstance(examples, int) and examples > 0):
+            raise SoupError(f"{path} has num_examples {examples!r} in its metadata; drop --weighted or fix the metadata")
+        merge.add(values_under_mask(checkpoint.state, engine.mask), examples)
+    engine.end_round(merge)
+    phase = metadata.get("phase")
+    engine.end_phase(phase if isinstance(phase, int) else 0, merge)  # the phase seeds the recalibration subset
+    path = save_checkpoint(args.output, engine.state, engine.mask, metadata)
     print(f"soup of {len(checkpoints)} candidates (mask {digests[0][:12]}) written to {path}")
     return 0
 
 
-def recalibrated_soup(soup: dict, metadata: dict, data_dir: str | None) -> dict:
-    """Re-estimate the soup's norm statistics on the training data its metadata names."""
-    from fedsms.engine import cpu_state
+def soup_hooks(metadata: dict, data_dir: str | None):
+    """Recalibration on the training data the checkpoints' metadata names."""
     from fedsms.data import load_dataset
+    from fedsms.engine import data_hooks
     from fedsms.models import build_for
-    from fedsms.norms import recalibrate_norms
 
     if "model" not in metadata or "dataset" not in metadata:
         raise FedSMSError("--recalibrate needs checkpoints whose metadata names the model and dataset; drop --recalibrate")
     splits = load_dataset(metadata["dataset"], data_dir=data_dir)
-    model = build_for(metadata["model"], splits)
-    model.load_state_dict(soup)
-    recalibrate_norms(model, splits.train)
-    return cpu_state(model)
+    return data_hooks(build_for(metadata["model"], splits), splits, fraction=0.2, seed=0)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from torch import nn
 
 from fedsms import FedSMSError, codec
 from fedsms.checkpoint import Checkpoint, check_compatible, save_checkpoint
-from fedsms.config import FederationConfig, RunConfig
+from fedsms.config import FederationConfig, RunConfig, soup_shaping_changes
 from fedsms.data import DatasetSplits
 from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.gmp import federated_prune_step, federated_update_rounds
@@ -45,13 +45,6 @@ NORM_STATS = "query.norm_stats"  # message type of the federated recalibration r
 
 
 MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
-
-# Config keys a resumed job may change: where things live and how patient the server is.
-# Every other key shapes the soup, so a checkpoint written under another value is refused.
-RESUMABLE_CHANGES = frozenset({
-    "out_dir", "data_dir", "device", "workers", "round_timeout", "round_retries", "resume",
-    "min_available_clients", "min_train_clients", "fraction_evaluate",
-})
 
 
 class RoundFailed(FedSMSError):
@@ -161,7 +154,7 @@ class SparseSoupStrategy(Strategy):
         meta = checkpoint.metadata
         saved = meta.get("config", {})
         mine = {**self.run.to_dict(), **self.fed.__dict__}
-        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        changed = soup_shaping_changes(saved, mine)  # keys declared with shapes_soup=False may change
         if changed:
             shown = ", ".join(f"{k.replace('_', '-')}={saved.get(k)!r} (now {mine[k]!r})" for k in changed[:4])
             raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "

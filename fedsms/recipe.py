@@ -51,6 +51,8 @@ CandidateConfig = make_dataclass(
     },
 )
 CandidateConfig.__module__ = __name__
+for _method, _name in ((_candidate_to_dict, "to_dict"), (_candidate_from_dict, "from_dict")):
+    _method.__name__, _method.__qualname__ = _name, f"CandidateConfig.{_name}"
 
 _SPECS = {f.name: (f.type, spec) for f, spec in declared(CandidateConfig)}
 

@@ -10,70 +10,29 @@ from pathlib import Path
 
 from fedsms import FedSMSError
 
-CONFIG_HELP = {
-    "dataset": "digits (embedded), mnist1d or mnist1d-N (generated), cifar10, cifar100, mnist or fashion-mnist",
-    "data_dir": "folder holding the torchvision data sets' files",
-    "model": "mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-D-K or tv:TORCHVISION_NAME",
-    "target_sparsity": "final fraction of prunable weights that are zero",
-    "phases": "prune-retrain phases P",
-    "candidates": "candidates m retrained per phase",
-    "gmp_updates": "mask updates of gmp/gmp-soup within the phases × retrain-epochs budget (0: one per phase)",
-    "gmp_initial_sparsity": "sparsity where the cubic GMP schedule starts (the dense model's step)",
-    "pruning": "global (magnitude over all layers), uniform (per layer) or random",
-    "keep_first_dense": "never prune the first prunable layer",
-    "keep_last_dense": "never prune the last prunable layer",
-    "pretrain_epochs": "dense pretraining epochs (0 with --init-checkpoint)",
-    "pretrain_lr": "peak learning rate of dense pretraining",
-    "retrain_epochs": "epochs each candidate retrains per phase",
-    "lr": "peak retraining learning rate",
-    "weight_decay": "retraining weight decay (Nesterov momentum when > 0)",
-    "batch_size": "training batch size",
-    "label_smoothing": "label smoothing of the training loss",
-    "lr_schedule": "linear (warm-up then decay to 0), cosine or constant",
-    "warmup_fraction": "fraction of the steps spent warming up",
-    "augment": "random translation (and flips where they fit) during training",
-    "recipe": "how candidates differ, e.g. 'weight_decay=1e-4,5e-4;lr=0.05,0.1' (seeds always differ)",
-    "merge": "uniform, weighted (by examples) or greedy (held-out accuracy) soup",
-    "recalibration_fraction": "fraction of training data for norm-statistics recalibration",
-    "heldout_fraction": "fraction of the training data held out (seeded) for greedy/best-of-m",
-    "methods": "comma list of imp, imp-best, imp-avg, sms, sms-greedy, gmp, gmp-soup (dense always runs)",
-    "ood": "evaluate under corruptions at severities 1-5",
-    "ood_examples": "test examples used for the OOD evaluation",
-    "seed": "base seed",
-    "device": "auto, cpu or cuda[:N]",
-    "workers": "candidates trained in parallel worker processes",
-    "out_dir": "where results, checkpoints and plots go",
-    "init_checkpoint": "start from this dense checkpoint instead of pretraining",
-    "mode": "hyperparameter (clients differ by recipe) or data (clients differ by shard)",
-    "pretrain_rounds": "dense federated rounds before phase 1",
-    "rounds_per_phase": "federated rounds in each prune-retrain phase",
-    "pruning_schedule": "imp (prune at each phase start) or gmp (cubic schedule, mask updated at round boundaries)",
-    "partitioning": "iid, dirichlet or shards (data mode)",
-    "dirichlet_alpha": "label-skew concentration of the dirichlet partitioning",
-    "min_train_clients": "valid replies a round needs to update the soup",
-    "min_available_clients": "clients to wait for before a round starts",
-    "fraction_evaluate": "fraction of clients asked for federated evaluation",
-    "value_dtype": "fp32, fp16 or bf16 values on the wire",
-    "recalibration": "norm statistics re-estimated on the server's data or by the clients",
-    "server_data": "the server holds the data set (central evaluation, recalibration, greedy)",
-    "round_timeout": "seconds to wait for the replies of a round",
-    "round_retries": "times a round is sent again when too few valid replies came back",
-    "resume": "continue from the last round checkpoint in --out-dir",
-}
-
-
 def add_config_options(parser: argparse.ArgumentParser, defaults) -> None:
-    """One ``--key`` option per run-config field; unset options keep the defaults."""
-    for field in fields(defaults):
+    """One ``--key`` option per key declared on ``defaults``' class; unset options keep the defaults.
+
+    Help, metavar and default come from the declaration (:mod:`fedsms.schema`); values are
+    parsed and checked when the config is built, so a bad one is refused naming its key.
+    """
+    from fedsms.schema import declared
+
+    for field, spec in declared(defaults):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         # A bare boolean flag (``--resume``) means true; ``--ood false`` still works.
         switch = {"nargs": "?", "const": "true"} if field.type == "bool" else {}
-        parser.add_argument(flag, dest=field.name, default=None, metavar=field.type.upper(), **switch,
-                            help=f"{CONFIG_HELP.get(field.name, '')} (default: {default!r})")
+        choices = spec.choices and not spec.many
+        metavar = "{" + ",".join(spec.choices) + "}" if choices else field.type.upper()
+        rule = "" if choices else spec.rule()
+        text = f"{spec.help}{'; ' + rule if rule else ''} (default: {default!r})"
+        parser.add_argument(flag, dest=field.name, default=None, metavar=metavar, **switch,
+                            help=text.replace("%", "%%"))
 
 
 def config_overrides(args: argparse.Namespace, defaults) -> dict:
+    """The keys of ``defaults``' class that were given on the command line, with their (text) values."""
     return {f.name: getattr(args, f.name) for f in fields(defaults) if getattr(args, f.name) is not None}
 
 

@@ -17,11 +17,11 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from fedsms import FedSMSError
+from fedsms.schema import PRUNING_METHODS
 
 Mask = dict[str, torch.Tensor]
 
 PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-PRUNING_METHODS = ("global", "uniform", "random")
 
 
 def prunable_names(

@@ -8,78 +8,64 @@ always its own seed, so two candidates never see the same batch order.
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import asdict, dataclass, fields, replace
+import math
+from dataclasses import asdict, field, make_dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from fedsms import FedSMSError
+from fedsms.schema import LR_SCHEDULES, RunKeys, declared, parse_value
 
-LR_SCHEDULES = ("linear", "cosine", "constant")
-
-
-@dataclass(frozen=True)
-class CandidateConfig:
-    """Everything that defines how one candidate is retrained in one phase."""
-
-    seed: int = 0
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    epochs: int = 5
-    augment: bool = True
-    batch_size: int = 64
-    momentum: float = 0.9
-    lr_schedule: str = "linear"  # linear warm-up then linear decay to zero
-    warmup_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        checks = {
-            "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "momentum": 0 <= self.momentum < 1,
-            "warmup_fraction": 0 <= self.warmup_fraction < 1,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise FedSMSError(f"recipe value {key}={getattr(self, key)!r} is out of range; fix it in the recipe or config")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise FedSMSError(f"unknown lr_schedule {self.lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "CandidateConfig":
-        return cls(**_coerce(values))
+__all__ = ["LR_SCHEDULES", "CandidateConfig", "expand_recipe", "for_phase", "parse_grid"]
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(CandidateConfig)}
-_CASTS = {"int": int, "float": float, "bool": lambda v: _to_bool(v), "str": str}
+def _candidate_post_init(self) -> None:
+    # Natural ranges only: a candidate is built from checked input, and derived seeds may pass the input cap.
+    for f, spec in declared(self):
+        value = parse_value("recipe value", f.name, getattr(self, f.name), f.type, spec, caps=False)
+        object.__setattr__(self, f.name, value)
 
 
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
+def _candidate_to_dict(self) -> dict[str, Any]:
+    """Every field and its value."""
+    return asdict(self)
 
 
-def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
+def _candidate_from_dict(cls, values: Mapping[str, Any]) -> "CandidateConfig":
+    """A candidate from field values (text accepted); unknown keys and bad values refused."""
+    return cls(**_coerce(values, caps=False))
+
+
+# One field per run key declared with ``candidate=`` (fedsms.schema.RunKeys): same type,
+# default and range; the field is named by ``candidate`` (``retrain_epochs`` -> ``epochs``).
+CandidateConfig = make_dataclass(
+    "CandidateConfig",
+    [(spec.candidate, f.type, field(default=f.default, metadata={"key": spec, "run_key": f.name}))
+     for f, spec in declared(RunKeys) if spec.candidate],
+    frozen=True,
+    namespace={
+        "__doc__": "Everything that defines how one candidate is retrained in one phase.\n\n"
+                   "Its fields are the per-candidate keys of the run config (see ``fedsms.schema.RunKeys``).",
+        "__post_init__": _candidate_post_init,
+        "to_dict": _candidate_to_dict,
+        "from_dict": classmethod(_candidate_from_dict),
+    },
+)
+CandidateConfig.__module__ = __name__
+for _method, _name in ((_candidate_to_dict, "to_dict"), (_candidate_from_dict, "from_dict")):
+    _method.__name__, _method.__qualname__ = _name, f"CandidateConfig.{_name}"
+
+_SPECS = {f.name: (f.type, spec) for f, spec in declared(CandidateConfig)}
+
+
+def _coerce(values: Mapping[str, Any], caps: bool = True) -> dict[str, Any]:
+    """Recipe values typed and checked; the error names the recipe key."""
     out = {}
-    for key, value in values.items():
-        if key not in _FIELD_TYPES:
-            raise FedSMSError(f"unknown recipe key {key!r}; use one of {', '.join(_FIELD_TYPES)}")
-        try:
-            out[key] = _CASTS[_FIELD_TYPES[key]](value)
-        except (TypeError, ValueError):
-            raise FedSMSError(f"recipe value {key}={value!r} is not a valid {_FIELD_TYPES[key]}") from None
+    for raw_key, value in values.items():
+        name = raw_key.replace("-", "_")
+        if name not in _SPECS:
+            raise FedSMSError(f"unknown recipe key {raw_key!r}; use one of {', '.join(_SPECS)}")
+        kind, spec = _SPECS[name]
+        out[name] = parse_value("recipe value", name, value, kind, spec, caps)
     return out
 
 
@@ -91,7 +77,9 @@ def parse_grid(text: str) -> dict[str, list[str]]:
         if not sep or not values.strip():
             raise FedSMSError(f"recipe part {part!r} is not KEY=V1,V2,...; write e.g. 'weight_decay=1e-4,5e-4'")
         grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
-    _coerce({k: v[0] for k, v in grid.items()})  # validate keys and value types early
+    for key, values in grid.items():  # every value checked now, before any work
+        for value in values:
+            _coerce({key: value})
     return grid
 
 
@@ -106,15 +94,28 @@ def expand_recipe(
     if isinstance(recipe, str):
         recipe = parse_grid(recipe)
     if isinstance(recipe, Mapping):
-        keys = list(recipe)
-        points = [dict(zip(keys, combo)) for combo in itertools.product(*(recipe[k] for k in keys))] or [{}]
+        grid = {k: list(v) for k, v in recipe.items()}
+        count = math.prod(len(v) for v in grid.values()) if grid else 0  # never listed: it may be huge
+
+        def point(i: int) -> dict[str, Any]:
+            return _grid_point(grid, i)
     else:
-        points = [dict(p) for p in recipe] or [{}]
+        points = [dict(p) for p in recipe]
+        count, point = len(points), points.__getitem__
     configs = []
     for i in range(m):
-        overrides = {"seed": base.seed + i, **points[i % len(points)]}
-        configs.append(replace(base, **_coerce(overrides)))
+        overrides = {"seed": base.seed + i, **_coerce(point(i % count) if count else {})}
+        configs.append(replace(base, **overrides))
     return configs
+
+
+def _grid_point(grid: Mapping[str, Sequence[Any]], index: int) -> dict[str, Any]:
+    """The ``index``-th point of the grid in ``itertools.product`` order (last key fastest)."""
+    point = {}
+    for key in reversed(list(grid)):
+        index, j = divmod(index, len(grid[key]))
+        point[key] = grid[key][j]
+    return {key: point[key] for key in grid}
 
 
 def for_phase(config: CandidateConfig, phase: int) -> CandidateConfig:

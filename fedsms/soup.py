@@ -13,8 +13,7 @@ import torch
 
 from fedsms import FedSMSError
 from fedsms.masks import Mask, outside_mask_nonzeros
-
-MERGE_RULES = ("uniform", "weighted", "greedy")
+from fedsms.schema import MERGE_RULES
 
 
 class SoupError(FedSMSError):

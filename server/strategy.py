@@ -36,7 +36,7 @@ from torch import nn
 
 from fedsms import FedSMSError, codec
 from fedsms.checkpoint import Checkpoint, check_compatible, export_model, save_checkpoint
-from fedsms.config import FederationConfig, RunConfig
+from fedsms.config import FederationConfig, RunConfig, soup_shaping_changes
 from fedsms.data import DatasetSplits
 from fedsms.engine import Merge, PhaseHooks, SoupEngine, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
@@ -55,13 +55,6 @@ NORM_STATS = "query.norm_stats"  # message type of the federated recalibration r
 
 
 MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
-
-# Config keys a resumed job may change: where things live and how patient the server is.
-# Every other key shapes the soup, so a checkpoint written under another value is refused.
-RESUMABLE_CHANGES = frozenset({
-    "out_dir", "data_dir", "device", "workers", "round_timeout", "round_retries", "resume",
-    "min_available_clients", "min_train_clients", "fraction_evaluate",
-})
 
 
 class RoundFailed(FedSMSError):
@@ -538,7 +531,7 @@ class SparseSoupStrategy(Strategy):
         meta = checkpoint.metadata
         saved = meta.get("config", {})
         mine = self._settings()
-        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        changed = soup_shaping_changes(saved, mine)  # keys declared with shapes_soup=False may change
         if changed:
             shown = ", ".join(f"{k.replace('_', '-')}={saved.get(k)!r} (now {mine[k]!r})" for k in changed[:4])
             raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
@@ -565,7 +558,7 @@ class SparseSoupStrategy(Strategy):
     # ---- helpers -----------------------------------------------------------------------
 
     def _settings(self) -> dict:
-        return {**self.run.to_dict(), **self.fed.__dict__}
+        return {**self.run.to_dict(), **self.fed.to_dict()}
 
     def _job_record(self) -> ConfigRecord:
         """Every job setting, under its run-config name: what shapes a client's work

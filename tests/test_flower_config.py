@@ -1,4 +1,4 @@
-"""The Flower app config in pyproject.toml lists exactly the run-config keys fedsms knows."""
+"""The Flower app config in pyproject.toml lists exactly the keys fedsms declares, with their defaults."""
 
 import tomllib
 from pathlib import Path
@@ -6,21 +6,31 @@ from pathlib import Path
 import pytest
 
 from fedsms import FedSMSError
-from fedsms.config import split_config
-from fedsms_server.deployment import app_config_defaults
+from fedsms.config import app_config_table, flower_app_config, split_config, write_app_config_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_pyproject_app_config_matches_fedsms_config():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    config = project["tool"]["flwr"]["app"]["config"]
-    defaults = app_config_defaults()
-    assert set(config) == set(defaults)
-    assert {k: v for k, v in config.items() if k != "out-dir"} == {k: v for k, v in defaults.items() if k != "out-dir"}
+def test_pyproject_app_config_is_the_one_generated_from_the_schema():
+    text = (ROOT / "pyproject.toml").read_text()
+    project = tomllib.loads(text)
+    assert project["tool"]["flwr"]["app"]["config"] == flower_app_config(), (
+        "pyproject.toml and fedsms/schema.py disagree; run `python -m fedsms.config --pyproject`")
+    assert app_config_table() in text  # same order and spelling as the generator writes
     assert project["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "fedsms_server.app:app", "clientapp": "fedsms_client.app:app"}
-    split_config(config)  # the shipped values are valid
+    split_config(project["tool"]["flwr"]["app"]["config"])  # the shipped values are valid
+
+
+def test_the_generator_rewrites_only_the_app_config_table(tmp_path):
+    path = tmp_path / "pyproject.toml"
+    path.write_text('[tool.flwr.app]\npublisher = "x"\n\n[tool.flwr.app.config]\nlr = 0.1\nold-key = 1\n\n'
+                    '[tool.other]\nkeep = true\n')
+    assert write_app_config_table(path) is True
+    project = tomllib.loads(path.read_text())
+    assert project["tool"]["flwr"]["app"]["config"] == flower_app_config()
+    assert project["tool"]["other"] == {"keep": True} and project["tool"]["flwr"]["app"]["publisher"] == "x"
+    assert write_app_config_table(path) is False  # idempotent
 
 
 def test_split_config_routes_keys_and_names_bad_ones():

@@ -95,7 +95,7 @@ def test_a_checkpoint_without_round_history_cannot_be_resumed(tmp_path):
     from test_resume import make_strategy
 
     strategy = make_strategy(tmp_path)
-    config = {**strategy.run.to_dict(), **strategy.fed.__dict__}
+    config = {**strategy.run.to_dict(), **strategy.fed.to_dict()}
     save_checkpoint(tmp_path / "soup", strategy.soup, strategy.mask, {"server_round": "2", "config": config})
     with pytest.raises(FedSMSError, match="lacks 'server_round'"):
         strategy.restore(load_checkpoint(tmp_path / "soup"))

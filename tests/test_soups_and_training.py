@@ -140,7 +140,7 @@ def test_recipe_grid_and_errors():
     assert [c.seed for c in configs] == [7, 8, 9, 10, 11]
     with pytest.raises(FedSMSError, match="unknown recipe key 'momentumm'"):
         parse_grid("momentumm=0.9")
-    with pytest.raises(FedSMSError, match="not a valid float"):
+    with pytest.raises(FedSMSError, match="'lr' must be a float"):
         parse_grid("lr=fast")
 
 

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from fedsms import FedSMSError
-
-SCHEMES = ("iid", "dirichlet", "shards")
+from fedsms.schema import PARTITIONINGS as SCHEMES
 MAX_DIRICHLET_DRAWS = 10_000
 
 

@@ -1,0 +1,311 @@
+"""Every configuration key, declared once.
+
+A key is a field of :class:`RunKeys` (the run: data, model, pruning, retraining, merging)
+or :class:`FederationKeys` (what only a federated run has). Its declaration holds the
+name, type and default (the dataclass field) and, in the field's metadata, a :class:`Key`:
+help text, allowed range or choices, whether it shapes the soup and whether it is a
+per-candidate hyperparameter. For example::
+
+    momentum: float = key(0.9, "SGD momentum of retraining", at_least=0, below=1, candidate="momentum")
+
+Everything else derives from these declarations: parsing and validation
+(:func:`parse_value`), :class:`fedsms.recipe.CandidateConfig`, the ``--key`` options of
+the CLI, the ``[tool.flwr.app.config]`` table in ``pyproject.toml`` and the rule of what a
+resumed job may change (:func:`fedsms.config.soup_shaping_changes`).
+
+This module imports nothing but the standard library, so every other module may use it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import Field, asdict, dataclass, field, fields, replace
+from typing import Any, Iterator, Mapping
+
+from fedsms import FedSMSError
+
+# The choices of the enumerated keys. Modules that act on a choice import these names.
+METHODS = ("imp", "imp-best", "imp-avg", "sms", "sms-greedy", "gmp", "gmp-soup")
+PRUNING_METHODS = ("global", "uniform", "random")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+MERGE_RULES = ("uniform", "weighted", "greedy")
+FEDERATED_MODES = ("hyperparameter", "data")
+PARTITIONINGS = ("iid", "dirichlet", "shards")
+VALUE_DTYPES = ("fp32", "fp16", "bf16")
+RECALIBRATIONS = ("server", "federated")
+PRUNING_SCHEDULES = ("imp", "gmp")
+
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+@dataclass(frozen=True)
+class Key:
+    """What a configuration key allows and means, besides its name, type and default.
+
+    Parameters
+    ----------
+    help : str
+        One line for ``--help``; the allowed range is appended to it automatically.
+    at_least, above : float, optional
+        Inclusive or exclusive lower bound.
+    at_most, below : float, optional
+        Inclusive or exclusive upper bound of the key's natural range (e.g. a fraction).
+    cap : float, optional
+        Inclusive sanity bound on what a user may ask for (e.g. 100 phases): larger values
+        are surely mistakes and are refused before any work starts. Caps guard input (the
+        config and recipe strings); values derived from checked input are not re-capped.
+    choices : tuple of str
+        The allowed values of a string key.
+    many : bool
+        The value is a comma list of ``choices`` (at least one).
+    shapes_soup : bool
+        Whether the key changes the soup a job computes. A resumed job (``--resume``) must
+        keep every soup-shaping key; the others (where files live, patience) may change.
+    candidate : str, optional
+        The :class:`fedsms.recipe.CandidateConfig` field this key sets: a per-candidate
+        hyperparameter that a recipe may vary.
+    """
+
+    help: str
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+    cap: float | None = None
+    choices: tuple[str, ...] = ()
+    many: bool = False
+    shapes_soup: bool = True
+    candidate: str | None = None
+
+    def rule(self, caps: bool = True) -> str:
+        """The allowed values in words: ``"at least 1 and at most 100"``, ``"in [0, 1)"``, ``"one of a, b"``."""
+        if self.choices:
+            return f"{'some' if self.many else 'one'} of {', '.join(self.choices)}"
+        upper = self.at_most if self.at_most is not None else self.below
+        lower = self.at_least if self.at_least is not None else self.above
+        if upper is not None and lower is not None:
+            return (f"in {'[' if self.at_least is not None else '('}{_num(lower)}, "
+                    f"{_num(upper)}{']' if self.at_most is not None else ')'}")
+        if self.above == 0:
+            words = ["positive"]
+        elif lower is not None:
+            words = [f"{'at least' if self.at_least is not None else 'greater than'} {_num(lower)}"]
+        else:
+            words = []
+        if caps and self.cap is not None:
+            words.append(f"at most {_num(self.cap)}")
+        return " and ".join(words)
+
+    def allows(self, value: Any, caps: bool = True) -> bool:
+        """Whether an already-typed ``value`` is in range (or among the choices)."""
+        if self.choices:
+            items = [v.strip() for v in value.split(",") if v.strip()] if self.many else [value]
+            return bool(items) and all(v in self.choices for v in items)
+        if isinstance(value, (bool, str)):
+            return True
+        return ((self.at_least is None or value >= self.at_least) and (self.above is None or value > self.above)
+                and (self.at_most is None or value <= self.at_most) and (self.below is None or value < self.below)
+                and (not caps or self.cap is None or value <= self.cap))
+
+
+def _num(x: float) -> str:
+    """A bound as people write it: 1, 0.5, 1048576."""
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def key(default: Any, help: str, **rules: Any) -> Any:
+    """Declare a configuration key: a dataclass field with its :class:`Key` as metadata."""
+    return field(default=default, metadata={"key": Key(help, **rules)})
+
+
+def declared(cls_or_instance: Any) -> Iterator[tuple[Field, Key]]:
+    """The ``(field, Key)`` pairs of a settings class, in declaration order."""
+    for f in fields(cls_or_instance):
+        if "key" in f.metadata:
+            yield f, f.metadata["key"]
+
+
+def parse_bool(value: Any) -> bool:
+    """The one boolean parser: a bool, or true/false, 1/0, yes/no, on/off in any case.
+
+    Raises
+    ------
+    ValueError
+        For anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(value)
+
+
+def _cast(value: Any, kind: str) -> Any:
+    if kind == "bool":
+        return parse_bool(value)
+    if kind == "int":
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    return str(value)
+
+
+def parse_value(subject: str, name: str, value: Any, kind: str, spec: Key | None, caps: bool = True) -> Any:
+    """``value`` as a ``kind`` (bool, int, float or str), checked against ``spec``.
+
+    Parameters
+    ----------
+    subject, name : str
+        How the error names the value, e.g. ``"config key"`` and ``"phases"``.
+    value : Any
+        The raw value: typed already, or text from a command line or run config.
+    kind : str
+        ``"bool"``, ``"int"``, ``"float"`` or ``"str"`` (the dataclass field's type).
+    spec : Key or None
+        The rules; None checks the type only.
+    caps : bool
+        Whether the key's sanity cap applies (it guards input, see :class:`Key`).
+
+    Raises
+    ------
+    FedSMSError
+        One sentence naming the key, what it must be and what it got.
+    """
+    try:
+        typed = _cast(value, kind)
+    except (TypeError, ValueError, OverflowError):
+        what = {"bool": "a bool (true/false, yes/no, on/off, 1/0)", "int": "an int"}.get(kind, f"a {kind}")
+        raise FedSMSError(f"{subject} {name!r} must be {what}, got {value!r}") from None
+    if kind == "float" and not math.isfinite(typed):
+        raise FedSMSError(f"{subject} {name!r} must be a finite float, got {value!r}")
+    if spec is not None and not spec.allows(typed, caps):
+        raise FedSMSError(f"{subject} {name!r} must {'list' if spec.many else 'be'} {spec.rule(caps)}, got {typed!r}")
+    return typed
+
+
+class Settings:
+    """Behaviour shared by the settings classes: parse and check every key on creation."""
+
+    def __post_init__(self) -> None:
+        for f, spec in declared(self):
+            value = parse_value("config key", f.name.replace("_", "-"), getattr(self, f.name), f.type, spec)
+            object.__setattr__(self, f.name, value)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: Any = None) -> Any:
+        """Settings from ``values`` on top of ``base`` (or the defaults).
+
+        Keys may be spelt with ``-`` (Flower's run-config style) or ``_``; values may be
+        text. An unknown key or a bad value raises :class:`fedsms.FedSMSError` naming it.
+        """
+        names = [f.name for f, _ in declared(cls)]
+        updates = {}
+        for raw_key, value in values.items():
+            name = raw_key.replace("-", "_")
+            if name not in names:
+                known = ", ".join(n.replace("_", "-") for n in names)
+                raise FedSMSError(f"unknown config key {raw_key!r}; known keys: {known}")
+            updates[name] = value
+        return replace(base or cls(), **updates)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key (``_`` spelling) and its value."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunKeys(Settings):
+    """The run's keys: shared by ``fedsms local``, ``fedsms simulate`` and the Flower apps.
+
+    Declarations only; :class:`fedsms.config.RunConfig` adds the rules across keys and the
+    candidates. Per-candidate hyperparameters carry ``candidate=``.
+    """
+
+    dataset: str = key("digits", "digits (embedded), mnist1d or mnist1d-N (generated), cifar10, cifar100, mnist "
+                                 "or fashion-mnist")
+    data_dir: str = key("", "folder holding the torchvision data sets' files", shapes_soup=False)
+    model: str = key("cnn", "mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-D-K or tv:TORCHVISION_NAME")
+    target_sparsity: float = key(0.9, "final fraction of prunable weights that are zero", at_least=0, below=1)
+    phases: int = key(3, "prune-retrain phases P", at_least=1, cap=100)
+    candidates: int = key(4, "candidates m retrained per phase", at_least=1, cap=1024)
+    gmp_updates: int = key(0, "mask updates of gmp/gmp-soup within the phases × retrain-epochs budget "
+                              "(0: one per phase)", at_least=0)
+    gmp_initial_sparsity: float = key(0.0, "sparsity where the cubic GMP schedule starts (the dense model's step)",
+                                      at_least=0, below=1)
+    pruning: str = key("global", "global (magnitude over all layers), uniform (per layer) or random",
+                       choices=PRUNING_METHODS)
+    keep_first_dense: bool = key(False, "never prune the first prunable layer")
+    keep_last_dense: bool = key(False, "never prune the last prunable layer")
+    pretrain_epochs: int = key(10, "dense pretraining epochs (0 with --init-checkpoint)", at_least=0, cap=10_000)
+    pretrain_lr: float = key(0.05, "peak learning rate of dense pretraining", above=0)
+    retrain_epochs: int = key(5, "epochs each candidate retrains per phase", at_least=1, cap=10_000,
+                              candidate="epochs")
+    lr: float = key(0.05, "peak retraining learning rate", above=0, candidate="lr")
+    momentum: float = key(0.9, "SGD momentum of retraining", at_least=0, below=1, candidate="momentum")
+    weight_decay: float = key(5e-4, "retraining weight decay (Nesterov momentum when > 0)", at_least=0,
+                              candidate="weight_decay")
+    batch_size: int = key(64, "training batch size", at_least=1, cap=2**20, candidate="batch_size")
+    label_smoothing: float = key(0.0, "label smoothing of the training loss", at_least=0, below=1,
+                                 candidate="label_smoothing")
+    lr_schedule: str = key("linear", "linear (warm-up then decay to 0), cosine or constant", choices=LR_SCHEDULES,
+                           candidate="lr_schedule")
+    warmup_fraction: float = key(0.1, "fraction of the steps spent warming up", at_least=0, below=1,
+                                 candidate="warmup_fraction")
+    augment: bool = key(True, "random translation (and flips where they fit) during training", candidate="augment")
+    recipe: str = key("", "how candidates differ, e.g. 'weight_decay=1e-4,5e-4;lr=0.05,0.1' (seeds always differ)")
+    merge: str = key("uniform", "uniform, weighted (by examples) or greedy (held-out accuracy) soup",
+                     choices=MERGE_RULES)
+    recalibration_fraction: float = key(0.2, "fraction of training data for norm-statistics recalibration",
+                                        above=0, at_most=1)
+    heldout_fraction: float = key(0.1, "fraction of the training data held out (seeded) for greedy/best-of-m",
+                                  above=0, below=1)
+    methods: str = key("imp,imp-best,imp-avg,sms", "comma list of methods to run (dense always runs)",
+                       choices=METHODS, many=True)
+    ood: bool = key(True, "evaluate under corruptions at severities 1-5")
+    ood_examples: int = key(1000, "test examples used for the OOD evaluation", at_least=1, cap=10**7)
+    seed: int = key(0, "base seed: candidate i retrains with seed + i", at_least=0, cap=2**32 - 1, candidate="seed")
+    device: str = key("auto", "auto, cpu or cuda[:N]", shapes_soup=False)
+    workers: int = key(1, "candidates trained in parallel worker processes", at_least=1, cap=1024, shapes_soup=False)
+    out_dir: str = key("runs/local", "where results, checkpoints and plots go", shapes_soup=False)
+    init_checkpoint: str = key("", "start from this dense checkpoint instead of pretraining")
+
+
+@dataclass(frozen=True)
+class FederationKeys(Settings):
+    """The keys only a federated run has; they share the run keys' namespace.
+
+    Declarations only; :class:`fedsms.config.FederationConfig` is the class to use.
+    """
+
+    mode: str = key("hyperparameter", "hyperparameter (clients differ by recipe) or data (clients differ by shard)",
+                    choices=FEDERATED_MODES)
+    pretrain_rounds: int = key(1, "dense federated rounds before phase 1 (0 with init-checkpoint)", at_least=0,
+                               cap=10_000)
+    rounds_per_phase: int = key(1, "federated rounds in each prune-retrain phase", at_least=1, cap=10_000)
+    pruning_schedule: str = key("imp", "imp (prune at each phase start) or gmp (cubic schedule, mask updated at "
+                                       "round boundaries)", choices=PRUNING_SCHEDULES)
+    partitioning: str = key("iid", "iid, dirichlet or shards (data mode)", choices=PARTITIONINGS)
+    dirichlet_alpha: float = key(0.3, "label-skew concentration of the dirichlet partitioning", above=0)
+    min_train_clients: int = key(2, "valid replies a round needs to update the soup", at_least=1, cap=10**6,
+                                 shapes_soup=False)
+    min_available_clients: int = key(2, "clients to wait for before a round starts", at_least=1, cap=10**6,
+                                     shapes_soup=False)
+    fraction_evaluate: float = key(1.0, "fraction of clients asked for federated evaluation", at_least=0, at_most=1,
+                                   shapes_soup=False)
+    value_dtype: str = key("fp32", "fp32, fp16 or bf16 values on the wire", choices=VALUE_DTYPES)
+    recalibration: str = key("server", "norm statistics re-estimated on the server's data or by the clients",
+                             choices=RECALIBRATIONS)
+    server_data: bool = key(True, "the server holds the data set (central evaluation, recalibration, greedy)")
+    round_timeout: float = key(600.0, "seconds to wait for the replies of a round", above=0, cap=7 * 24 * 3600,
+                               shapes_soup=False)
+    round_retries: int = key(1, "times a round is sent again when too few valid replies came back", at_least=0,
+                             cap=100, shapes_soup=False)
+    resume: bool = key(False, "continue from the last round checkpoint in --out-dir", shapes_soup=False)

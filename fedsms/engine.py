@@ -33,13 +33,13 @@ from fedsms.evaluate import evaluate
 from fedsms.masks import Mask, mask_digest, prune_state, sparsity
 from fedsms.norms import norm_layers, recalibrate_norms
 from fedsms.schedule import PruneStep, prune_seed
+from fedsms.schema import MERGE_RULES
 from fedsms.soup import RunningAverage, greedy_soup
 
 State = dict[str, torch.Tensor]
 
 # How a merge turns its candidates into one state: the configurable soups, and "best"
 # (IMP best-of-m: the best candidate on the held-out split, no averaging).
-MERGE_RULES = ("uniform", "weighted", "greedy")
 RULES = (*MERGE_RULES, "best")
 
 

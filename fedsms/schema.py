@@ -298,6 +298,11 @@ class FederationKeys(Settings):
                                  shapes_soup=False)
     min_available_clients: int = key(2, "clients to wait for before a round starts", at_least=1, cap=10**6,
                                      shapes_soup=False)
+    clients_per_round: int = key(0, "clients sampled (seeded) for each training round; 0: the m candidates' worth "
+                                    "in a hyperparameter soup, every connected client in a data soup",
+                                 at_least=0, cap=10**6)
+    client_wait: float = key(120.0, "seconds the server waits for min-available-clients before it stops the job",
+                             above=0, cap=7 * 24 * 3600, shapes_soup=False)
     fraction_evaluate: float = key(1.0, "fraction of clients asked for federated evaluation", at_least=0, at_most=1,
                                    shapes_soup=False)
     value_dtype: str = key("fp32", "fp32, fp16 or bf16 values on the wire", choices=VALUE_DTYPES)

@@ -19,7 +19,7 @@ When every round has run (or the job stopped), the strategy writes ``summary.jso
 from __future__ import annotations
 
 import json
-import logging
+import math
 import time
 from logging import INFO
 from collections.abc import Callable, Iterable, Iterator
@@ -312,7 +312,7 @@ class SparseSoupStrategy(Strategy):
         and the job's settings (a client needs no run config of its own)."""
         phase, _ = self.phase_at(server_round)
         payload = self.soup_payload(server_round)
-        nodes = self._sample(grid)
+        nodes = self._sample(grid, server_round)
         self.current.clients = len(nodes)
         self.current.bytes_down += len(payload) * len(nodes)
         messages = []
@@ -596,22 +596,31 @@ class SparseSoupStrategy(Strategy):
             base = replace(self.run.base_candidate(), seed=self.run.seed + index)
         return replace(for_phase(base, phase), seed=for_phase(base, phase).seed + 101 * server_round)
 
-    def _sample(self, grid: Grid) -> list[int]:
-        """Every connected client, once enough are; waits at most ``round-timeout``."""
+    def _sample(self, grid: Grid, server_round: int) -> list[int]:
+        """The clients of a training round: ``clients-per-round`` of the connected ones (by
+        default the m candidates' worth in a hyperparameter soup, all in a data soup),
+        drawn with a seed derived from the job's seed and the round. Waits at most
+        ``client-wait`` seconds for ``min-available-clients``."""
         wanted = max(self.fed.min_train_clients, self.fed.min_available_clients)
-        deadline = time.monotonic() + self.fed.round_timeout
-        announced = 0.0
+        deadline = time.monotonic() + self.fed.client_wait
+        announced = -math.inf
         while len(nodes := sorted(grid.get_node_ids())) < wanted:
             now = time.monotonic()
             if now >= deadline:
                 raise RoundFailed(f"only {len(nodes)} of the {wanted} clients the job needs connected within "
-                                  f"round-timeout ({self.fed.round_timeout:g} s); start more clients or lower "
+                                  f"client-wait ({self.fed.client_wait:g} s); start more clients or lower "
                                   "min-available-clients / min-train-clients")
             if now - announced >= 10:
                 self.log(f"waiting for clients: {len(nodes)} connected, {wanted} needed")
                 announced = now
             time.sleep(0.5)
-        return nodes
+        count = self.fed.clients_per_round or (len(self.candidates) if self.fed.mode == "hyperparameter" else len(nodes))
+        count = max(count, self.fed.min_train_clients)
+        if count >= len(nodes):
+            return nodes
+        # Derived from the job's seed and the round: a resumed job draws the same clients.
+        draw = torch.randperm(len(nodes), generator=torch.Generator().manual_seed(self.run.seed * 100_003 + server_round))
+        return [nodes[i] for i in sorted(draw[:count].tolist())]
 
     def _decode_update(self, update: Update, phase: int, server_round: int) -> codec.Decoded:
         if update.error is not None:

@@ -77,13 +77,17 @@ def is_image(x: torch.Tensor) -> bool:
 
 def prepare_inputs(x: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
     """Inputs as a model takes them: uint8 images (N, C, H, W) scaled to float32 in [0, 1],
-    other floating inputs as float32, integer and bool inputs (token ids) unchanged.
+    other floating inputs as float32, integer inputs (token ids) integer: int32 and int64
+    as they are, narrower integers widened to int64 (what ``nn.Embedding`` takes); bool
+    inputs unchanged.
 
     With ``copy`` the result never shares the caller's storage."""
     if is_image(x):
         return to_float(x) if copy or x.dtype != torch.float32 else x
     if x.is_floating_point():
         return x.to(torch.float32, copy=copy)
+    if x.dtype in (torch.uint8, torch.int8, torch.int16):
+        return x.to(torch.int64)
     return x.clone() if copy else x
 
 

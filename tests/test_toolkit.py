@@ -225,7 +225,7 @@ def test_dataset_loader_and_callable_sources_with_a_custom_loss():
         mask = pruned(model, 0.5)
         seen = []
         result = train_candidate(model, mask, source, config,
-                                 loss_fn=lambda out, y: seen.append(out.shape) or nn.functional.cross_entropy(out, y))
+                                 loss_fn=lambda out, y, seen=seen: seen.append(out.shape) or nn.functional.cross_entropy(out, y))
         assert outside_mask_nonzeros(model.state_dict(), mask) == {}
         assert result["num_examples"] == 256 and seen
         metrics = evaluate(model, source, loss_fn=nn.functional.cross_entropy)

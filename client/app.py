@@ -1,6 +1,10 @@
 """The fedsms ClientApp: retrain the shared sparse model with the hyperparameters the
 server sent, report evaluation metrics, and re-estimate norm statistics on request.
 
+It is one user of the client toolkit (``fedsms_client.toolkit``), as a user's own
+ClientApp is: ``toolkit.receive`` loads the soup and mask, ``train_candidate`` keeps the
+mask with the toolkit's optimizer hook, and ``Received.reply`` packs the reply.
+
 Node config (per SuperNode): ``partition-id``, ``num-partitions``, optionally ``device``,
 ``data-dir`` and ``status-file``. Run config (per run): the keys of ``RunConfig`` and
 ``FederationConfig``.
@@ -17,18 +21,16 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedsms import codec
 from fedsms.config import RunConfig, split_config
 from fedsms.data import ArrayData, DatasetSplits, load_dataset
 from fedsms.data.partition import partition
 from fedsms.evaluate import evaluate, evaluate_ood
-from fedsms.masks import Mask
 from fedsms.models import build_for
 from fedsms.norms import norm_stats, recalibrate_norms
 from fedsms.recipe import CandidateConfig
 from fedsms.training import resolve_device, train_candidate
 
-from fedsms_server.records import payload_of, record_of  # the record layout is defined once, server side
+from fedsms_client import toolkit
 
 ModelFn = Callable[[RunConfig, DatasetSplits], nn.Module]
 DataFn = Callable[[RunConfig, str], DatasetSplits]
@@ -75,17 +77,6 @@ class ClientSide:
         """A hyperparameter soup trains every client on all the data; a data soup on its shard."""
         return self.splits.train if self.fed.mode == "hyperparameter" else self.shard(self.splits.train, salt=0)
 
-    def load_soup(self, message: Message) -> tuple[Mask, int, int]:
-        config = message.content["config"]
-        phase, server_round = int(config["phase"]), int(config["server-round"])
-        template = self.model.state_dict()
-        decoded = codec.decode(
-            payload_of(message.content["soup"]), expected_mask=None, expected_digest=None, template=template,
-            expected_phase=phase, expected_round=server_round, expected_kind="soup",
-        )
-        self.model.load_state_dict(decoded.to_state_dict(template))
-        return decoded.mask, phase, server_round
-
     def mark(self, message: Message) -> None:
         """Record the last message handled, so ``fedsms-client`` knows when the job is over."""
         if self.status_file:
@@ -111,26 +102,23 @@ def make_client_app(
     @app.train()
     def train(message: Message, context: Context) -> Message:
         side = ClientSide(context, defaults, model_fn, data_fn)
-        mask, phase, server_round = side.load_soup(message)
-        config = message.content["config"]
-        candidate = CandidateConfig.from_dict({k: config[k] for k in CandidateConfig.__dataclass_fields__})
+        soup = toolkit.receive(message, side.model)
+        hp = soup.hyperparameters
+        candidate = CandidateConfig.from_dict({k: hp[k] for k in CandidateConfig.__dataclass_fields__})
         data = side.train_data()
-        result = train_candidate(side.model, mask, data, candidate, augmentation=side.splits.augmentation, device=side.device)
-        state = {k: v.cpu() for k, v in side.model.state_dict().items()}
-        payload = codec.encode(state, mask, phase=phase, round=server_round, kind="update",
-                               value_dtype=side.fed.value_dtype, include_mask=False, num_examples=len(data))
+        result = train_candidate(side.model, soup.mask, data, candidate, augmentation=side.splits.augmentation,
+                                 device=side.device)
         side.mark(message)
-        return Message(RecordDict({
-            "update": record_of(payload),
-            "metrics": MetricRecord({"train_loss": result["train_loss"], "train_accuracy": result["train_accuracy"],
-                                     "train_seconds": result["seconds"], "num-examples": len(data)}),
-        }), reply_to=message)
+        metrics = {"train_loss": result["train_loss"], "train_seconds": result["seconds"]}
+        if "train_accuracy" in result:
+            metrics["train_accuracy"] = result["train_accuracy"]
+        return soup.reply(side.model, result["num_examples"], metrics)
 
     @app.evaluate()
     def evaluate_soup(message: Message, context: Context) -> Message:
         side = ClientSide(context, defaults, model_fn, data_fn)
-        side.load_soup(message)
-        config = message.content["config"]
+        soup = toolkit.receive(message, side.model)
+        config = soup.hyperparameters
         test = side.shard(side.splits.test, salt=1)
         metrics = evaluate(side.model, test, device=side.device)
         if bool(config.get("ood", False)):
@@ -138,15 +126,13 @@ def make_client_app(
                                seed=side.run.seed)
             metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
         side.mark(message)
-        return Message(RecordDict({
-            "metrics": MetricRecord({**{k: float(v) for k, v in metrics.items()}, "num-examples": len(test)}),
-        }), reply_to=message)
+        return soup.reply(side.model, len(test), metrics)
 
     @app.query("norm_stats")
     def norm_statistics(message: Message, context: Context) -> Message:
         side = ClientSide(context, defaults, model_fn, data_fn)
-        side.load_soup(message)
-        used = recalibrate_norms(side.model, side.train_data(), fraction=float(message.content["config"]["fraction"]),
+        soup = toolkit.receive(message, side.model)
+        used = recalibrate_norms(side.model, side.train_data(), fraction=float(soup.hyperparameters["fraction"]),
                                  device=side.device, seed=side.run.seed)
         return Message(RecordDict({
             "stats": ArrayRecord({k: v.cpu() for k, v in norm_stats(side.model).items()}),

@@ -1,12 +1,17 @@
 """Accuracy, loss and calibration, clean and under corruptions, for one model or an ensemble.
 
-Everything goes through ``predict_logits``: eval mode, no gradients, batches from
-``fedsms.data.arrays.batches``, logits gathered as float32 on the CPU. The prediction
+Everything goes through ``predict``: eval mode, no gradients, batches of any
+:data:`fedsms.data.arrays.DataSource` (an ``ArrayData``, a ``Dataset``, a ``DataLoader`` or a
+callable yielding (x, y) batches), outputs gathered as float32 on the CPU with their labels.
+Accuracy and calibration are classification metrics ((N, classes) outputs, integer labels);
+``evaluate`` takes a ``loss_fn`` for the loss of any other task. The prediction
 ensemble averages the models' softmax probabilities; it is scored through the same
 ``metrics_from_logits`` by handing it ``log(mean probabilities)``, which are valid logits.
 
 Corrupted images are drawn from a generator seeded by (seed, corruption, severity), so the
 same seed (and batch size) gives the same corrupted images for every model and device.
+Corruptions are image operations: out-of-distribution evaluation of non-image data
+(tokens, tabular features) raises one sentence saying so.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import nn
 
 from fedsms import FedSMSError
 from fedsms.corruptions import CORRUPTIONS, SEVERITIES, check_corruption, corrupt
-from fedsms.data.arrays import ArrayData, batches
+from fedsms.data.arrays import ArrayData, DataSource, is_image, iterate_batches
 
 
 def corruption_generator(seed: int, name: str, severity: int) -> torch.Generator:
@@ -30,37 +35,70 @@ def corruption_generator(seed: int, name: str, severity: int) -> torch.Generator
     return torch.Generator().manual_seed(mixed)
 
 
-def predict_logits(
+def check_ood_data(data: DataSource) -> None:
+    """Raise one sentence if ``data`` is an ``ArrayData`` whose inputs are not images
+    (other sources are checked batch by batch)."""
+    if isinstance(data, ArrayData) and not data.is_image:
+        _not_images(data.images)
+
+
+def _not_images(x: torch.Tensor) -> None:
+    raise FedSMSError(
+        f"OOD evaluation applies image corruptions and needs image inputs (N, C, H, W), but the inputs have "
+        f"shape {tuple(x.shape)} and dtype {str(x.dtype).removeprefix('torch.')}; turn ood off for non-image data"
+    )
+
+
+def predict(
     model: nn.Module,
-    data: ArrayData,
+    data: DataSource,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     corruption: tuple[str, int] | None = None,
     seed: int = 0,
-) -> torch.Tensor:
-    """(N, classes) float32 CPU logits of ``model`` (already on ``device``) on ``data``,
-    optionally with every batch corrupted by ``corruption = (name, severity)``. The model
-    runs in eval mode without gradients; each module's train/eval mode is restored after."""
+    max_examples: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels): float32 CPU outputs of ``model`` (already on ``device``) on the
+    first ``max_examples`` (all by default) of ``data``, and the labels they answer, in the
+    order the data gave them. With ``corruption = (name, severity)`` every batch is
+    corrupted first (image data only). The model runs in eval mode without gradients;
+    each module's train/eval mode is restored after."""
     generator = None
     if corruption is not None:
         name, severity = corruption
         check_corruption(name, severity)
+        check_ood_data(data)
         generator = corruption_generator(seed, name, severity)
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    outputs = []
+    outputs, labels = [], []
     try:
         with torch.no_grad():
-            for x, _ in batches(data, batch_size, device=device):
+            for x, y in iterate_batches(data, batch_size, device=device, limit=max_examples):
                 if generator is not None:
+                    if not is_image(x):
+                        _not_images(x)
                     x = corrupt(x, name, severity, generator)
                 outputs.append(model(x).float().cpu())
+                labels.append(y.cpu())
     finally:
         for module, training in modes:
             module.training = training
     if not outputs:
         raise FedSMSError("there are no examples to evaluate; check the data set or shard size")
-    return torch.cat(outputs)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def predict_logits(
+    model: nn.Module,
+    data: DataSource,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    corruption: tuple[str, int] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """(N, classes) float32 CPU logits of ``model`` on ``data`` (see :func:`predict`)."""
+    return predict(model, data, batch_size, device, corruption, seed)[0]
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> dict[str, float]:
@@ -84,14 +122,57 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_bins: in
     }
 
 
-def evaluate(model: nn.Module, data: ArrayData, batch_size: int = 512, device: torch.device | str = "cpu") -> dict[str, float]:
-    """{"accuracy", "loss", "ece"} of ``model`` on ``data``."""
-    return metrics_from_logits(predict_logits(model, data, batch_size, device), data.labels)
+def evaluate(
+    model: nn.Module,
+    data: DataSource,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``data``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, already on ``device``.
+    data : DataSource
+        An ``ArrayData``, a ``Dataset`` of (x, y) pairs, a ``DataLoader`` or a callable
+        returning an iterable of (x, y) batches.
+    batch_size : int
+        Batch size for an ``ArrayData`` or a ``Dataset``.
+    device : torch.device or str
+        Where the batches go.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, labels) -> scalar`` over all examples; by default the mean
+        cross-entropy.
+
+    Returns
+    -------
+    dict
+        ``{"accuracy", "loss", "ece"}`` for classification outputs ((N, classes), integer
+        labels); ``{"loss"}`` alone otherwise (which needs ``loss_fn``).
+    """
+    logits, labels = predict(model, data, batch_size, device)
+    if not _is_classification(logits, labels):
+        if loss_fn is None:
+            raise FedSMSError(
+                f"accuracy needs (N, classes) outputs and (N,) integer labels, got outputs {tuple(logits.shape)} and "
+                f"labels {tuple(labels.shape)} of {str(labels.dtype).removeprefix('torch.')}; pass loss_fn for other tasks"
+            )
+        return {"loss": float(loss_fn(logits, labels))}
+    metrics = metrics_from_logits(logits, data.labels if isinstance(data, ArrayData) else labels)
+    if loss_fn is not None:
+        metrics["loss"] = float(loss_fn(logits, labels.to(torch.long)))
+    return metrics
+
+
+def _is_classification(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    return logits.ndim == 2 and labels.ndim == 1 and not labels.is_floating_point() and not labels.is_complex()
 
 
 def _ood(
-    logits_of: Callable[[ArrayData, tuple[str, int]], torch.Tensor],
-    data: ArrayData,
+    predict_of: Callable[[DataSource, tuple[str, int], int | None], tuple[torch.Tensor, torch.Tensor]],
+    data: DataSource,
     corruptions: Iterable[str],
     severities: Iterable[int],
     max_examples: int | None,
@@ -102,14 +183,16 @@ def _ood(
     for name in corruptions:
         for severity in severities:
             check_corruption(name, severity)
-    if max_examples is not None:
-        data = data.head(max_examples)
+    check_ood_data(data)
+    if max_examples is not None and isinstance(data, ArrayData):
+        data, max_examples = data.head(max_examples), None
     per_corruption: dict[str, dict[int, float]] = {}
     accuracies, eces = [], []
     for name in corruptions:
         per_corruption[name] = {}
         for severity in severities:
-            metrics = metrics_from_logits(logits_of(data, (name, severity)), data.labels)
+            logits, labels = predict_of(data, (name, severity), max_examples)
+            metrics = metrics_from_logits(logits, data.labels if isinstance(data, ArrayData) else labels)
             per_corruption[name][int(severity)] = metrics["accuracy"]
             accuracies.append(metrics["accuracy"])
             eces.append(metrics["ece"])
@@ -122,7 +205,7 @@ def _ood(
 
 def evaluate_ood(
     model: nn.Module,
-    data: ArrayData,
+    data: DataSource,
     corruptions: Sequence[str] = CORRUPTIONS,
     severities: Sequence[int] = SEVERITIES,
     batch_size: int = 512,
@@ -131,34 +214,55 @@ def evaluate_ood(
     max_examples: int | None = None,
 ) -> dict:
     """{"ood_accuracy": mean accuracy over all (corruption, severity), "ood_ece": mean ECE,
-    "per_corruption": {name: {severity: accuracy}}} on the first ``max_examples`` of ``data``."""
+    "per_corruption": {name: {severity: accuracy}}} on the first ``max_examples`` of ``data``.
+
+    Corruptions are image operations: data whose inputs are not images (N, C, H, W) raises
+    :class:`FedSMSError` saying so."""
     return _ood(
-        lambda d, c: predict_logits(model, d, batch_size, device, corruption=c, seed=seed),
+        lambda d, c, limit: predict(model, d, batch_size, device, corruption=c, seed=seed, max_examples=limit),
         data, corruptions, severities, max_examples,
     )
 
 
+def ensemble_predict(
+    models: Sequence[nn.Module],
+    data: DataSource,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    corruption: tuple[str, int] | None = None,
+    seed: int = 0,
+    max_examples: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log of the mean softmax probabilities of ``models``, labels); all models see the
+    same (corrupted) inputs, so ``data`` must give its examples in the same order each pass."""
+    if not models:
+        raise FedSMSError("the prediction ensemble needs at least one model")
+    log_probs, labels = [], None
+    for m in models:
+        logits, these = predict(m, data, batch_size, device, corruption=corruption, seed=seed, max_examples=max_examples)
+        if labels is not None and not torch.equal(labels, these):
+            raise FedSMSError("the data gave its examples in another order for each model; evaluate an ensemble on "
+                              "data without shuffling")
+        labels = these
+        log_probs.append(logits.log_softmax(dim=1))
+    return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(models)), labels
+
+
 def ensemble_logits(
     models: Sequence[nn.Module],
-    data: ArrayData,
+    data: DataSource,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     corruption: tuple[str, int] | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
     """log of the mean softmax probabilities of ``models`` (all see the same corrupted images)."""
-    if not models:
-        raise FedSMSError("the prediction ensemble needs at least one model")
-    log_probs = torch.stack([
-        predict_logits(m, data, batch_size, device, corruption=corruption, seed=seed).log_softmax(dim=1)
-        for m in models
-    ])
-    return torch.logsumexp(log_probs, dim=0) - math.log(len(models))
+    return ensemble_predict(models, data, batch_size, device, corruption, seed)[0]
 
 
 def ensemble_metrics(
     models: Sequence[nn.Module],
-    data: ArrayData,
+    data: DataSource,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     ood: bool = False,
@@ -171,7 +275,9 @@ def ensemble_metrics(
     on clean ``data``, or with ``ood=True`` the ``evaluate_ood`` dict under corruptions."""
     if ood:
         return _ood(
-            lambda d, c: ensemble_logits(models, d, batch_size, device, corruption=c, seed=seed),
+            lambda d, c, limit: ensemble_predict(models, d, batch_size, device, corruption=c, seed=seed,
+                                                 max_examples=limit),
             data, corruptions, severities, max_examples,
         )
-    return metrics_from_logits(ensemble_logits(models, data, batch_size, device), data.labels)
+    logits, labels = ensemble_predict(models, data, batch_size, device)
+    return metrics_from_logits(logits, data.labels if isinstance(data, ArrayData) else labels)

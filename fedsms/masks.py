@@ -177,6 +177,72 @@ def apply_mask(model: nn.Module, mask: Mask) -> None:
     MaskEnforcer(model, mask).apply()
 
 
+class MaskHook:
+    """Keeps a model's pruned weights at zero after every step of one optimizer.
+
+    Returned by :func:`enforce_mask`. ``remove()`` detaches it; it is also a context
+    manager that detaches on exit.
+
+    Attributes
+    ----------
+    enforcer : MaskEnforcer
+        The fused zeroing it runs after each ``optimizer.step()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, enforcer: MaskEnforcer) -> None:
+        self.enforcer = enforcer
+        self._handle = optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: enforcer.apply())
+
+    def apply(self) -> None:
+        """Zero the pruned weights now (as after a step)."""
+        self.enforcer.apply()
+
+    def remove(self) -> None:
+        """Detach from the optimizer: later steps no longer zero the pruned weights."""
+        self._handle.remove()
+
+    def __enter__(self) -> "MaskHook":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def enforce_mask(optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask) -> MaskHook:
+    """Keep the pruned weights of ``model`` exactly zero through ``optimizer``'s steps.
+
+    The pruned entries are zeroed at once and then after every ``optimizer.step()``
+    (an optimizer step post-hook running one fused multiply over all masked tensors), so
+    any optimizer works unchanged: SGD with momentum, Nesterov or weight decay, Adam,
+    AdamW, steps after gradient clipping, or a ``GradScaler`` (a skipped step changes
+    nothing, so there is nothing to zero). The optimizer's own state (momentum buffers,
+    Adam moments) may keep nonzero entries for pruned weights; they never reach the model.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer that updates ``model``'s parameters.
+    model : torch.nn.Module
+        The model, already on its device (the mask is copied to each weight's device and
+        dtype once, here).
+    mask : dict of str to torch.Tensor
+        Parameter name to a bool tensor of that parameter's shape (True = kept).
+
+    Returns
+    -------
+    MaskHook
+        Call ``remove()`` on it (or use it as a context manager) to detach.
+
+    Raises
+    ------
+    FedSMSError
+        If the mask names a tensor the model lacks or has another shape.
+    """
+    enforcer = MaskEnforcer(model, mask)
+    enforcer.apply()
+    return MaskHook(optimizer, enforcer)
+
+
 def outside_mask_nonzeros(state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, int]:
     """Per tensor, the count of nonzero entries the mask says must be zero."""
     counts = {}

@@ -7,8 +7,9 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
-from fedsms.data.arrays import ArrayData, batches
+from fedsms.data.arrays import ArrayData, DataSource, batches, count_examples, iterate_batches
 
 
 def norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -18,7 +19,7 @@ def norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 @torch.no_grad()
 def recalibrate_norms(
     model: nn.Module,
-    data: ArrayData,
+    data: DataSource,
     *,
     fraction: float = 0.2,
     batch_size: int = 256,
@@ -26,27 +27,49 @@ def recalibrate_norms(
     seed: int = 0,
 ) -> int:
     """Reset BatchNorm running statistics and re-estimate them in train mode over a seeded
-    ``fraction`` of ``data`` (cumulative average, not momentum). Returns examples used."""
+    ``fraction`` of ``data`` (cumulative average, not momentum). Returns examples used.
+
+    ``data`` is any :data:`fedsms.data.arrays.DataSource`. An ``ArrayData`` or a sized
+    ``Dataset`` gives a seeded random ``fraction`` of its examples in equal batches; a
+    ``DataLoader`` gives its first ``fraction`` of examples in its own batches, and a
+    callable (whose size is unknown) all of its batches."""
     layers = norm_layers(model)
     if not layers:
         return 0
-    n = max(1, int(round(fraction * len(data))))
-    subset = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n])
+    total = count_examples(data)
+    n = max(1, int(round(fraction * total))) if total is not None else None
+    if isinstance(data, ArrayData) or (n is not None and not isinstance(data, DataLoader)):
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+        if isinstance(data, ArrayData):
+            source: DataSource = data.subset(order)
+        else:
+            source = Subset(data, order.tolist())
+        # BatchNorm's cumulative average weights every batch equally, so the batches are made
+        # equal in size: a small last batch would otherwise skew the statistics badly.
+        batch_size = -(-n // -(-n // batch_size))
+    else:
+        source = data
     was_training = model.training
     momenta = [m.momentum for m in layers]
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # cumulative moving average over all recalibration batches
     model.to(device).train()
-    # BatchNorm's cumulative average weights every batch equally, so the batches are made
-    # equal in size: a small last batch would otherwise skew the statistics badly.
-    even = -(-n // -(-n // batch_size))
-    for x, _ in batches(subset, even, device=device):
-        model(x)
-    for layer, momentum in zip(layers, momenta):
-        layer.momentum = momentum
-    model.train(was_training)
-    return n
+    used = 0
+    try:
+        if isinstance(source, ArrayData):
+            for x, _ in batches(source, batch_size, device=device):
+                model(x)
+            used = n
+        else:
+            for x, y in iterate_batches(source, batch_size, device=device, limit=n):
+                model(x)
+                used += len(y)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.train(was_training)
+    return used
 
 # ---- pooling statistics estimated elsewhere (federated recalibration) ---------------
 # Averaging per-client variances would drop the spread between client means, so the pooled

@@ -1,4 +1,10 @@
-"""Masked retraining of one candidate: fresh SGD, a learning-rate schedule, mask after every step."""
+"""Masked retraining of one candidate: fresh SGD, a learning-rate schedule, mask after every step.
+
+The mask is kept by :func:`fedsms.masks.enforce_mask` (an optimizer step post-hook), the
+same rule a user's own training loop attaches through the client toolkit. The data may be
+any :data:`fedsms.data.arrays.DataSource`; the loss is pluggable (classification
+cross-entropy with the candidate's label smoothing by default).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,12 @@ import torch
 from torch import nn
 
 from fedsms import FedSMSError
-from fedsms.data.arrays import ArrayData, Augmentation, batches, num_batches
-from fedsms.masks import Mask, MaskEnforcer
+from fedsms.data.arrays import Augmentation, DataSource, count_batches, count_examples, iterate_batches
+from fedsms.masks import Mask, enforce_mask
 from fedsms.recipe import CandidateConfig
 
 ProgressFn = Callable[[int, int, float], None]  # (epoch, epochs, mean loss of the epoch)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, labels) -> mean loss
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -61,70 +68,116 @@ def _autocast(device: torch.device):
 def train_candidate(
     model: nn.Module,
     mask: Mask,
-    data: ArrayData,
+    data: DataSource,
     config: CandidateConfig,
     *,
     augmentation: Augmentation | None = None,
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
     """Retrain ``model`` in place under ``mask`` (pruned weights stay exactly zero).
 
-    Returns train loss/accuracy of the last epoch, step and example counts and seconds.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, trained in place.
+    mask : dict of str to torch.Tensor
+        The pruning mask, kept after every optimizer step.
+    data : DataSource
+        An ``ArrayData``, a torch ``Dataset`` of (x, y) pairs (batched by
+        ``config.batch_size`` and shuffled with ``config.seed``), a ``DataLoader`` or a
+        callable returning an iterable of (x, y) batches (both used as they are). Integer
+        inputs stay integer; only uint8 images are scaled to [0, 1].
+    config : CandidateConfig
+        Learning rate and its schedule, weight decay, momentum, label smoothing, epochs,
+        batch size, seed, whether to augment.
+    augmentation : Augmentation, optional
+        Translation/flip for image data, used when ``config.augment``; an active one on
+        non-image data raises :class:`FedSMSError`.
+    device : torch.device or str
+        Where to train.
+    progress : callable, optional
+        Called as ``progress(epoch, epochs, mean loss)`` after every epoch.
+    loss_fn : callable, optional
+        ``loss_fn(output, labels) -> scalar loss``; by default cross-entropy with
+        ``config.label_smoothing``.
+
+    Returns
+    -------
+    dict
+        ``train_loss`` of the last epoch, ``train_accuracy`` (classification outputs
+        only), ``steps``, ``examples`` (seen over all epochs), ``num_examples`` (in the
+        data) and ``seconds``.
     """
     device = torch.device(device)
     model.to(device).train()
-    enforcer = MaskEnforcer(model, mask)
-    enforcer.apply()
     optimizer = make_optimizer(model, config)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    hook = enforce_mask(optimizer, model, mask)  # zeroes now and after every optimizer step
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # dropout and any other in-model randomness
     augment = augmentation if config.augment else None
+    size = count_examples(data)
     # A last batch of a few examples gives a noisy step and noisy norm statistics: drop it.
-    drop_last = len(data) > config.batch_size
-    steps_per_epoch = num_batches(len(data), config.batch_size, drop_last)
+    drop_last = size is not None and size > config.batch_size
+    steps_per_epoch = count_batches(data, config.batch_size, drop_last)
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_fraction * total_steps)
     autocast, scaler = _autocast(device)
     step, examples, started = 0, 0, time.perf_counter()
-    for epoch in range(config.epochs):
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for x, y in batches(data, config.batch_size, shuffle=True, generator=generator, augment=augment,
-                            drop_last=drop_last, device=device):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, total_steps, config.lr_schedule, warmup)
-            with autocast:
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            enforcer.apply()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            step += 1
-        examples += seen
-        epoch_loss = float(loss_sum) / seen
-        if not math.isfinite(epoch_loss):
-            raise FedSMSError(
-                f"training diverged (loss {epoch_loss}) in epoch {epoch + 1} with lr={config.lr}; lower the learning rate"
-            )
-        if progress is not None:
-            progress(epoch + 1, config.epochs, epoch_loss)
+    classification = True
+    try:
+        for epoch in range(config.epochs):
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            for x, y in iterate_batches(data, config.batch_size, shuffle=True, generator=generator, augment=augment,
+                                        drop_last=drop_last, device=device):
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * lr_factor(step, total_steps, config.lr_schedule, warmup)
+                with autocast:
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                loss_sum += loss.detach() * len(y)
+                classification = classification and _is_classification(logits, y)
+                if classification:
+                    correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                step += 1
+            if seen == 0:
+                raise FedSMSError("there are no examples to train on; check the data set or shard size")
+            examples += seen
+            epoch_loss = float(loss_sum) / seen
+            if not math.isfinite(epoch_loss):
+                raise FedSMSError(
+                    f"training diverged (loss {epoch_loss}) in epoch {epoch + 1} with lr={config.lr}; lower the learning rate"
+                )
+            if progress is not None:
+                progress(epoch + 1, config.epochs, epoch_loss)
+    finally:
+        hook.remove()
+    result = {"train_loss": epoch_loss}
+    if classification:
+        result["train_accuracy"] = float(correct) / seen
     return {
-        "train_loss": epoch_loss,
-        "train_accuracy": float(correct) / seen,
+        **result,
         "steps": step,
         "examples": examples,
-        "num_examples": len(data),
+        "num_examples": size if size is not None else seen,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _is_classification(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """(N, classes) outputs with (N,) integer class labels."""
+    return logits.ndim == 2 and labels.ndim == 1 and not labels.is_floating_point() and not labels.is_complex()

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedsms import FedSMSError
-from fedsms.data.arrays import ArrayData, Augmentation, batches, num_batches, to_float
+from fedsms.data.arrays import (
+    ArrayData, Augmentation, DataSource, batches, count_examples, is_image, iterate_batches, num_batches,
+    prepare_inputs, to_float,
+)
 from fedsms.data.splits import DatasetSplits, channel_stats, split_heldout
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist")
@@ -58,6 +61,6 @@ def load_dataset(
 
 
 __all__ = [
-    "ArrayData", "Augmentation", "DATASETS", "DatasetSplits", "batches", "load_dataset",
-    "num_batches", "split_heldout", "to_float",
+    "ArrayData", "Augmentation", "DATASETS", "DataSource", "DatasetSplits", "batches", "count_examples",
+    "is_image", "iterate_batches", "load_dataset", "num_batches", "prepare_inputs", "split_heldout", "to_float",
 ]

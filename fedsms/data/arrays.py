@@ -1,23 +1,37 @@
-"""In-memory image arrays and the batch iterator every trainer and evaluator uses.
+"""In-memory arrays, the other data sources the trainers accept, and the batch iterator
+every trainer and evaluator uses.
 
-Images are kept as ``uint8`` (0..255) or ``float32`` (already in [0, 1]) tensors of shape
-(N, C, H, W); a batch is always float32 in [0, 1]. Normalisation lives inside the model
-(see ``fedsms.models.Normalize``) so that corruptions act on real pixel values.
-Everything is a tensor op on a whole batch: no DataLoader workers, no per-sample Python.
+``ArrayData`` holds a whole data set as two tensors. Its inputs are either images,
+(N, C, H, W) ``uint8`` (0..255) or floating (already in [0, 1]), or anything else of shape
+(N, ...): integer token ids for an ``nn.Embedding`` (kept integer), float features (N, F).
+Only image batches are scaled (``uint8`` / 255) and only they can be augmented or
+corrupted; normalisation lives inside the model (see ``fedsms.models.Normalize``) so that
+corruptions act on real pixel values. Everything is a tensor op on a whole batch: no
+DataLoader workers, no per-sample Python.
+
+Every trainer and evaluator also takes, wherever it takes an ``ArrayData`` (see
+:data:`DataSource`): a map-style or iterable torch ``Dataset`` of (x, y) pairs (batched
+here, shuffled with the trainer's seeded generator), a ``DataLoader`` (used as it is: its
+batch size, order and workers are the caller's), or a callable that returns an iterable of
+(x, y) batches (called once per pass over the data).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Union
 
 import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from fedsms import FedSMSError
 
 @dataclass(frozen=True)
 class ArrayData:
-    images: torch.Tensor  # (N, C, H, W), uint8 in 0..255 or float32 in [0, 1]
-    labels: torch.Tensor  # (N,), int64
+    """A data set in memory: ``images`` (the inputs, see the module docstring) and ``labels``."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8 in 0..255 or float in [0, 1]; or any (N, ...) inputs
+    labels: torch.Tensor  # (N,), int64 class indices (or any (N, ...) targets of a custom loss)
 
     def __post_init__(self) -> None:
         if self.images.shape[0] != self.labels.shape[0]:
@@ -35,15 +49,46 @@ class ArrayData:
     def head(self, n: int) -> "ArrayData":
         return ArrayData(self.images[:n], self.labels[:n])
 
+    @property
+    def is_image(self) -> bool:
+        """Whether the inputs are images (N, C, H, W) of uint8 or floating dtype."""
+        return is_image(self.images)
+
     def float_images(self, indices: torch.Tensor | slice | None = None) -> torch.Tensor:
         x = self.images if indices is None else self.images[indices]
         return to_float(x)
+
+    def inputs(self, indices: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """The inputs at ``indices`` as a model takes them (see :func:`prepare_inputs`), a copy."""
+        x = self.images if indices is None else self.images[indices]
+        return prepare_inputs(x)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
     return images.to(torch.float32, copy=True)  # never hand out the data set's own storage
+
+
+def is_image(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a batch of images: (N, C, H, W) of uint8 (0..255) or floating dtype."""
+    return x.ndim == 4 and (x.dtype == torch.uint8 or x.is_floating_point())
+
+
+def prepare_inputs(x: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
+    """Inputs as a model takes them: uint8 images (N, C, H, W) scaled to float32 in [0, 1],
+    other floating inputs as float32, integer inputs (token ids) integer: int32 and int64
+    as they are, narrower integers widened to int64 (what ``nn.Embedding`` takes); bool
+    inputs unchanged.
+
+    With ``copy`` the result never shares the caller's storage."""
+    if is_image(x):
+        return to_float(x) if copy or x.dtype != torch.float32 else x
+    if x.is_floating_point():
+        return x.to(torch.float32, copy=copy)
+    if x.dtype in (torch.uint8, torch.int8, torch.int16):
+        return x.to(torch.int64)
+    return x.clone() if copy else x
 
 
 @dataclass(frozen=True)
@@ -60,6 +105,21 @@ class Augmentation:
             flip = torch.rand(x.shape[0], generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything (an ``Augmentation()`` is the identity)."""
+        return self.crop_padding > 0 or self.flip
+
+
+def check_augmentable(x: torch.Tensor) -> None:
+    """Raise one sentence unless ``x`` is a batch of images that augmentation can move."""
+    if not is_image(x):
+        raise FedSMSError(
+            f"translation/flip augmentation moves pixels and needs image inputs (N, C, H, W), but the inputs "
+            f"have shape {tuple(x.shape)} and dtype {str(x.dtype).removeprefix('torch.')}; pass augmentation=None "
+            "(or set augment to false) for non-image data"
+        )
 
 
 def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,11 +150,13 @@ def batches(
     if shuffle or augment is not None:
         if generator is None:
             raise ValueError("shuffling or augmenting needs a torch.Generator for reproducibility")
+    if augment is not None and augment.active:
+        check_augmentable(data.images)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
-        x = data.float_images(idx)
+        x = data.inputs(idx)
         if augment is not None:
             x = augment(x, generator)
         yield x.to(device, non_blocking=True), data.labels[idx].to(device, non_blocking=True)
@@ -102,3 +164,132 @@ def batches(
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+# ---- any data source -------------------------------------------------------------------
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+BatchFn = Callable[[], Iterable[Batch]]
+DataSource = Union[ArrayData, Dataset, DataLoader, BatchFn]
+"""What trainers and evaluators take: an ``ArrayData``, a torch ``Dataset`` of (x, y)
+pairs, a ``DataLoader`` of (x, y) batches, or a callable returning an iterable of them."""
+
+
+def _kind(data: object) -> str:
+    if isinstance(data, ArrayData):
+        return "arrays"
+    if isinstance(data, DataLoader):
+        return "loader"
+    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return "dataset"
+    if callable(data):
+        return "batches"
+    raise FedSMSError(
+        f"data of type {type(data).__name__} cannot be trained or evaluated on; pass an ArrayData, a torch "
+        "Dataset of (x, y) pairs, a DataLoader or a callable that returns an iterable of (x, y) batches"
+    )
+
+
+def count_examples(data: DataSource) -> int | None:
+    """The number of examples of ``data`` where it is known without a pass over it."""
+    kind = _kind(data)
+    source = data.dataset if kind == "loader" else data
+    if kind == "batches" or isinstance(source, IterableDataset):
+        return None
+    try:
+        return len(source)
+    except TypeError:
+        return None
+
+
+def count_batches(data: DataSource, batch_size: int, drop_last: bool = False) -> int:
+    """Batches in one pass over ``data`` (what :func:`iterate_batches` yields). A
+    ``DataLoader`` tells its own length; a callable or an unsized source is counted by
+    one pass over it (without a model)."""
+    kind = _kind(data)
+    n = count_examples(data)
+    if kind in ("arrays", "dataset") and n is not None:
+        return num_batches(n, batch_size, drop_last)
+    if kind == "loader":
+        try:
+            return len(data)
+        except TypeError:
+            pass
+    batches_ = data() if kind == "batches" else data
+    if kind == "batches" and not isinstance(batches_, Iterator):
+        try:
+            return len(batches_)
+        except TypeError:
+            pass
+    if kind == "dataset":
+        batches_ = DataLoader(data, batch_size=batch_size, drop_last=drop_last)
+    return sum(1 for _ in batches_)
+
+
+def iterate_batches(
+    data: DataSource,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    augment: Augmentation | None = None,
+    drop_last: bool = False,
+    device: torch.device | str = "cpu",
+    limit: int | None = None,
+) -> Iterator[Batch]:
+    """(inputs, labels) batches of any :data:`DataSource`, inputs prepared by
+    :func:`prepare_inputs`, both on ``device``.
+
+    An ``ArrayData`` goes through :func:`batches`; a ``Dataset`` is batched by a
+    ``DataLoader`` of ``batch_size`` (shuffled by ``generator`` when ``shuffle``); a
+    ``DataLoader`` and a callable's batches come as they are (``batch_size``, ``shuffle``
+    and ``drop_last`` are theirs to decide). ``augment`` applies to image batches only
+    (anything else raises). With ``limit`` at most that many examples are yielded (the
+    last batch cut short)."""
+    kind = _kind(data)
+    if kind == "arrays":
+        if limit is not None:
+            data = data.head(limit)
+        yield from batches(data, batch_size, shuffle=shuffle, generator=generator, augment=augment,
+                           drop_last=drop_last, device=device)
+        return
+    if augment is not None and generator is None:
+        raise ValueError("augmenting needs a torch.Generator for reproducibility")
+    if kind == "dataset":
+        if shuffle and isinstance(data, IterableDataset):
+            shuffle = False  # an iterable dataset has its own order
+        source: Iterable = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
+                                      drop_last=drop_last)
+    else:
+        source = data() if kind == "batches" else data
+    seen = 0
+    for batch in source:
+        if limit is not None and seen >= limit:
+            return
+        x, y = _pair(batch)
+        if limit is not None and seen + len(y) > limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        x = prepare_inputs(x, copy=False)
+        if augment is not None and augment.active:
+            check_augmentable(x)
+            x = augment(x, generator)
+        seen += len(y)
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _pair(batch: object) -> Batch:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise FedSMSError(
+            f"a batch must be a pair (inputs, labels), got {type(batch).__name__}"
+            + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+            + "; make the data yield (x, y)"
+        )
+    x, y = batch
+    x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
+    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
+        raise FedSMSError(
+            f"a batch has inputs of shape {tuple(x.shape)} and labels of shape {tuple(y.shape)}; both need the "
+            "same first (batch) dimension"
+        )
+    return x, y

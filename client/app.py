@@ -6,8 +6,10 @@ ClientApp is: ``toolkit.receive`` loads the soup and mask, ``train_candidate`` k
 mask with the toolkit's optimizer hook, and ``Received.reply`` packs the reply.
 
 Node config (per SuperNode): ``partition-id``, ``num-partitions``, optionally ``device``,
-``data-dir`` and ``status-file``. Run config (per run): the keys of ``RunConfig`` and
-``FederationConfig``.
+``data-dir`` and ``status-file``. Everything else comes from the server: each message
+carries the job's settings (the keys of ``RunConfig`` and ``FederationConfig``) in its
+``"job"`` record, so the client needs no run config, and the run config of the Flower app
+it lives in (a user's own keys included) is left alone.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedsms import FedSMSError
 from fedsms.config import RunConfig, split_config
 from fedsms.data import ArrayData, DatasetSplits, load_dataset
 from fedsms.data.partition import partition
@@ -31,6 +34,7 @@ from fedsms.recipe import CandidateConfig
 from fedsms.training import resolve_device, train_candidate
 
 from fedsms_client import toolkit
+from fedsms_server.records import JOB_KEY  # moves to fedsms_flower.records
 
 ModelFn = Callable[[RunConfig, DatasetSplits], nn.Module]
 DataFn = Callable[[RunConfig, str], DatasetSplits]
@@ -51,16 +55,16 @@ def default_model(run: RunConfig, splits: DatasetSplits) -> nn.Module:
 
 
 class ClientSide:
-    """Everything a handler needs, resolved from the message's context."""
+    """Everything a handler needs: the job's settings from the message, the rest from the node."""
 
-    def __init__(self, context: Context, defaults: Mapping, model_fn: ModelFn, data_fn: DataFn) -> None:
-        self.run, self.fed = split_config({**defaults, **dict(context.run_config)})
+    def __init__(self, message: Message, context: Context, model_fn: ModelFn, data_fn: DataFn) -> None:
+        self.run, self.fed = split_config(job_settings(message))
         node = context.node_config
         self.partition_id = int(node.get("partition-id", 0))
         self.num_partitions = int(node.get("num-partitions", 1))
         if not 0 <= self.partition_id < self.num_partitions:
             raise ValueError(f"partition-id {self.partition_id} is not in [0, num-partitions={self.num_partitions})")
-        self.device = resolve_device(str(node.get("device", self.run.device)))
+        self.device = resolve_device(str(node.get("device", "auto")))  # a machine's own, not the server's
         self.status_file = str(node.get("status-file", ""))
         self.splits = data_fn(self.run, str(node.get("data-dir", self.run.data_dir)))
         self.model = model_fn(self.run, self.splits)
@@ -88,20 +92,37 @@ class ClientSide:
             }))
 
 
-def make_client_app(
-    defaults: Mapping | None = None,
-    *,
-    model_fn: ModelFn = default_model,
-    data_fn: DataFn = default_data,
-) -> ClientApp:
-    """A fedsms ClientApp. ``defaults`` are run-config values the run's own config overrides;
-    ``model_fn(run, splits)`` and ``data_fn(run, data_dir)`` bring your own model and data."""
-    defaults = dict(defaults or {})
+def job_settings(message: Message) -> dict:
+    """The job's settings that a fedsms server sends with every message."""
+    try:
+        return dict(message.content[JOB_KEY])
+    except (KeyError, TypeError):
+        raise FedSMSError(f"the message carries no {JOB_KEY!r} record; it is not from a fedsms server of this "
+                          "version (run the same fedsms on the server and the clients)") from None
+
+
+def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = default_data) -> ClientApp:
+    """A fedsms ClientApp that retrains with the built-in trainer.
+
+    Parameters
+    ----------
+    model_fn : callable, optional
+        ``model_fn(run, splits) -> nn.Module``: the model, of the server's architecture
+        (default: ``fedsms.models.build_for(run.model, splits)``).
+    data_fn : callable, optional
+        ``data_fn(run, data_dir) -> DatasetSplits``: this client's data (default: the
+        data set ``run.dataset`` names, from the node's ``data-dir``).
+
+    Returns
+    -------
+    flwr.clientapp.ClientApp
+        Handles the server's train, evaluate and norm-statistics messages.
+    """
     app = ClientApp()
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        side = ClientSide(context, defaults, model_fn, data_fn)
+        side = ClientSide(message, context, model_fn, data_fn)
         soup = toolkit.receive(message, side.model)
         hp = soup.hyperparameters
         candidate = CandidateConfig.from_dict({k: hp[k] for k in CandidateConfig.__dataclass_fields__})
@@ -116,7 +137,7 @@ def make_client_app(
 
     @app.evaluate()
     def evaluate_soup(message: Message, context: Context) -> Message:
-        side = ClientSide(context, defaults, model_fn, data_fn)
+        side = ClientSide(message, context, model_fn, data_fn)
         soup = toolkit.receive(message, side.model)
         config = soup.hyperparameters
         test = side.shard(side.splits.test, salt=1)
@@ -130,7 +151,7 @@ def make_client_app(
 
     @app.query("norm_stats")
     def norm_statistics(message: Message, context: Context) -> Message:
-        side = ClientSide(context, defaults, model_fn, data_fn)
+        side = ClientSide(message, context, model_fn, data_fn)
         soup = toolkit.receive(message, side.model)
         used = recalibrate_norms(side.model, side.train_data(), fraction=float(soup.hyperparameters["fraction"]),
                                  device=side.device, seed=side.run.seed)

@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord
 from fedsms.codec import PayloadError
 
 KEY = "payload"
+JOB_KEY = "job"  # the ConfigRecord of every job setting, in every message the server sends
 
 
 def record_of(payload: bytes) -> ArrayRecord:

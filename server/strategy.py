@@ -48,7 +48,7 @@ from fedsms.report import final_table, phase_table
 from fedsms.schedule import Round, federated_rounds
 from fedsms.soup import RunningAverage
 
-from fedsms_server.records import payload_of, record_of
+from fedsms_server.records import JOB_KEY, payload_of, record_of
 
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
@@ -324,7 +324,7 @@ class SparseSoupStrategy(Strategy):
                     **dict(config), **candidate.to_dict(), "phase": phase, "server-round": server_round,
                     "candidate": i, "num-candidates": len(nodes), **self._job_flags(server_round),
                 }),
-                "job": self._job_record(),
+                JOB_KEY: self._job_record(),
             })
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._sent = messages
@@ -397,7 +397,7 @@ class SparseSoupStrategy(Strategy):
         phase, _ = self.phase_at(server_round)
         payload = self.soup_payload(server_round)
         messages = [
-            Message(content=RecordDict({"soup": record_of(payload), "job": self._job_record(), "config": ConfigRecord({
+            Message(content=RecordDict({"soup": record_of(payload), JOB_KEY: self._job_record(), "config": ConfigRecord({
                 "phase": phase, "server-round": server_round, "fraction": self.run.recalibration_fraction})}),
                 dst_node_id=node, message_type=NORM_STATS)
             for node in grid.get_node_ids()
@@ -431,7 +431,7 @@ class SparseSoupStrategy(Strategy):
         evaluate_config = ConfigRecord({**dict(config), "phase": phase, "server-round": server_round, "ood": self.run.ood,
                                         "ood-examples": self.run.ood_examples, **self._job_flags(server_round)})
         return [
-            Message(content=RecordDict({"soup": record_of(payload), "config": evaluate_config, "job": self._job_record()}),
+            Message(content=RecordDict({"soup": record_of(payload), "config": evaluate_config, JOB_KEY: self._job_record()}),
                     dst_node_id=node, message_type=MessageType.EVALUATE)
             for node in available[:count]
         ]

@@ -6,8 +6,11 @@ import json
 
 import pytest
 import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
+from fedsms.checkpoint import load_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.masks import kept_count
 from fedsms.models import build_for
@@ -16,7 +19,7 @@ from fedsms_server.strategy import RoundFailed, SparseSoupStrategy
 
 from helpers import LocalGrid, digits, partitions
 
-TINY = dict(model="mlp", phases=2, target_sparsity=0.8, pretrain_epochs=1, retrain_epochs=1, candidates=3,
+TINY = dict(model="mlp", phases=2, target_sparsity=0.8, pretrain_epochs=5, retrain_epochs=2, candidates=3,
             ood=False, device="cpu")
 
 
@@ -28,13 +31,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def strategy_for(tmp_path, run=None, **federation) -> SparseSoupStrategy:
+def strategy_for(tmp_path, run=None, log=lambda _: None, **federation) -> SparseSoupStrategy:
     run = run or RunConfig(**TINY, out_dir=str(tmp_path))
     fed = FederationConfig(**{"min_train_clients": 2, "min_available_clients": 2, "fraction_evaluate": 0.0,
                               **federation})
     torch.manual_seed(0)
-    return SparseSoupStrategy(run, fed, build_for(run.model, digits()), server_data=digits(), out_dir=tmp_path,
-                              log=lambda _: None)
+    return SparseSoupStrategy(run, fed, build_for(run.model, digits()), server_data=digits(), out_dir=tmp_path, log=log)
 
 
 def test_a_whole_job_runs_and_writes_its_outputs(tmp_path):
@@ -89,3 +91,37 @@ def test_too_few_clients_end_the_wait_with_one_sentence(tmp_path):
     strategy = strategy_for(tmp_path, min_available_clients=3, client_wait=1.0)
     with pytest.raises(RoundFailed, match=r"only 2 of the 3 clients the job needs connected within client-wait"):
         strategy.start(LocalGrid(make_client_app(), partitions(2)))
+
+
+def failing_from_phase_1() -> ClientApp:
+    """The fedsms ClientApp, except that training crashes once pruning has started."""
+    fedsms_app, app = make_client_app(), ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        if int(message.content["config"]["phase"]) >= 1:
+            raise RuntimeError("the GPU fell off the bus")
+        return fedsms_app(message, context)
+
+    return app
+
+
+def test_a_failed_round_is_sent_again_then_stops_and_resume_finishes(tmp_path):
+    lines = []
+    strategy = strategy_for(tmp_path, log=lines.append, round_retries=1)
+    with pytest.raises(RoundFailed) as error:
+        strategy.start(LocalGrid(failing_from_phase_1(), partitions(2)))
+    stopped = str(error.value)
+    assert stopped.startswith("round 2 got 0 valid replies after 1 retries") and "the GPU fell off the bus" in stopped
+    assert "--resume" in stopped and any("retrying (1 of 1)" in line for line in lines)
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == stopped
+    assert [json.loads(line)["server_round"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1]
+
+    resumed = strategy_for(tmp_path, log=lines.append, round_retries=1, resume=True)
+    resumed.restore(load_checkpoint(tmp_path / "checkpoints" / "soup"))
+    resumed.start(LocalGrid(make_client_app(), partitions(2)))
+    assert any("resumed after round 1" in line for line in lines)
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["server_round"] for r in rounds] == [1, 2, 3]
+    assert rounds[-1]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == ""

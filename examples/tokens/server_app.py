@@ -1,12 +1,11 @@
-"""The user's ServerApp: fedsms's SparseSoupStrategy prunes, averages and keeps the mask;
-the final soup is written as ``final_model.safetensors`` for a plain ``load_state_dict``."""
+"""The user's ServerApp: fedsms's SparseSoupStrategy prunes, averages and keeps the mask,
+and writes the final soup as ``final_model.safetensors`` for a plain ``load_state_dict``."""
 
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.masks import prunable_names
@@ -31,15 +30,13 @@ def main(grid: Grid, context: Context) -> None:
     clients = int(cfg["clients"])
     fed = FederationConfig(mode="data", min_train_clients=clients, min_available_clients=clients)
     strategy = SparseSoupStrategy(run, fed, model, out_dir=out_dir)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(strategy.soup), num_rounds=strategy.num_rounds,
-                   evaluate_fn=strategy.evaluate_round)
+    strategy.start(grid)  # every round; then final_model.safetensors, summary.json, results.jsonl in out_dir
 
     model.load_state_dict(strategy.soup)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "final_model.safetensors"))
     weights = dict(model.named_parameters())
     names = prunable_names(model)
     zeros = sum(int((weights[n] == 0).sum()) for n in names)
     total = sum(weights[n].numel() for n in names)
-    accuracy = strategy.rounds[-1].federated_eval.get("accuracy", float("nan")) if strategy.rounds else float("nan")
+    accuracy = strategy.rounds[-1].federated_eval.get("accuracy", float("nan"))
     print(f"tokens example: sparsity {zeros / total:.4f} of {total} prunable weights, "
           f"federated test accuracy {accuracy:.4f}; final model in {out_dir / 'final_model.safetensors'}")

@@ -67,7 +67,12 @@ class ClientSide:
         self.device = resolve_device(str(node.get("device", "auto")))  # a machine's own, not the server's
         self.status_file = str(node.get("status-file", ""))
         self.splits = data_fn(self.run, str(node.get("data-dir", self.run.data_dir)))
+        if not isinstance(self.splits, DatasetSplits):
+            raise FedSMSError(f"data_fn returned {type(self.splits).__name__}; it must return a "
+                              "fedsms.data.DatasetSplits (train, heldout and test data)")
         self.model = model_fn(self.run, self.splits)
+        if not isinstance(self.model, nn.Module):
+            raise FedSMSError(f"model_fn returned {type(self.model).__name__}; it must return a torch.nn.Module")
 
     def shard(self, data: ArrayData, salt: int) -> ArrayData:
         """This client's partition of ``data`` (IID for test data, the configured scheme for training data)."""

@@ -84,6 +84,7 @@ def test_a_round_whose_clients_all_fail_stops_quoting_them(tmp_path):
     with pytest.raises(RoundFailed) as error:
         strategy.start(grid)
     assert "clients reported" in str(error.value) and "start more clients" not in str(error.value)
+    assert "shape" in str(error.value)  # the mismatch itself, as the client saw it
     assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == str(error.value)
 
 
@@ -125,3 +126,10 @@ def test_a_failed_round_is_sent_again_then_stops_and_resume_finishes(tmp_path):
     assert [r["server_round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["sparsity"] == pytest.approx(0.8, abs=1e-4)
     assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == ""
+
+
+def test_a_data_fn_of_the_wrong_type_is_named_in_the_stop_sentence(tmp_path):
+    strategy = strategy_for(tmp_path, round_retries=0)
+    grid = LocalGrid(make_client_app(data_fn=lambda run, data_dir: [1, 2, 3]), partitions(2))
+    with pytest.raises(RoundFailed, match="data_fn returned list; it must return a fedsms.data.DatasetSplits"):
+        strategy.start(grid)

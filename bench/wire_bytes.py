@@ -9,7 +9,7 @@ itemsize·nnz (+ N/8 mask bits down) + raw dense extras, and the target 1.02·bo
 Flower's side is measured, not computed: the dense state dict in an ``ArrayRecord``
 (what ``FedAvg`` puts in every message, both ways), deflated into the objects Flower's
 transport moves (``get_all_nested_objects``, de-duplicated as Flower does). The fedsms
-payload is measured both bare and inside its own ``ArrayRecord`` (``fedsms_server.records``).
+payload is measured both bare and inside its own ``ArrayRecord`` (``fedsms_flower.records``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from common import parser, report
 from fedsms import codec
 from fedsms.masks import compute_mask, dense_mask, prunable_names
 from fedsms.models import build_model
-from fedsms_server.records import record_of
+from fedsms_flower.records import record_of
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "resnet20": (3, 32, 32), "resnet56": (3, 32, 32), "tv:resnet18": (3, 32, 32)}
 SLACK = 4096  # the target allows 2 % + 4 KiB over the bound

@@ -28,7 +28,7 @@ from fedsms.norms import norm_stats, recalibrate_norms
 from fedsms.recipe import CandidateConfig
 from fedsms.training import resolve_device, train_candidate
 
-from fedsms_server.records import payload_of, record_of  # the record layout is defined once, server side
+from fedsms_flower.records import payload_of, record_of  # the record layout, shared with the server
 
 ModelFn = Callable[[RunConfig, DatasetSplits], nn.Module]
 DataFn = Callable[[RunConfig, str], DatasetSplits]

@@ -11,7 +11,7 @@ zlib-compressed table, rather than in every entry: for a ResNet-20 (128 tensors)
 the payload's overhead over its raw bytes from about 5.8 KB to 2.5 KB.
 
 How it rides in Flower: ``encode`` returns and ``decode`` takes one opaque ``bytes`` value;
-nothing in Flower looks inside it. The apps wrap it once (``fedsms_server.records``: a 1-D
+nothing in Flower looks inside it. The apps wrap it once (``fedsms_flower.records``: a 1-D
 uint8 array in an ``ArrayRecord``, which Flower moves in chunks; a bytes entry of a
 ``ConfigRecord`` would work as well), so this module stays free of Flower.
 

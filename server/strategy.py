@@ -36,7 +36,7 @@ from fedsms.norms import NormStatsAverage, norm_layers, recalibrate_norms
 from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.soup import RunningAverage, greedy_soup
 
-from fedsms_server.records import payload_of, record_of
+from fedsms_flower.records import payload_of, record_of
 
 
 logger = logging.getLogger("fedsms.server")

@@ -7,7 +7,7 @@ import pytest
 
 from fedsms import FedSMSError
 from fedsms.config import split_config
-from fedsms_server.deployment import app_config_defaults
+from fedsms_flower.deployment import app_config_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 

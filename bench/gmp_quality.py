@@ -70,7 +70,7 @@ def masked_fedavg(run: LocalRun, clients: int, out_dir: Path) -> dict:
             train_candidate(client_model, soup.mask, shard, strategy._candidate_for(i, phase, server_round),
                             augmentation=run.splits.augmentation)
             replies.append(Update(i, codec.encode(client_model.state_dict(), soup.mask, phase=phase, round=server_round,
-                                                  kind="update", include_mask=False, num_examples=len(shard)), {}))
+                                                  kind="update", num_examples=len(shard)), {}))
         strategy.aggregate_updates(server_round, replies)
         strategy._finish_phase(server_round, grid=None)  # recalibration on the server's data
         strategy.evaluate_round(server_round, None)

@@ -39,11 +39,11 @@ def measure(model_name: str, sparsity: float, value_dtype: str) -> dict:
     state = model.state_dict()
     mask = compute_mask(state, dense_mask(model, prunable_names(model)), sparsity)
     sparse_state = {k: v * mask[k] if k in mask else v for k, v in state.items()}
-    down = codec.encode(sparse_state, mask, phase=1, round=1, kind="soup", value_dtype=value_dtype, include_mask=True)
+    down = codec.encode(sparse_state, mask, phase=1, round=1, kind="soup", value_dtype=value_dtype)
     up = codec.encode(sparse_state, mask, phase=1, round=1, kind="update", value_dtype=value_dtype,
-                      include_mask=False, num_examples=1)
-    bound_down = codec.payload_size_bound(mask, state, value_dtype, include_mask=True)
-    bound_up = codec.payload_size_bound(mask, state, value_dtype, include_mask=False)
+                      num_examples=1)
+    bound_down = codec.payload_size_bound(mask, state, value_dtype, kind="soup")
+    bound_up = codec.payload_size_bound(mask, state, value_dtype, kind="update")
     dense = flower_bytes(ArrayRecord(state))
     row = {"model": model_name, "sparsity": sparsity, "value_dtype": value_dtype,
            "tensors": len(state), "masked_tensors": len(mask),

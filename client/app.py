@@ -118,7 +118,7 @@ def make_client_app(
         result = train_candidate(side.model, mask, data, candidate, augmentation=side.splits.augmentation, device=side.device)
         state = {k: v.cpu() for k, v in side.model.state_dict().items()}
         payload = codec.encode(state, mask, phase=phase, round=server_round, kind="update",
-                               value_dtype=side.fed.value_dtype, include_mask=False, num_examples=len(data))
+                               value_dtype=side.fed.value_dtype, num_examples=len(data))
         side.mark(message)
         return Message(RecordDict({
             "update": record_of(payload),

@@ -153,7 +153,8 @@ def register_supernode(key: str, env: dict) -> None:
     """Register a client's public key file with the SuperLink (``flwr supernode register``)."""
     registered = flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env)
     if registered.returncode != 0:
-        raise FedSMSError(f"could not register client key {key}: {registered.stdout.strip() or registered.stderr.strip()}")
+        said = registered.stdout.strip() or registered.stderr.strip()
+        raise FedSMSError(f"could not register client key {key}: {said}")
 
 
 def submit_run(app: Path, overrides: dict, env: dict) -> str:
@@ -162,7 +163,8 @@ def submit_run(app: Path, overrides: dict, env: dict) -> str:
     try:
         return str(json.loads(submitted.stdout)["run-id"])
     except (ValueError, KeyError):
-        raise FedSMSError(f"the SuperLink refused the job: {submitted.stdout.strip() or submitted.stderr.strip()}") from None
+        said = submitted.stdout.strip() or submitted.stderr.strip()
+        raise FedSMSError(f"the SuperLink refused the job: {said}") from None
 
 
 def run_status(run_id: str, env: dict) -> dict:

@@ -207,7 +207,7 @@ class SparseSoupStrategy(Strategy):
 
     def soup_payload(self, server_round: int) -> bytes:
         return codec.encode(self.soup, self.mask, phase=self.phase_at(server_round)[0], round=server_round,
-                            kind="soup", value_dtype=self.fed.value_dtype, include_mask=True)
+                            kind="soup", value_dtype=self.fed.value_dtype)
 
     def configure_train(self, flower_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round = flower_round + self.round_offset

@@ -44,7 +44,7 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
                                       out_dir=out_dir, log=lambda _: None)
         strategy.begin_round(1)  # prunes the soup to 90 % under a fresh mask
         soup_bytes = sum(t.numel() * t.element_size() for t in strategy.soup.values())
-        update = codec.encode(strategy.soup, strategy.mask, phase=1, round=1, kind="update", include_mask=False,
+        update = codec.encode(strategy.soup, strategy.mask, phase=1, round=1, kind="update",
                               num_examples=100)
         copying = [0.0]
 

@@ -6,7 +6,7 @@ Both run through ``flwr.simulation.run_simulation`` with the same number of virt
 clients (1 CPU each), the same model (cnn), the same data (the digits train split, every
 client all of it: fedsms's hyperparameter soup) and the same epochs per round:
 
-- fedsms: ``fedsms_server.simulation.simulate`` (what ``fedsms simulate`` runs), 1 dense
+- fedsms: ``fedsms_flower.simulation.simulate`` (what ``fedsms simulate`` runs), 1 dense
   round then 3 phases of 2 rounds each to 90 % sparsity; the server evaluates the soup on
   the test split every round (no OOD, no federated evaluation), recalibrates BatchNorm
   and checkpoints;
@@ -91,7 +91,7 @@ def server_split(totals: dict[int, dict[str, float]], server_round: int) -> dict
 
 
 def run_fedsms(clients: int, epochs: int) -> dict:
-    from fedsms_server.simulation import simulate
+    from fedsms_flower.simulation import simulate
 
     totals, stamps = instrument()
     with tempfile.TemporaryDirectory() as out_dir:

@@ -69,7 +69,7 @@ def masked_fedavg(run: LocalRun, clients: int, out_dir: Path) -> dict:
             train_candidate(client_model, soup.mask, shard, strategy.candidate_for(i, phase, server_round),
                             augmentation=run.splits.augmentation)
             replies.append(Update(i, codec.encode(client_model.state_dict(), soup.mask, phase=phase, round=server_round,
-                                                  kind="update", include_mask=False, num_examples=len(shard)), {}))
+                                                  kind="update", num_examples=len(shard)), {}))
         strategy.aggregate_updates(server_round, replies)
         strategy.finish_phase(server_round)  # recalibration on the server's data
         strategy.end_round(server_round)

@@ -40,7 +40,7 @@ PARALLEL = min(2, os.cpu_count() or 1)  # 1 CPU per virtual client
 
 
 def run_scaled(clients: int, epochs: int) -> dict:
-    from fedsms_server.simulation import simulate
+    from fedsms_flower.simulation import simulate
 
     totals, stamps = instrument()
     peak_rss_reset()

@@ -9,7 +9,7 @@ itemsize·nnz (+ N/8 mask bits down) + raw dense extras, and the target 1.02·bo
 Flower's side is measured, not computed: the dense state dict in an ``ArrayRecord``
 (what ``FedAvg`` puts in every message, both ways), deflated into the objects Flower's
 transport moves (``get_all_nested_objects``, de-duplicated as Flower does). The fedsms
-payload is measured both bare and inside its own ``ArrayRecord`` (``fedsms_server.records``).
+payload is measured both bare and inside its own ``ArrayRecord`` (``fedsms_flower.records``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from common import parser, report
 from fedsms import codec
 from fedsms.masks import compute_mask, dense_mask, prunable_names
 from fedsms.models import build_model
-from fedsms_server.records import record_of
+from fedsms_flower.records import record_of
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "resnet20": (3, 32, 32), "resnet56": (3, 32, 32), "tv:resnet18": (3, 32, 32)}
 SLACK = 4096  # the target allows 2 % + 4 KiB over the bound
@@ -39,11 +39,11 @@ def measure(model_name: str, sparsity: float, value_dtype: str) -> dict:
     state = model.state_dict()
     mask = compute_mask(state, dense_mask(model, prunable_names(model)), sparsity)
     sparse_state = {k: v * mask[k] if k in mask else v for k, v in state.items()}
-    down = codec.encode(sparse_state, mask, phase=1, round=1, kind="soup", value_dtype=value_dtype, include_mask=True)
+    down = codec.encode(sparse_state, mask, phase=1, round=1, kind="soup", value_dtype=value_dtype)
     up = codec.encode(sparse_state, mask, phase=1, round=1, kind="update", value_dtype=value_dtype,
-                      include_mask=False, num_examples=1)
-    bound_down = codec.payload_size_bound(mask, state, value_dtype, include_mask=True)
-    bound_up = codec.payload_size_bound(mask, state, value_dtype, include_mask=False)
+                      num_examples=1)
+    bound_down = codec.payload_size_bound(mask, state, value_dtype, kind="soup")
+    bound_up = codec.payload_size_bound(mask, state, value_dtype, kind="update")
     dense = flower_bytes(ArrayRecord(state))
     row = {"model": model_name, "sparsity": sparsity, "value_dtype": value_dtype,
            "tensors": len(state), "masked_tensors": len(mask),

@@ -34,7 +34,7 @@ from fedsms.recipe import CandidateConfig
 from fedsms.training import resolve_device, train_candidate
 
 from fedsms_client import toolkit
-from fedsms_server.records import JOB_KEY  # moves to fedsms_flower.records
+from fedsms_flower.records import JOB_KEY
 
 ModelFn = Callable[[RunConfig, DatasetSplits], nn.Module]
 DataFn = Callable[[RunConfig, str], DatasetSplits]

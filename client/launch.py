@@ -18,8 +18,8 @@ from pathlib import Path
 from fedsms import FedSMSError
 
 from fedsms.cli import run_command
-from fedsms_server.deployment import (
-    flower_bin, flower_env, free_port, reachable, split_address, stop, toml_value, wait_until_reachable,
+from fedsms_flower.deployment import (
+    flower_bin, flower_env, free_port, reachable, refused_admission, split_address, stop, toml_value, wait_until_reachable,
 )
 
 
@@ -80,11 +80,6 @@ def read_status(path: Path) -> dict:
         return {}
 
 
-# What Flower's SuperNode logs when the SuperLink refuses to activate it (its process exit
-# status does not carry the code).
-NOT_ADMITTED = "Exit Code: 305"
-
-
 def join(args: argparse.Namespace) -> int:
     host, port = split_address(args.server)
     flags = security_flags(args)
@@ -111,7 +106,7 @@ def join(args: argparse.Namespace) -> int:
             stop(supernode)
         if code is not None:
             return code
-        if NOT_ADMITTED not in log_path.read_text(errors="replace")[logged_before:]:
+        if not refused_admission(log_path, logged_before):
             print(f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode}; "
                   f"see {log_path}", file=sys.stderr)
             return 1

@@ -80,7 +80,7 @@ from torch import nn
 from fedsms import FedSMSError, codec
 from fedsms.masks import Mask, MaskHook, enforce_mask
 
-from fedsms_server.records import payload_of, record_of  # moves to fedsms_flower.records
+from fedsms_flower.records import payload_of, record_of
 
 __all__ = ["ModelMismatch", "Received", "enforce_mask", "hyperparameters", "receive"]
 
@@ -216,9 +216,8 @@ class Received:
             raise FedSMSError("a train reply needs the trained model; pass reply(model, num_examples, metrics)")
         state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
         state = {name: tensor.detach().cpu() for name, tensor in state.items()}
-        # include_mask goes when codec.encode drops it: the kind "update" alone then leaves the mask bits out.
         payload = codec.encode(state, self.mask, phase=self.phase, round=self.server_round, kind="update",
-                               value_dtype=self.value_dtype, include_mask=False, num_examples=num_examples)
+                               value_dtype=self.value_dtype, num_examples=num_examples)
         return Message(RecordDict({UPDATE_KEY: record_of(payload), METRICS_KEY: record}), reply_to=self.message)
 
 

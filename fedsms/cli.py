@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _, fed = split_config(overrides)
     check_out_dir(Path(overrides["out_dir"]), fed.resume)
     # Flower is imported only here: the library itself never needs it.
-    from fedsms_server.simulation import simulate
+    from fedsms_flower.simulation import simulate
 
     simulate(overrides, args.num_clients, cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     stopped = json.loads((Path(overrides["out_dir"]) / "summary.json").read_text()).get("stopped")

@@ -3,7 +3,8 @@
 A payload is one sparse model state on the wire: the soup going out (``kind="soup"``,
 server -> client, with the packed mask bits), a retrained candidate coming back
 (``kind="update"``, client -> server, without mask bits: the server knows the mask), or
-norm-layer statistics (``kind="norm_stats"``). Pruned tensors travel as the values under
+norm-layer statistics (``kind="norm_stats"``, no mask bits). The kind alone decides whether
+the mask travels (:func:`carries_mask`). Pruned tensors travel as the values under
 the mask in row-major mask order with no indices (``itemsize * nnz`` bytes each); every
 other state entry (biases, norm layers, running statistics, ``num_batches_tracked``, any
 non-prunable parameter) travels dense in its own dtype. The tensor names travel once, in a
@@ -11,15 +12,20 @@ zlib-compressed table, rather than in every entry: for a ResNet-20 (128 tensors)
 the payload's overhead over its raw bytes from about 5.8 KB to 2.5 KB.
 
 How it rides in Flower: ``encode`` returns and ``decode`` takes one opaque ``bytes`` value;
-nothing in Flower looks inside it. The apps wrap it once (``fedsms_server.records``: a 1-D
+nothing in Flower looks inside it. The apps wrap it once (``fedsms_flower.records``: a 1-D
 uint8 array in an ``ArrayRecord``, which Flower moves in chunks; a bytes entry of a
 ``ConfigRecord`` would work as well), so this module stays free of Flower.
 
-``decode`` trusts nothing: the bytes carry a CRC-32 trailer (truncation and corruption),
-then the header (codec version, kind, phase, round, mask digest), then every tensor (names,
-order, shapes, counts, byte lengths, dtypes, finiteness) is checked against what the
-receiver expects, and any mismatch raises :class:`PayloadError` with one sentence, before
-a single value reaches a model or a running average.
+``decode`` trusts nothing and reads in stages: open (the CRC-32 trailer against truncation
+and corruption, then the parse), header (codec version, kind, phase, round, value dtype),
+names (the name table), mask (shipped or expected, against the header's digest), masked
+values, dense extras. Every tensor (names, order, shapes, counts, byte lengths, dtypes,
+finiteness) is checked against what the receiver expects, and any mismatch raises
+:class:`PayloadError` with one sentence, before a single value reaches a model or a running
+average.
+
+Codec version 2 dropped version 1's second layout, in which entries named themselves
+instead of using the name table; a payload of any other version is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Mapping
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from fedsms import FedSMSError
 from fedsms.masks import Mask, mask_digest, pack_mask, unpack_mask
@@ -40,10 +47,10 @@ from fedsms.wire import payload_pb2 as pb
 
 __all__ = [
     "CODEC_VERSION", "KINDS", "VALUE_DTYPES", "PayloadError", "Decoded",
-    "encode", "decode", "payload_size_bound", "state_from_values",
+    "carries_mask", "encode", "decode", "payload_size_bound", "state_from_values",
 ]
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 
 KINDS = {"soup": pb.PAYLOAD_KIND_SOUP, "update": pb.PAYLOAD_KIND_UPDATE, "norm_stats": pb.PAYLOAD_KIND_NORM_STATS}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
@@ -76,6 +83,12 @@ class PayloadError(FedSMSError):
     """A payload that cannot be used: unreadable, or not the one the receiver expects."""
 
 
+def carries_mask(kind: str) -> bool:
+    """Whether a payload of ``kind`` carries its packed mask bits: only a soup does (it goes
+    to clients that do not hold the mask yet); replies are read with the receiver's mask."""
+    return kind == "soup"
+
+
 # ---- encoding ----------------------------------------------------------------------
 
 
@@ -87,7 +100,6 @@ def encode(
     round: int,
     kind: str,
     value_dtype: str = "fp32",
-    include_mask: bool,
     num_examples: int = 0,
     check_finite: bool = True,
 ) -> bytes:
@@ -95,10 +107,11 @@ def encode(
 
     Every tensor of ``mask`` (in mask order) sends ``state[name][mask[name]]`` cast to
     ``value_dtype`` (``"fp32"``, ``"fp16"`` or ``"bf16"``); every other entry of ``state``
-    goes dense in its own dtype, in state order. ``include_mask`` ships the packed mask bits
-    (soups; a reply leaves them out). With ``check_finite`` (the default) a NaN/Inf among
-    the values about to be sent, including fp16 overflow beyond ±65504, raises
-    :class:`PayloadError` here rather than at the receiver.
+    goes dense in its own dtype, in state order. ``kind`` (``"soup"``, ``"update"`` or
+    ``"norm_stats"``) decides whether the packed mask bits go too (:func:`carries_mask`).
+    With ``check_finite`` (the default) a NaN/Inf among the values about to be sent,
+    including fp16 overflow beyond ±65504, raises :class:`PayloadError` here rather than
+    at the receiver.
     """
     if kind not in KINDS:
         raise PayloadError(f"unknown payload kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -139,7 +152,7 @@ def encode(
         entry.nnz = values.numel()
         entry.values = _tensor_bytes(values)
 
-    if include_mask:
+    if carries_mask(kind):
         message.mask_bits = pack_mask(mask)
 
     for name, tensor in state.items():
@@ -205,8 +218,12 @@ class Decoded:
     values: dict[str, torch.Tensor]
     dense: dict[str, torch.Tensor]
     num_examples: int
-    mask_included: bool = False
     nbytes: int = 0
+
+    @property
+    def mask_included(self) -> bool:
+        """Whether the payload shipped its mask bits (its kind decides: :func:`carries_mask`)."""
+        return carries_mask(self.kind)
 
     def to_state_dict(self, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The full state dict, in ``template`` order: masked tensors are zero outside the
@@ -257,22 +274,54 @@ def decode(
     """Parse and validate a payload against what the receiver expects.
 
     ``template`` (e.g. ``model.state_dict()``; only names, shapes and dtypes are read) names
-    every tensor the payload must carry. The mask is the one shipped in the payload's mask
-    bits, else ``expected_mask`` (a payload without mask bits needs it). ``expected_digest``,
-    when given, is the digest the header must name (and is taken as ``expected_mask``'s
-    digest; without it the digest of ``expected_mask`` is computed). ``expected_phase``,
-    ``expected_round`` and ``expected_kind`` are checked when given. Any mismatch raises
-    :class:`PayloadError`. ``num_examples`` is exposed unchecked: plausibility is the
-    caller's call.
+    every tensor the payload must carry. A soup is read with the mask it ships; any other
+    kind with ``expected_mask``, which it then needs. ``expected_digest``, when given, is
+    the digest the header must name (and is taken as ``expected_mask``'s digest; without it
+    the digest of ``expected_mask`` is computed). ``expected_phase``, ``expected_round`` and
+    ``expected_kind`` are checked when given. Any mismatch raises :class:`PayloadError`.
+    ``num_examples`` is exposed unchecked: plausibility is the caller's call.
     """
+    message = _open(data)
+    kind, value_dtype = _check_header(message.header, expected_kind, expected_phase, expected_round)
+    template = dict(template)
+    names, dense_names = _names(message)
+    mask = _mask(message, kind, names, expected_mask, expected_digest, template)
+    values = _masked_values(message, names, mask, template, value_dtype)
+    dense = _dense_extras(message, dense_names, mask, template)
+    header = message.header
+    return Decoded(
+        codec_version=header.codec_version, kind=kind, phase=header.phase, round=header.round,
+        mask_digest=header.mask_digest, value_dtype=value_dtype, mask=mask, values=values, dense=dense,
+        num_examples=int(message.num_examples), nbytes=len(data),
+    )
+
+
+def _open(data: bytes) -> pb.SparsePayload:
+    """Stage 1: bytes with an intact CRC-32 trailer that parse as a payload of this schema."""
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):
         raise PayloadError(f"a payload is bytes, not {type(data).__name__}")
-    message = _open(data)
-    header = message.header
+    if len(data) < _TRAILER_LEN or data[-_TRAILER_LEN : -_TRAILER_LEN + 1] != _TRAILER_TAG:
+        raise PayloadError(f"the payload ({len(data)} bytes) is truncated or not a fedsms payload: its checksum trailer is missing")
+    body = memoryview(data)[:-_TRAILER_LEN]  # no copy of a large payload just to checksum it
+    (crc,) = struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise PayloadError(f"the payload ({len(data)} bytes) is truncated or corrupted: its checksum does not match")
+    try:
+        message = pb.SparsePayload.FromString(data)
+    except DecodeError as error:
+        raise PayloadError(f"the payload cannot be parsed ({error})") from None
+    if not message.HasField("header"):
+        raise PayloadError("the payload has no header; it is not a fedsms payload")
+    return message
 
-    # -- header
+
+def _check_header(
+    header: pb.Header, expected_kind: str | None, expected_phase: int | None, expected_round: int | None
+) -> tuple[str, str]:
+    """Stage 2: this codec version, a known kind and value dtype, the expected kind, phase
+    and round. Returns the kind and the value dtype by name."""
     if header.codec_version != CODEC_VERSION:
         raise PayloadError(
             f"the payload uses codec version {header.codec_version} but this fedsms reads version "
@@ -290,17 +339,113 @@ def decode(
     value_dtype = _VALUE_DTYPE_NAMES.get(header.value_dtype)
     if value_dtype is None:
         raise PayloadError(f"the payload has an unknown value dtype ({header.value_dtype})")
-    _, wire_dtype, itemsize = VALUE_DTYPES[value_dtype]
+    return kind, value_dtype
 
-    # -- mask
-    template = dict(template)
-    names, dense_names = _wire_names(message)
-    mask = _payload_mask(message, names, expected_mask, expected_digest, template)
-    counts = _kept_counts(mask, header.mask_digest)  # the digest is the mask's, checked above
 
-    # -- masked tensors: exactly the mask's tensors, in mask order
+def _names(message: pb.SparsePayload) -> tuple[list[str], list[str]]:
+    """Stage 3: the names of the masked and of the dense entries, from the name table (the
+    only place they travel)."""
+    if any(len(UnknownFieldSet(part)) for part in (message, message.header, *message.masked, *message.dense)):
+        raise PayloadError(
+            f"the payload has fields that codec version {CODEC_VERSION} does not declare (e.g. entries that "
+            f"name themselves, as version 1 allowed); it is not a version {CODEC_VERSION} payload"
+        )
+    if not message.names:
+        raise PayloadError("the payload has no name table; it is not a fedsms payload")
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(message.names, _MAX_NAME_TABLE)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise PayloadError(f"the payload's name table is damaged or larger than {_MAX_NAME_TABLE} bytes")
+        names = text.decode("utf-8").split("\n") if text else []
+    except (zlib.error, UnicodeDecodeError):
+        raise PayloadError("the payload's name table cannot be read") from None
+    entries = len(message.masked) + len(message.dense)
+    if len(names) != entries:
+        raise PayloadError(f"the payload's name table lists {len(names)} tensors but the payload carries {entries}")
+    return names[: len(message.masked)], names[len(message.masked) :]
+
+
+_MAX_NAME_TABLE = 1 << 24  # bytes of names a payload may inflate to
+
+
+def _mask(
+    message: pb.SparsePayload,
+    kind: str,
+    names: list[str],
+    expected_mask: Mask | None,
+    expected_digest: str | None,
+    template: dict,
+) -> Mask:
+    """Stage 4: the mask to read the values with: the shipped one for a soup, else the
+    expected one; either way the one the header's digest names."""
+    _check_expected_mask(message.header.mask_digest, expected_mask, expected_digest, template)
+    if not carries_mask(kind):
+        if message.mask_bits:
+            raise PayloadError(
+                f"a {kind!r} payload carries no mask bits (the receiver knows the mask) but this one has "
+                f"{len(message.mask_bits)} bytes of them"
+            )
+        if expected_mask is None:
+            raise PayloadError(f"a {kind!r} payload carries no mask bits and the receiver has no mask to read it with")
+        return {n: m.to("cpu", torch.bool) for n, m in expected_mask.items()}
+    if expected_mask is not None:
+        shapes = {n: tuple(m.shape) for n, m in expected_mask.items()}
+    else:
+        shapes = _masked_shapes(message, names, template)
+    if shapes and not message.mask_bits:
+        raise PayloadError(f"a {kind!r} payload carries its mask bits but this one has none")
+    try:
+        mask = unpack_mask(message.mask_bits, shapes)
+    except FedSMSError as error:
+        raise PayloadError(f"the payload's mask does not fit the model: {error}") from None
+    if mask_digest(mask) != message.header.mask_digest:
+        raise PayloadError("the payload's mask bits do not match the mask digest in its header")
+    return mask
+
+
+def _check_expected_mask(digest: str, expected_mask: Mask | None, expected_digest: str | None, template: dict) -> None:
+    """The header names the receiver's mask (when it has one), and that mask fits the model."""
+    held = expected_digest
+    if held is None and expected_mask is not None:
+        held = mask_digest(expected_mask)
+    if held is not None and digest != held:
+        raise PayloadError(
+            f"the payload was made for mask {digest[:12]} but the receiver holds mask {held[:12]}; "
+            f"it belongs to another phase or run"
+        )
+    for name, keep in (expected_mask or {}).items():
+        if name not in template:
+            raise PayloadError(f"the expected mask names tensor {name!r} which the model does not have")
+        if tuple(keep.shape) != tuple(template[name].shape):
+            raise PayloadError(f"the expected mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(template[name].shape)}")
+
+
+def _masked_shapes(message: pb.SparsePayload, names: list[str], template: dict) -> dict[str, tuple[int, ...]]:
+    """The shapes of a shipped mask, read from its masked entries (each a model tensor, once)."""
+    shapes = {}
+    for name, entry in zip(names, message.masked):
+        if name not in template:
+            raise PayloadError(f"the payload has masked tensor {name!r} which the model does not have")
+        if name in shapes:
+            raise PayloadError(f"the payload has masked tensor {name!r} twice")
+        if tuple(entry.shape) != tuple(template[name].shape):
+            raise PayloadError(
+                f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but "
+                f"{tuple(template[name].shape)} in the model"
+            )
+        shapes[name] = tuple(entry.shape)
+    return shapes
+
+
+def _masked_values(
+    message: pb.SparsePayload, names: list[str], mask: Mask, template: dict, value_dtype: str
+) -> dict[str, torch.Tensor]:
+    """Stage 5: exactly the mask's tensors, in mask order, each its nnz finite values as float32."""
     if names != list(mask):
         raise PayloadError(f"the payload's masked tensors {_name_diff(names, list(mask))}")
+    _, wire_dtype, itemsize = VALUE_DTYPES[value_dtype]
+    counts = _kept_counts(mask, message.header.mask_digest)  # the digest is the mask's, checked in stage 4
     values: dict[str, torch.Tensor] = {}
     for name, entry in zip(names, message.masked):
         like = template[name]
@@ -318,8 +463,14 @@ def decode(
         if not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values")
         values[name] = tensor
+    return values
 
-    # -- dense extras: every other template entry, once each
+
+def _dense_extras(
+    message: pb.SparsePayload, dense_names: list[str], mask: Mask, template: dict
+) -> dict[str, torch.Tensor]:
+    """Stage 6: every template entry outside the mask, once each, in its own dtype, finite;
+    returned in template order."""
     wanted = [n for n in template if n not in mask]
     if len(set(dense_names)) != len(dense_names) or set(dense_names) != set(wanted):
         raise PayloadError(f"the payload's dense tensors {_name_diff(dense_names, wanted)}")
@@ -339,106 +490,7 @@ def decode(
         if tensor.is_floating_point() and not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values")
         dense[name] = tensor
-    dense = {n: dense[n] for n in wanted}
-
-    return Decoded(
-        codec_version=header.codec_version, kind=kind, phase=header.phase, round=header.round,
-        mask_digest=header.mask_digest, value_dtype=value_dtype, mask=mask, values=values, dense=dense,
-        num_examples=int(message.num_examples), mask_included=bool(message.mask_bits), nbytes=len(data),
-    )
-
-
-def _open(data: bytes) -> pb.SparsePayload:
-    """Check the CRC-32 trailer, then parse."""
-    if len(data) < _TRAILER_LEN or data[-_TRAILER_LEN : -_TRAILER_LEN + 1] != _TRAILER_TAG:
-        raise PayloadError(f"the payload ({len(data)} bytes) is truncated or not a fedsms payload: its checksum trailer is missing")
-    body = memoryview(data)[:-_TRAILER_LEN]  # no copy of a large payload just to checksum it
-    (crc,) = struct.unpack("<I", data[-4:])
-    if zlib.crc32(body) != crc:
-        raise PayloadError(f"the payload ({len(data)} bytes) is truncated or corrupted: its checksum does not match")
-    try:
-        message = pb.SparsePayload.FromString(data)
-    except DecodeError as error:
-        raise PayloadError(f"the payload cannot be parsed ({error})") from None
-    if not message.HasField("header"):
-        raise PayloadError("the payload has no header; it is not a fedsms payload")
-    return message
-
-
-def _wire_names(message: pb.SparsePayload) -> tuple[list[str], list[str]]:
-    """The names of the masked and of the dense entries: from the name table where the
-    payload has one, else from the entries themselves."""
-    if not message.names:
-        return [e.name for e in message.masked], [e.name for e in message.dense]
-    inflater = zlib.decompressobj()
-    try:
-        text = inflater.decompress(message.names, _MAX_NAME_TABLE)
-        if inflater.unconsumed_tail or not inflater.eof:
-            raise PayloadError(f"the payload's name table is damaged or larger than {_MAX_NAME_TABLE} bytes")
-        names = text.decode("utf-8").split("\n") if text else []
-    except (zlib.error, UnicodeDecodeError):
-        raise PayloadError("the payload's name table cannot be read") from None
-    entries = len(message.masked) + len(message.dense)
-    if len(names) != entries:
-        raise PayloadError(f"the payload's name table lists {len(names)} tensors but the payload carries {entries}")
-    if any(e.name for e in message.masked) or any(e.name for e in message.dense):
-        raise PayloadError("the payload names tensors both in its name table and in its entries")
-    return names[: len(message.masked)], names[len(message.masked) :]
-
-
-_MAX_NAME_TABLE = 1 << 24  # bytes of names a payload may inflate to
-
-
-def _payload_mask(
-    message: pb.SparsePayload, names: list[str], expected_mask: Mask | None, expected_digest: str | None, template: dict
-) -> Mask:
-    header = message.header
-    if expected_digest is not None and header.mask_digest != expected_digest:
-        raise PayloadError(
-            f"the payload was made for mask {header.mask_digest[:12]} but the receiver holds mask {expected_digest[:12]}; "
-            f"it belongs to another phase or run"
-        )
-    if expected_mask is not None and expected_digest is None:
-        own = mask_digest(expected_mask)
-        if header.mask_digest != own:
-            raise PayloadError(
-                f"the payload was made for mask {header.mask_digest[:12]} but the receiver holds mask {own[:12]}; "
-                f"it belongs to another phase or run"
-            )
-    if expected_mask is not None:
-        for name, keep in expected_mask.items():
-            if name not in template:
-                raise PayloadError(f"the expected mask names tensor {name!r} which the model does not have")
-            if tuple(keep.shape) != tuple(template[name].shape):
-                raise PayloadError(f"the expected mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(template[name].shape)}")
-    if not message.mask_bits:
-        if expected_mask is None:
-            raise PayloadError("the payload carries no mask bits and the receiver has no mask to read it with")
-        return {n: m.to("cpu", torch.bool) for n, m in expected_mask.items()}
-
-    # The mask travels: its tensors are the masked entries (or the expected mask's).
-    if expected_mask is not None:
-        shapes = {n: tuple(m.shape) for n, m in expected_mask.items()}
-    else:
-        shapes = {}
-        for name, entry in zip(names, message.masked):
-            if name not in template:
-                raise PayloadError(f"the payload has masked tensor {name!r} which the model does not have")
-            if name in shapes:
-                raise PayloadError(f"the payload has masked tensor {name!r} twice")
-            if tuple(entry.shape) != tuple(template[name].shape):
-                raise PayloadError(
-                    f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but "
-                    f"{tuple(template[name].shape)} in the model"
-                )
-            shapes[name] = tuple(entry.shape)
-    try:
-        mask = unpack_mask(message.mask_bits, shapes)
-    except FedSMSError as error:
-        raise PayloadError(f"the payload's mask does not fit the model: {error}") from None
-    if mask_digest(mask) != header.mask_digest:
-        raise PayloadError("the payload's mask bits do not match the mask digest in its header")
-    return mask
+    return {n: dense[n] for n in wanted}
 
 
 def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
@@ -511,16 +563,19 @@ def _few(names: list[str], limit: int = 3) -> str:
 
 
 def payload_size_bound(
-    mask: Mask, dense_state: Mapping[str, torch.Tensor], value_dtype: str = "fp32", include_mask: bool = False
+    mask: Mask, dense_state: Mapping[str, torch.Tensor], value_dtype: str = "fp32", *, kind: str
 ) -> int:
-    """The least bytes any encoding of this content needs: itemsize·nnz of the masked
-    values, ceil(N/8) of mask bits when included, and the raw bytes of the dense extras
-    (entries of ``dense_state`` not in ``mask``; a full state dict is fine)."""
+    """The least bytes any encoding of this content as a ``kind`` payload needs: itemsize·nnz
+    of the masked values, ceil(N/8) of mask bits where the kind carries them, and the raw
+    bytes of the dense extras (entries of ``dense_state`` not in ``mask``; a full state dict
+    is fine)."""
+    if kind not in KINDS:
+        raise PayloadError(f"unknown payload kind {kind!r}; use one of {', '.join(KINDS)}")
     if value_dtype not in VALUE_DTYPES:
         raise PayloadError(f"unknown value dtype {value_dtype!r}; use one of {', '.join(VALUE_DTYPES)}")
     itemsize = VALUE_DTYPES[value_dtype][2]
     size = sum(_kept(keep.cpu()) for keep in mask.values()) * itemsize
-    if include_mask:
+    if carries_mask(kind):
         size += math.ceil(sum(keep.numel() for keep in mask.values()) / 8)
     size += sum(t.numel() * t.element_size() for n, t in dense_state.items() if n not in mask)
     return size

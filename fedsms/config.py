@@ -140,7 +140,8 @@ def flower_app_config(out_dir: str = FLOWER_OUT_DIR) -> dict[str, Any]:
     return {**values, "out-dir": out_dir}
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` written as a TOML value (bool, number or string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -150,7 +151,7 @@ def _toml(value: Any) -> str:
 
 def app_config_table(out_dir: str = FLOWER_OUT_DIR) -> str:
     """The ``[tool.flwr.app.config]`` table, generated from the declarations."""
-    lines = [f"{name} = {_toml(value)}" for name, value in flower_app_config(out_dir).items()]
+    lines = [f"{name} = {toml_value(value)}" for name, value in flower_app_config(out_dir).items()]
     return "[tool.flwr.app.config]\n" + "\n".join(lines) + "\n"
 
 

@@ -173,10 +173,6 @@ class MaskEnforcer:
             torch._foreach_mul_(self.params, self.factors)
 
 
-def apply_mask(model: nn.Module, mask: Mask) -> None:
-    MaskEnforcer(model, mask).apply()
-
-
 class MaskHook:
     """Keeps a model's pruned weights at zero after every step of one optimizer.
 
@@ -251,11 +247,6 @@ def outside_mask_nonzeros(state: Mapping[str, torch.Tensor], mask: Mask) -> dict
         if bad:
             counts[name] = bad
     return counts
-
-
-def mask_from_state(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> Mask:
-    """The mask implied by a sparse state dict: nonzero entries are kept."""
-    return {n: state[n].detach().cpu() != 0 for n in names}
 
 
 # ---- reporting and naming ------------------------------------------------------------

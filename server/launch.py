@@ -18,8 +18,9 @@ from fedsms import FedSMSError
 from fedsms.cli import add_config_options, check_out_dir, config_overrides, run_command
 from fedsms.config import FederationConfig, RunConfig, split_config
 
-from fedsms_server.deployment import (
-    CONNECTION, flower_bin, flower_env, run_config_arg, stop, wait_until_reachable, write_app_dir, write_connection,
+from fedsms_flower.deployment import (
+    flower_bin, flower_env, register_supernode, run_status, stop, stream_log, submit_run, wait_until_reachable,
+    write_app_dir, write_connection,
 )
 
 
@@ -74,18 +75,6 @@ def security_flags(args: argparse.Namespace) -> tuple[list[str], str | None]:
     return flags, certs[0]
 
 
-def flwr(args: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([flower_bin("flwr"), *args], env=env, capture_output=True, text=True, **kwargs)
-
-
-def run_status(run_id: str, env: dict) -> dict:
-    result = flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], env)
-    try:
-        return json.loads(result.stdout)["runs"][0]
-    except (ValueError, KeyError, IndexError):
-        return {}
-
-
 def serve(args: argparse.Namespace) -> int:
     overrides = config_overrides(args, RunConfig()) | config_overrides(args, FederationConfig())
     overrides.setdefault("min_available_clients", args.clients)
@@ -110,23 +99,17 @@ def serve(args: argparse.Namespace) -> int:
     try:
         wait_until_reachable("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, 60, "the SuperLink")
         for key in args.authorized_key:
-            registered = flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env)
-            if registered.returncode != 0:
-                raise FedSMSError(f"could not register client key {key}: {registered.stdout.strip() or registered.stderr.strip()}")
+            register_supernode(key, env)
         return follow(app, overrides, env, superlink)
     finally:
         stop(superlink)
 
 
 def follow(app: Path, overrides: dict, env: dict, superlink: subprocess.Popen) -> int:
-    submitted = flwr(["run", str(app), CONNECTION, "--run-config", run_config_arg(overrides), "--format", "json"], env)
-    try:
-        run_id = str(json.loads(submitted.stdout)["run-id"])
-    except (ValueError, KeyError):
-        raise FedSMSError(f"the SuperLink refused the job: {submitted.stdout.strip() or submitted.stderr.strip()}") from None
+    run_id = submit_run(app, overrides, env)
     print(f"fedsms-server: job {run_id} submitted; waiting for clients (fedsms-client --server HOST:PORT ...)")
     # `flwr log --stream` shows the ServerApp's progress; the status decides the end.
-    logs = subprocess.Popen([flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=env)
+    logs = stream_log(run_id, env)
     try:
         while not (status := run_status(run_id, env)).get("status", "").startswith("finished"):
             if superlink.poll() is not None:

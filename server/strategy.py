@@ -48,7 +48,7 @@ from fedsms.report import final_table, phase_table
 from fedsms.schedule import Round, federated_rounds
 from fedsms.soup import RunningAverage
 
-from fedsms_server.records import JOB_KEY, payload_of, record_of
+from fedsms_flower.records import JOB_KEY, payload_of, record_of
 
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
@@ -303,7 +303,7 @@ class SparseSoupStrategy(Strategy):
     def soup_payload(self, server_round: int) -> bytes:
         """The soup as the clients receive it: values under the mask and the mask bits."""
         return codec.encode(self.soup, self.mask, phase=self.phase_at(server_round)[0], round=server_round,
-                            kind="soup", value_dtype=self.fed.value_dtype, include_mask=True)
+                            kind="soup", value_dtype=self.fed.value_dtype)
 
     # ---- training ----------------------------------------------------------------------
 

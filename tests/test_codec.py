@@ -47,7 +47,7 @@ def example():
 
 
 def soup_bytes(state, mask, **kw):
-    args = dict(phase=2, round=7, kind="soup", value_dtype="fp32", include_mask=True)
+    args = dict(phase=2, round=7, kind="soup", value_dtype="fp32")
     args.update(kw)
     return codec.encode(state, mask, **args)
 
@@ -67,13 +67,20 @@ def reseal(message: pb.SparsePayload) -> bytes:
 
 def wire_names(message: pb.SparsePayload) -> list[str]:
     """All entry names in wire order (masked, then dense), read from the name table."""
-    masked, dense = codec._wire_names(message)
+    masked, dense = codec._names(message)
     return masked + dense
 
 
 def renamed(message: pb.SparsePayload, names: list[str]) -> None:
     """Rewrite the name table, as a sender that edits its entries would."""
     message.names = zlib.compress("\n".join(names).encode())
+
+
+def entry_named(entry, name: str) -> None:
+    """Give an entry its own name as codec version 1 could (field 1, now reserved): raw bytes
+    that parse as an unknown field."""
+    raw = name.encode()
+    entry.MergeFromString(bytes([(1 << 3) | 2, len(raw)]) + raw)
 
 
 def edited(data: bytes, edit) -> bytes:
@@ -89,7 +96,7 @@ def test_fp32_round_trip_is_exact(example):
     state, mask = example
     data = soup_bytes(state, mask, num_examples=123)
     decoded = decode_soup(data, state)
-    assert decoded.codec_version == 1 and decoded.kind == "soup"
+    assert decoded.codec_version == codec.CODEC_VERSION == 2 and decoded.kind == "soup"
     assert (decoded.phase, decoded.round, decoded.value_dtype) == (2, 7, "fp32")
     assert decoded.mask_digest == mask_digest(mask) and decoded.mask_included
     assert decoded.num_examples == 123 and decoded.nbytes == len(data)
@@ -136,7 +143,7 @@ def test_entries_outside_the_mask_are_exactly_zero():
 
 def test_update_without_mask_bits_decodes_with_the_known_mask(example):
     state, mask = example
-    data = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False, num_examples=40)
+    data = codec.encode(state, mask, phase=2, round=7, kind="update", num_examples=40)
     decoded = codec.decode(data, expected_mask=mask, expected_digest=mask_digest(mask), template=state,
                            expected_phase=2, expected_round=7, expected_kind="update")
     assert decoded.kind == "update" and not decoded.mask_included and decoded.num_examples == 40
@@ -149,7 +156,7 @@ def test_update_without_mask_bits_decodes_with_the_known_mask(example):
 def test_norm_stats_payload_with_an_empty_mask():
     state, _ = sparse_state(0.5)
     stats = {n: v for n, v in state.items() if "running" in n or "num_batches" in n}
-    data = codec.encode(stats, {}, phase=1, round=2, kind="norm_stats", include_mask=False, num_examples=9)
+    data = codec.encode(stats, {}, phase=1, round=2, kind="norm_stats", num_examples=9)
     decoded = codec.decode(data, expected_mask={}, expected_digest=None, template=stats, expected_kind="norm_stats")
     assert decoded.values == {} and list(decoded.dense) == list(stats)
     assert all(torch.equal(decoded.dense[n], stats[n]) for n in stats)
@@ -177,18 +184,18 @@ def test_encoded_size_is_close_to_the_bound(sparsity):
     dense_bytes = sum(v.numel() * v.element_size() for n, v in state.items() if n not in mask)
 
     soup = soup_bytes(state, mask)
-    bound = codec.payload_size_bound(mask, state, "fp32", include_mask=True)
+    bound = codec.payload_size_bound(mask, state, "fp32", kind="soup")
     assert bound == 4 * nnz + math.ceil(numel / 8) + dense_bytes
     assert bound <= len(soup) <= bound * 1.02 + 4096
 
-    update = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False)
-    update_bound = codec.payload_size_bound(mask, state, "fp32", include_mask=False)
+    update = codec.encode(state, mask, phase=2, round=7, kind="update")
+    update_bound = codec.payload_size_bound(mask, state, "fp32", kind="update")
     assert update_bound == 4 * nnz + dense_bytes
     assert update_bound <= len(update) <= update_bound * 1.02 + 4096
     assert len(soup) - len(update) == pytest.approx(math.ceil(numel / 8), abs=8)
 
     half = soup_bytes(state, mask, value_dtype="bf16")
-    half_bound = codec.payload_size_bound(mask, state, "bf16", include_mask=True)
+    half_bound = codec.payload_size_bound(mask, state, "bf16", kind="soup")
     assert half_bound <= len(half) <= half_bound * 1.02 + 4096
 
 
@@ -233,10 +240,12 @@ def test_not_bytes_is_refused(example):
     refuse("a string", state, "bytes")
 
 
-def test_unknown_codec_version_is_refused(example):
+def test_other_codec_versions_are_refused(example):
     state, mask = example
-    data = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 2))
-    refuse(data, state, "codec version 2 .* reads version 1")
+    data = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 3))
+    refuse(data, state, "codec version 3 .* reads version 2")
+    old = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 1))
+    assert "run the same fedsms release on the server and every client" in refuse(old, state, "codec version 1 .* reads version 2")
 
 
 def test_wrong_kind_phase_round_are_refused(example):
@@ -254,7 +263,7 @@ def test_wrong_digest_and_wrong_mask_are_refused(example):
     data = soup_bytes(state, mask)
     refuse(data, state, "another phase or run", expected_digest="0" * 64)
     _, other_mask = sparse_state(0.5)
-    update = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False)
+    update = codec.encode(state, mask, phase=2, round=7, kind="update")
     with pytest.raises(codec.PayloadError, match="another phase or run"):
         codec.decode(update, expected_mask=other_mask, expected_digest=None, template=state)
     with pytest.raises(codec.PayloadError, match="no mask bits"):
@@ -285,7 +294,7 @@ def test_non_finite_values_are_refused(example):
     refuse(edited(data, poison_masked), state, "'net.features.3.weight' has NaN or Inf")
 
     def poison_dense(message):
-        entry = message.dense[codec._wire_names(message)[1].index("net.features.4.running_var")]
+        entry = message.dense[codec._names(message)[1].index("net.features.4.running_var")]
         entry.data = entry.data[:-4] + struct.pack("<f", float("inf"))
 
     refuse(edited(data, poison_dense), state, "'net.features.4.running_var' has NaN or Inf")
@@ -310,7 +319,7 @@ def test_wrong_shape_template_is_refused(example):
     bias = dict(state, **{"net.classifier.bias": torch.zeros(11)})
     refuse(data, state, "'net.classifier.bias' has shape \\(10,\\) in the payload but \\(11,\\)", template=bias)
     with pytest.raises(codec.PayloadError, match="shape"):
-        codec.decode(codec.encode(state, mask, phase=0, round=0, kind="update", include_mask=False),
+        codec.decode(codec.encode(state, mask, phase=0, round=0, kind="update"),
                      expected_mask=mask, expected_digest=None, template=reshaped)
 
 
@@ -335,7 +344,7 @@ def test_extra_and_missing_tensors_are_refused(example):
 
     refuse(edited(data, duplicate_dense), state, "repeat")
 
-    update = codec.encode(state, mask, phase=2, round=7, kind="update", include_mask=False)
+    update = codec.encode(state, mask, phase=2, round=7, kind="update")
 
     def drop_masked(message):
         names = wire_names(message)
@@ -377,21 +386,23 @@ def test_counts_lengths_and_dtypes_that_do_not_add_up_are_refused(example):
 def test_encode_refuses_bad_arguments(example):
     state, mask = example
     with pytest.raises(codec.PayloadError, match="unknown payload kind"):
-        codec.encode(state, mask, phase=0, round=0, kind="weights", include_mask=True)
+        codec.encode(state, mask, phase=0, round=0, kind="weights")
+    with pytest.raises(codec.PayloadError, match="unknown payload kind"):
+        codec.payload_size_bound(mask, state, kind="weights")
     with pytest.raises(codec.PayloadError, match="unknown value dtype"):
-        codec.encode(state, mask, phase=0, round=0, kind="soup", value_dtype="int8", include_mask=True)
+        codec.encode(state, mask, phase=0, round=0, kind="soup", value_dtype="int8")
     with pytest.raises(codec.PayloadError, match="num_examples"):
-        codec.encode(state, mask, phase=0, round=0, kind="update", include_mask=False, num_examples=-1)
+        codec.encode(state, mask, phase=0, round=0, kind="update", num_examples=-1)
     with pytest.raises(codec.PayloadError, match="does not have"):
-        codec.encode({}, mask, phase=0, round=0, kind="soup", include_mask=True)
+        codec.encode({}, mask, phase=0, round=0, kind="soup")
     wrong = {n: torch.ones(2, 2, dtype=torch.bool) for n in mask}
     with pytest.raises(codec.PayloadError, match="shape"):
-        codec.encode(state, wrong, phase=0, round=0, kind="soup", include_mask=True)
+        codec.encode(state, wrong, phase=0, round=0, kind="soup")
 
 
 def test_big_num_examples_is_exposed_not_judged(example):
     state, mask = example
-    data = codec.encode(state, mask, phase=0, round=1, kind="update", include_mask=False, num_examples=2**40)
+    data = codec.encode(state, mask, phase=0, round=1, kind="update", num_examples=2**40)
     assert codec.decode(data, expected_mask=mask, expected_digest=None, template=state).num_examples == 2**40
 
 
@@ -405,7 +416,8 @@ def test_wire_layout_matches_the_schema(example):
     assert message.mask_bits == pack_mask(mask)
     names = zlib.decompress(message.names).decode().split("\n")
     assert names == [*mask, *(n for n in state if n not in mask)]  # masked in mask order, then dense
-    assert not any(e.name for e in [*message.masked, *message.dense])
+    assert "name" not in pb.MaskedTensor.DESCRIPTOR.fields_by_name  # names travel only in the table
+    assert "name" not in pb.DenseTensor.DESCRIPTOR.fields_by_name
     masked_names, dense_names = names[: len(message.masked)], names[len(message.masked) :]
     assert masked_names == list(mask)
     first = message.masked[0]
@@ -416,22 +428,38 @@ def test_wire_layout_matches_the_schema(example):
     assert tracked.dtype == "int64" and list(tracked.shape) == [] and tracked.data == struct.pack("<q", 17)
 
 
-def test_payloads_that_name_each_entry_still_decode(example):
-    """The name table is optional in the schema: entries that carry their own names read the same."""
+def test_the_kind_alone_decides_whether_the_mask_travels(example):
+    state, mask = example
+    soup = pb.SparsePayload.FromString(soup_bytes(state, mask))
+    update = pb.SparsePayload.FromString(codec.encode(state, mask, phase=2, round=7, kind="update"))
+    stats = pb.SparsePayload.FromString(codec.encode(state, mask, phase=2, round=7, kind="norm_stats"))
+    assert soup.mask_bits == pack_mask(mask) and not update.mask_bits and not stats.mask_bits
+    assert [codec.carries_mask(k) for k in codec.KINDS] == [True, False, False]
+
+    refuse(edited(soup_bytes(state, mask), lambda m: m.ClearField("mask_bits")), state,
+           "'soup' payload carries its mask bits but this one has none")
+    with_bits = edited(codec.encode(state, mask, phase=2, round=7, kind="update"),
+                       lambda m: setattr(m, "mask_bits", pack_mask(mask)))
+    with pytest.raises(codec.PayloadError, match="'update' payload carries no mask bits .* has [0-9]+ bytes of them"):
+        codec.decode(with_bits, expected_mask=mask, expected_digest=None, template=state)
+
+
+def test_the_version_1_layout_with_self_named_entries_is_refused(example):
+    """Codec version 1 also read payloads whose entries carried their own names instead of
+    the name table; version 2 reads the name table only."""
     state, mask = example
     data = soup_bytes(state, mask, num_examples=5)
 
     def names_in_entries(message):
-        masked, dense = codec._wire_names(message)
+        masked, dense = codec._names(message)
         for entry, name in zip([*message.masked, *message.dense], masked + dense):
-            entry.name = name
+            entry_named(entry, name)
         message.ClearField("names")
 
-    old_style = edited(data, names_in_entries)
-    assert len(old_style) > len(data)
-    a, b = decode_soup(data, state), decode_soup(old_style, state)
-    for name in state:
-        assert torch.equal(a.to_state_dict(state)[name], b.to_state_dict(state)[name])
+    refuse(edited(data, names_in_entries), state, "fields that codec version 2 does not declare")
+    old = edited(data, lambda m: (names_in_entries(m), setattr(m.header, "codec_version", 1)))
+    refuse(old, state, "codec version 1 .* reads version 2")
+    refuse(edited(data, lambda m: m.ClearField("names")), state, "no name table")
 
 
 def test_a_name_table_that_does_not_fit_is_refused(example):
@@ -439,11 +467,11 @@ def test_a_name_table_that_does_not_fit_is_refused(example):
     data = soup_bytes(state, mask)
     refuse(edited(data, lambda m: setattr(m, "names", b"not zlib")), state, "name table cannot be read")
     refuse(edited(data, lambda m: renamed(m, wire_names(m)[:-1])), state, "lists .* tensors but the payload carries")
-    refuse(edited(data, lambda m: setattr(m.dense[0], "name", "net.x")), state, "both in its name table and in its entries")
+    refuse(edited(data, lambda m: entry_named(m.dense[0], "net.x")), state, "fields that codec version 2 does not declare")
     refuse(edited(data, lambda m: setattr(m, "names", zlib.compress(b"a" * (codec._MAX_NAME_TABLE + 1)))), state,
            "larger than")
     with pytest.raises(codec.PayloadError, match="cannot be sent"):
-        codec.encode({"a\nb": torch.zeros(2)}, {}, phase=0, round=0, kind="norm_stats", include_mask=False)
+        codec.encode({"a\nb": torch.zeros(2)}, {}, phase=0, round=0, kind="norm_stats")
 
 
 # ---- generated code ------------------------------------------------------------------

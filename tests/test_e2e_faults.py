@@ -5,7 +5,7 @@ at the current phase."""
 
 import pytest
 
-from fedsms_server.deployment import free_port
+from fedsms_flower.deployment import free_port
 
 from processes import (
     finish, kill_group, round_lines, start_client, start_server, wait_for, write_client_key, write_test_certificates,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsms_server.deployment import free_port
+from fedsms_flower.deployment import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from fedsms.data import load_dataset
 from fedsms.evaluate import evaluate
 from fedsms.masks import prunable_names
 from fedsms.models import build_for
-from fedsms_server.deployment import free_port
+from fedsms_flower.deployment import free_port
 
 from processes import finish, kill_group, round_lines, start_client, start_server, wait_for
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from fedsms.masks import prunable_names
-from fedsms_server.deployment import free_port
+from fedsms_flower.deployment import free_port
 
 pytestmark = pytest.mark.slow
 

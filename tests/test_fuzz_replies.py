@@ -4,6 +4,7 @@ the aggregator averages exactly the replies that decode on their own and logs th
 
 import math
 import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,27 @@ def _duplicate_entry(group):
     return edit
 
 
+def _rename(message, value):
+    """Rewrite one name of the name table (the only place entries are named)."""
+    index, name = value
+    try:
+        names = zlib.decompress(message.names).decode().split("\n")
+    except (zlib.error, UnicodeDecodeError):  # an earlier edit replaced the table
+        return
+    names[index % len(names)] = name
+    message.names = zlib.compress("\n".join(names).encode())
+
+
+def _name_entry(message, value):
+    """An entry that names itself, as codec version 1 allowed (field 1, reserved now)."""
+    index, name = value
+    entries = [*message.masked, *message.dense]
+    if not entries:
+        return
+    raw = name.encode()[:100]
+    entries[index % len(entries)].MergeFromString(bytes([(1 << 3) | 2, len(raw)]) + raw)
+
+
 def _poison_value(message, value):
     index, number = value
     entry = message.masked[index % len(message.masked)]
@@ -88,11 +110,12 @@ FIELD_EDITS = st.one_of(
     st.tuples(st.just(_set_header("mask_digest")), st.text(max_size=70)),
     st.tuples(st.just(_set_header("value_dtype")), st.integers(0, 6)),
     st.tuples(st.just(_set_header("kind")), st.integers(0, 6)),
-    st.tuples(st.just(_edit_entry("masked", "name")), st.tuples(which, st.text(max_size=20))),
+    st.tuples(st.just(_rename), st.tuples(which, st.text(max_size=20))),
+    st.tuples(st.just(_name_entry), st.tuples(which, st.text(max_size=20))),
+    st.tuples(st.just(lambda message, table: setattr(message, "names", table)), st.binary(max_size=32)),
     st.tuples(st.just(_edit_entry("masked", "shape")), st.tuples(which, st.lists(st.integers(0, 2**20), max_size=5))),
     st.tuples(st.just(_edit_entry("masked", "nnz")), st.tuples(which, u64)),
     st.tuples(st.just(_edit_entry("masked", "values")), st.tuples(which, st.binary(max_size=64))),
-    st.tuples(st.just(_edit_entry("dense", "name")), st.tuples(which, st.text(max_size=20))),
     st.tuples(st.just(_edit_entry("dense", "dtype")), st.tuples(which, st.sampled_from(["float32", "float16", "int64", "x", ""]))),
     st.tuples(st.just(_edit_entry("dense", "data")), st.tuples(which, st.binary(max_size=64))),
     st.tuples(st.just(_drop_entry("masked")), which),

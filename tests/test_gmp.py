@@ -217,7 +217,7 @@ def test_federated_and_local_gmp_soups_agree_on_the_same_candidates(tmp_path):
             torch.testing.assert_close(value, step["start"][name])  # the clients start where the local candidates did
         updates = [
             Update(i, codec.encode(state, sent.mask, phase=server_round, round=server_round, kind="update",
-                                   include_mask=False, num_examples=n), {})
+                                   num_examples=n), {})
             for i, (state, n) in enumerate(zip(step["states"], step["examples"]))
         ]
         strategy.aggregate_updates(server_round, updates)

@@ -33,7 +33,7 @@ def client_reply(payload: bytes, server_round: int, seed: int, examples: int, **
     model.load_state_dict(soup.to_state_dict(template))
     data = SPLITS.train.head(examples)
     train_candidate(model, soup.mask, data, CandidateConfig(seed=seed, epochs=1, batch_size=32))
-    options = {"phase": soup.phase, "round": server_round, "kind": "update", "include_mask": False,
+    options = {"phase": soup.phase, "round": server_round, "kind": "update",
                "num_examples": examples, **encode_options}
     return codec.encode(model.state_dict(), soup.mask, **options), soup.mask
 
@@ -75,13 +75,13 @@ def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp
     poisoned = decoded.to_state_dict(strategy.soup)
     first = next(iter(strategy.mask))
     poisoned[first][strategy.mask[first]] = float("nan")
-    nan_payload = codec.encode(poisoned, mask, phase=1, round=2, kind="update", include_mask=False,
+    nan_payload = codec.encode(poisoned, mask, phase=1, round=2, kind="update",
                                num_examples=150, check_finite=False)
     other_mask = compute_mask(strategy.soup, strategy.mask, 0.9)
     other_state = {k: v * other_mask[k] if k in other_mask else v for k, v in strategy.soup.items()}
-    wrong_mask = codec.encode(other_state, other_mask, phase=1, round=2, kind="update", include_mask=False, num_examples=150)
+    wrong_mask = codec.encode(other_state, other_mask, phase=1, round=2, kind="update", num_examples=150)
     absurd = codec.encode(decoded.to_state_dict(strategy.soup), mask, phase=1, round=2, kind="update",
-                          include_mask=False, num_examples=10**12)
+                          num_examples=10**12)
     bad = {
         10: Update(10, other_round, {}),
         11: Update(11, nan_payload, {}),

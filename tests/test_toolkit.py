@@ -17,7 +17,7 @@ from fedsms.recipe import CandidateConfig
 from fedsms.training import train_candidate
 
 from fedsms_client import toolkit
-from fedsms_server.records import payload_of, record_of
+from fedsms_flower.records import payload_of, record_of
 
 VOCAB, LENGTH, CLASSES = 12, 16, 3
 MARKERS = (1, 2, 3)  # the class is which marker occurs most
@@ -121,9 +121,7 @@ def server_task(monkeypatch):
 
 def soup_message(model: nn.Module, mask, message_type=MessageType.TRAIN, value_dtype="fp32") -> Message:
     """What the strategy sends: the soup (mask bits + values under the mask) and a config."""
-    # include_mask goes when codec.encode drops it (kind "soup" then ships the mask bits).
-    payload = codec.encode(model.state_dict(), mask, phase=2, round=5, kind="soup", value_dtype=value_dtype,
-                           include_mask=True)
+    payload = codec.encode(model.state_dict(), mask, phase=2, round=5, kind="soup", value_dtype=value_dtype)
     config = HYPERPARAMETERS if message_type == MessageType.TRAIN else {"phase": 2, "server-round": 5, "ood": False}
     return Message(RecordDict({"soup": record_of(payload), "config": ConfigRecord(config)}), dst_node_id=1,
                    message_type=message_type)

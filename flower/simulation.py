@@ -13,6 +13,7 @@ def simulate(config: Mapping, num_clients: int, *, cpus_per_client: float = 1.0,
     run-config values (validated here, before anything starts)."""
     from flwr.simulation import run_simulation
 
+    # The apps are imported here, not at module level: this shared package sits below both.
     from fedsms_client.app import make_client_app
     from fedsms_server.app import make_server_app
 

@@ -1,21 +1,34 @@
 """Driving Flower's own processes (SuperLink, SuperNode, the ``flwr`` CLI) for
-``fedsms-server`` and ``fedsms-client``: environment, app folder, connections, waiting."""
+``fedsms-server`` and ``fedsms-client``: environment, app folder, connections, ports,
+waiting, and every exchange with Flower that goes through its command line or its logs.
+
+Why logs and ``flwr ls``: Flower 1.41 has no Python API for a launcher to submit a run to a
+SuperLink, learn when it has ended, or learn why a SuperNode was turned away. So the server
+launcher submits with ``flwr run --format json``, polls ``flwr ls --format json`` for the
+run's status and streams ``flwr log``, and the client launcher reads the SuperNode's log for
+its refusal code. Those exchanges live only here (``flwr``, ``submit_run``, ``run_status``,
+``stream_log``, ``register_supernode``, ``refused_admission``) so they can be replaced in
+one place once Flower offers an API for them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from fedsms import FedSMSError
-from fedsms.config import FederationConfig, RunConfig
+from fedsms.config import app_config_table, toml_value
 
 CONNECTION = "fedsms"
+# The installed apps, named as Flower loads them (strings: this package imports neither).
+SERVER_APP = "fedsms_server.app:app"
+CLIENT_APP = "fedsms_client.app:app"
 
 
 def flower_bin(name: str) -> str:
@@ -42,33 +55,15 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def app_config_defaults() -> dict:
-    """Every run-config key with its default, as ``[tool.flwr.app.config]`` lists them."""
-    values = {}
-    for cls in (RunConfig, FederationConfig):
-        defaults = cls()
-        values.update({f.name.replace("_", "-"): getattr(defaults, f.name) for f in fields(cls)})
-    return values
-
-
 def write_app_dir(folder: Path) -> Path:
     """A Flower app folder whose components are the installed fedsms apps."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{key} = {toml_value(value)}" for key, value in app_config_defaults().items())
     (folder / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
         '[project]\nname = "fedsms-job"\nversion = "1.0.0"\nlicense = "Apache-2.0"\ndependencies = []\n\n'
         '[tool.flwr.app]\npublisher = "fedsms"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "fedsms_server.app:app"\nclientapp = "fedsms_client.app:app"\n\n'
-        f"[tool.flwr.app.config]\n{config}\n"
+        f'[tool.flwr.app.components]\nserverapp = "{SERVER_APP}"\nclientapp = "{CLIENT_APP}"\n\n'
+        + app_config_table()
     )
     return folder
 
@@ -125,3 +120,55 @@ def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
         process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+# ---- the ``flwr`` CLI and Flower's logs (no API for these in Flower 1.41) ----------------
+
+
+def flwr(args: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
+    """Run the ``flwr`` CLI with ``args`` and capture its output."""
+    return subprocess.run([flower_bin("flwr"), *args], env=env, capture_output=True, text=True, **kwargs)
+
+
+def register_supernode(key: str, env: dict) -> None:
+    """Register a client's public key file with the SuperLink (``flwr supernode register``)."""
+    registered = flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env)
+    if registered.returncode != 0:
+        said = registered.stdout.strip() or registered.stderr.strip()
+        raise FedSMSError(f"could not register client key {key}: {said}")
+
+
+def submit_run(app: Path, overrides: dict, env: dict) -> str:
+    """Submit the app folder as a run with ``overrides`` as its run config; returns the run id."""
+    submitted = flwr(["run", str(app), CONNECTION, "--run-config", run_config_arg(overrides), "--format", "json"], env)
+    try:
+        return str(json.loads(submitted.stdout)["run-id"])
+    except (ValueError, KeyError):
+        said = submitted.stdout.strip() or submitted.stderr.strip()
+        raise FedSMSError(f"the SuperLink refused the job: {said}") from None
+
+
+def run_status(run_id: str, env: dict) -> dict:
+    """The run's entry of ``flwr ls`` (``status`` is e.g. ``"running"`` or ``"finished:completed"``),
+    or ``{}`` when it cannot be read."""
+    result = flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], env)
+    try:
+        return json.loads(result.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return {}
+
+
+def stream_log(run_id: str, env: dict) -> subprocess.Popen:
+    """``flwr log --stream``: the ServerApp's output on this terminal until terminated."""
+    return subprocess.Popen([flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=env)
+
+
+# What Flower's SuperNode logs when the SuperLink refuses to activate it (its process exit
+# status does not carry the code).
+NOT_ADMITTED = "Exit Code: 305"
+
+
+def refused_admission(log_path: Path, since: int = 0) -> bool:
+    """Whether the SuperNode log at ``log_path``, past offset ``since`` (its size before this
+    attempt), says the SuperLink refused to admit the node (e.g. its key is not registered yet)."""
+    return NOT_ADMITTED in log_path.read_text(errors="replace")[since:]

@@ -3,7 +3,7 @@
 An ArrayRecord rather than a bytes value in a ConfigRecord because Flower moves the arrays
 of an ArrayRecord in chunks through its object store, so a large soup is not bound by
 the gRPC message size, and the payload stays opaque to everything but ``fedsms.codec``.
-The client imports this module too, so the layout is defined once.
+Server and client both import this module, so the layout is defined once.
 """
 
 from __future__ import annotations

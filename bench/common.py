@@ -137,3 +137,16 @@ def seed_summary(done: Sequence[Mapping]) -> dict:
 def metric_cells(row: Mapping) -> list[str]:
     """``mean ± std`` in percent for each quality metric of a ``seed_summary`` row."""
     return [f"{100 * row[k]:6.2f} ± {100 * row[k + '_std']:4.2f}" for k in QUALITY_METRICS]
+
+
+def simulate_in_process(config: Mapping, num_clients: int) -> None:
+    """The fedsms apps in Flower's in-process simulation, so that a benchmark can time the
+    strategy's methods in this process (``fedsms simulate`` runs them in a SuperLink's
+    subprocess). Flower marks ``run_simulation`` deprecated; benchmarks accept that."""
+    from flwr.simulation import run_simulation
+
+    from fedsms_client.app import make_client_app
+    from fedsms_server.app import make_server_app
+
+    run_simulation(server_app=make_server_app(config), client_app=make_client_app(), num_supernodes=num_clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})

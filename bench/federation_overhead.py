@@ -6,7 +6,7 @@ Both run through ``flwr.simulation.run_simulation`` with the same number of virt
 clients (1 CPU each), the same model (cnn), the same data (the digits train split, every
 client all of it: fedsms's hyperparameter soup) and the same epochs per round:
 
-- fedsms: ``fedsms_flower.simulation.simulate`` (what ``fedsms simulate`` runs), 1 dense
+- fedsms: the fedsms ServerApp and ClientApp in ``run_simulation`` (``common.simulate_in_process``), 1 dense
   round then 3 phases of 2 rounds each to 90 % sparsity; the server evaluates the soup on
   the test split every round (no OOD, no federated evaluation), recalibrates BatchNorm
   and checkpoints;
@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Callable
 
-from common import interleaved, median, parser, report
+from common import interleaved, median, parser, report, simulate_in_process
 
 ROUNDS = 7  # fedsms: 1 dense round + 3 phases x 2 rounds
 
@@ -91,11 +91,9 @@ def server_split(totals: dict[int, dict[str, float]], server_round: int) -> dict
 
 
 def run_fedsms(clients: int, epochs: int) -> dict:
-    from fedsms_flower.simulation import simulate
-
     totals, stamps = instrument()
     with tempfile.TemporaryDirectory() as out_dir:
-        simulate(fedsms_config(out_dir, clients, epochs), clients)
+        simulate_in_process(fedsms_config(out_dir, clients, epochs), clients)
     return {"round_s": round_seconds(stamps), "server": [server_split(totals, r) for r in range(1, ROUNDS + 1)]}
 
 

@@ -33,20 +33,18 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import median, parser, peak_rss, peak_rss_reset, report, rss
+from common import median, parser, peak_rss, peak_rss_reset, report, rss, simulate_in_process
 from federation_overhead import SERVER_PARTS, fedsms_config, in_child, instrument, round_seconds, server_split
 
 PARALLEL = min(2, os.cpu_count() or 1)  # 1 CPU per virtual client
 
 
 def run_scaled(clients: int, epochs: int) -> dict:
-    from fedsms_flower.simulation import simulate
-
     totals, stamps = instrument()
     peak_rss_reset()
     before = rss()
     with tempfile.TemporaryDirectory() as out_dir:
-        simulate(fedsms_config(out_dir, clients, epochs, phases=2, mode="data", partitioning="iid"), clients)
+        simulate_in_process(fedsms_config(out_dir, clients, epochs, phases=2, mode="data", partitioning="iid"), clients)
         logs = [json.loads(line) for line in (Path(out_dir) / "rounds.jsonl").read_text().splitlines()]
     rounds = round_seconds(stamps)
     splits = []

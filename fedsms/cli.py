@@ -65,14 +65,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedsms.config import FederationConfig, RunConfig, split_config
 
     overrides = config_overrides(args, RunConfig()) | config_overrides(args, FederationConfig())
-    overrides.setdefault("out_dir", "runs/simulate")
+    # The ServerApp runs in the SuperLink's own folder: paths are made absolute here.
+    overrides["out_dir"] = str(Path(overrides.get("out_dir", "runs/simulate")).resolve())
+    if overrides.get("data_dir"):
+        overrides["data_dir"] = str(Path(overrides["data_dir"]).resolve())
     _, fed = split_config(overrides)
     check_out_dir(Path(overrides["out_dir"]), fed.resume)
     # Flower is imported only here: the library itself never needs it.
     from fedsms_flower.simulation import simulate
 
     simulate(overrides, args.num_clients, cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
-    stopped = json.loads((Path(overrides["out_dir"]) / "summary.json").read_text()).get("stopped")
+    summary = Path(overrides["out_dir"]) / "summary.json"
+    if not summary.is_file():
+        raise FedSMSError(f"the job ended without writing {summary}; its log is printed above")
+    stopped = json.loads(summary.read_text()).get("stopped")
     if stopped:
         raise FedSMSError(f"the job stopped early: {stopped}")
     if args.baselines:

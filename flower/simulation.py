@@ -1,27 +1,78 @@
-"""``fedsms simulate``: the whole federated job with N virtual clients on this machine,
-through Flower's simulation runtime (Ray), from the same ServerApp and ClientApp code."""
+"""``fedsms simulate``: a federated job with N virtual clients on this machine, through
+Flower's supported simulation path (``flwr run`` against a SuperLink in simulation mode).
+
+The SuperLink is our own: it runs in a private ``FLWR_HOME`` on a free loopback port and is
+stopped when the run ends, so nothing is left running (``flwr run`` with the ``local``
+connection would leave its managed SuperLink behind).
+"""
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Mapping
 
+from fedsms import FedSMSError
 from fedsms.config import split_config
 
+from fedsms_flower.deployment import (
+    CONNECTION, flower_bin, flower_env, free_port, run_config_arg, stop, wait_until_reachable, write_app_dir,
+    write_connection,
+)
 
-def simulate(config: Mapping, num_clients: int, *, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> None:
-    """Run a federated SMS job with ``num_clients`` virtual SuperNodes; ``config`` holds
-    run-config values (validated here, before anything starts)."""
-    from flwr.simulation import run_simulation
 
-    # The apps are imported here, not at module level: this shared package sits below both.
-    from fedsms_client.app import make_client_app
-    from fedsms_server.app import make_server_app
+def simulate(
+    config: Mapping,
+    num_clients: int,
+    *,
+    app_dir: str | Path | None = None,
+    cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+) -> None:
+    """Run a Flower app with ``num_clients`` virtual SuperNodes and wait for it to end.
 
-    split_config(config)  # a bad key fails now, in one sentence, not inside a Ray worker
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client}}
-    run_simulation(
-        server_app=make_server_app(config),
-        client_app=make_client_app(config),
-        num_supernodes=num_clients,
-        backend_config=backend,
-    )
+    Parameters
+    ----------
+    config : mapping
+        Run-config values for the app (for the built-in app they are validated here,
+        before anything starts).
+    num_clients : int
+        Virtual SuperNodes.
+    app_dir : str or Path, optional
+        A Flower app folder (``pyproject.toml`` with ``[tool.flwr.app]``); default: the
+        built-in fedsms apps.
+    cpus_per_client, gpus_per_client : float
+        Resources Ray reserves for each virtual client.
+
+    Raises
+    ------
+    FedSMSError
+        If the SuperLink does not start or ``flwr run`` fails; the message names the log.
+    """
+    if app_dir is None:
+        split_config(config)  # a bad key fails now, in one sentence, not inside the simulation
+    home = Path(tempfile.mkdtemp(prefix="fedsms-simulation-"))
+    env = flower_env(home)
+    port = free_port()
+    write_connection(home, f"127.0.0.1:{port}", None)
+    app = Path(app_dir).resolve() if app_dir is not None else write_app_dir(home / "app")
+    log_path = home / "superlink.log"
+    with open(log_path, "w") as log:
+        superlink = subprocess.Popen(
+            [flower_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+        )
+    try:
+        wait_until_reachable("127.0.0.1", port, 60, "the simulation SuperLink")
+        federation = (f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client:g} "
+                      f"client-resources-num-gpus={gpus_per_client:g}")
+        result = subprocess.run(
+            [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config_arg(dict(config)),
+             "--federation-config", federation],
+            env=env,
+        )
+        if result.returncode != 0:
+            raise FedSMSError(f"flwr run failed (exit code {result.returncode}); see the SuperLink log {log_path}")
+    finally:
+        stop(superlink)

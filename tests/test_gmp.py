@@ -149,7 +149,7 @@ def test_every_update_prunes_exactly_nests_and_keeps_pruned_weights_zero(tmp_pat
 
 def test_local_cli_runs_gmp_soup_and_writes_rows(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["local", "--method", "gmp-soup", "--model", "mlp", "--phases", "2", "--candidates", "2",
+    argv = ["local", "--methods", "gmp-soup", "--model", "mlp", "--phases", "2", "--candidates", "2",
             "--target-sparsity", "0.8", "--pretrain-epochs", "1", "--retrain-epochs", "1",
             "--ood-examples", "50", "--device", "cpu", "--out-dir", str(out)]
     assert main(argv) == 0

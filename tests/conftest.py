@@ -20,3 +20,15 @@ def venv_bin(name: str) -> str:
     import sys
 
     return os.path.join(os.path.dirname(sys.executable), name)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the models in the fast tests are tiny, and on a shared machine one
+    thread beats several by far."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

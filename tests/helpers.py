@@ -79,3 +79,55 @@ class LocalGrid(Grid):
 def partitions(count: int) -> list[dict]:
     """Node configs of ``count`` clients, as ``fedsms-client`` sets them."""
     return [{"partition-id": i, "num-partitions": count} for i in range(count)]
+
+
+class RecordingGrid(LocalGrid):
+    """A ``LocalGrid`` that also keeps every reply it hands back, in order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.replies: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+
+def train_replies(grid: LocalGrid, server_round: int | None = None) -> list[Message]:
+    """The train replies a ``RecordingGrid`` handed back (of one server round if given)."""
+    sent = {m.metadata.message_id: m for m in grid.sent}
+    out = []
+    for reply in grid.replies:
+        request = sent.get(reply.metadata.reply_to_message_id)
+        if request is None or request.metadata.message_type != "train" or reply.has_error():
+            continue
+        if server_round is None or int(request.content["config"]["server-round"]) == server_round:
+            out.append(reply)
+    return out
+
+
+def make_strategy(out_dir, *, model: str = "mlp", server_data=True, log=None, run: dict | None = None, **federation):
+    """A small ``SparseSoupStrategy`` on digits with seeded starting weights: two phases to
+    80 % sparsity, one-epoch candidates, no OOD; ``run`` and ``federation`` override."""
+    import torch
+
+    from fedsms.config import FederationConfig, RunConfig
+    from fedsms.models import build_for
+    from fedsms_server.strategy import SparseSoupStrategy
+
+    settings = {**dict(model=model, phases=2, target_sparsity=0.8, pretrain_epochs=1, retrain_epochs=1, batch_size=32,
+                       candidates=3, augment=False, ood=False, device="cpu", out_dir=str(out_dir)), **(run or {})}
+    fed = FederationConfig(**{"pretrain_rounds": 1, "min_train_clients": 2, "min_available_clients": 2,
+                              "fraction_evaluate": 0.0, **federation})
+    torch.manual_seed(0)
+    data = digits()
+    return SparseSoupStrategy(RunConfig(**settings), fed, build_for(model, data), server_data=data if server_data else None,
+                              out_dir=out_dir, log=log or (lambda _: None))
+
+
+def payloads(replies: Iterable[Message]) -> list[bytes]:
+    """The update payloads of train replies."""
+    from fedsms_flower.records import payload_of
+
+    return [payload_of(r.content["update"]) for r in replies]

@@ -1,87 +1,96 @@
-"""SparseSoupStrategy's aggregation, without a Flower transport: the soup after a round is
-exactly the masked average of the clients' decoded replies, and bad replies never count."""
-
-import json
+"""SparseSoupStrategy's Flower hooks with the real ClientApp in the fast tier: the soup after
+a round is exactly the masked average of the clients' decoded replies, federated evaluation
+is the example-weighted mean of the clients' metrics, bad replies never count, and the
+greedy soup is the one held-out accuracy computed here picks."""
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedsms import codec
-from fedsms.config import FederationConfig, RunConfig
-from fedsms.data import load_dataset
+from fedsms.evaluate import evaluate
 from fedsms.masks import compute_mask, kept_count, mask_digest, sparsity_after_phase
-from fedsms.models import build_for
+from fedsms.norms import norm_stat_names, recalibrate_norms
 from fedsms.recipe import CandidateConfig
 from fedsms.training import train_candidate
-from fedsms_server.strategy import SparseSoupStrategy, Update
+from fedsms_client.app import make_client_app
+from fedsms_flower.records import JOB_KEY
+from fedsms_server.strategy import Update
 
-SPLITS = load_dataset("digits")
+from helpers import LocalGrid, RecordingGrid, digits, make_strategy, partitions, payloads, train_replies
 
-
-def make_strategy(tmp_path, merge="uniform", **federation):
-    run = RunConfig(model="cnn", phases=2, target_sparsity=0.8, merge=merge, out_dir=str(tmp_path), ood=False)
-    fed = FederationConfig(pretrain_rounds=1, min_train_clients=2, **federation)
-    torch.manual_seed(0)
-    return SparseSoupStrategy(run, fed, build_for("cnn", SPLITS), server_data=SPLITS, out_dir=tmp_path, log=lambda _: None)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def client_reply(payload: bytes, server_round: int, seed: int, examples: int, **encode_options) -> tuple[bytes, dict]:
-    """What a fedsms client does: decode the soup, retrain under its mask, encode the values."""
-    model = build_for("cnn", SPLITS)
-    template = model.state_dict()
-    soup = codec.decode(payload, expected_mask=None, expected_digest=None, template=template, expected_kind="soup")
-    model.load_state_dict(soup.to_state_dict(template))
-    data = SPLITS.train.head(examples)
-    train_candidate(model, soup.mask, data, CandidateConfig(seed=seed, epochs=1, batch_size=32))
-    options = {"phase": soup.phase, "round": server_round, "kind": "update",
-               "num_examples": examples, **encode_options}
-    return codec.encode(model.state_dict(), soup.mask, **options), soup.mask
+def decoded_state(payload: bytes, strategy) -> codec.Decoded:
+    return codec.decode(payload, expected_mask=strategy.mask, expected_digest=None, template=strategy.soup)
 
 
-def decoded_state(payload: bytes, strategy) -> dict:
-    decoded = codec.decode(payload, expected_mask=strategy.mask, expected_digest=None, template=strategy.soup)
-    return decoded.to_state_dict(strategy.soup)
+def replies_of_round(strategy, server_round: int, clients: int = 2) -> list[bytes]:
+    """``server_round``'s train messages handled by real ClientApps; the update payloads."""
+    grid = LocalGrid(make_client_app(), partitions(clients))
+    messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+    return payloads(grid.send_and_receive(messages))
 
 
-@pytest.mark.parametrize("merge", ["uniform", "weighted"])
-def test_soup_is_the_masked_average_of_the_replies(tmp_path, merge):
-    strategy = make_strategy(tmp_path, merge=merge)
-    payload = strategy.begin_round(2)  # round 2 opens phase 1: the strategy prunes first
-    examples = [120, 200, 320]
-    replies = [client_reply(payload, 2, seed, n)[0] for seed, n in zip(range(3), examples)]
-    states = [decoded_state(r, strategy) for r in replies]
-    strategy.aggregate_updates(2, [Update(node, r, {"train_loss": 0.5}) for node, r in enumerate(replies)])
-
-    weights = torch.tensor(examples if merge == "weighted" else [1, 1, 1], dtype=torch.float32)
+def assert_masked_average(strategy, states: list[dict], weights: list[float]) -> None:
+    w = torch.tensor(weights, dtype=torch.float64)
     for name, value in strategy.soup.items():
         stacked = torch.stack([s[name] for s in states])
         if value.is_floating_point():
-            expected = (stacked * weights.view(-1, *[1] * value.dim())).sum(0) / weights.sum()
-            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+            expected = (stacked.double() * w.view(-1, *[1] * value.dim())).sum(0) / w.sum()
+            torch.testing.assert_close(value, expected.float(), rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(value, stacked.max(0).values)  # num_batches_tracked
     for name, keep in strategy.mask.items():
         assert torch.count_nonzero(strategy.soup[name][~keep]) == 0, name  # exactly zero outside the mask
-    assert strategy.current.accepted == 3 and not strategy.current.rejected
+
+
+@pytest.mark.parametrize("merge, model", [("uniform", "mlp"), ("weighted", "cnn")])
+def test_a_round_through_the_flower_hooks_gives_the_masked_average_of_the_replies(tmp_path, merge, model):
+    # A data soup over uneven (dirichlet) shards, so example weights differ; two rounds per
+    # phase, so round 1 only averages (no phase end, no recalibration).
+    strategy = make_strategy(tmp_path, model=model, run=dict(merge=merge), mode="data", partitioning="dirichlet",
+                             pretrain_rounds=0, rounds_per_phase=2, fraction_evaluate=1.0, min_available_clients=3)
+    grid = RecordingGrid(make_client_app(), partitions(3))
+    strategy.start(grid, num_rounds=1)
+
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert [int(m.content["config"]["candidate"]) for m in sent] == [0, 1, 2]
+    assert all(dict(m.content[JOB_KEY])["merge"] == merge for m in sent)  # the job travels with the message
+    decoded = [decoded_state(p, strategy) for p in payloads(train_replies(grid, 1))]
+    examples = [d.num_examples for d in decoded]
+    assert len(set(examples)) == 3 and sum(examples) == len(digits().train)  # uneven shards covering the data
+    weights = examples if merge == "weighted" else [1, 1, 1]
+    assert_masked_average(strategy, [d.to_state_dict(strategy.soup) for d in decoded], weights)
+    (log,) = strategy.rounds
+    assert log.accepted == 3 and not log.rejected and log.sparsity == pytest.approx(sparsity_after_phase(0.8, 2, 1), abs=1e-4)
+
+    # federated evaluation: every client evaluated the soup, weighted by its examples
+    evaluated = [r.content["metrics"] for r in grid.replies if r.metadata.message_type == "evaluate"]
+    assert len(evaluated) == 3
+    n = sum(int(m["num-examples"]) for m in evaluated)
+    assert n == len(digits().test)  # the test split, sharded IID without overlap
+    expected = sum(float(m["accuracy"]) * int(m["num-examples"]) for m in evaluated) / n
+    assert log.federated_eval["accuracy"] == pytest.approx(expected)
+    assert log.central_eval["accuracy"] == pytest.approx(evaluate(strategy.model, digits().test)["accuracy"])
 
 
 def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp_path):
     strategy = make_strategy(tmp_path)
-    payload = strategy.begin_round(2)
-    good = [client_reply(payload, 2, seed, 150)[0] for seed in range(2)]
-    other_round, _ = client_reply(payload, 3, 5, 150)
-    nan_reply, mask = client_reply(payload, 2, 6, 150)
-    decoded = codec.decode(nan_reply, expected_mask=strategy.mask, expected_digest=None, template=strategy.soup)
-    poisoned = decoded.to_state_dict(strategy.soup)
-    first = next(iter(strategy.mask))
-    poisoned[first][strategy.mask[first]] = float("nan")
-    nan_payload = codec.encode(poisoned, mask, phase=1, round=2, kind="update",
-                               num_examples=150, check_finite=False)
-    other_mask = compute_mask(strategy.soup, strategy.mask, 0.9)
+    strategy.begin_round(2)  # round 2 opens phase 1: the strategy prunes first
+    good = replies_of_round(strategy, 2)
+    decoded = decoded_state(good[0], strategy)
+    state, mask = decoded.to_state_dict(strategy.soup), strategy.mask
+    other_round = codec.encode(state, mask, phase=1, round=3, kind="update", num_examples=150)
+    poisoned = {k: v.clone() for k, v in state.items()}
+    first = next(iter(mask))
+    poisoned[first][mask[first]] = float("nan")
+    nan_payload = codec.encode(poisoned, mask, phase=1, round=2, kind="update", num_examples=150, check_finite=False)
+    other_mask = compute_mask(strategy.soup, mask, 0.9)
     other_state = {k: v * other_mask[k] if k in other_mask else v for k, v in strategy.soup.items()}
     wrong_mask = codec.encode(other_state, other_mask, phase=1, round=2, kind="update", num_examples=150)
-    absurd = codec.encode(decoded.to_state_dict(strategy.soup), mask, phase=1, round=2, kind="update",
-                          num_examples=10**12)
+    absurd = codec.encode(state, mask, phase=1, round=2, kind="update", num_examples=10**12)
     bad = {
         10: Update(10, other_round, {}),
         11: Update(11, nan_payload, {}),
@@ -93,10 +102,8 @@ def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp
     }
     strategy.aggregate_updates(2, [Update(0, good[0], {}), *bad.values(), Update(1, good[1], {})])
 
-    expected = [decoded_state(g, strategy) for g in good]
-    for name, value in strategy.soup.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(value, (expected[0][name] + expected[1][name]) / 2)
+    expected = [decoded_state(g, strategy).to_state_dict(strategy.soup) for g in good]
+    assert_masked_average(strategy, expected, [1, 1])
     assert set(strategy.current.rejected) == set(bad)
     reasons = strategy.current.rejected
     assert "round" in reasons[10]
@@ -108,15 +115,16 @@ def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp
 
 def test_too_few_valid_replies_leave_the_soup_unchanged(tmp_path):
     strategy = make_strategy(tmp_path)
-    payload = strategy.begin_round(2)
+    strategy.begin_round(2)
     before = {k: v.clone() for k, v in strategy.soup.items()}
-    reply, _ = client_reply(payload, 2, 0, 100)
+    (reply, _) = replies_of_round(strategy, 2)
     strategy.aggregate_updates(2, [Update(0, reply, {}), Update(1, b"junk", {})])
     assert all(torch.equal(before[k], strategy.soup[k]) for k in before)
+    assert strategy.current.accepted == 1
 
 
 def test_each_phase_prunes_to_its_exact_sparsity_and_nests(tmp_path):
-    strategy = make_strategy(tmp_path, rounds_per_phase=2)
+    strategy = make_strategy(tmp_path, model="cnn", rounds_per_phase=2)
     assert strategy.num_rounds == 1 + 2 * 2
     assert [strategy.phase_at(r) for r in range(1, 6)] == [(0, 1), (1, 1), (1, 2), (2, 1), (2, 2)]
     assert [strategy.ends_phase(r) for r in range(1, 6)] == [True, False, True, False, True]
@@ -135,19 +143,71 @@ def test_each_phase_prunes_to_its_exact_sparsity_and_nests(tmp_path):
     assert strategy.digest == digest
 
 
-def test_greedy_merge_keeps_only_candidates_that_do_not_hurt_the_heldout_soup(tmp_path):
-    messages = []
-    strategy = make_strategy(tmp_path, merge="greedy")
-    strategy.log = messages.append
-    payload = strategy.begin_round(2)  # phase 1 has one round, so this round ends the phase
-    replies = [client_reply(payload, 2, seed, 200)[0] for seed in range(3)]
-    states = [decoded_state(r, strategy) for r in replies]
-    strategy.aggregate_updates(2, [Update(n, r, {}) for n, r in enumerate(replies)])
-    strategy.finish_phase(2)  # server-held data: no federated round needed
+# ---- greedy soup on the server, against held-out accuracy computed here -----------------
 
-    [line] = [m for m in messages if "greedy soup kept candidates" in m]
-    chosen = json.loads(line.split("candidates ")[1])
-    assert 1 <= len(chosen) <= 3
-    for name in strategy.mask:  # weights are the chosen candidates' average; norm statistics are recalibrated
-        expected = torch.stack([states[i][name] for i in chosen]).mean(0)
-        torch.testing.assert_close(strategy.soup[name], expected)
+
+def expected_greedy(states: list[dict], score) -> list[int]:
+    """The greedy soup as the paper states it, written out here: rank by held-out score,
+    then add each candidate in turn if the soup's score does not drop."""
+    scores = [score(s) for s in states]
+    order = sorted(range(len(states)), key=lambda i: -scores[i])
+    chosen, best = [order[0]], scores[order[0]]
+    for i in order[1:]:
+        trial = score(mean_of([states[j] for j in chosen + [i]]))
+        if trial >= best:
+            chosen, best = chosen + [i], trial
+    return chosen
+
+
+def mean_of(states: list[dict]) -> dict:
+    return {k: torch.stack([s[k].double() for s in states]).mean(0).to(states[0][k].dtype)
+            if states[0][k].is_floating_point() else torch.stack([s[k] for s in states]).max(0).values
+            for k in states[0]}
+
+
+def test_greedy_merge_is_the_soup_that_heldout_accuracy_picks_with_recalibrated_norms(tmp_path):
+    lines = []
+    strategy = make_strategy(tmp_path, model="cnn", log=lines.append, run=dict(merge="greedy"), mode="data",
+                             pretrain_rounds=0, min_available_clients=3)
+    data = digits()
+    model = strategy.model
+    torch.manual_seed(0)
+    train_candidate(model, strategy.mask, data.train, CandidateConfig(epochs=2, lr=0.05, batch_size=64))
+    strategy.engine.restore({k: v.clone() for k, v in model.state_dict().items()}, strategy.mask)
+    strategy.begin_round(1)  # prunes the trained dense model; round 1 ends phase 1
+    good = replies_of_round(strategy, 1, clients=3)
+    spoiled = decoded_state(good[0], strategy).to_state_dict(strategy.soup)
+    generator = torch.Generator().manual_seed(0)
+    for name, keep in strategy.mask.items():  # a candidate that lowers held-out accuracy
+        spoiled[name] = (spoiled[name] + torch.randn(spoiled[name].shape, generator=generator) * 0.3) * keep
+    bad = codec.encode(spoiled, strategy.mask, phase=1, round=1, kind="update", num_examples=400)
+    payloads_ = [bad, *good]  # unsorted: the worst candidate comes first
+    states = [decoded_state(p, strategy).to_state_dict(strategy.soup) for p in payloads_]
+
+    strategy.aggregate_updates(1, [Update(n, p, {}) for n, p in enumerate(payloads_)])
+    strategy.finish_phase(1)
+
+    phase_seed = strategy.run.seed + 1  # the recalibration subset of phase 1
+    scratch = model  # the strategy's own model is scratch space here: the soup lives in the engine
+
+    def recalibrated(state):
+        scratch.load_state_dict(state)
+        recalibrate_norms(scratch, data.train, fraction=strategy.run.recalibration_fraction, seed=phase_seed)
+        return {k: v.clone() for k, v in scratch.state_dict().items()}
+
+    def heldout(state):
+        scratch.load_state_dict(recalibrated(state))
+        return evaluate(scratch, data.heldout)["accuracy"]
+
+    chosen = expected_greedy(states, heldout)
+    [line] = [m for m in lines if "greedy soup kept candidates" in m]
+    assert line.endswith(f"candidates {chosen}")
+    assert 0 not in chosen and len(chosen) >= 1
+    expected = recalibrated(mean_of([states[i] for i in chosen]))
+    stats = set(norm_stat_names(model))
+    for name, value in strategy.soup.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    averaged = mean_of([states[i] for i in chosen])
+    assert any(not torch.allclose(strategy.soup[n], averaged[n], atol=1e-3) for n in stats if "running" in n)
+    assert heldout(strategy.soup) >= max(heldout(s) for s in states)

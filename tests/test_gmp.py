@@ -11,7 +11,6 @@ import torch
 from fedsms import FedSMSError, codec
 from fedsms.cli import main
 from fedsms.config import FederationConfig, RunConfig, split_config
-from fedsms.data import load_dataset
 from fedsms.schedule import cubic_sparsity, gmp_steps, split_evenly
 from fedsms.local import LocalRun
 from fedsms.masks import kept_count, mask_digest, outside_mask_nonzeros
@@ -20,8 +19,8 @@ from fedsms.report import by_schedule, final_table, phase_table
 from fedsms_server.strategy import SparseSoupStrategy, Update
 
 from conftest import venv_bin
+from helpers import digits
 
-SPLITS = load_dataset("digits")
 
 
 def update_targets(run: RunConfig) -> list[float]:
@@ -170,10 +169,10 @@ def test_local_cli_runs_gmp_soup_and_writes_rows(tmp_path, capsys):
 def gmp_strategy(tmp_path, run: RunConfig, state=None, **federation) -> SparseSoupStrategy:
     fed = FederationConfig(pruning_schedule="gmp", pretrain_rounds=0, min_train_clients=2, **federation)
     torch.manual_seed(0)
-    model = build_for(run.model, SPLITS)
+    model = build_for(run.model, digits())
     if state is not None:
         model.load_state_dict(state)
-    return SparseSoupStrategy(run, fed, model, server_data=SPLITS, out_dir=tmp_path, log=lambda _: None)
+    return SparseSoupStrategy(run, fed, model, server_data=digits(), out_dir=tmp_path, log=lambda _: None)
 
 
 def test_federated_gmp_prunes_at_round_boundaries_exactly_and_nested(tmp_path):

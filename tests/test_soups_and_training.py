@@ -9,7 +9,7 @@ import torch
 
 from fedsms import FedSMSError
 from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from fedsms.data import ArrayData, load_dataset
+from fedsms.data import ArrayData
 from fedsms.masks import compute_mask, dense_mask, prunable_names
 from fedsms.models import build_for
 from fedsms.norms import recalibrate_norms
@@ -17,14 +17,19 @@ from fedsms.recipe import CandidateConfig, expand_recipe, parse_grid
 from fedsms.soup import RunningAverage, SoupError, average, greedy_soup
 from fedsms.training import lr_factor, make_optimizer, resolve_device, train_candidate
 
-SPLITS = load_dataset("digits")
-DATA = SPLITS.train.head(300)
+from helpers import digits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_data() -> ArrayData:
+    return digits().train.head(300)
 
 
 @pytest.fixture(scope="module")
 def pruned():
     torch.manual_seed(0)
-    model = build_for("cnn", SPLITS)
+    model = build_for("cnn", digits())
     mask = compute_mask(dict(model.named_parameters()), dense_mask(model, prunable_names(model)), 0.8)
     state = {k: v * mask[k] if k in mask else v.clone() for k, v in model.state_dict().items()}
     return model, mask, state
@@ -36,7 +41,7 @@ def candidates(pruned, seeds, epochs=1):
     for config in (CandidateConfig(seed=seed, epochs=epochs, batch_size=32) for seed in seeds):
         candidate = copy.deepcopy(model)
         candidate.load_state_dict(state)
-        train_candidate(candidate, mask, DATA, config)
+        train_candidate(candidate, mask, small_data(), config)
         states.append(candidate.state_dict())
     return states
 
@@ -76,9 +81,9 @@ def test_training_learns_and_divergence_is_reported(pruned):
     model, mask, state = pruned
     model = copy.deepcopy(model)
     model.load_state_dict(state)
-    result = train_candidate(model, mask, SPLITS.train, CandidateConfig(epochs=3, lr=0.05))
+    result = train_candidate(model, mask, digits().train, CandidateConfig(epochs=3, lr=0.05))
     assert result["train_accuracy"] > 0.8
-    poisoned = ArrayData(torch.full_like(DATA.images, float("nan")), DATA.labels)
+    poisoned = ArrayData(torch.full_like(small_data().images, float("nan")), small_data().labels)
     with pytest.raises(FedSMSError, match="lower the learning rate"):
         train_candidate(model, mask, poisoned, CandidateConfig(epochs=1))
 
@@ -110,28 +115,66 @@ def test_weighted_running_average_and_integer_buffers():
     assert int(mean["n"]) == 5
 
 
-def test_greedy_rule_adds_only_what_does_not_lower_the_score():
-    mask = {"w": torch.tensor([True, True])}
-    states = [{"w": torch.tensor([v, 0.5])} for v in (1.0, 0.0, 0.75, 0.2)]
+def closeness(target: float):
+    """A held-out score that is best when w[0] is near ``target``."""
+    return lambda state: -abs(float(state["w"][0]) - target)
 
-    def score(state):  # best when w[0] is near 0.9
-        return -abs(float(state["w"][0]) - 0.9)
 
-    soup, chosen, scores = greedy_soup(states, mask, score)
-    # ranked 1.0, 0.75, 0.2, 0.0; adding 0.75 gives 0.875 (better), then 0.2 → 0.65 and 0.0 → 0.58 (worse)
-    assert chosen == [0, 2]
+def scalars(*values: float) -> list[dict]:
+    return [{"w": torch.tensor([v, 0.5])} for v in values]
+
+
+MASK = {"w": torch.tensor([True, True])}
+
+
+def test_greedy_ranks_an_unsorted_list_and_leaves_out_what_lowers_the_score():
+    # ranked 1.0, 0.75, 0.2, 0.0 (the best is third in the list); adding 0.75 gives 0.875
+    # (better), then 0.2 -> 0.65 and 0.0 -> 0.58 (worse: left out)
+    soup, chosen, scores = greedy_soup(scalars(0.0, 0.75, 1.0, 0.2), MASK, closeness(0.9))
+    assert chosen == [2, 1]
     torch.testing.assert_close(soup["w"], torch.tensor([0.875, 0.5]))
-    assert scores == [score(s) for s in states]
+    assert scores == pytest.approx([-0.9, -0.15, -0.1, -0.7])
 
 
-def test_recalibration_changes_the_statistics_and_restores_the_mode(pruned):
+def test_greedy_keeps_a_candidate_that_leaves_the_score_unchanged():
+    def accuracy(state):  # held-out accuracy is coarse: many soups tie
+        return 1.0 if 0.5 <= float(state["w"][0]) <= 1.5 else 0.0
+
+    soup, chosen, _ = greedy_soup(scalars(1.0, 0.6, 5.0), MASK, accuracy)
+    assert chosen == [0, 1]  # 0.6 ties (soup 0.8 still scores 1.0): kept; 5.0 would drop it: left out
+    torch.testing.assert_close(soup["w"], torch.tensor([0.8, 0.5]))
+
+
+def test_greedy_ties_in_the_ranking_keep_the_candidates_order():
+    soup, chosen, _ = greedy_soup(scalars(0.5, 1.2, 1.2), MASK, closeness(0.9))
+    # the two 1.2 tie for first (list order), their soup ties with either (kept), 0.5 improves it
+    assert chosen == [1, 2, 0]
+    torch.testing.assert_close(soup["w"], torch.tensor([2.9 / 3, 0.5]))
+
+
+def test_best_of_m_keeps_the_best_candidate_unaveraged_and_unrecalibrated():
+    from fedsms.engine import PhaseHooks, SoupEngine
+
+    calls = []
+    hooks = PhaseHooks(recalibrate=lambda state, step: calls.append(step) or state, heldout_score=closeness(0.9))
+    engine = SoupEngine({"w": torch.zeros(2)}, MASK, hooks=hooks)
+    merge = engine.merge("best")
+    for state in scalars(0.0, 0.75, 1.0, 1.0):
+        merge.add(state, 10)
+    engine.end_round(merge)
+    assert engine.end_phase(1, merge) == [2]
+    torch.testing.assert_close(engine.state["w"], torch.tensor([1.0, 0.5]))
+    assert calls == []
+
+
+def test_recalibration_restores_the_mode_and_the_momentum(pruned):
     model = copy.deepcopy(pruned[0])
     layer = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     layer.running_mean.fill_(100.0)
     model.eval()
-    used = recalibrate_norms(model, DATA, fraction=0.5)
-    assert used == 150 and not model.training
-    assert float(layer.running_mean.abs().max()) < 10 and layer.momentum == 0.1
+    used = recalibrate_norms(model, small_data(), fraction=0.5)
+    assert used == 150 and not model.training and layer.momentum == 0.1
+    # that the statistics are the right ones is tests/test_recalibration.py's business
 
 
 def test_recipe_grid_and_errors():
@@ -149,13 +192,13 @@ def test_checkpoint_round_trip_and_refusals(pruned, tmp_path):
     path = save_checkpoint(tmp_path / "c", state, mask, {"model": "cnn", "phase": 2})
     loaded = load_checkpoint(tmp_path / "c")
     assert loaded.metadata["phase"] == 2 and all(torch.equal(loaded.state[k], state[k]) for k in state)
-    fresh = build_for("cnn", SPLITS)
+    fresh = build_for("cnn", digits())
     from safetensors.torch import load_file
 
     fresh.load_state_dict(load_file(path))  # plain PyTorch loading
     check_compatible(loaded, fresh)
     with pytest.raises(FedSMSError, match="saved for 'cnn'"):
-        check_compatible(loaded, build_for("mlp", SPLITS))
+        check_compatible(loaded, build_for("mlp", digits()))
     meta = json.loads((tmp_path / "c.json").read_text())
     meta["mask_digest"] = "0" * 64
     (tmp_path / "c.json").write_text(json.dumps(meta))

@@ -3,11 +3,11 @@
 import torch
 
 from fedsms.candidates import CandidateTrainer
-from fedsms.data import load_dataset
 from fedsms.masks import compute_mask, dense_mask, prunable_names
 from fedsms.recipe import CandidateConfig
 
-SPLITS = load_dataset("digits")
+from helpers import digits
+
 
 
 def test_two_workers_give_the_same_candidates_as_one_process():
@@ -15,7 +15,7 @@ def test_two_workers_give_the_same_candidates_as_one_process():
     results = []
     for workers in (1, 2):
         torch.manual_seed(0)
-        with CandidateTrainer("mlp", SPLITS, torch.device("cpu"), workers=workers) as trainer:
+        with CandidateTrainer("mlp", digits(), torch.device("cpu"), workers=workers) as trainer:
             if workers == 1:
                 start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
                 mask = compute_mask(dict(trainer.model.named_parameters()),

@@ -69,27 +69,36 @@ def test_dirichlet_covers_every_index_once(alpha, k):
     assert min(len(p) for p in parts) >= 1
 
 
+SEEDS = range(8)  # properties hold for every seed here, not for what one seed happens to draw
+
+
 def test_dirichlet_small_alpha_is_skewed_and_large_alpha_is_near_iid():
     labels = balanced_labels()
-    iid = mean_label_entropy(labels, iid_partition(len(labels), 10, seed=0), 10)
-    skewed = mean_label_entropy(labels, dirichlet_partition(labels, 10, 0.1, seed=0), 10)
-    mild = mean_label_entropy(labels, dirichlet_partition(labels, 10, 1000.0, seed=0), 10)
-    assert skewed < 0.6 * iid
-    assert mild > 0.95 * iid
-    assert iid > 0.95 * np.log(10)
+    for seed in SEEDS:
+        iid = mean_label_entropy(labels, iid_partition(len(labels), 10, seed=seed), 10)
+        skewed = mean_label_entropy(labels, dirichlet_partition(labels, 10, 0.1, seed=seed), 10)
+        mild = mean_label_entropy(labels, dirichlet_partition(labels, 10, 1000.0, seed=seed), 10)
+        assert skewed < 0.6 * iid, seed
+        assert mild > 0.95 * iid, seed
+        assert iid > 0.95 * np.log(10), seed
 
 
 def test_dirichlet_respects_min_size():
     labels = balanced_labels()
-    # with this seed the first draw leaves a partition below 30, so min_size forces a redraw
-    assert min(len(p) for p in dirichlet_partition(labels, 10, 0.1, seed=0, min_size=0)) < 30
-    parts = dirichlet_partition(labels, 10, 0.1, seed=0, min_size=30)
-    assert_exact_cover(parts, len(labels))
-    assert min(len(p) for p in parts) >= 30
-    assert mean_label_entropy(labels, parts, 10) < 0.6 * np.log(10)  # still skewed
+    unconstrained = [min(len(p) for p in dirichlet_partition(labels, 10, 0.1, seed=s, min_size=0)) for s in SEEDS]
+    assert min(unconstrained) < 30  # at alpha 0.1 small partitions happen: min_size has work to do
+    for seed in SEEDS:
+        parts = dirichlet_partition(labels, 10, 0.1, seed=seed, min_size=30)
+        assert_exact_cover(parts, len(labels))
+        assert min(len(p) for p in parts) >= 30, seed
+        assert mean_label_entropy(labels, parts, 10) < 0.6 * np.log(10), seed  # still skewed
     # min_size 0 allows empty partitions, and they come back as empty int64 tensors
-    parts0 = dirichlet_partition(labels, 100, 0.01, seed=0, min_size=0)
-    assert_exact_cover(parts0, len(labels))
+    empty = 0
+    for seed in SEEDS:
+        parts0 = dirichlet_partition(labels, 100, 0.01, seed=seed, min_size=0)
+        assert_exact_cover(parts0, len(labels))
+        empty += sum(len(p) == 0 for p in parts0)
+    assert empty > 0
 
 
 def test_dirichlet_is_seeded():

@@ -137,6 +137,15 @@ def _poison_value(message, value):
     entry.values = torch.tensor([number], dtype=torch.float32).numpy().tobytes() + entry.values[4:]
 
 
+def _poison_dense(message, value):
+    """A non-finite (or huge) number at the start of a float32 dense extra (a bias, a norm statistic)."""
+    index, number = value
+    floats = [e for e in message.dense if e.dtype == "float32" and e.data]
+    if floats:
+        entry = floats[index % len(floats)]
+        entry.data = torch.tensor([number], dtype=torch.float32).numpy().tobytes() + entry.data[4:]
+
+
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
 which = st.integers(0, 50)
@@ -160,6 +169,7 @@ FIELD_EDITS = st.one_of(
     st.tuples(st.just(_duplicate_entry("masked")), which),
     st.tuples(st.just(_duplicate_entry("dense")), which),
     st.tuples(st.just(_poison_value), st.tuples(which, st.sampled_from([math.nan, math.inf, -math.inf, 1e30]))),
+    st.tuples(st.just(_poison_dense), st.tuples(which, st.sampled_from([math.nan, math.inf, -math.inf, 1e30]))),
     st.tuples(st.just(lambda message, bits: setattr(message, "mask_bits", bits)), st.binary(max_size=32)),
     st.tuples(st.just(lambda message, n: setattr(message, "num_examples", n)), u64),
 )
@@ -251,6 +261,7 @@ SINGLE_EDITS = {
     "drop dense": (_drop_entry("dense"), 0), "duplicate masked": (_duplicate_entry("masked"), 0),
     "duplicate dense": (_duplicate_entry("dense"), 0), "nan": (_poison_value, (0, math.nan)),
     "inf": (_poison_value, (1, math.inf)), "finite 1e30": (_poison_value, (2, 1e30)),
+    "nan in a bias": (_poison_dense, (0, math.nan)), "inf in a norm statistic": (_poison_dense, (3, -math.inf)),
     "mask bits in an update": (lambda m, v: setattr(m, "mask_bits", v), b"\x01\x02"),
     "no examples": (lambda m, v: setattr(m, "num_examples", v), 0),
     "many examples": (lambda m, v: setattr(m, "num_examples", v), 2**40),

@@ -122,7 +122,8 @@ def make_strategy(out_dir, *, model: str = "mlp", server_data=True, log=None, ru
                               "fraction_evaluate": 0.0, **federation})
     torch.manual_seed(0)
     data = digits()
-    return SparseSoupStrategy(RunConfig(**settings), fed, build_for(model, data), server_data=data if server_data else None,
+    return SparseSoupStrategy(RunConfig(**settings), fed, build_for(model, data),
+                              server_data=data if server_data else None,
                               out_dir=out_dir, log=log or (lambda _: None))
 
 

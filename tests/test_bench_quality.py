@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_data import write_cifar10
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"

@@ -20,7 +20,8 @@ def run_bench(script: str, tmp_path: Path, *extra: str, timeout: int = 120, tiny
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}
     size = ["--tiny"] if tiny else []
-    result = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *size, "--repeats", "1", "--out", str(out), *extra],
+    command = [sys.executable, str(BENCH / f"{script}.py"), *size, "--repeats", "1", "--out", str(out), *extra]
+    result = subprocess.run(command,
                             capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -36,7 +37,8 @@ def positive(*values) -> bool:
 
 def test_wire_bytes_meet_the_target_and_beat_dense_fedavg(tmp_path):
     rows = run_bench("wire_bytes", tmp_path)["rows"]
-    assert {(r["sparsity"], r["value_dtype"]) for r in rows} == {(s, d) for s in (0.5, 0.9, 0.98) for d in ("fp32", "fp16")}
+    expected = {(s, d) for s in (0.5, 0.9, 0.98) for d in ("fp32", "fp16")}
+    assert {(r["sparsity"], r["value_dtype"]) for r in rows} == expected
     for r in rows:
         assert positive(r["down"], r["up"], r["bound_down"], r["bound_up"], r["fedavg_dense"], r["down_over_dense"])
         assert r["bound_down"] <= r["down"] <= 1.02 * r["bound_down"] + 4096  # the stated target, both ways

@@ -11,6 +11,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from helpers import RecordingGrid, digits, make_strategy, partitions, payloads, train_replies
 
 from fedsms import codec
 from fedsms.data.partition import partition
@@ -19,8 +20,6 @@ from fedsms.recipe import CandidateConfig
 from fedsms.training import train_candidate
 from fedsms_client.app import make_client_app
 from fedsms_flower.records import payload_of
-
-from helpers import RecordingGrid, digits, make_strategy, partitions, payloads, train_replies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,9 +184,9 @@ def test_in_a_data_soup_each_client_trains_on_its_own_shard_of_the_configured_pa
 
 
 def test_a_local_sms_soup_is_the_mean_of_its_candidates(tmp_path):
+    from fedsms.checkpoint import load_checkpoint
     from fedsms.config import RunConfig
     from fedsms.local import LocalRun
-    from fedsms.checkpoint import load_checkpoint
 
     config = RunConfig(model="mlp", phases=2, target_sparsity=0.8, candidates=3, pretrain_epochs=1, retrain_epochs=1,
                        methods="sms", ood=False, device="cpu", out_dir=str(tmp_path), augment=False)

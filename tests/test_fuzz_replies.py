@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 import wire_reference as ref
+from helpers import make_strategy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from fedsms import codec
 from fedsms.wire import payload_pb2 as pb
 from fedsms_server.strategy import RoundLog, Update
-
-from helpers import make_strategy
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -223,7 +223,8 @@ def test_the_reference_reader_reads_the_valid_replies_as_the_codec_does():
 @pytest.mark.parametrize("value_dtype", ["fp32", "fp16", "bf16"])
 def test_the_reference_reader_agrees_on_every_value_dtype(value_dtype):
     s = world().strategy
-    state = codec.decode(world().good[0], expected_mask=s.mask, expected_digest=None, template=s.soup).to_state_dict(s.soup)
+    first = codec.decode(world().good[0], expected_mask=s.mask, expected_digest=None, template=s.soup)
+    state = first.to_state_dict(s.soup)
     payload = codec.encode(state, s.mask, phase=1, round=2, kind="update", value_dtype=value_dtype, num_examples=7)
     read, decoded = reference_read(payload), decode_update(payload)
     assert read is not None and all(torch.equal(read["values"][n], decoded.values[n]) for n in decoded.values)
@@ -256,7 +257,8 @@ SINGLE_EDITS = {
     "no name table": (lambda m, v: setattr(m, "names", v), b""),
     "masked shape": (_edit_entry("masked", "shape"), (0, [5])), "nnz": (_edit_entry("masked", "nnz"), (0, 1)),
     "values short": (_edit_entry("masked", "values"), (0, b"abcd")),
-    "dense dtype": (_edit_entry("dense", "dtype"), (0, "float16")), "dense int": (_edit_entry("dense", "dtype"), (0, "int64")),
+    "dense dtype": (_edit_entry("dense", "dtype"), (0, "float16")),
+    "dense int": (_edit_entry("dense", "dtype"), (0, "int64")),
     "dense data": (_edit_entry("dense", "data"), (0, b"")), "drop masked": (_drop_entry("masked"), 0),
     "drop dense": (_drop_entry("dense"), 0), "duplicate masked": (_duplicate_entry("masked"), 0),
     "duplicate dense": (_duplicate_entry("dense"), 0), "nan": (_poison_value, (0, math.nan)),

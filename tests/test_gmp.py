@@ -7,20 +7,18 @@ import subprocess
 
 import pytest
 import torch
+from conftest import venv_bin
+from helpers import digits
 
 from fedsms import FedSMSError, codec
 from fedsms.cli import main
 from fedsms.config import FederationConfig, RunConfig, split_config
-from fedsms.schedule import cubic_sparsity, gmp_steps, split_evenly
 from fedsms.local import LocalRun
 from fedsms.masks import kept_count, mask_digest, outside_mask_nonzeros
 from fedsms.models import build_for
 from fedsms.report import by_schedule, final_table, phase_table
+from fedsms.schedule import cubic_sparsity, gmp_steps, split_evenly
 from fedsms_server.strategy import SparseSoupStrategy, Update
-
-from conftest import venv_bin
-from helpers import digits
-
 
 
 def update_targets(run: RunConfig) -> list[float]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from helpers import RecordingGrid, digits, make_strategy, payloads, train_replies
 
 from fedsms import codec
 from fedsms.checkpoint import load_checkpoint, save_checkpoint
@@ -20,8 +21,6 @@ from fedsms.masks import compute_mask, dense_mask, prunable_names
 from fedsms.models import build_for
 from fedsms.norms import norm_layers, norm_stat_names, recalibrate_norms
 from fedsms_client.app import make_client_app
-
-from helpers import RecordingGrid, digits, make_strategy, payloads, train_replies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from helpers import LocalGrid, partitions
+from helpers import make_strategy as small_strategy
 
 from fedsms import FedSMSError
 from fedsms.checkpoint import load_checkpoint
 from fedsms_client.app import make_client_app
-
-from helpers import LocalGrid, make_strategy as small_strategy, partitions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

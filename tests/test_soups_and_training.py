@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import digits
 
 from fedsms import FedSMSError
 from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
@@ -16,8 +17,6 @@ from fedsms.norms import recalibrate_norms
 from fedsms.recipe import CandidateConfig, expand_recipe, parse_grid
 from fedsms.soup import RunningAverage, SoupError, average, greedy_soup
 from fedsms.training import lr_factor, make_optimizer, resolve_device, train_candidate
-
-from helpers import digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,13 +1,11 @@
 """Candidates trained in worker processes equal those trained in this process."""
 
 import torch
+from helpers import digits
 
 from fedsms.candidates import CandidateTrainer
 from fedsms.masks import compute_mask, dense_mask, prunable_names
 from fedsms.recipe import CandidateConfig
-
-from helpers import digits
-
 
 
 def test_two_workers_give_the_same_candidates_as_one_process():

@@ -88,15 +88,11 @@ def message(data: bytes, schema: dict[int, tuple[str, str]]) -> dict:
         if number not in schema:
             raise Refused(f"undeclared field {number}")
         name, kind = schema[number]
-        if kind == "uint" and wire == 0:
-            parsed[name] = value
-        elif kind == "bytes" and wire == 2:
+        if kind == "uint" and wire == 0 or kind == "bytes" and wire == 2:
             parsed[name] = value
         elif kind == "message" and wire == 2:
             parsed[name] = parsed.get(name, b"") + value
-        elif kind == "repeated" and wire == 2:
-            parsed.setdefault(name, []).append(value)
-        elif kind == "packed" and wire == 0:
+        elif kind == "repeated" and wire == 2 or kind == "packed" and wire == 0:
             parsed.setdefault(name, []).append(value)
         elif kind == "packed" and wire == 2:
             at, items = 0, parsed.setdefault(name, [])

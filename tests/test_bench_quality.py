@@ -49,21 +49,31 @@ def check_quality(out: Path, sparsities: list[float], seeds: int) -> dict:
     return result
 
 
-def test_quality_table_on_mnist1d(tmp_path):
-    out = tmp_path / "quality"
+@pytest.fixture(scope="module")
+def mnist1d_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("quality")
+    out = base / "quality"
     printed = run_bench("quality.py", "--dataset", "mnist1d-300", "--model", "mlp-16", "--sparsities", "0.5,0.8",
-                        "--seeds", "0,1", "--data-dir", str(tmp_path / "data"), "--out", str(out), *TINY)
+                        "--seeds", "0,1", "--data-dir", str(base / "data"), "--out", str(out), *TINY)
+    return base, out, printed
+
+
+def test_quality_table_on_mnist1d(mnist1d_run):
+    base, out, printed = mnist1d_run
     check_quality(out, [0.5, 0.8], seeds=2)
     assert "sms-greedy" in printed and "SMS minus baseline" in printed
-    assert (tmp_path / "data" / "mnist1d-300.npz").exists()
+    assert (base / "data" / "mnist1d-300.npz").exists()
     # the dense model is trained once per seed: later sparsities start from its checkpoint
     dense = [json.loads(line) for line in (out / "s80" / "results.jsonl").read_text().splitlines()]
     assert all(r.get("source", "").endswith("-dense") for r in dense if r["method"] == "dense")
 
-    # runs over disjoint seeds merge into one table; overlapping seeds are refused
+
+@pytest.mark.slow
+def test_quality_runs_over_disjoint_seeds_merge_into_one_table(mnist1d_run, tmp_path):
+    base, out, _ = mnist1d_run
     other = tmp_path / "other"
     run_bench("quality.py", "--dataset", "mnist1d-300", "--model", "mlp-16", "--sparsities", "0.5,0.8",
-              "--seeds", "2", "--data-dir", str(tmp_path / "data"), "--out", str(other), *TINY)
+              "--seeds", "2", "--data-dir", str(base / "data"), "--out", str(other), *TINY)
     run_bench("quality.py", "--merge", str(out), str(other), "--out", str(tmp_path / "merged"))
     merged = check_quality(tmp_path / "merged", [0.5, 0.8], seeds=3)
     assert merged["config"]["seeds"] == "0,1,2"
@@ -72,6 +82,7 @@ def test_quality_table_on_mnist1d(tmp_path):
     assert refused.returncode == 2 and "disjoint seeds" in refused.stderr
 
 
+@pytest.mark.slow
 def test_quality_table_runs_the_cifar_path(tmp_path):
     write_cifar10(tmp_path / "cifar" / "cifar-10-batches-bin", per_file=8)
     out = tmp_path / "quality"

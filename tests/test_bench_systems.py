@@ -53,16 +53,18 @@ def test_wire_bytes_meet_the_target_and_beat_dense_fedavg(tmp_path):
 
 
 def test_aggregation_memory_does_not_grow_with_the_number_of_replies(tmp_path):
-    # Not --tiny (2 and 4 replies are too few to tell): 2 against 32 replies of the small cnn.
-    rows = run_bench("aggregation", tmp_path, "--model", "cnn", "--clients", "2", "32", tiny=False, timeout=300)["rows"]
-    assert [r["clients"] for r in rows] == [2, 32]
+    # Not --tiny (2 and 4 replies are too few to tell): 2 against 64 replies of the small cnn.
+    rows = run_bench("aggregation", tmp_path, "--model", "cnn", "--clients", "2", "64", tiny=False, timeout=300)["rows"]
+    assert [r["clients"] for r in rows] == [2, 64]
     for r in rows:
         assert positive(r["aggregate_s"], r["memcpy_s"], r["throughput_vs_memcpy"], r["payload_bytes"], r["soup_bytes"])
         assert r["peak_delta_bytes"] >= 0 and math.isfinite(r["peak_over_soup"])
     few, many = rows
-    # Streaming: 30 more replies (each a fresh payload, decoded, averaged) add no memory. Holding
-    # them would add 30 payloads and 30 decoded replies: several MB here; the slack is 5 payloads.
-    assert many["peak_delta_bytes"] - few["peak_delta_bytes"] < 5 * few["payload_bytes"]
+    # Streaming: 62 more replies (each a fresh payload, decoded, averaged) add no memory beyond
+    # allocator noise (~0.25 MB here). Holding them would add at least their 62 payloads (1.6 MB;
+    # with the decoded values, 6 MB measured): the limit is half the payloads alone.
+    extra = (many["clients"] - few["clients"]) * few["payload_bytes"]
+    assert many["peak_delta_bytes"] - few["peak_delta_bytes"] < extra / 2
 
 
 def test_masked_step(tmp_path):

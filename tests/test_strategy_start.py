@@ -84,7 +84,7 @@ def test_a_round_whose_clients_all_fail_stops_quoting_them(tmp_path):
     with pytest.raises(RoundFailed) as error:
         strategy.start(grid)
     assert "clients reported" in str(error.value) and "start more clients" not in str(error.value)
-    assert "shape" in str(error.value)  # the mismatch itself, as the client saw it
+    assert "does not fit this client's model" in str(error.value)  # the mismatch itself, as the client saw it
     assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == str(error.value)
 
 

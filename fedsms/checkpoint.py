@@ -26,6 +26,19 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Checkpoint:
+    """A checkpoint read back by :func:`load_checkpoint`, already validated.
+
+    Attributes
+    ----------
+    state : dict of str to torch.Tensor
+        The model's state dict, CPU tensors in their saved dtypes; zero outside ``mask``.
+    mask : Mask
+        CPU bool tensors, in the saved mask order (``metadata["mask_tensors"]``).
+    metadata : dict
+        The JSON record: the caller's metadata plus ``format_version``, ``mask_digest``,
+        ``sparsity`` and ``mask_tensors``.
+    """
+
     state: dict[str, torch.Tensor]
     mask: Mask
     metadata: dict[str, Any]
@@ -59,7 +72,35 @@ def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], mask: Mask, metadata: dict) -> Path:
-    """Write the state, the mask and the metadata; returns the ``.safetensors`` path."""
+    """Write the state, the mask and the metadata; returns the ``.safetensors`` path.
+
+    Three files share the base name: ``X.safetensors``, ``X.mask.safetensors`` (the mask as
+    uint8) and ``X.json``, each written to a temporary name and renamed, the JSON last. The
+    JSON record is ``metadata`` with ``format_version``, ``mask_digest``, ``sparsity`` and
+    ``mask_tensors`` added (they replace keys of the same name in ``metadata``).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The base path ``X``, or any of the three file names (the suffix is stripped).
+        Missing parent directories are created.
+    state : mapping of str to torch.Tensor
+        The state dict to save (any device; saved as contiguous CPU copies).
+    mask : Mask
+        The mask of ``state``.
+    metadata : dict
+        JSON-serialisable values (no NaN or Inf), e.g. the model name and the run settings.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``X.safetensors``.
+
+    Raises
+    ------
+    FedSMSError
+        If a metadata value is not JSON-serialisable (nothing is written then).
+    """
     base = _base(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     model_path, mask_path, json_path = _paths(base)
@@ -85,7 +126,27 @@ def _serialisable(value: Any) -> bool:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint written by ``save_checkpoint``."""
+    """Read and validate a checkpoint written by ``save_checkpoint``.
+
+    Nothing is unpickled. The mask must match the digest in the JSON, fit the state's
+    shapes, and the state must be zero outside it.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The base path ``X``, or any of the checkpoint's three file names.
+
+    Returns
+    -------
+    Checkpoint
+        The state, the mask and the metadata.
+
+    Raises
+    ------
+    FedSMSError
+        If a file is missing or damaged, the JSON lacks fedsms's keys or has a newer format
+        version, or the mask and state disagree with the JSON or with each other.
+    """
     base = _base(path)
     model_path, mask_path, json_path = _paths(base)
     for needed in (json_path, model_path, mask_path):
@@ -121,7 +182,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def check_compatible(checkpoint: Checkpoint, model: nn.Module) -> None:
-    """Refuse a checkpoint whose tensors do not fit ``model``."""
+    """Refuse a checkpoint whose tensors do not fit ``model``.
+
+    The checkpoint must hold exactly the model's state-dict names, with the same shapes
+    (dtypes are not compared).
+
+    Parameters
+    ----------
+    checkpoint : Checkpoint
+        A checkpoint from ``load_checkpoint``; its ``metadata["model"]`` names it in errors.
+    model : torch.nn.Module
+        The model it should load into.
+
+    Raises
+    ------
+    FedSMSError
+        If a tensor is missing, has another shape or is not in the model.
+    """
     expected = model.state_dict()
     saved_for = checkpoint.metadata.get("model", "another model")
     for name, tensor in expected.items():
@@ -137,7 +214,32 @@ def check_compatible(checkpoint: Checkpoint, model: nn.Module) -> None:
 
 
 def export_model(path: str | Path, model: nn.Module, metadata: dict | None = None) -> Path:
-    """The model alone: ``X.safetensors`` for a plain ``load_state_dict`` and ``X.json``."""
+    """The model alone: ``X.safetensors`` for a plain ``load_state_dict`` and ``X.json``.
+
+    No mask file is written, so the result is not a checkpoint ``load_checkpoint`` reads;
+    the pruned weights are plain zeros in the state dict.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The base path ``X``, or a file name with a checkpoint suffix (stripped). Missing
+        parent directories are created.
+    model : torch.nn.Module
+        The model whose state dict is saved (as contiguous CPU copies).
+    metadata : dict, optional
+        JSON-serialisable values written to ``X.json``; None writes ``{}``.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``X.safetensors``.
+
+    Raises
+    ------
+    TypeError
+        If ``metadata`` is not JSON-serialisable (the ``.safetensors`` file is already
+        written then).
+    """
     base = _base(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     model_path, _, json_path = _paths(base)

@@ -62,7 +62,18 @@ class PhaseHooks:
 
 
 def cpu_state(model: nn.Module) -> State:
-    """A detached CPU copy of ``model``'s state dict."""
+    """A detached CPU copy of ``model``'s state dict.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to copy.
+
+    Returns
+    -------
+    dict of str to Tensor
+        New CPU tensors, in state-dict order.
+    """
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
@@ -89,6 +100,12 @@ def data_hooks(
         Base seed; step p recalibrates on the subset drawn with ``seed + p``.
     device : torch.device or str
         Where the forward passes run.
+
+    Returns
+    -------
+    PhaseHooks
+        ``recalibrate`` (None when ``model`` has no norm layers to recalibrate) and
+        ``heldout_score`` (the held-out accuracy).
     """
 
     def recalibrate(state: State, step: int) -> State:
@@ -105,7 +122,21 @@ def data_hooks(
 
 def values_under_mask(state: Mapping[str, torch.Tensor], mask: Mask) -> State:
     """The compact form a merge holds: each masked tensor's kept values in mask order, the
-    other tensors (biases, norm layers) whole. The wire payload carries the same values."""
+    other tensors (biases, norm layers) whole. The wire payload carries the same values.
+
+    Parameters
+    ----------
+    state : mapping of str to Tensor
+        A full state dict (any device).
+    mask : Mask
+        The mask whose kept entries are taken.
+
+    Returns
+    -------
+    dict of str to Tensor
+        CPU tensors in ``state``'s order: 1-D kept values for masked tensors, the others
+        unchanged in shape.
+    """
     return {k: (v.detach().cpu()[mask[k].cpu()] if k in mask else v.detach().cpu()) for k, v in state.items()}
 
 
@@ -119,6 +150,22 @@ class Merge:
     keep_candidates : bool
         Keep every candidate's values besides the running sum (needed by ``greedy`` and
         ``best``, which score candidates one by one).
+
+    Attributes
+    ----------
+    rule : str
+        The merge rule.
+    average : RunningAverage
+        The running (weighted) sum of the candidates' values.
+    candidates : list of dict of str to Tensor
+        The candidates' values, when kept.
+    examples : list of int
+        Each candidate's example count, in the order added.
+
+    Raises
+    ------
+    FedSMSError
+        If ``rule`` is not one of ``RULES``.
     """
 
     def __init__(self, rule: str, keep_candidates: bool) -> None:
@@ -136,7 +183,22 @@ class Merge:
         return self.average.count
 
     def add(self, values: Mapping[str, torch.Tensor], num_examples: int) -> None:
-        """Add one candidate, in the compact form of ``values_under_mask``."""
+        """Add one candidate, in the compact form of ``values_under_mask``.
+
+        Parameters
+        ----------
+        values : mapping of str to Tensor
+            The candidate's values under the mask and its other tensors.
+        num_examples : int
+            Examples it trained on: its weight under ``weighted``, recorded for every rule.
+
+        Raises
+        ------
+        SoupError
+            If the values' names or shapes differ from the earlier candidates'.
+        ValueError
+            If the weight is not positive (``weighted`` with ``num_examples`` <= 0).
+        """
         self.average.add(values, float(num_examples) if self.rule == "weighted" else 1.0)
         self.examples.append(num_examples)
         if self._keep:
@@ -160,6 +222,15 @@ class SoupEngine:
         Recalibration and held-out scores; without them phases end without either.
     log : callable, optional
         Receives one line per prune and per greedy choice.
+
+    Attributes
+    ----------
+    state : dict of str to Tensor
+        The current state (CPU): the soup so far.
+    mask : Mask
+        The current mask (CPU).
+    digest : str
+        ``mask_digest(mask)``, kept up to date.
     """
 
     def __init__(
@@ -185,13 +256,32 @@ class SoupEngine:
         return sparsity(self.mask)
 
     def restore(self, state: Mapping[str, torch.Tensor], mask: Mask) -> None:
-        """Continue from a saved state and mask (a checkpoint)."""
+        """Continue from a saved state and mask (a checkpoint).
+
+        Parameters
+        ----------
+        state : mapping of str to Tensor
+            The saved state (copied).
+        mask : Mask
+            The saved mask (copied); the digest is recomputed.
+        """
         self.state = {k: v.clone() for k, v in state.items()}
         self.mask = {k: v.clone() for k, v in mask.items()}
         self.digest = mask_digest(self.mask)
 
     def prune(self, step: PruneStep) -> None:
-        """Prune the state to ``step.sparsity``; the new mask never regrows."""
+        """Prune the state to ``step.sparsity``; the new mask never regrows.
+
+        Parameters
+        ----------
+        step : PruneStep
+            The step: its ``sparsity`` is the target, its ``index`` seeds random pruning.
+
+        Raises
+        ------
+        FedSMSError
+            If the engine's pruning method is unknown.
+        """
         self.state, self.mask = prune_state(
             self.state, self.mask, step.sparsity, method=self.pruning, seed=prune_seed(self.seed, step.index)
         )
@@ -200,17 +290,69 @@ class SoupEngine:
 
     def merge(self, rule: str, *, ends_phase: bool = True) -> Merge:
         """A new merge for the current mask; candidates are kept only when ``rule`` will
-        choose among them at the end of the phase."""
+        choose among them at the end of the phase.
+
+        Parameters
+        ----------
+        rule : str
+            ``uniform``, ``weighted``, ``greedy`` or ``best``.
+        ends_phase : bool, default True
+            Whether this round's merge ends the phase (only then do greedy and best choose).
+
+        Returns
+        -------
+        Merge
+            An empty merge.
+
+        Raises
+        ------
+        FedSMSError
+            If ``rule`` is unknown.
+        """
         return Merge(rule, keep_candidates=ends_phase and rule in ("greedy", "best"))
 
     def end_round(self, merge: Merge) -> None:
-        """The state becomes the mean of the merge's candidates (values outside the mask stay zero)."""
+        """The state becomes the mean of the merge's candidates (values outside the mask stay zero).
+
+        Parameters
+        ----------
+        merge : Merge
+            The round's merge, with at least one candidate.
+
+        Raises
+        ------
+        SoupError
+            If the merge has no candidate.
+        PayloadError
+            If the merge's values do not fit the current mask and state.
+        """
         self.state = state_from_values(merge.average.mean(), self.mask, self.state)
 
     def end_phase(self, step_index: int, merge: Merge, *, recalibrate: bool = True) -> list[int]:
         """Finish a phase after its last ``end_round``: choose (greedy, best) and, unless
         ``recalibrate`` is False (the caller recalibrates some other way), recalibrate an
-        average of several candidates. Returns the indices of the candidates in the state."""
+        average of several candidates. Returns the indices of the candidates in the state.
+
+        Parameters
+        ----------
+        step_index : int
+            The phase's prune step index (passed to the recalibration hook).
+        merge : Merge
+            The merge of the phase's last round, already applied by ``end_round``.
+        recalibrate : bool, default True
+            Recalibrate through the hooks; False when the caller recalibrates another way.
+
+        Returns
+        -------
+        list of int
+            Indices (in the order added) of the candidates the state is made of: all of
+            them for ``uniform`` and ``weighted``, the greedy soup's or the best one's.
+
+        Raises
+        ------
+        FedSMSError
+            If ``greedy`` or ``best`` must score candidates and the hooks have no held-out score.
+        """
         chosen = list(range(merge.count))
         if merge.rule == "best":
             scores = [self._score(self._full(c)) for c in merge.candidates]
@@ -225,7 +367,20 @@ class SoupEngine:
         return chosen
 
     def recalibrated(self, state: State, step_index: int) -> State:
-        """``state`` with its norm statistics re-estimated, when the hooks can do it."""
+        """``state`` with its norm statistics re-estimated, when the hooks can do it.
+
+        Parameters
+        ----------
+        state : dict of str to Tensor
+            The state to recalibrate.
+        step_index : int
+            The prune step index (seeds the recalibration subset).
+
+        Returns
+        -------
+        dict of str to Tensor
+            The recalibrated state, or ``state`` itself when there is no recalibration hook.
+        """
         return self.hooks.recalibrate(state, step_index) if self.hooks.recalibrate else state
 
     def _score(self, state: State) -> float:

@@ -79,7 +79,18 @@ class Key:
     candidate: str | None = None
 
     def rule(self, caps: bool = True) -> str:
-        """The allowed values in words: ``"at least 1 and at most 100"``, ``"in [0, 1)"``, ``"one of a, b"``."""
+        """The allowed values in words: ``"at least 1 and at most 100"``, ``"in [0, 1)"``, ``"one of a, b"``.
+
+        Parameters
+        ----------
+        caps : bool, default True
+            Whether to mention the sanity cap.
+
+        Returns
+        -------
+        str
+            The rule; empty for a key without bounds or choices.
+        """
         if self.choices:
             return f"{'some' if self.many else 'one'} of {', '.join(self.choices)}"
         upper = self.at_most if self.at_most is not None else self.below
@@ -98,7 +109,21 @@ class Key:
         return " and ".join(words)
 
     def allows(self, value: Any, caps: bool = True) -> bool:
-        """Whether an already-typed ``value`` is in range (or among the choices)."""
+        """Whether an already-typed ``value`` is in range (or among the choices).
+
+        Parameters
+        ----------
+        value : Any
+            The typed value: a str for a key with choices (a comma list when ``many``),
+            else a number; bools and other strings are always allowed.
+        caps : bool, default True
+            Whether the sanity cap applies.
+
+        Returns
+        -------
+        bool
+            True when allowed.
+        """
         if self.choices:
             items = [v.strip() for v in value.split(",") if v.strip()] if self.many else [value]
             return bool(items) and all(v in self.choices for v in items)
@@ -115,12 +140,40 @@ def _num(x: float) -> str:
 
 
 def key(default: Any, help: str, **rules: Any) -> Any:
-    """Declare a configuration key: a dataclass field with its :class:`Key` as metadata."""
+    """Declare a configuration key: a dataclass field with its :class:`Key` as metadata.
+
+    Parameters
+    ----------
+    default : Any
+        The key's default value.
+    help : str
+        One line of help text (see :class:`Key`).
+    **rules
+        The other fields of :class:`Key`: ``at_least``, ``above``, ``at_most``, ``below``,
+        ``cap``, ``choices``, ``many``, ``shapes_soup``, ``candidate``.
+
+    Returns
+    -------
+    dataclasses.Field
+        The field, to assign in a settings dataclass.
+    """
     return field(default=default, metadata={"key": Key(help, **rules)})
 
 
 def declared(cls_or_instance: Any) -> Iterator[tuple[Field, Key]]:
-    """The ``(field, Key)`` pairs of a settings class, in declaration order."""
+    """The ``(field, Key)`` pairs of a settings class, in declaration order.
+
+    Parameters
+    ----------
+    cls_or_instance : dataclass or dataclass instance
+        A settings class (or instance) whose fields were declared with :func:`key`;
+        fields without a ``Key`` are skipped.
+
+    Yields
+    ------
+    tuple of (dataclasses.Field, Key)
+        Each declared field and its rules.
+    """
     for f in fields(cls_or_instance):
         if "key" in f.metadata:
             yield f, f.metadata["key"]
@@ -128,6 +181,16 @@ def declared(cls_or_instance: Any) -> Iterator[tuple[Field, Key]]:
 
 def parse_bool(value: Any) -> bool:
     """The one boolean parser: a bool, or true/false, 1/0, yes/no, on/off in any case.
+
+    Parameters
+    ----------
+    value : Any
+        A bool, or anything whose ``str`` (stripped) is one of those words.
+
+    Returns
+    -------
+    bool
+        The value.
 
     Raises
     ------
@@ -174,6 +237,11 @@ def parse_value(subject: str, name: str, value: Any, kind: str, spec: Key | None
     caps : bool
         Whether the key's sanity cap applies (it guards input, see :class:`Key`).
 
+    Returns
+    -------
+    bool, int, float or str
+        The typed value (a float is always finite).
+
     Raises
     ------
     FedSMSError
@@ -205,6 +273,23 @@ class Settings:
 
         Keys may be spelt with ``-`` (Flower's run-config style) or ``_``; values may be
         text. An unknown key or a bad value raises :class:`fedsms.FedSMSError` naming it.
+
+        Parameters
+        ----------
+        values : mapping of str to Any
+            Keys of this class and their values; keys left out keep ``base``'s values.
+        base : Settings, optional
+            The settings to start from; None: the declared defaults.
+
+        Returns
+        -------
+        Settings
+            A new instance of ``cls`` (every value checked).
+
+        Raises
+        ------
+        FedSMSError
+            For an unknown key or a bad value.
         """
         names = [f.name for f, _ in declared(cls)]
         updates = {}
@@ -217,7 +302,13 @@ class Settings:
         return replace(base or cls(), **updates)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every key (``_`` spelling) and its value."""
+        """Every key (``_`` spelling) and its value.
+
+        Returns
+        -------
+        dict of str to Any
+            Key to typed value, in declaration order (JSON-serialisable).
+        """
         return asdict(self)
 
 
@@ -227,6 +318,9 @@ class RunKeys(Settings):
 
     Declarations only; :class:`fedsms.config.RunConfig` adds the rules across keys and the
     candidates. Per-candidate hyperparameters carry ``candidate=``.
+
+    Each field is one key; its type and default are the field's, and its help text, range
+    and whether it shapes the soup sit next to it in its ``key(...)`` declaration below.
     """
 
     dataset: str = key("digits", "digits (embedded), mnist1d or mnist1d-N (generated), cifar10, cifar100, mnist "
@@ -283,6 +377,9 @@ class FederationKeys(Settings):
     """The keys only a federated run has; they share the run keys' namespace.
 
     Declarations only; :class:`fedsms.config.FederationConfig` is the class to use.
+
+    Each field is one key; its type and default are the field's, and its help text, range
+    and whether it shapes the soup sit next to it in its ``key(...)`` declaration below.
     """
 
     mode: str = key("hyperparameter", "hyperparameter (clients differ by recipe) or data (clients differ by shard)",

@@ -26,7 +26,23 @@ SIGNAL_LENGTH = 40
 
 
 def parse_samples(name: str) -> int:
-    """Sample count of ``mnist1d`` (the default) or ``mnist1d-N``."""
+    """Sample count of ``mnist1d`` (the default) or ``mnist1d-N``.
+
+    Parameters
+    ----------
+    name : str
+        ``"mnist1d"`` or ``"mnist1d-N"`` with N >= 100.
+
+    Returns
+    -------
+    int
+        ``DEFAULT_SAMPLES`` or N (train and test together).
+
+    Raises
+    ------
+    FedSMSError
+        If ``name`` is neither form or N < 100.
+    """
     if name == "mnist1d":
         return DEFAULT_SAMPLES
     match = re.fullmatch(r"mnist1d-(\d+)", name)
@@ -59,7 +75,26 @@ def _arrays(x: np.ndarray, y: np.ndarray) -> ArrayData:
 
 def load_mnist1d_arrays(name: str, data_dir: Path | None = None) -> tuple[ArrayData, ArrayData]:
     """(train, test): mnist1d's own 80/20 split of ``parse_samples(name)`` signals, cached
-    as ``data_dir/mnist1d-N.npz`` when a data folder is given (never a pickle)."""
+    as ``data_dir/mnist1d-N.npz`` when a data folder is given (never a pickle).
+
+    Parameters
+    ----------
+    name : str
+        ``"mnist1d"`` or ``"mnist1d-N"`` (see :func:`parse_samples`).
+    data_dir : pathlib.Path, optional
+        Folder of the cache; None: generate every time, write nothing.
+
+    Returns
+    -------
+    tuple of (ArrayData, ArrayData)
+        Train and test signals as float32 images (N, 1, 1, 40) in [0, 1], int64 labels.
+
+    Raises
+    ------
+    FedSMSError
+        If the name is bad, or the data must be generated and the ``mnist1d`` package is
+        not installed.
+    """
     num_samples = parse_samples(name)
     cache = data_dir / f"mnist1d-{num_samples}.npz" if data_dir is not None else None
     if cache is not None and cache.exists():

@@ -122,7 +122,30 @@ VISION_DATASETS = tuple(_CIFAR) + tuple(_IDX)
 
 
 def load_vision_arrays(name: str, data_dir: Path, download: bool = True) -> tuple[ArrayData, ArrayData, int]:
-    """(train, test, num_classes) with uint8 images (N, C, H, W) and int64 labels."""
+    """(train, test, num_classes) with uint8 images (N, C, H, W) and int64 labels.
+
+    Where the files are looked for and how they are fetched is in the module docstring.
+
+    Parameters
+    ----------
+    name : str
+        ``"cifar10"``, ``"cifar100"``, ``"mnist"`` or ``"fashion-mnist"``.
+    data_dir : pathlib.Path
+        The data folder (``~`` is expanded).
+    download : bool, default True
+        Fetch the official archives when the files are missing.
+
+    Returns
+    -------
+    tuple of (ArrayData, ArrayData, int)
+        Train and test data and the number of classes (10 or 100).
+
+    Raises
+    ------
+    FedSMSError
+        If the name is unknown, the files are missing and cannot be downloaded (the message
+        names the URL and the folder), or a file is damaged.
+    """
     data_dir = Path(data_dir).expanduser()
     if name in _CIFAR:
         return _load_cifar(_CIFAR[name], data_dir, download)

@@ -175,7 +175,7 @@ def final_table(rows: list[dict]) -> str:
     -------
     str
         A header and one line per method, values in % as mean ± std over seeds, and the
-        number of seeds; ``-`` where there is no OOD accuracy.
+        number of seeds; ``-`` where there is no OOD accuracy or ECE.
     """
     width = max(len(m) for m in methods_in(rows))
     lines = [f"{'method':>{width}}  {'sparsity':>8}  {'test acc %':>15}  {'OOD acc %':>15}  {'ECE %':>15}  seeds"]
@@ -183,10 +183,11 @@ def final_table(rows: list[dict]) -> str:
         last = max(r["phase"] for r in rows if r["method"] == method)
         mine = [r for r in rows if r["method"] == method and r["phase"] == last]
         ood = [r["ood_accuracy"] for r in mine if "ood_accuracy" in r]
+        ece = [r["ece"] for r in mine if "ece" in r]  # a user's federated evaluation may not report it
         lines.append(
             f"{method:>{width}}  {100 * statistics.fmean(r['sparsity'] for r in mine):7.2f}%  "
             f"{_fmt([r['accuracy'] for r in mine]):>15}  {_fmt(ood) if ood else '-':>15}  "
-            f"{_fmt([r['ece'] for r in mine]):>15}  {len(mine)}"
+            f"{_fmt(ece) if ece else '-':>15}  {len(mine)}"
         )
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ MERGE_RULES = ("uniform", "weighted", "greedy")
 FEDERATED_MODES = ("hyperparameter", "data")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 VALUE_DTYPES = ("fp32", "fp16", "bf16")
+CLIENT_PROTOCOLS = ("compact", "flower")
 RECALIBRATIONS = ("server", "federated")
 PRUNING_SCHEDULES = ("imp", "gmp")
 
@@ -403,6 +404,9 @@ class FederationKeys(Settings):
     fraction_evaluate: float = key(1.0, "fraction of clients asked for federated evaluation", at_least=0, at_most=1,
                                    shapes_soup=False)
     value_dtype: str = key("fp32", "fp32, fp16 or bf16 values on the wire", choices=VALUE_DTYPES)
+    client_protocol: str = key("compact", "compact (fedsms clients: values under the mask) or flower (unchanged "
+                                          "Flower ClientApps: the dense model in content['arrays'])",
+                               choices=CLIENT_PROTOCOLS)
     recalibration: str = key("server", "norm statistics re-estimated on the server's data or by the clients",
                              choices=RECALIBRATIONS)
     server_data: bool = key(True, "the server holds the data set (central evaluation, recalibration, greedy)")

@@ -49,6 +49,7 @@ from fedsms.schedule import Round, federated_rounds
 from fedsms.soup import RunningAverage
 
 from fedsms_flower.records import JOB_KEY, payload_of, record_of
+from fedsms_server.flower_layout import ARRAYS_KEY, read_update, record_bytes, soup_record
 
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
@@ -66,9 +67,15 @@ class Update:
     """One client's training reply, unpacked from its Message."""
 
     node: int
-    payload: bytes = b""
+    payload: bytes = b""  # a compact reply (fedsms clients)
     metrics: dict = field(default_factory=dict)
     error: str | None = None  # why the reply is unusable, before decoding
+    arrays: ArrayRecord | None = None  # a reply in Flower's standard layout (unchanged ClientApps)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the model data the reply carried."""
+        return record_bytes(self.arrays) if self.arrays is not None else len(self.payload)
 
 
 def unpack_reply(reply: Message, node: int) -> Update:
@@ -77,7 +84,10 @@ def unpack_reply(reply: Message, node: int) -> Update:
     if reply.has_error():
         return Update(node, error=f"the client failed: {reply.error.reason}")
     try:
-        return Update(node, payload_of(reply.content["update"]), dict(reply.content["metrics"]))
+        metrics = dict(reply.content["metrics"])
+        if ARRAYS_KEY in reply.content and "update" not in reply.content:  # Flower's standard layout
+            return Update(node, metrics=metrics, arrays=reply.content[ARRAYS_KEY])
+        return Update(node, payload_of(reply.content["update"]), metrics)
     except (KeyError, TypeError, ValueError, codec.PayloadError) as error:
         return Update(node, error=f"the reply has no readable update ({error})")
 
@@ -305,21 +315,31 @@ class SparseSoupStrategy(Strategy):
         return codec.encode(self.soup, self.mask, phase=self.phase_at(server_round)[0], round=server_round,
                             kind="soup", value_dtype=self.fed.value_dtype)
 
+    def _soup_entry(self, server_round: int) -> tuple[dict, int]:
+        """The soup under its record key, as the clients read it, and its bytes: the compact
+        payload (values under the mask and the mask bits), or for unchanged Flower
+        ClientApps (``client-protocol = flower``) the dense ``ArrayRecord``."""
+        if self.fed.client_protocol == "flower":
+            record = soup_record(self.soup)
+            return {ARRAYS_KEY: record}, record_bytes(record)
+        payload = self.soup_payload(server_round)
+        return {"soup": record_of(payload)}, len(payload)
+
     # ---- training ----------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One message per client: the soup payload, the client's candidate hyperparameters
         and the job's settings (a client needs no run config of its own)."""
         phase, _ = self.phase_at(server_round)
-        payload = self.soup_payload(server_round)
+        soup, nbytes = self._soup_entry(server_round)
         nodes = self._sample(grid, server_round)
         self.current.clients = len(nodes)
-        self.current.bytes_down += len(payload) * len(nodes)
+        self.current.bytes_down += nbytes * len(nodes)
         messages = []
         for i, node in enumerate(nodes):
             candidate = self.candidate_for(i, phase, server_round)
             content = RecordDict({
-                "soup": record_of(payload),
+                **soup,
                 "config": ConfigRecord({
                     **dict(config), **candidate.to_dict(), "phase": phase, "server-round": server_round,
                     "candidate": i, "num-candidates": len(nodes), **self._job_flags(server_round),
@@ -369,8 +389,8 @@ class SparseSoupStrategy(Strategy):
                 log.rejected[update.node] = str(error)
                 self.log(f"round {server_round}: rejected reply from node {update.node}: {error}")
                 continue
-            log.bytes_up += len(update.payload)
-            merge.add({**decoded.values, **decoded.dense}, decoded.num_examples)
+            log.bytes_up += update.nbytes
+            merge.add(*decoded)
             metrics.add({k: torch.tensor(float(v)) for k, v in update.metrics.items()})
         log.accepted = merge.count
         if merge.count < self.fed.min_train_clients:
@@ -426,12 +446,12 @@ class SparseSoupStrategy(Strategy):
         available = sorted(grid.get_node_ids())
         count = max(1, int(round(self.fed.fraction_evaluate * len(available))))
         phase, _ = self.phase_at(server_round)
-        payload = self.soup_payload(server_round)
-        self.current.bytes_down += len(payload) * count
+        soup, nbytes = self._soup_entry(server_round)
+        self.current.bytes_down += nbytes * count
         evaluate_config = ConfigRecord({**dict(config), "phase": phase, "server-round": server_round, "ood": self.run.ood,
                                         "ood-examples": self.run.ood_examples, **self._job_flags(server_round)})
         return [
-            Message(content=RecordDict({"soup": record_of(payload), "config": evaluate_config, JOB_KEY: self._job_record()}),
+            Message(content=RecordDict({**soup, "config": evaluate_config, JOB_KEY: self._job_record()}),
                     dst_node_id=node, message_type=MessageType.EVALUATE)
             for node in available[:count]
         ]
@@ -622,13 +642,21 @@ class SparseSoupStrategy(Strategy):
         draw = torch.randperm(len(nodes), generator=torch.Generator().manual_seed(self.run.seed * 100_003 + server_round))
         return [nodes[i] for i in sorted(draw[:count].tolist())]
 
-    def _decode_update(self, update: Update, phase: int, server_round: int) -> codec.Decoded:
+    def _decode_update(self, update: Update, phase: int, server_round: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The update's values under the mask (and dense extras) and its example count."""
         if update.error is not None:
             raise codec.PayloadError(update.error)
-        decoded = codec.decode(
-            update.payload, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,
-            expected_phase=phase, expected_round=server_round, expected_kind="update",
-        )
-        if not 0 < decoded.num_examples <= MAX_EXAMPLES:
-            raise codec.PayloadError(f"the reply claims {decoded.num_examples} training examples")
-        return decoded
+        if update.arrays is not None:  # Flower's standard layout: the count comes with the metrics
+            values = read_update(update.arrays, self.soup, self.mask)
+            examples = update.metrics.get("num-examples")
+            if isinstance(examples, bool) or not isinstance(examples, int):
+                raise codec.PayloadError(f"the reply's metrics hold num-examples={examples!r}, not an int")
+        else:
+            decoded = codec.decode(
+                update.payload, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,
+                expected_phase=phase, expected_round=server_round, expected_kind="update",
+            )
+            values, examples = {**decoded.values, **decoded.dense}, decoded.num_examples
+        if not 0 < examples <= MAX_EXAMPLES:
+            raise codec.PayloadError(f"the reply claims {examples} training examples")
+        return values, examples

@@ -125,16 +125,31 @@ def _serialisable(value: Any) -> bool:
         return False
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint written by ``save_checkpoint``.
-
-    Nothing is unpickled. The mask must match the digest in the JSON, fit the state's
-    shapes, and the state must be zero outside it.
+def has_mask(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` has a mask file.
 
     Parameters
     ----------
     path : str or pathlib.Path
         The base path ``X``, or any of the checkpoint's three file names.
+    """
+    return _paths(_base(path))[1].is_file()
+
+
+def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
+    """Read and validate a checkpoint written by ``save_checkpoint``.
+
+    Nothing is unpickled. The mask must match the digest in the JSON, fit the state's
+    shapes, and the state must be zero outside it. With ``dense_ok``, a model without a
+    mask file (``export_model``'s output, or a bare ``X.safetensors`` state dict) loads too:
+    its mask is empty, meaning dense, and its metadata is its JSON object when there is one.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The base path ``X``, or any of the checkpoint's three file names.
+    dense_ok : bool
+        Accept a model without a mask file.
 
     Returns
     -------
@@ -149,6 +164,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     base = _base(path)
     model_path, mask_path, json_path = _paths(base)
+    if dense_ok and not mask_path.is_file():
+        return _load_dense(base)
     for needed in (json_path, model_path, mask_path):
         if not needed.is_file():
             raise FedSMSError(f"checkpoint file {needed} is missing; pass the path of a complete fedsms checkpoint")
@@ -179,6 +196,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             "it was modified after saving, use another checkpoint"
         )
     return Checkpoint(state, mask, metadata)
+
+
+def _load_dense(base: Path) -> Checkpoint:
+    model_path, _, json_path = _paths(base)
+    if not model_path.is_file():
+        raise FedSMSError(f"checkpoint file {model_path} is missing; pass the path of a fedsms checkpoint or a .safetensors state dict")
+    metadata: Any = {}
+    if json_path.is_file():
+        try:
+            metadata = json.loads(json_path.read_text())
+        except ValueError as error:
+            raise FedSMSError(f"{json_path} is not valid JSON ({error}); the checkpoint is damaged, use another one") from None
+    if not isinstance(metadata, dict):
+        raise FedSMSError(f"{json_path} holds no JSON object; the checkpoint is damaged, use another one")
+    try:
+        state = load_file(model_path)
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise FedSMSError(f"{model_path} cannot be read ({error}); the file is damaged, use another one") from None
+    return Checkpoint(state, {}, metadata)
 
 
 def check_compatible(checkpoint: Checkpoint, model: nn.Module) -> None:

@@ -18,11 +18,12 @@ of each interval prunes, after the previous round's aggregation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedsms import FedSMSError
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.masks import sparsity_after_phase
+from fedsms.recipe import CandidateConfig, for_phase
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,12 @@ def prune_seed(seed: int, step: int) -> int:
         ``seed * 1000 + step``.
     """
     return seed * 1000 + step
+
+
+def step_candidate(config: CandidateConfig, step: PruneStep) -> CandidateConfig:
+    """How a candidate of the recipe retrains after ``step``: the step's own batch order
+    (``for_phase``) and its epochs. The local driver and ``fedsms retrain`` both use this."""
+    return replace(for_phase(config, step.index), epochs=step.epochs)
 
 
 def cubic_sparsity(step: float, start: float, end: float, initial: float, final: float) -> float:

@@ -120,9 +120,11 @@ def join(args: argparse.Namespace) -> int:
 def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, args: argparse.Namespace) -> int | None:
     """Until the server is gone: then 0 if the last round was handled, else 1. None when
     the SuperNode exited before handling any round."""
-    seen_round = 0
+    seen_round, status = 0, {}
     while True:
-        status = read_status(status_file)
+        # The ClientApp rewrites the file after every message; a read that catches it
+        # mid-write finds no JSON: keep the last status read.
+        status = read_status(status_file) or status
         if status.get("server-round", 0) != seen_round:
             seen_round = status["server-round"]
             print(f"fedsms-client {args.partition_id}: handled round {seen_round}")

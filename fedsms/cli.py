@@ -10,8 +10,10 @@ from pathlib import Path
 
 from fedsms import FedSMSError
 
-def add_config_options(parser: argparse.ArgumentParser, defaults) -> None:
-    """One ``--key`` option per key declared on ``defaults``' class; unset options keep the defaults.
+def add_config_options(parser, defaults, skip: tuple[str, ...] = ()) -> None:
+    """One ``--key`` option per key declared on ``defaults``' class (but those in ``skip``,
+    which the caller declares itself) on ``parser`` (or an argument group); unset options
+    keep the defaults.
 
     Help, metavar and default come from the declaration (:mod:`fedsms.schema`); values are
     parsed and checked when the config is built, so a bad one is refused naming its key.
@@ -19,6 +21,8 @@ def add_config_options(parser: argparse.ArgumentParser, defaults) -> None:
     from fedsms.schema import declared
 
     for field, spec in declared(defaults):
+        if field.name in skip:
+            continue
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         # A bare boolean flag (``--resume``) means true; ``--ood false`` still works.

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", required=True, help="HOST:PORT of fedsms-server")
     parser.add_argument("--partition-id", type=int, required=True, help="this client's index, 0..num-partitions-1")
     parser.add_argument("--num-partitions", type=int, required=True, help="number of clients in the job")
-    parser.add_argument("--data-dir", help="folder of the torchvision data sets on this machine")
+    parser.add_argument("--data-dir", help="this machine's data folder, the node's data-dir: the built-in app's torchvision "
+                                                 "data sets, or what your app's ClientApp reads")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: the job's setting)")
     parser.add_argument("--port", type=int, help="local port of the SuperNode's app API (default: a free one)")
     parser.add_argument("--connect-timeout", type=float, default=120, help="seconds to wait for the server (default: 120)")

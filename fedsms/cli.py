@@ -20,18 +20,20 @@ RETRAIN_KEYS = ("dataset", "data_dir", "model", "heldout_fraction", "candidates"
 SOUP_KEYS = ("merge", "recalibration_fraction", "heldout_fraction", "data_dir", "device")
 
 
-def add_config_options(parser: argparse.ArgumentParser, defaults, keys=None, aliases=None) -> None:
-    """One ``--key`` option per key declared on ``defaults``' class; unset options keep the defaults.
+def add_config_options(parser, defaults, keys=None, aliases=None, skip: tuple[str, ...] = ()) -> None:
+    """One ``--key`` option per key declared on ``defaults``' class on ``parser`` (or an
+    argument group); unset options keep the defaults.
 
     Help, metavar and default come from the declaration (:mod:`fedsms.schema`); values are
     parsed and checked when the config is built, so a bad one is refused naming its key.
-    ``keys`` limits the options to those keys; ``aliases`` maps a key to a shorter flag
-    offered before its own (``{"pruning_schedule": "--schedule"}``).
+    ``keys`` limits the options to those keys; ``skip`` leaves out keys the caller declares
+    itself; ``aliases`` maps a key to a shorter flag offered before its own
+    (``{"pruning_schedule": "--schedule"}``).
     """
     from fedsms.schema import declared
 
     for field, spec in declared(defaults):
-        if keys is not None and field.name not in keys:
+        if (keys is not None and field.name not in keys) or field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         flags = [aliases[field.name], flag] if aliases and field.name in aliases else [flag]

@@ -41,23 +41,28 @@ from fedsms.data import DatasetSplits
 from fedsms.engine import Merge, PhaseHooks, SoupEngine, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, prunable_names, sparsity
-from fedsms.norms import NormStatsAverage, norm_layers
+from fedsms.norms import NormStatsAverage, NormStatsError, norm_layers
 from fedsms.plots import plot_results
 from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.report import final_table, phase_table
 from fedsms.schedule import Round, federated_rounds
 from fedsms.soup import RunningAverage
 
-from fedsms_flower.records import JOB_KEY, payload_of, record_of
+from fedsms_flower.records import JOB_KEY, record_of
+from fedsms_server import gate
 
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
 
 
-MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
+MAX_EXAMPLES = gate.MAX_EXAMPLES  # a reply claiming more is not believed
 
 
-class RoundFailed(FedSMSError):
+class JobStopped(FedSMSError):
+    """The job stopped at its last completed round; its outputs and checkpoint are written."""
+
+
+class RoundFailed(JobStopped):
     """Too few valid replies after every retry: the job stops at the last completed round."""
 
 
@@ -74,12 +79,11 @@ class Update:
 def unpack_reply(reply: Message, node: int) -> Update:
     """``node`` is the client the reply answers for (the SuperLink itself answers, under its
     own node id, for a client that stopped sending heartbeats)."""
-    if reply.has_error():
-        return Update(node, error=f"the client failed: {reply.error.reason}")
     try:
-        return Update(node, payload_of(reply.content["update"]), dict(reply.content["metrics"]))
-    except (KeyError, TypeError, ValueError, codec.PayloadError) as error:
-        return Update(node, error=f"the reply has no readable update ({error})")
+        payload, metrics = gate.train_reply(reply)
+    except gate.Rejected as error:
+        return Update(node, error=str(error))
+    return Update(node, payload, metrics)
 
 
 @dataclass
@@ -159,6 +163,8 @@ class SparseSoupStrategy(Strategy):
         self._merge: Merge | None = None
         self._sent: list[Message] = []  # this round's train messages, in candidate order
         self._started = time.perf_counter()
+        self._good: tuple | None = None  # the soup, mask and digest of the last completed round
+        self._stopped = ""
 
     # ---- the job's shape ---------------------------------------------------------------
 
@@ -264,14 +270,31 @@ class SparseSoupStrategy(Strategy):
                 if evaluate_fn is not None and (metrics := evaluate_fn(step.number, ArrayRecord(self.soup))) is not None:
                     result.evaluate_metrics_serverapp[step.number] = metrics
         except RoundFailed as error:
-            self.write_outputs(stopped=str(error))
+            self._stop(str(error))
             raise
+        except Exception as error:  # any other failure ends the job as a failed round does
+            reason = gate.short(f"{type(error).__name__}: {error}", 400)
+            done = self.rounds[-1].server_round if self.rounds else self.round_offset
+            self._stop(f"unexpected error during round {done + 1} ({reason}); the job stopped at the last "
+                       f"completed round ({done}); fix the cause, then rerun with --resume")
+            raise JobStopped(self._stopped) from error
         self.write_outputs()
         result.arrays = ArrayRecord(self.soup)
         return result
 
+    def _stop(self, reason: str) -> None:
+        """Back to the last completed round's soup, then the outputs with ``reason``."""
+        self._stopped = reason
+        if self._good is not None:
+            self.engine.state, self.engine.mask, self.engine.digest = self._good
+        try:
+            self.write_outputs(stopped=reason)
+        except Exception as error:  # the summary must not hide the first failure
+            self.log(f"job stopped ({reason}); writing its outputs failed too: {gate.short(error)}")
+
     def run_round(self, grid: Grid, step: Round, timeout: float, extra_train: dict, extra_evaluate: dict) -> None:
         """One server round, top to bottom."""
+        self._good = (self.engine.state, self.engine.mask, self.engine.digest)  # replaced, never mutated
         self.begin_round(step.number)
         for attempt in range(self.fed.round_retries + 1):
             if attempt:
@@ -361,17 +384,20 @@ class SparseSoupStrategy(Strategy):
         step = self.schedule[server_round - 1]
         rule = "uniform" if step.phase == 0 and self.run.merge == "greedy" else self.run.merge
         merge = self.engine.merge(rule, ends_phase=step.ends_phase)
-        metrics, log = RunningAverage(), self.current
+        metrics: dict[str, RunningAverage] = {}
+        log = self.current
         for update in updates:
             try:
                 decoded = self._decode_update(update, step.phase, server_round)
             except codec.PayloadError as error:
-                log.rejected[update.node] = str(error)
-                self.log(f"round {server_round}: rejected reply from node {update.node}: {error}")
+                reason = gate.short(error)
+                log.rejected[update.node] = reason
+                self.log(f"round {server_round}: rejected reply from node {update.node}: {reason}")
                 continue
             log.bytes_up += len(update.payload)
             merge.add({**decoded.values, **decoded.dense}, decoded.num_examples)
-            metrics.add({k: torch.tensor(float(v)) for k, v in update.metrics.items()})
+            for key, value in update.metrics.items():  # each key over the replies that report it
+                metrics.setdefault(key, RunningAverage()).add({key: torch.tensor(float(value))})
         log.accepted = merge.count
         if merge.count < self.fed.min_train_clients:
             self.log(f"round {server_round}: only {merge.count} valid replies (min-train-clients is "
@@ -379,7 +405,7 @@ class SparseSoupStrategy(Strategy):
             return {}
         self.engine.end_round(merge)
         self._merge = merge
-        log.train = {k: float(v) for k, v in metrics.mean().items()} if metrics.count else {}
+        log.train = {k: float(average.mean()[k]) for k, average in metrics.items()}
         return log.train
 
     def finish_phase(self, server_round: int, grid: Grid | None = None, timeout: float | None = None) -> None:
@@ -404,12 +430,9 @@ class SparseSoupStrategy(Strategy):
         ]
         pooled = NormStatsAverage(self.model)
         for reply in grid.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():
-                self.log(f"round {server_round}: norm statistics failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
-                continue
             try:
-                pooled.add(reply.content["stats"].to_torch_state_dict(), int(reply.content["metrics"]["num-examples"]))
-            except (KeyError, ValueError) as error:
+                pooled.add(*gate.norm_stats_reply(reply, pooled.template))
+            except (gate.Rejected, NormStatsError) as error:
                 self.log(f"round {server_round}: rejected norm statistics from node {reply.metadata.src_node_id}: {error}")
         if pooled.count == 0:
             self.log(f"phase {phase}: no client returned norm statistics; keeping the averaged statistics")
@@ -440,11 +463,11 @@ class SparseSoupStrategy(Strategy):
         """Example-weighted mean of the clients' evaluation metrics."""
         totals, examples = {}, 0
         for reply in replies:
-            if reply.has_error():
-                self.log(f"round {server_round}: evaluation failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+            try:
+                metrics, n = gate.evaluate_reply(reply)
+            except gate.Rejected as error:
+                self.log(f"round {server_round}: evaluation rejected from node {reply.metadata.src_node_id}: {error}")
                 continue
-            metrics = reply.content["metrics"]
-            n = int(metrics["num-examples"])
             examples += n
             for key, value in metrics.items():
                 if key != "num-examples":

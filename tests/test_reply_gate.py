@@ -172,8 +172,9 @@ def test_reasons_are_short_and_escaped(tmp_path):
     assert len(update.error) <= gate.MAX_REASON and "\n" not in update.error and "\x1b" not in update.error
     strategy = make_strategy(tmp_path)
     strategy.begin_round(1)
-    state = {("w" * (16 << 20) if i == 0 else k): v for i, (k, v) in enumerate(strategy.soup.items())}
-    payload = codec.encode(state, {}, phase=0, round=1, kind="update", num_examples=10)
+    dense = next(k for k in strategy.soup if k not in strategy.mask)
+    state = {("w" * (4 << 20) if k == dense else k): v for k, v in strategy.soup.items()}
+    payload = codec.encode(state, strategy.mask, phase=0, round=1, kind="update", num_examples=10)
     update = unpack_reply(reply({"update": record_of(payload), "metrics": MetricRecord({})}), 5)
     strategy.aggregate_updates(1, [update])
     assert len(strategy.current.rejected[5]) <= gate.MAX_REASON

@@ -383,8 +383,10 @@ class SparseSoupStrategy(Strategy):
         reason and never touch the soup."""
         step = self.schedule[server_round - 1]
         rule = "uniform" if step.phase == 0 and self.run.merge == "greedy" else self.run.merge
-        merge = self.engine.merge(rule, ends_phase=step.ends_phase)
+        merge = self.engine.merge(rule, ends_phase=step.ends_phase, trim_fraction=self.run.trim_fraction,
+                                  max_weight=self.run.max_client_weight, norm_bound=self.run.update_norm_bound)
         metrics: dict[str, RunningAverage] = {}
+        added: list[int] = []  # the nodes of the merged candidates, in order
         log = self.current
         for update in updates:
             try:
@@ -396,6 +398,7 @@ class SparseSoupStrategy(Strategy):
                 continue
             log.bytes_up += len(update.payload)
             merge.add({**decoded.values, **decoded.dense}, decoded.num_examples)
+            added.append(update.node)
             for key, value in update.metrics.items():  # each key over the replies that report it
                 metrics.setdefault(key, RunningAverage()).add({key: torch.tensor(float(value))})
         log.accepted = merge.count
@@ -404,6 +407,9 @@ class SparseSoupStrategy(Strategy):
                      f"{self.fed.min_train_clients}); the soup stays as it was")
             return {}
         self.engine.end_round(merge)
+        for i in merge.dropped:
+            log.rejected[added[i]] = "its update is far larger than the round's median (update-norm-bound)"
+        log.accepted = merge.count
         self._merge = merge
         log.train = {k: float(average.mean()[k]) for k, average in metrics.items()}
         return log.train

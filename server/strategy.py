@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
 from fedsms import FedSMSError, codec
-from fedsms.checkpoint import Checkpoint, check_compatible, export_model, save_checkpoint
+from fedsms.checkpoint import Checkpoint, check_compatible, export_model, remove_stale, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig, soup_shaping_changes
 from fedsms.data import DatasetSplits
 from fedsms.engine import Merge, PhaseHooks, SoupEngine, data_hooks
@@ -254,6 +254,8 @@ class SparseSoupStrategy(Strategy):
             The outputs of the completed rounds are written first.
         """
         self.summary()
+        for stale in remove_stale(self.out_dir / "checkpoints" / "soup"):
+            self.log(f"removed {stale.name}, left by a checkpoint that was interrupted")
         timeout = self.fed.round_timeout if timeout is None else timeout
         extra_train, extra_evaluate = dict(train_config or {}), dict(evaluate_config or {})
         result = Result()
@@ -559,6 +561,8 @@ class SparseSoupStrategy(Strategy):
         """Continue from a round checkpoint written by ``save_checkpoint`` under the same settings."""
         meta = checkpoint.metadata
         saved = meta.get("config", {})
+        if not isinstance(saved, dict):
+            raise FedSMSError("the checkpoint's 'config' is not a JSON object; it is damaged, start a new job in another --out-dir")
         mine = self._settings()
         changed = soup_shaping_changes(saved, mine)  # keys declared with shapes_soup=False may change
         if changed:
@@ -566,6 +570,10 @@ class SparseSoupStrategy(Strategy):
             raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
                               "resume with the same settings or start a new job in another --out-dir")
         check_compatible(checkpoint, self.model)
+        for name, tensor in self.model.state_dict().items():
+            if checkpoint.state[name].dtype != tensor.dtype:
+                raise FedSMSError(f"the checkpoint holds {name!r} as {checkpoint.state[name].dtype}, not "
+                                  f"{tensor.dtype}; it was not written by this job, start a new job in another --out-dir")
         done, history = meta.get("server_round"), meta.get("rounds")
         if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise FedSMSError("the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "

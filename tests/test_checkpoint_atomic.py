@@ -88,6 +88,7 @@ def test_stale_temporaries_are_removed(tmp_path):
     (tmp_path / "soup.0123456789ab.safetensors").write_bytes(b"x")
     removed = remove_stale(base)
     assert {p.name for p in removed} == {".soup.json.abc.tmp", "soup.0123456789ab.safetensors"}
+    assert not (tmp_path / ".soup.json.abc.tmp").exists() and not (tmp_path / "soup.0123456789ab.safetensors").exists()
     assert consistent(base) == 1
 
 

@@ -57,6 +57,8 @@ def node_config(args: argparse.Namespace, status_file: Path) -> str:
 def security_flags(args: argparse.Namespace) -> list[str]:
     if args.insecure and args.root_certificates:
         raise FedSMSError("--insecure and --root-certificates exclude each other; pass one")
+    if args.insecure and args.auth_key:  # fail closed, never drop it
+        raise FedSMSError("--auth-key needs TLS (it is ignored with --insecure); pass --root-certificates, or drop --auth-key")
     if args.insecure:
         print("fedsms-client: WARNING: connecting without TLS (--insecure)", file=sys.stderr)
         flags = ["--insecure"]
@@ -99,6 +101,7 @@ def join(args: argparse.Namespace) -> int:
                 [flower_bin("flower-supernode"), *flags, "--superlink", args.server, "--port", str(args.port or free_port()),
                  "--node-config", config, "--max-wait-time", str(args.connect_timeout)],
                 env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            start_new_session=True,  # stop() ends its whole process group
             )
         try:
             code = watch(supernode, status_file, host, port, args)

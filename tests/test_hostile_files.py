@@ -1,0 +1,62 @@
+"""Files and derived seeds that must not take a job down (issue 12, point 14, and review):
+the MNIST-1D cache is checked before use, and random-pruning seeds never collide."""
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from fedsms import FedSMSError
+from fedsms.data.mnist1d import load_mnist1d_arrays
+from fedsms.schedule import prune_seed
+
+N = 200
+
+
+def test_prune_seeds_are_unchanged_below_step_1000_and_distinct_beyond():
+    assert [prune_seed(s, p) for s in (0, 1, 7) for p in (0, 1, 999)] == [s * 1000 + p for s in (0, 1, 7) for p in (0, 1, 999)]
+    seeds = [prune_seed(s, p) for s in (0, 1, 2, 2**32 - 1) for p in (*range(995, 1006), 2000, 10**6)]
+    assert len(set(seeds)) == len(seeds)
+    assert prune_seed(1, 1000) != prune_seed(2, 0)  # the old seed*1000+step collided here
+    assert max(prune_seed(2**32 - 1, p) for p in range(1000)) < prune_seed(0, 1000)
+    with pytest.raises(FedSMSError):
+        prune_seed(-1, 1000)
+
+
+def good_cache() -> dict:
+    rng = np.random.default_rng(0)
+    return {"x": rng.normal(size=(160, 40)), "y": rng.integers(0, 10, 160), "x_test": rng.normal(size=(40, 40)),
+            "y_test": rng.integers(0, 10, 40)}
+
+
+@pytest.mark.parametrize("damage", ["wrong keys", "nan", "labels 1e9", "wrong count", "wrong length", "not a zip",
+                                    "bomb"])
+def test_a_damaged_mnist1d_cache_is_refused_in_one_sentence(tmp_path, damage):
+    data = good_cache()
+    path = tmp_path / f"mnist1d-{N}.npz"
+    if damage == "wrong keys":
+        data["z"] = data.pop("x")
+    elif damage == "nan":
+        data["x"][3, 4] = np.nan
+    elif damage == "labels 1e9":
+        data["y"][0] = 10**9
+    elif damage == "wrong count":
+        data["x"], data["y"] = data["x"][:10], data["y"][:10]
+    elif damage == "wrong length":
+        data["x"] = data["x"][:, :20]
+    if damage == "not a zip":
+        path.write_bytes(b"garbage")
+    elif damage == "bomb":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for key in ("x", "y", "x_test", "y_test"):
+                archive.writestr(f"{key}.npy", b"\0" * (8 << 20))  # 8 MiB of zeros, compressed to a few KB
+    else:
+        np.savez(path, **data)
+    with pytest.raises(FedSMSError, match="delete it"):
+        load_mnist1d_arrays(f"mnist1d-{N}", tmp_path)
+
+
+def test_a_good_mnist1d_cache_loads(tmp_path):
+    np.savez(tmp_path / f"mnist1d-{N}.npz", **good_cache())
+    train, test = load_mnist1d_arrays(f"mnist1d-{N}", tmp_path)
+    assert len(train) == 160 and len(test) == 40

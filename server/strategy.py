@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
-from fedsms import FedSMSError, codec
+from fedsms import FedSMSError, codec, safefile
 from fedsms.checkpoint import Checkpoint, check_compatible, export_model, remove_stale, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig, soup_shaping_changes
 from fedsms.data import DatasetSplits
@@ -506,8 +506,7 @@ class SparseSoupStrategy(Strategy):
         self._started = time.perf_counter()
         self.rounds.append(log)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "rounds.jsonl", "a") as f:
-            f.write(json.dumps(log.__dict__) + "\n")
+        safefile.append_line(self.out_dir / "rounds.jsonl", json.dumps(log.__dict__) + "\n")
         self.save_checkpoint(server_round)
 
     def phase_rows(self) -> list[dict]:
@@ -530,12 +529,11 @@ class SparseSoupStrategy(Strategy):
         self.model.load_state_dict(self.soup)
         final = export_model(out / "final_model", self.model, self._model_metadata())
         rows = self.phase_rows()
-        with open(out / "results.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        safefile.write_text(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         if rows and all("accuracy" in r for r in rows):
             plot_results(rows, out)
             self.log("\n" + phase_table(rows) + "\n" + final_table(rows))
-        (out / "summary.json").write_text(json.dumps({
+        safefile.write_text(out / "summary.json", json.dumps({
             "config": self._settings(),
             "model": self._model_metadata(),
             "phases": rows,
@@ -588,7 +586,7 @@ class SparseSoupStrategy(Strategy):
         self.round_offset = done
         # rounds.jsonl may hold a line for a round whose checkpoint never landed: that round reruns.
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "rounds.jsonl").write_text("".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
+        safefile.write_text(self.out_dir / "rounds.jsonl", "".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
         self.log(f"resumed after round {done} (phase {self.phase_at(done)[0]}, sparsity {sparsity(self.mask):.2%}); "
                  f"{self.rounds_left} rounds left")
 

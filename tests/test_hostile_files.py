@@ -60,3 +60,30 @@ def test_a_good_mnist1d_cache_loads(tmp_path):
     np.savez(tmp_path / f"mnist1d-{N}.npz", **good_cache())
     train, test = load_mnist1d_arrays(f"mnist1d-{N}", tmp_path)
     assert len(train) == 160 and len(test) == 40
+
+
+def test_planted_symlinks_in_the_output_folder_are_not_followed(tmp_path):
+    import torch
+
+    from fedsms.config import FederationConfig, RunConfig
+    from fedsms.models import build_for
+    from fedsms_server.strategy import SparseSoupStrategy
+
+    from helpers import digits
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("rounds.jsonl", "summary.json", "results.jsonl"):
+        (out / name).symlink_to(target)
+    run = RunConfig(model="mlp", phases=1, target_sparsity=0.5, ood=False, out_dir=str(out))
+    torch.manual_seed(0)
+    strategy = SparseSoupStrategy(run, FederationConfig(pretrain_rounds=1), build_for("mlp", digits()),
+                                  server_data=digits(), out_dir=out, log=lambda _: None)
+    strategy.begin_round(1)
+    with pytest.raises(FedSMSError, match="symbolic link"):
+        strategy.end_round(1)
+    strategy.write_outputs()  # summary.json and results.jsonl replace the links
+    assert target.read_text() == "keep me\n"
+    assert not (out / "summary.json").is_symlink() and not (out / "results.jsonl").is_symlink()

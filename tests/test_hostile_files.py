@@ -87,3 +87,30 @@ def test_planted_symlinks_in_the_output_folder_are_not_followed(tmp_path):
     strategy.write_outputs()  # summary.json and results.jsonl replace the links
     assert target.read_text() == "keep me\n"
     assert not (out / "summary.json").is_symlink() and not (out / "results.jsonl").is_symlink()
+
+
+def test_idx_dimensions_whose_product_overflows_are_refused(tmp_path):
+    from fedsms.data.vision import _read_idx
+
+    path = tmp_path / "images"
+    path.write_bytes(bytes((0, 0, 8, 3)) + (2**32 - 1).to_bytes(4, "big") * 3 + b"\0" * 16)
+    with pytest.raises(FedSMSError, match="truncated or corrupt"):
+        _read_idx(path, ndim=3, title="MNIST")
+
+
+def test_a_gzip_bomb_is_refused_before_it_is_read_whole(tmp_path):
+    import gzip
+
+    from fedsms.data import vision
+
+    path = tmp_path / "images.gz"
+    with gzip.open(path, "wb") as f:
+        for _ in range(4):
+            f.write(b"\0" * (1 << 20))  # 4 MiB of zeros: a few KB on disk
+    with pytest.raises(FedSMSError, match="more than"):
+        vision._read_bytes(path, limit=1 << 20)
+    sparse = tmp_path / "data_batch_1.bin"
+    with open(sparse, "wb") as f:
+        f.truncate(2 << 20)  # a sparse file: large, costs nothing on disk
+    with pytest.raises(FedSMSError, match="more than"):
+        vision._read_bytes(sparse, limit=1 << 20)

@@ -93,7 +93,8 @@ def test_idx_dimensions_whose_product_overflows_are_refused(tmp_path):
     from fedsms.data.vision import _read_idx
 
     path = tmp_path / "images"
-    path.write_bytes(bytes((0, 0, 8, 3)) + (2**32 - 1).to_bytes(4, "big") * 3 + b"\0" * 16)
+    dims = (2**31, 2**31, 4)  # 2**64 elements: an int64 product wraps to 0, matching an empty body
+    path.write_bytes(bytes((0, 0, 8, 3)) + b"".join(d.to_bytes(4, "big") for d in dims))
     with pytest.raises(FedSMSError, match="truncated or corrupt"):
         _read_idx(path, ndim=3, title="MNIST")
 

@@ -221,7 +221,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if not (isinstance(files, dict) and all(isinstance(files.get(k), str) and "/" not in files[k]
                                                 and files[k].startswith(base.name + ".") for k in ("state", "mask"))):
             raise FedSMSError(f"{json_path} names no valid tensor files; the checkpoint is damaged, use another one")
+        plain = model_path
         model_path, mask_path = base.with_name(files["state"]), base.with_name(files["mask"])
+        if (plain.is_file() and model_path.is_file() and not os.path.samefile(plain, model_path)
+                and plain.stat().st_mtime_ns > json_path.stat().st_mtime_ns):
+            model_path = plain  # X.safetensors was edited after saving: check what a user would load
     for needed in (model_path, mask_path):
         if not needed.is_file():
             raise FedSMSError(f"checkpoint file {needed} is missing; pass the path of a complete fedsms checkpoint")

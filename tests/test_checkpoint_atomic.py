@@ -4,6 +4,7 @@ damaged file is refused with one sentence."""
 
 import json
 import multiprocessing
+import os
 import random
 import signal
 import time
@@ -76,8 +77,12 @@ def test_a_mixed_set_of_files_still_loads_the_manifests_round(tmp_path):
     base = tmp_path / "soup"
     save_checkpoint(base, *round_state(1), {"server_round": 1})
     save_checkpoint(base, *round_state(2), {"server_round": 2})
-    # an older writer (or a kill between the manifest and the plain links) left round 1's tensors beside it
-    save_file(round_state(1)[0], base.with_name("soup.safetensors"))
+    # a kill between the manifest and the plain links left round 1's tensors beside round 2's manifest
+    plain = base.with_name("soup.safetensors")
+    plain.unlink()
+    save_file(round_state(1)[0], plain)
+    manifest = base.with_name("soup.json").stat().st_mtime_ns
+    os.utime(plain, ns=(manifest - 10**9, manifest - 10**9))
     assert consistent(base) == 2
 
 

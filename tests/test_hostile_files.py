@@ -115,3 +115,13 @@ def test_a_gzip_bomb_is_refused_before_it_is_read_whole(tmp_path):
         f.truncate(2 << 20)  # a sparse file: large, costs nothing on disk
     with pytest.raises(FedSMSError, match="more than"):
         vision._read_bytes(sparse, limit=1 << 20)
+
+
+def test_an_empty_data_set_is_refused_not_a_nan_mean():
+    import torch
+
+    from fedsms.data.arrays import ArrayData
+    from fedsms.data.splits import channel_stats
+
+    with pytest.raises(FedSMSError, match="empty"):
+        channel_stats(ArrayData(torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)))

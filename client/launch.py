@@ -57,8 +57,6 @@ def node_config(args: argparse.Namespace, status_file: Path) -> str:
 def security_flags(args: argparse.Namespace) -> list[str]:
     if args.insecure and args.root_certificates:
         raise FedSMSError("--insecure and --root-certificates exclude each other; pass one")
-    if args.insecure and args.auth_key:  # fail closed, never drop it
-        raise FedSMSError("--auth-key needs TLS (it is ignored with --insecure); pass --root-certificates, or drop --auth-key")
     if args.insecure:
         print("fedsms-client: WARNING: connecting without TLS (--insecure)", file=sys.stderr)
         flags = ["--insecure"]

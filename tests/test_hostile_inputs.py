@@ -13,7 +13,6 @@ import pytest
 
 from fedsms import FedSMSError
 from fedsms.config import FederationConfig, RunConfig
-from fedsms_client import launch as client_launch
 from fedsms_server import launch as server_launch
 
 
@@ -22,15 +21,6 @@ def test_server_refuses_node_authentication_without_tls(extra):
     args = server_launch.build_parser().parse_args(["--insecure", *extra])
     with pytest.raises(FedSMSError, match="need TLS"):
         server_launch.security_flags(args)
-
-
-def test_client_refuses_an_auth_key_without_tls(tmp_path):
-    key = tmp_path / "key"
-    key.write_text("x")
-    args = client_launch.build_parser().parse_args(["--insecure", "--auth-key", str(key), "--server", "h:1", "--partition-id", "0",
-                                                    "--num-partitions", "1"])
-    with pytest.raises(FedSMSError, match="needs TLS"):
-        client_launch.security_flags(args)
 
 
 LAUNCHER = textwrap.dedent("""

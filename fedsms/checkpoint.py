@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from fedsms import FedSMSError
@@ -163,8 +163,9 @@ def save_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], mask: M
     generation = secrets.token_hex(6)
     state_file = base.with_name(f"{base.name}.{generation}.safetensors")
     mask_file = base.with_name(f"{base.name}.{generation}.mask.safetensors")
-    _atomic_write(state_file, lambda tmp: save_file(_contiguous(state), tmp))
-    _atomic_write(mask_file, lambda tmp: save_file({k: v.to(torch.uint8) for k, v in _contiguous(mask).items()}, tmp))
+    # safetensors.save + our own temporary: save_file keeps a temporary of its own that a kill would leave behind
+    _atomic_write(state_file, lambda tmp: Path(tmp).write_bytes(save(_contiguous(state))))
+    _atomic_write(mask_file, lambda tmp: Path(tmp).write_bytes(save({k: v.to(torch.uint8) for k, v in _contiguous(mask).items()})))
     record["files"] = {"state": state_file.name, "mask": mask_file.name}
     text = json.dumps(record, indent=2, allow_nan=False)
     _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))  # the commit point

@@ -33,7 +33,7 @@ def append_line(path: str | Path, line: str) -> None:
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags, 0o644)
-    except OSError as error:
+    except OSError:
         if Path(path).is_symlink():
             raise FedSMSError(f"{path} is a symbolic link; fedsms does not write through links, remove it") from None
         raise

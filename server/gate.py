@@ -15,9 +15,9 @@ import io
 import math
 from collections.abc import Mapping
 
-from numpy.lib import format as npy
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from numpy.lib import format as npy
 
 from fedsms import FedSMSError, codec
 from fedsms_flower.records import payload_of

@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import os
 import random
-import signal
 import time
 
 import pytest

@@ -64,12 +64,11 @@ def test_a_good_mnist1d_cache_loads(tmp_path):
 
 def test_planted_symlinks_in_the_output_folder_are_not_followed(tmp_path):
     import torch
+    from helpers import digits
 
     from fedsms.config import FederationConfig, RunConfig
     from fedsms.models import build_for
     from fedsms_server.strategy import SparseSoupStrategy
-
-    from helpers import digits
 
     target = tmp_path / "precious.txt"
     target.write_text("keep me\n")

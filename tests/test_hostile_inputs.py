@@ -83,8 +83,9 @@ def test_absurd_run_settings_are_refused_by_the_schema(bad):
 
 
 def test_an_absurd_model_width_is_refused_before_allocating():
-    from fedsms.models import build_for
     from helpers import digits
+
+    from fedsms.models import build_for
 
     with pytest.raises(FedSMSError, match="width"):
         build_for("mlp-4000000000", digits())

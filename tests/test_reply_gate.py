@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from helpers import digits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
-from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fedsms import codec
-from flwr.supercore.task_identity import TaskIdentity
 from fedsms.checkpoint import load_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.models import build_for
@@ -22,8 +24,6 @@ from fedsms.norms import NormStatsAverage, NormStatsError, norm_stats
 from fedsms_flower.records import record_of
 from fedsms_server import gate
 from fedsms_server.strategy import JobStopped, SparseSoupStrategy, unpack_reply
-
-from helpers import digits
 
 SPLITS = digits()
 
@@ -201,7 +201,7 @@ def test_property_every_reply_kind_is_checked_or_rejected(kind, metrics, header,
     template = {"bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(4)}
     content = {"metrics": MetricRecord(metrics)}
     if kind == "train":
-        content["update"] = ArrayRecord({"payload": hostile_array((("uint8",) + header[1:]))})
+        content["update"] = ArrayRecord({"payload": hostile_array(("uint8",) + header[1:])})
     elif kind == "norm_stats":
         content["stats"] = ArrayRecord({"bn.running_mean": hostile_array(header), "bn.running_var": Array(np.ones(4, "float32"))})
     content.pop(drop, None)
@@ -227,8 +227,9 @@ def test_property_every_reply_kind_is_checked_or_rejected(kind, metrics, header,
 # ---- any unexpected error: stopped at the last completed round, with a summary ----------
 
 def test_an_unexpected_error_stops_the_job_at_the_last_completed_round(tmp_path):
-    from fedsms_client.app import make_client_app
     from helpers import LocalGrid, partitions
+
+    from fedsms_client.app import make_client_app
 
     strategy = make_strategy(tmp_path, min_available_clients=2, fraction_evaluate=0.0)
     calls = []

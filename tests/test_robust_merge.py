@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from helpers import digits
 
 from fedsms import FedSMSError, codec
 from fedsms.config import FederationConfig, RunConfig
@@ -14,8 +15,6 @@ from fedsms.engine import Merge, capped_shares
 from fedsms.models import build_for
 from fedsms.soup import RunningAverage, SoupError
 from fedsms_server.strategy import SparseSoupStrategy, Update
-
-from helpers import digits
 
 SPLITS = digits()
 

@@ -124,3 +124,33 @@ def test_an_empty_data_set_is_refused_not_a_nan_mean():
 
     with pytest.raises(FedSMSError, match="empty"):
         channel_stats(ArrayData(torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)))
+
+
+@pytest.mark.parametrize("damage", ["config list", "fp16 soup", "fp64 soup"])
+def test_a_damaged_round_checkpoint_is_refused_on_resume(tmp_path, damage):
+    import torch
+
+    from fedsms.checkpoint import Checkpoint
+    from fedsms.config import FederationConfig, RunConfig
+    from fedsms.models import build_for
+    from fedsms_server.strategy import SparseSoupStrategy
+
+    from helpers import digits
+
+    run = RunConfig(model="mlp", phases=1, target_sparsity=0.5, ood=False, out_dir=str(tmp_path))
+    torch.manual_seed(0)
+    strategy = SparseSoupStrategy(run, FederationConfig(pretrain_rounds=1), build_for("mlp", digits()),
+                                  server_data=digits(), out_dir=tmp_path, log=lambda _: None)
+    strategy.begin_round(1)
+    strategy.end_round(1)
+    from fedsms.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "checkpoints" / "soup")
+    state, metadata = dict(saved.state), dict(saved.metadata)
+    if damage == "config list":
+        metadata["config"] = [1, 2]
+    else:
+        dtype = torch.float16 if damage == "fp16 soup" else torch.float64
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with pytest.raises(FedSMSError):
+        strategy.restore(Checkpoint(state, saved.mask, metadata))

@@ -100,6 +100,7 @@ def join(args: argparse.Namespace) -> int:
                 [flower_bin("flower-supernode"), *flags, "--superlink", args.server, "--port", str(args.port or free_port()),
                  "--node-config", config, "--max-wait-time", str(args.connect_timeout)],
                 env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            start_new_session=True,  # stop() ends its whole process group
             )
         try:
             code = watch(supernode, status_file, host, port, args)

@@ -1,27 +1,39 @@
 """Checkpoints: ``X.safetensors`` (the model's state dict, loadable with a plain
 ``model.load_state_dict``), ``X.mask.safetensors`` (the mask) and ``X.json`` (metadata).
 
-Nothing is pickled. Every file is written to a temporary name and renamed, the JSON last,
-so a checkpoint is complete exactly when its JSON exists.
+Nothing is pickled. A checkpoint is one atomic unit: the tensors are written under names of
+their own generation (``X.<gen>.safetensors``, ``X.<gen>.mask.safetensors``), then the JSON
+manifest naming them replaces ``X.json`` in one rename, so a reader sees the old checkpoint
+or the new one, never a mix. ``X.safetensors`` and ``X.mask.safetensors`` are then linked to
+the new generation for a plain ``load_state_dict``; the reader goes by the manifest.
+Temporaries and generations no manifest names are removed by ``remove_stale``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from fedsms import FedSMSError
 from fedsms.masks import Mask, mask_digest, outside_mask_nonzeros, sparsity
 
 FORMAT_VERSION = 1
+MAX_METADATA_BYTES = 64 << 20
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 @dataclass
@@ -65,6 +77,43 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _link(source: Path, path: Path) -> None:
+    """``path`` becomes ``source``'s content in one rename (a hard link where possible)."""
+    def write(tmp: str) -> None:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    _atomic_write(path, write)
+
+
+def remove_stale(path: str | Path) -> list[Path]:
+    """Remove the temporaries and tensor generations of checkpoint ``X`` that its manifest
+    does not name (left by a process killed while writing). Returns what was removed."""
+    base = _base(path)
+    if not base.parent.is_dir():
+        return []
+    keep: set[str] = set()
+    try:
+        record = json.loads(_paths(base)[2].read_text())
+        if isinstance(record, dict) and isinstance(record.get("files"), dict):
+            keep = {v for v in record["files"].values() if isinstance(v, str)}
+    except (OSError, ValueError, RecursionError):
+        pass
+    generation = re.compile(re.escape(base.name) + r"\.[0-9a-f]{12}\.(mask\.)?safetensors$")
+    temporary = re.compile(r"\." + re.escape(base.name) + r"\..*\.tmp$")
+    removed = []
+    for entry in base.parent.iterdir():
+        if entry.name not in keep and (generation.match(entry.name) or temporary.match(entry.name)):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
 
 
 def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,9 +160,18 @@ def save_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], mask: M
     except (TypeError, ValueError):
         bad = next((k for k, v in record.items() if not _serialisable(v)), "?")
         raise FedSMSError(f"checkpoint metadata key {bad!r} is not JSON-serialisable; pass plain numbers, strings, lists or dicts") from None
-    _atomic_write(model_path, lambda tmp: save_file(_contiguous(state), tmp))
-    _atomic_write(mask_path, lambda tmp: save_file({k: v.to(torch.uint8) for k, v in _contiguous(mask).items()}, tmp))
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+    generation = secrets.token_hex(6)
+    state_file = base.with_name(f"{base.name}.{generation}.safetensors")
+    mask_file = base.with_name(f"{base.name}.{generation}.mask.safetensors")
+    # safetensors.save + our own temporary: save_file keeps a temporary of its own that a kill would leave behind
+    _atomic_write(state_file, lambda tmp: Path(tmp).write_bytes(save(_contiguous(state))))
+    _atomic_write(mask_file, lambda tmp: Path(tmp).write_bytes(save({k: v.to(torch.uint8) for k, v in _contiguous(mask).items()})))
+    record["files"] = {"state": state_file.name, "mask": mask_file.name}
+    text = json.dumps(record, indent=2, allow_nan=False)
+    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))  # the commit point
+    _link(state_file, model_path)
+    _link(mask_file, mask_path)
+    remove_stale(base)
     return model_path
 
 
@@ -166,13 +224,29 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
     model_path, mask_path, json_path = _paths(base)
     if dense_ok and not mask_path.is_file():
         return _load_dense(base)
-    for needed in (json_path, model_path, mask_path):
+    if not json_path.is_file():
+        raise FedSMSError(f"checkpoint file {json_path} is missing; pass the path of a complete fedsms checkpoint")
+    if json_path.stat().st_size > MAX_METADATA_BYTES:
+        raise FedSMSError(f"{json_path} is larger than {MAX_METADATA_BYTES >> 20} MiB; it is not a fedsms checkpoint")
+    try:
+        metadata = json.loads(json_path.read_text(), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:
+        raise FedSMSError(f"{json_path} is not valid JSON ({str(error)[:80]}); the checkpoint is damaged, use another one") from None
+    if not isinstance(metadata, dict):
+        raise FedSMSError(f"{json_path} holds a JSON {type(metadata).__name__}, not an object; it is not a fedsms checkpoint")
+    files = metadata.get("files")
+    if files is not None:  # a manifest: its generation's files, whatever X.safetensors holds
+        if not (isinstance(files, dict) and all(isinstance(files.get(k), str) and "/" not in files[k]
+                                                and files[k].startswith(base.name + ".") for k in ("state", "mask"))):
+            raise FedSMSError(f"{json_path} names no valid tensor files; the checkpoint is damaged, use another one")
+        plain = model_path
+        model_path, mask_path = base.with_name(files["state"]), base.with_name(files["mask"])
+        if (plain.is_file() and model_path.is_file() and not os.path.samefile(plain, model_path)
+                and plain.stat().st_mtime_ns > json_path.stat().st_mtime_ns):
+            model_path = plain  # X.safetensors was edited after saving: check what a user would load
+    for needed in (model_path, mask_path):
         if not needed.is_file():
             raise FedSMSError(f"checkpoint file {needed} is missing; pass the path of a complete fedsms checkpoint")
-    try:
-        metadata = json.loads(json_path.read_text())
-    except ValueError as error:
-        raise FedSMSError(f"{json_path} is not valid JSON ({error}); the checkpoint is damaged, use another one") from None
     for key, kind in (("format_version", int), ("mask_digest", str), ("mask_tensors", list)):
         if not isinstance(metadata.get(key), kind):
             raise FedSMSError(f"{json_path} lacks {key!r} ({kind.__name__}); it was not written by fedsms, use another checkpoint")
@@ -189,6 +263,9 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
     for name, keep in mask.items():
         if name not in state or state[name].shape != keep.shape:
             raise FedSMSError(f"mask tensor {name!r} does not fit the state in {model_path}; the checkpoint is damaged")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FedSMSError(f"tensor {name!r} in {model_path} has NaN or Inf values; the checkpoint is damaged, use another one")
     bad = outside_mask_nonzeros(state, mask)
     if bad:
         raise FedSMSError(
@@ -272,13 +349,18 @@ def export_model(path: str | Path, model: nn.Module, metadata: dict | None = Non
 
     Raises
     ------
-    TypeError
-        If ``metadata`` is not JSON-serialisable (the ``.safetensors`` file is already
-        written then).
+    FedSMSError
+        If ``metadata`` is not JSON-serialisable or holds NaN/Inf (nothing is written then).
     """
+    try:
+        text = json.dumps(metadata or {}, indent=2, allow_nan=False)
+    except (TypeError, ValueError):
+        bad = next((k for k, v in (metadata or {}).items() if not _serialisable(v)), "?")
+        raise FedSMSError(f"model metadata key {bad!r} is not JSON-serialisable (NaN, Inf or an object); "
+                          "pass plain numbers, strings, lists or dicts") from None
     base = _base(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     model_path, _, json_path = _paths(base)
     _atomic_write(model_path, lambda tmp: save_file(_contiguous(model.state_dict()), tmp))
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(metadata or {}, indent=2)))
+    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
     return model_path

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -258,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(prog: str, command, args: argparse.Namespace) -> int:
-    """Run ``command(args)``: a user's mistake ends in one sentence and exit code 2, not a traceback."""
+    """Run ``command(args)``: a user's mistake ends in one sentence and exit code 2, not a traceback.
+    SIGTERM ends it as SIGINT does, so every child process is stopped on the way out."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return command(args)
     except FedSMSError as error:
@@ -267,6 +273,13 @@ def run_command(prog: str, command, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; results and checkpoints written so far are kept", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,7 +167,8 @@ class LocalRun:
             trained = self.trainer.train(engine.state, engine.mask, configs, label)
             if spec.ensemble:
                 rows.append(self._ensemble_row(step, engine.mask, [s for s, _ in trained], started))
-            merge = engine.merge((spec.rule or config.merge) if many else "uniform")
+            merge = engine.merge((spec.rule or config.merge) if many else "uniform", trim_fraction=config.trim_fraction,
+                                 max_weight=config.max_client_weight, norm_bound=config.update_norm_bound)
             for state, metrics in trained:
                 merge.add(values_under_mask(state, engine.mask), metrics["num_examples"])
             engine.end_round(merge)

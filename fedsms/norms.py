@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from fedsms import FedSMSError
 from fedsms.data.arrays import ArrayData, DataSource, batches, count_examples, iterate_batches
 
 
@@ -150,6 +151,10 @@ def norm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: state[name].detach().cpu().clone() for name in norm_stat_names(model)}
 
 
+class NormStatsError(FedSMSError, ValueError):
+    """Norm statistics that cannot be pooled; nothing of them was added."""
+
+
 class NormStatsAverage:
     """Pools norm statistics that clients estimated on their own data (federated recalibration).
 
@@ -190,17 +195,21 @@ class NormStatsAverage:
 
         Raises
         ------
-        ValueError
-            If the names differ from the model's, ``examples`` is not positive or a tensor
-            has another shape.
+        NormStatsError
+            If the names differ from the model's, ``examples`` is not a positive int, or a
+            tensor has another shape or non-finite values; nothing is added then.
         """
         if list(stats) != list(self.template):
-            raise ValueError("norm statistics name other tensors than the model's norm layers")
-        if examples <= 0:
-            raise ValueError(f"norm statistics over {examples} examples")
+            raise NormStatsError("norm statistics name other tensors than the model's norm layers")
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples <= 0:
+            raise NormStatsError(f"norm statistics over {examples!r} examples")
+        for name, value in stats.items():  # every check before the first sum changes
+            if not isinstance(value, torch.Tensor) or value.shape != self.template[name].shape:
+                raise NormStatsError(f"norm statistic {name!r} has shape {tuple(getattr(value, 'shape', ()))}, "
+                                     f"not {tuple(self.template[name].shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise NormStatsError(f"norm statistic {name!r} has NaN or Inf values")
         for name, value in stats.items():
-            if value.shape != self.template[name].shape:
-                raise ValueError(f"norm statistic {name!r} has shape {tuple(value.shape)}")
             value = value.double()
             if name.endswith("running_mean"):
                 var_name = name[: -len("mean")] + "var"
@@ -225,9 +234,11 @@ class NormStatsAverage:
 
         Raises
         ------
-        KeyError
+        NormStatsError
             If nothing was added.
         """
+        if not self.count:
+            raise NormStatsError("no norm statistics were added; nothing to pool")
         out = {}
         for name, template in self.template.items():
             if name.endswith("running_mean"):

@@ -84,9 +84,20 @@ def prune_seed(seed: int, step: int) -> int:
     Returns
     -------
     int
-        ``seed * 1000 + step``.
+        ``seed * 1000 + step`` for steps below 1000 (as always), ``seed + step * 2**32``
+        from step 1000 on: distinct for every (seed, step) with ``0 <= seed < 2**32``
+        (the schema's range), and above every value of the first form.
+
+    Raises
+    ------
+    FedSMSError
+        If a step of 1000 or more comes with a seed outside ``[0, 2**32)``.
     """
-    return seed * 1000 + step
+    if step < 1000:
+        return seed * 1000 + step
+    if not 0 <= seed < 2**32:
+        raise FedSMSError(f"seed {seed} is outside 0..2**32-1; prune steps from 1000 on need a seed in that range")
+    return seed + step * 2**32
 
 
 def step_candidate(config: CandidateConfig, step: PruneStep) -> CandidateConfig:

@@ -28,7 +28,7 @@ from fedsms import FedSMSError
 METHODS = ("imp", "imp-best", "imp-avg", "sms", "sms-greedy", "gmp", "gmp-soup")
 PRUNING_METHODS = ("global", "uniform", "random")
 LR_SCHEDULES = ("linear", "cosine", "constant")
-MERGE_RULES = ("uniform", "weighted", "greedy")
+MERGE_RULES = ("uniform", "weighted", "greedy", "trimmed-mean", "median")
 FEDERATED_MODES = ("hyperparameter", "data")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 VALUE_DTYPES = ("fp32", "fp16", "bf16")
@@ -356,8 +356,14 @@ class RunKeys(Settings):
                                  candidate="warmup_fraction")
     augment: bool = key(True, "random translation (and flips where they fit) during training", candidate="augment")
     recipe: str = key("", "how candidates differ, e.g. 'weight_decay=1e-4,5e-4;lr=0.05,0.1' (seeds always differ)")
-    merge: str = key("uniform", "uniform, weighted (by examples) or greedy (held-out accuracy) soup",
-                     choices=MERGE_RULES)
+    merge: str = key("uniform", "uniform, weighted (by examples) or greedy (held-out accuracy) soup; "
+                     "trimmed-mean or median (coordinate-wise, robust to bad candidates)", choices=MERGE_RULES)
+    trim_fraction: float = key(0.2, "fraction of the candidates cut at each end, per value, by merge trimmed-mean",
+                               at_least=0, below=0.5)
+    max_client_weight: float = key(1.0, "largest share one candidate may have in a weighted merge (1: no cap)",
+                                   above=0, at_most=1)
+    update_norm_bound: float = key(0.0, "reject candidates farther from the soup than this many times the "
+                                   "round's median distance (0: off)", at_least=0, cap=1e6)
     recalibration_fraction: float = key(0.2, "fraction of training data for norm-statistics recalibration",
                                         above=0, at_most=1)
     heldout_fraction: float = key(0.1, "fraction of the training data held out (seeded) for greedy/best-of-m",

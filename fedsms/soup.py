@@ -60,8 +60,8 @@ class RunningAverage:
             If the tensors' names, order or shapes differ from the first candidate's;
             nothing is added then.
         """
-        if weight <= 0:
-            raise ValueError(f"weight must be positive, got {weight}")
+        if not 0 < weight < float("inf"):  # NaN fails too
+            raise ValueError(f"weight must be a positive finite number, got {weight}")
         if self._sums:
             self._check_like(tensors)
         for name, value in tensors.items():

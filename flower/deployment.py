@@ -112,14 +112,45 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
-    if process.poll() is not None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds. A process
+    started with ``start_new_session=True`` is stopped with its whole process group (the
+    app processes a SuperLink or SuperNode started), as a terminal's Ctrl-C would."""
+    group = process.pid if process.poll() is None and _leads_group(process.pid) else None
+    if group is None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
         return
-    process.send_signal(signal.SIGTERM)
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.poll()
+        if not _signal_group(group, 0):  # the whole group has exited
+            return
+        time.sleep(0.1)
+    _signal_group(group, signal.SIGKILL)
+    process.wait()
+
+
+def _leads_group(pid: int) -> bool:
     try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _signal_group(group: int, signum: int) -> bool:
+    """Signal a process group; False when no process of it is left."""
+    try:
+        os.killpg(group, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # only a zombie is left
+        return False
 
 
 # ---- the ``flwr`` CLI and Flower's logs (no API for these in Flower 1.41) ----------------

@@ -69,6 +69,9 @@ def security_flags(args: argparse.Namespace) -> tuple[list[str], str | None]:
     certs = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
     if args.insecure and any(certs):
         raise FedSMSError("--insecure and certificate files exclude each other; pass one or the other")
+    if args.insecure and (args.enable_supernode_auth or args.authorized_key):  # fail closed, never drop them
+        raise FedSMSError("--enable-supernode-auth and --authorized-key need TLS (the SuperLink ignores them with "
+                          "--insecure); pass the three certificate files, or drop the authentication flags")
     if args.insecure:
         print("fedsms-server: WARNING: running without TLS (--insecure); traffic is readable and clients are not verified",
               file=sys.stderr)
@@ -157,6 +160,7 @@ def serve(args: argparse.Namespace) -> int:
         superlink = subprocess.Popen(
             [flower_bin("flower-superlink"), *flags, "--host", args.host, "--port", str(args.port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            start_new_session=True,  # stop() ends its whole process group
         )
     try:
         wait_until_reachable("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, 60, "the SuperLink")

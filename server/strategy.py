@@ -34,31 +34,36 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
-from fedsms import FedSMSError, codec
-from fedsms.checkpoint import Checkpoint, check_compatible, export_model, save_checkpoint
+from fedsms import FedSMSError, codec, safefile
+from fedsms.checkpoint import Checkpoint, check_compatible, export_model, remove_stale, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig, soup_shaping_changes
 from fedsms.data import DatasetSplits
 from fedsms.engine import Merge, PhaseHooks, SoupEngine, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, prunable_names, sparsity
-from fedsms.norms import NormStatsAverage, norm_layers
+from fedsms.norms import NormStatsAverage, NormStatsError, norm_layers
 from fedsms.plots import plot_results
 from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.report import final_table, phase_table
 from fedsms.schedule import Round, federated_rounds
 from fedsms.soup import RunningAverage
 
-from fedsms_flower.records import JOB_KEY, payload_of, record_of
+from fedsms_flower.records import JOB_KEY, record_of
+from fedsms_server import gate
 from fedsms_server.flower_layout import ARRAYS_KEY, read_update, record_bytes, soup_record
 
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
 
 
-MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
+MAX_EXAMPLES = gate.MAX_EXAMPLES  # a reply claiming more is not believed
 
 
-class RoundFailed(FedSMSError):
+class JobStopped(FedSMSError):
+    """The job stopped at its last completed round; its outputs and checkpoint are written."""
+
+
+class RoundFailed(JobStopped):
     """Too few valid replies after every retry: the job stops at the last completed round."""
 
 
@@ -81,15 +86,13 @@ class Update:
 def unpack_reply(reply: Message, node: int) -> Update:
     """``node`` is the client the reply answers for (the SuperLink itself answers, under its
     own node id, for a client that stopped sending heartbeats)."""
-    if reply.has_error():
-        return Update(node, error=f"the client failed: {reply.error.reason}")
     try:
-        metrics = dict(reply.content["metrics"])
-        if ARRAYS_KEY in reply.content and "update" not in reply.content:  # Flower's standard layout
-            return Update(node, metrics=metrics, arrays=reply.content[ARRAYS_KEY])
-        return Update(node, payload_of(reply.content["update"]), metrics)
-    except (KeyError, TypeError, ValueError, codec.PayloadError) as error:
-        return Update(node, error=f"the reply has no readable update ({error})")
+        model, metrics = gate.train_reply(reply)
+    except gate.Rejected as error:
+        return Update(node, error=str(error))
+    if isinstance(model, ArrayRecord):  # Flower's standard layout
+        return Update(node, metrics=metrics, arrays=model)
+    return Update(node, model, metrics)
 
 
 @dataclass
@@ -169,6 +172,8 @@ class SparseSoupStrategy(Strategy):
         self._merge: Merge | None = None
         self._sent: list[Message] = []  # this round's train messages, in candidate order
         self._started = time.perf_counter()
+        self._good: tuple | None = None  # the soup, mask and digest of the last completed round
+        self._stopped = ""
 
     # ---- the job's shape ---------------------------------------------------------------
 
@@ -258,6 +263,8 @@ class SparseSoupStrategy(Strategy):
             The outputs of the completed rounds are written first.
         """
         self.summary()
+        for stale in remove_stale(self.out_dir / "checkpoints" / "soup"):
+            self.log(f"removed {stale.name}, left by a checkpoint that was interrupted")
         timeout = self.fed.round_timeout if timeout is None else timeout
         extra_train, extra_evaluate = dict(train_config or {}), dict(evaluate_config or {})
         result = Result()
@@ -274,14 +281,31 @@ class SparseSoupStrategy(Strategy):
                 if evaluate_fn is not None and (metrics := evaluate_fn(step.number, ArrayRecord(self.soup))) is not None:
                     result.evaluate_metrics_serverapp[step.number] = metrics
         except RoundFailed as error:
-            self.write_outputs(stopped=str(error))
+            self._stop(str(error))
             raise
+        except Exception as error:  # any other failure ends the job as a failed round does
+            reason = gate.short(f"{type(error).__name__}: {error}", 400)
+            done = self.rounds[-1].server_round if self.rounds else self.round_offset
+            self._stop(f"unexpected error during round {done + 1} ({reason}); the job stopped at the last "
+                       f"completed round ({done}); fix the cause, then rerun with --resume")
+            raise JobStopped(self._stopped) from error
         self.write_outputs()
         result.arrays = ArrayRecord(self.soup)
         return result
 
+    def _stop(self, reason: str) -> None:
+        """Back to the last completed round's soup, then the outputs with ``reason``."""
+        self._stopped = reason
+        if self._good is not None:
+            self.engine.state, self.engine.mask, self.engine.digest = self._good
+        try:
+            self.write_outputs(stopped=reason)
+        except Exception as error:  # the summary must not hide the first failure
+            self.log(f"job stopped ({reason}); writing its outputs failed too: {gate.short(error)}")
+
     def run_round(self, grid: Grid, step: Round, timeout: float, extra_train: dict, extra_evaluate: dict) -> None:
         """One server round, top to bottom."""
+        self._good = (self.engine.state, self.engine.mask, self.engine.digest)  # replaced, never mutated
         self.begin_round(step.number)
         for attempt in range(self.fed.round_retries + 1):
             if attempt:
@@ -380,26 +404,35 @@ class SparseSoupStrategy(Strategy):
         reason and never touch the soup."""
         step = self.schedule[server_round - 1]
         rule = "uniform" if step.phase == 0 and self.run.merge == "greedy" else self.run.merge
-        merge = self.engine.merge(rule, ends_phase=step.ends_phase)
-        metrics, log = RunningAverage(), self.current
+        merge = self.engine.merge(rule, ends_phase=step.ends_phase, trim_fraction=self.run.trim_fraction,
+                                  max_weight=self.run.max_client_weight, norm_bound=self.run.update_norm_bound)
+        metrics: dict[str, RunningAverage] = {}
+        added: list[int] = []  # the nodes of the merged candidates, in order
+        log = self.current
         for update in updates:
             try:
                 decoded = self._decode_update(update, step.phase, server_round)
             except codec.PayloadError as error:
-                log.rejected[update.node] = str(error)
-                self.log(f"round {server_round}: rejected reply from node {update.node}: {error}")
+                reason = gate.short(error)
+                log.rejected[update.node] = reason
+                self.log(f"round {server_round}: rejected reply from node {update.node}: {reason}")
                 continue
             log.bytes_up += update.nbytes
             merge.add(*decoded)
-            metrics.add({k: torch.tensor(float(v)) for k, v in update.metrics.items()})
+            added.append(update.node)
+            for key, value in update.metrics.items():  # each key over the replies that report it
+                metrics.setdefault(key, RunningAverage()).add({key: torch.tensor(float(value))})
         log.accepted = merge.count
         if merge.count < self.fed.min_train_clients:
             self.log(f"round {server_round}: only {merge.count} valid replies (min-train-clients is "
                      f"{self.fed.min_train_clients}); the soup stays as it was")
             return {}
         self.engine.end_round(merge)
+        for i in merge.dropped:
+            log.rejected[added[i]] = "its update is far larger than the round's median (update-norm-bound)"
+        log.accepted = merge.count
         self._merge = merge
-        log.train = {k: float(v) for k, v in metrics.mean().items()} if metrics.count else {}
+        log.train = {k: float(average.mean()[k]) for k, average in metrics.items()}
         return log.train
 
     def finish_phase(self, server_round: int, grid: Grid | None = None, timeout: float | None = None) -> None:
@@ -424,12 +457,9 @@ class SparseSoupStrategy(Strategy):
         ]
         pooled = NormStatsAverage(self.model)
         for reply in grid.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():
-                self.log(f"round {server_round}: norm statistics failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
-                continue
             try:
-                pooled.add(reply.content["stats"].to_torch_state_dict(), int(reply.content["metrics"]["num-examples"]))
-            except (KeyError, ValueError) as error:
+                pooled.add(*gate.norm_stats_reply(reply, pooled.template))
+            except (gate.Rejected, NormStatsError) as error:
                 self.log(f"round {server_round}: rejected norm statistics from node {reply.metadata.src_node_id}: {error}")
         if pooled.count == 0:
             self.log(f"phase {phase}: no client returned norm statistics; keeping the averaged statistics")
@@ -460,11 +490,11 @@ class SparseSoupStrategy(Strategy):
         """Example-weighted mean of the clients' evaluation metrics."""
         totals, examples = {}, 0
         for reply in replies:
-            if reply.has_error():
-                self.log(f"round {server_round}: evaluation failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+            try:
+                metrics, n = gate.evaluate_reply(reply)
+            except gate.Rejected as error:
+                self.log(f"round {server_round}: evaluation rejected from node {reply.metadata.src_node_id}: {error}")
                 continue
-            metrics = reply.content["metrics"]
-            n = int(metrics["num-examples"])
             examples += n
             for key, value in metrics.items():
                 if key != "num-examples":
@@ -495,8 +525,7 @@ class SparseSoupStrategy(Strategy):
         self._started = time.perf_counter()
         self.rounds.append(log)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "rounds.jsonl", "a") as f:
-            f.write(json.dumps(log.__dict__) + "\n")
+        safefile.append_line(self.out_dir / "rounds.jsonl", json.dumps(log.__dict__) + "\n")
         self.save_checkpoint(server_round)
 
     def phase_rows(self) -> list[dict]:
@@ -519,12 +548,11 @@ class SparseSoupStrategy(Strategy):
         self.model.load_state_dict(self.soup)
         final = export_model(out / "final_model", self.model, self._model_metadata())
         rows = self.phase_rows()
-        with open(out / "results.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        safefile.write_text(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         if rows and all("accuracy" in r for r in rows):
             plot_results(rows, out)
             self.log("\n" + phase_table(rows) + "\n" + final_table(rows))
-        (out / "summary.json").write_text(json.dumps({
+        safefile.write_text(out / "summary.json", json.dumps({
             "config": self._settings(),
             "model": self._model_metadata(),
             "phases": rows,
@@ -550,6 +578,8 @@ class SparseSoupStrategy(Strategy):
         """Continue from a round checkpoint written by ``save_checkpoint`` under the same settings."""
         meta = checkpoint.metadata
         saved = meta.get("config", {})
+        if not isinstance(saved, dict):
+            raise FedSMSError("the checkpoint's 'config' is not a JSON object; it is damaged, start a new job in another --out-dir")
         mine = self._settings()
         changed = soup_shaping_changes(saved, mine)  # keys declared with shapes_soup=False may change
         if changed:
@@ -557,6 +587,10 @@ class SparseSoupStrategy(Strategy):
             raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
                               "resume with the same settings or start a new job in another --out-dir")
         check_compatible(checkpoint, self.model)
+        for name, tensor in self.model.state_dict().items():
+            if checkpoint.state[name].dtype != tensor.dtype:
+                raise FedSMSError(f"the checkpoint holds {name!r} as {checkpoint.state[name].dtype}, not "
+                                  f"{tensor.dtype}; it was not written by this job, start a new job in another --out-dir")
         done, history = meta.get("server_round"), meta.get("rounds")
         if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise FedSMSError("the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
@@ -571,7 +605,7 @@ class SparseSoupStrategy(Strategy):
         self.round_offset = done
         # rounds.jsonl may hold a line for a round whose checkpoint never landed: that round reruns.
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "rounds.jsonl").write_text("".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
+        safefile.write_text(self.out_dir / "rounds.jsonl", "".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
         self.log(f"resumed after round {done} (phase {self.phase_at(done)[0]}, sparsity {sparsity(self.mask):.2%}); "
                  f"{self.rounds_left} rounds left")
 
@@ -646,11 +680,8 @@ class SparseSoupStrategy(Strategy):
         """The update's values under the mask (and dense extras) and its example count."""
         if update.error is not None:
             raise codec.PayloadError(update.error)
-        if update.arrays is not None:  # Flower's standard layout: the count comes with the metrics
-            values = read_update(update.arrays, self.soup, self.mask)
-            examples = update.metrics.get("num-examples")
-            if isinstance(examples, bool) or not isinstance(examples, int):
-                raise codec.PayloadError(f"the reply's metrics hold num-examples={examples!r}, not an int")
+        if update.arrays is not None:  # Flower's standard layout: the gate checked num-examples in the metrics
+            values, examples = read_update(update.arrays, self.soup, self.mask), int(update.metrics["num-examples"])
         else:
             decoded = codec.decode(
                 update.payload, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,

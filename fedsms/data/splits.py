@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsms import FedSMSError
+
 from fedsms.data.arrays import ArrayData, Augmentation
 
 
@@ -95,6 +97,8 @@ def channel_stats(data: ArrayData, chunk: int = 4096) -> tuple[tuple[float, ...]
         total += x.sum(dim=(0, 2, 3))
         squares += x.square().sum(dim=(0, 2, 3))
     n = len(data) * data.images.shape[2] * data.images.shape[3]
+    if n == 0:
+        raise FedSMSError("the data set is empty (no examples or zero-sized images); check the data files")
     mean = total / n
     std = (squares / n - mean.square()).clamp_min(1e-12).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())

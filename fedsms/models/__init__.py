@@ -71,12 +71,17 @@ class Classifier(nn.Module):
         return self.net(self.normalize(x))
 
 
+MAX_MLP_WIDTH = 65536  # mlp-W beyond this would not fit in memory
+
+
 def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
     from fedsms.models import small
 
     if name == "mlp":
         return small.mlp(num_classes, input_shape)
     if match := re.fullmatch(r"mlp-(\d+)", name):
+        if not 1 <= int(match[1]) <= MAX_MLP_WIDTH:
+            raise FedSMSError(f"model {name!r}: the width must be 1 to {MAX_MLP_WIDTH}; pick a smaller mlp-WIDTH")
         return small.mlp(num_classes, input_shape, hidden=(int(match[1]),) * 2)
     if name == "cnn":
         return small.SmallCNN(num_classes, input_shape)

@@ -75,13 +75,14 @@ def timed(method: Callable, totals: dict, key: str) -> Callable:
 
 
 def instrument() -> tuple[dict[int, dict[str, float]], list[float]]:
-    """Time the strategy's hooks per server round, and stamp the end of every round."""
+    """Time the strategy's hooks per server round, and stamp the job's start and the end of every round."""
     from fedsms_server.strategy import SparseSoupStrategy
 
     totals: dict[int, dict[str, float]] = {}
     for hook, key in HOOKS.items():
         setattr(SparseSoupStrategy, hook, timed(getattr(SparseSoupStrategy, hook), totals, key))
     stamps: list[float] = []
+    SparseSoupStrategy.summary = stamped(SparseSoupStrategy.summary, stamps)  # start() calls it first
     SparseSoupStrategy.end_round = stamped(SparseSoupStrategy.end_round, stamps)
     return totals, stamps
 

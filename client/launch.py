@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", required=True, help="HOST:PORT of fedsms-server")
     parser.add_argument("--partition-id", type=int, required=True, help="this client's index, 0..num-partitions-1")
     parser.add_argument("--num-partitions", type=int, required=True, help="number of clients in the job")
-    parser.add_argument("--data-dir", help="folder of the torchvision data sets on this machine")
+    parser.add_argument("--data-dir", help="this machine's data folder, the node's data-dir: the built-in app's torchvision "
+                                                 "data sets, or what your app's ClientApp reads")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: the job's setting)")
     parser.add_argument("--port", type=int, help="local port of the SuperNode's app API (default: a free one)")
     parser.add_argument("--connect-timeout", type=float, default=120, help="seconds to wait for the server (default: 120)")
@@ -99,6 +100,7 @@ def join(args: argparse.Namespace) -> int:
                 [flower_bin("flower-supernode"), *flags, "--superlink", args.server, "--port", str(args.port or free_port()),
                  "--node-config", config, "--max-wait-time", str(args.connect_timeout)],
                 env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            start_new_session=True,  # stop() ends its whole process group
             )
         try:
             code = watch(supernode, status_file, host, port, args)
@@ -120,9 +122,11 @@ def join(args: argparse.Namespace) -> int:
 def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, args: argparse.Namespace) -> int | None:
     """Until the server is gone: then 0 if the last round was handled, else 1. None when
     the SuperNode exited before handling any round."""
-    seen_round = 0
+    seen_round, status = 0, {}
     while True:
-        status = read_status(status_file)
+        # The ClientApp rewrites the file after every message; a read that catches it
+        # mid-write finds no JSON: keep the last status read.
+        status = read_status(status_file) or status
         if status.get("server-round", 0) != seen_round:
             seen_round = status["server-round"]
             print(f"fedsms-client {args.partition_id}: handled round {seen_round}")

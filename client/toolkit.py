@@ -165,10 +165,29 @@ class Received:
 
     @property
     def is_train(self) -> bool:
+        """Whether the received message is a train message (its reply carries the model)."""
         return self.message.metadata.message_type == MessageType.TRAIN
 
     def enforce(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> MaskHook:
-        """``enforce_mask(optimizer, model, self.mask)``: pruned weights stay zero through ``optimizer``."""
+        """``enforce_mask(optimizer, model, self.mask)``: pruned weights stay zero through ``optimizer``.
+
+        Parameters
+        ----------
+        optimizer : torch.optim.Optimizer
+            The optimizer that trains ``model``.
+        model : torch.nn.Module
+            The model the soup was loaded into, already on its device.
+
+        Returns
+        -------
+        MaskHook
+            ``remove()`` it (or use it as a context manager) to detach.
+
+        Raises
+        ------
+        FedSMSError
+            If the mask names a tensor the model lacks or has another shape.
+        """
         return enforce_mask(optimizer, model, self.mask)
 
     def reply(

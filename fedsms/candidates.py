@@ -35,6 +35,37 @@ def train_one(
     log: Log | None = None,
     label: str = "",
 ) -> tuple[State, dict]:
+    """Retrain one candidate from ``start`` under ``mask`` (see :func:`fedsms.training.train_candidate`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Scratch model of the job's architecture, on ``device``; its weights are overwritten.
+    start : mapping of str to torch.Tensor
+        The state every candidate of the phase starts from.
+    mask : Mask
+        The phase's mask, kept after every optimizer step.
+    splits : DatasetSplits
+        ``splits.train`` is trained on, with ``splits.augmentation``.
+    config : CandidateConfig
+        This candidate's hyperparameters.
+    device : torch.device
+        Where to train.
+    log : callable, optional
+        Receives one line per epoch (``"<label> epoch e/E loss L"``).
+    label : str, default ""
+        How the candidate is named in the log lines.
+
+    Returns
+    -------
+    tuple of (dict of str to torch.Tensor, dict)
+        The retrained state (a CPU copy) and the metrics ``train_candidate`` returns.
+
+    Raises
+    ------
+    FedSMSError
+        As :func:`fedsms.training.train_candidate`.
+    """
     model.load_state_dict(start)
 
     def progress(epoch: int, epochs: int, loss: float) -> None:
@@ -48,7 +79,22 @@ def train_one(
 
 
 class CandidateTrainer:
-    """Trains lists of candidates; ``close()`` (or ``with``) stops any worker processes."""
+    """Trains lists of candidates; ``close()`` (or ``with``) stops any worker processes.
+
+    Parameters
+    ----------
+    model_name : str
+        The model to build (``fedsms.models.build_for``), here and in each worker.
+    splits : DatasetSplits
+        The data; with workers it is sent to each of them once.
+    device : torch.device
+        Where candidates train (workers share it).
+    workers : int, default 1
+        Worker processes (spawned); 1 trains in this process. Each worker gets an equal
+        share of the CPU threads.
+    log : callable, optional
+        Receives progress lines (per epoch in this process, per candidate with workers).
+    """
 
     def __init__(self, model_name: str, splits: DatasetSplits, device: torch.device, workers: int = 1, log: Log | None = None):
         self.model = build_for(model_name, splits).to(device)
@@ -64,6 +110,29 @@ class CandidateTrainer:
             )
 
     def train(self, start: Mapping[str, torch.Tensor], mask: Mask, configs: Sequence[CandidateConfig], label: str) -> list[tuple[State, dict]]:
+        """Retrain one candidate per config, all from ``start`` under ``mask``.
+
+        Parameters
+        ----------
+        start : mapping of str to torch.Tensor
+            The state every candidate starts from.
+        mask : Mask
+            The mask every candidate keeps.
+        configs : sequence of CandidateConfig
+            One per candidate.
+        label : str
+            Prefix of the log lines (e.g. the phase).
+
+        Returns
+        -------
+        list of tuple of (dict of str to torch.Tensor, dict)
+            Per config, in order: the retrained CPU state and its training metrics.
+
+        Raises
+        ------
+        FedSMSError
+            As :func:`fedsms.training.train_candidate` (re-raised from a worker).
+        """
         if self._pool is None:
             return [
                 train_one(self.model, start, mask, self.splits, c, self.device, self.log, f"{label} candidate {i + 1}/{len(configs)}")
@@ -79,6 +148,7 @@ class CandidateTrainer:
         return results
 
     def close(self) -> None:
+        """Stop the worker processes (pending candidates are cancelled); safe to call twice."""
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None

@@ -1,25 +1,44 @@
-"""The ``fedsms`` command: ``local``, ``simulate``, ``soup`` and ``inspect``."""
+"""The ``fedsms`` command: ``local``, ``simulate``, ``prune``, ``retrain``, ``soup`` and ``inspect``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
 from fedsms import FedSMSError
 
-def add_config_options(parser: argparse.ArgumentParser, defaults) -> None:
-    """One ``--key`` option per key declared on ``defaults``' class; unset options keep the defaults.
+
+# The run keys the decentralized steps offer as options (the rest comes from the checkpoint).
+PRUNE_KEYS = ("dataset", "data_dir", "model", "target_sparsity", "phases", "gmp_updates", "gmp_initial_sparsity",
+              "pruning", "keep_first_dense", "keep_last_dense", "retrain_epochs", "seed")
+RETRAIN_KEYS = ("dataset", "data_dir", "model", "heldout_fraction", "candidates", "recipe", "retrain_epochs", "lr",
+                "momentum", "weight_decay", "batch_size", "label_smoothing", "lr_schedule", "warmup_fraction",
+                "augment", "seed", "device")
+SOUP_KEYS = ("merge", "recalibration_fraction", "heldout_fraction", "data_dir", "device")
+
+
+def add_config_options(parser, defaults, keys=None, aliases=None, skip: tuple[str, ...] = ()) -> None:
+    """One ``--key`` option per key declared on ``defaults``' class on ``parser`` (or an
+    argument group); unset options keep the defaults.
 
     Help, metavar and default come from the declaration (:mod:`fedsms.schema`); values are
     parsed and checked when the config is built, so a bad one is refused naming its key.
+    ``keys`` limits the options to those keys; ``skip`` leaves out keys the caller declares
+    itself; ``aliases`` maps a key to a shorter flag offered before its own
+    (``{"pruning_schedule": "--schedule"}``).
     """
     from fedsms.schema import declared
 
     for field, spec in declared(defaults):
+        if (keys is not None and field.name not in keys) or field.name in skip:
+            continue
         flag = "--" + field.name.replace("_", "-")
+        flags = [aliases[field.name], flag] if aliases and field.name in aliases else [flag]
         default = getattr(defaults, field.name)
         # A bare boolean flag (``--resume``) means true; ``--ood false`` still works.
         switch = {"nargs": "?", "const": "true"} if field.type == "bool" else {}
@@ -27,13 +46,13 @@ def add_config_options(parser: argparse.ArgumentParser, defaults) -> None:
         metavar = "{" + ",".join(spec.choices) + "}" if choices else field.type.upper()
         rule = "" if choices else spec.rule()
         text = f"{spec.help}{'; ' + rule if rule else ''} (default: {default!r})"
-        parser.add_argument(flag, dest=field.name, default=None, metavar=metavar, **switch,
+        parser.add_argument(*flags, dest=field.name, default=None, metavar=metavar, **switch,
                             help=text.replace("%", "%%"))
 
 
 def config_overrides(args: argparse.Namespace, defaults) -> dict:
     """The keys of ``defaults``' class that were given on the command line, with their (text) values."""
-    return {f.name: getattr(args, f.name) for f in fields(defaults) if getattr(args, f.name) is not None}
+    return {f.name: getattr(args, f.name) for f in fields(defaults) if getattr(args, f.name, None) is not None}
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -115,49 +134,53 @@ def compare_with_local(overrides: dict, methods: str) -> None:
     print(f"\nfederated results: {out}; local baselines: {out / 'local'}; plots: {out / 'comparison'}")
 
 
-def cmd_soup(args: argparse.Namespace) -> int:
-    from fedsms.checkpoint import load_checkpoint, save_checkpoint
-    from fedsms.engine import SoupEngine, values_under_mask
-    from fedsms.masks import mask_digest
-    from fedsms.soup import SoupError, check_shares_mask
+def cmd_prune(args: argparse.Namespace) -> int:
+    from fedsms.checkpoint import load_checkpoint
+    from fedsms.config import FederationConfig, RunConfig
+    from fedsms.decentral import prune_checkpoint
 
-    checkpoints = [load_checkpoint(p) for p in args.checkpoints]
-    digests = [mask_digest(c.mask) for c in checkpoints]
-    for path, digest in zip(args.checkpoints, digests):
-        if digest != digests[0]:
-            raise SoupError(
-                f"{path} has mask {digest[:12]} but {args.checkpoints[0]} has {digests[0][:12]}; "
-                "soup only candidates retrained under the same mask"
-            )
-    metadata = {k: v for k, v in checkpoints[0].metadata.items() if k in ("model", "dataset", "phase", "config")}
-    metadata["soup_of"] = [str(p) for p in args.checkpoints]
-    hooks = soup_hooks(metadata, args.data_dir) if args.recalibrate else None
-    engine = SoupEngine(checkpoints[0].state, checkpoints[0].mask, hooks=hooks)
-    merge = engine.merge("weighted" if args.weighted else "uniform")
-    for path, checkpoint in zip(args.checkpoints, checkpoints):
-        check_shares_mask(checkpoint.state, engine.mask, path)
-        examples = checkpoint.metadata.get("num_examples", 1)
-        if args.weighted and not (isinstance(examples, int) and examples > 0):
-            raise SoupError(f"{path} has num_examples {examples!r} in its metadata; drop --weighted or fix the metadata")
-        merge.add(values_under_mask(checkpoint.state, engine.mask), examples)
-    engine.end_round(merge)
-    phase = metadata.get("phase")
-    engine.end_phase(phase if isinstance(phase, int) else 0, merge)  # the phase seeds the recalibration subset
-    path = save_checkpoint(args.output, engine.state, engine.mask, metadata)
-    print(f"soup of {len(checkpoints)} candidates (mask {digests[0][:12]}) written to {path}")
+    schedule = config_overrides(args, FederationConfig()).get("pruning_schedule")
+    if schedule is not None:
+        schedule = FederationConfig.from_mapping({"pruning_schedule": schedule}).pruning_schedule
+    path = prune_checkpoint(args.checkpoint, args.phase, args.output, schedule=schedule,
+                            overrides=config_overrides(args, RunConfig()))
+    meta = load_checkpoint(path).metadata
+    print(f"phase {args.phase} ({meta['schedule']}): pruned to {meta['sparsity']:.4%} sparsity "
+          f"(mask {meta['mask_digest'][:12]}), written to {path}")
     return 0
 
 
-def soup_hooks(metadata: dict, data_dir: str | None):
-    """Recalibration on the training data the checkpoints' metadata names."""
-    from fedsms.data import load_dataset
-    from fedsms.engine import data_hooks
-    from fedsms.models import build_for
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from fedsms.checkpoint import load_checkpoint
+    from fedsms.config import RunConfig
+    from fedsms.decentral import retrain_checkpoint
 
-    if "model" not in metadata or "dataset" not in metadata:
-        raise FedSMSError("--recalibrate needs checkpoints whose metadata names the model and dataset; drop --recalibrate")
-    splits = load_dataset(metadata["dataset"], data_dir=data_dir)
-    return data_hooks(build_for(metadata["model"], splits), splits, fraction=0.2, seed=0)
+    path = retrain_checkpoint(args.checkpoint, args.candidate, args.output, overrides=config_overrides(args, RunConfig()))
+    meta = load_checkpoint(path).metadata
+    print(f"candidate {args.candidate} of phase {meta['phase']} (mask {meta['mask_digest'][:12]}) retrained on "
+          f"{meta['num_examples']} examples, loss {meta['metrics']['train_loss']:.4f}, written to {path}")
+    return 0
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    from fedsms.checkpoint import load_checkpoint
+    from fedsms.config import RunConfig
+    from fedsms.decentral import soup_checkpoints
+    from fedsms.masks import mask_digest
+
+    overrides = config_overrides(args, RunConfig())
+    rule = overrides.pop("merge", None)
+    if rule is not None:
+        rule = RunConfig.from_mapping({"merge": rule}).merge
+    if args.weighted and rule not in (None, "weighted"):
+        raise FedSMSError(f"--weighted and --merge {rule} contradict each other; pass one of them")
+    rule = "weighted" if args.weighted else (rule or "uniform")
+    path, chosen = soup_checkpoints(args.checkpoints, args.output, rule=rule, recalibrate=args.recalibrate,
+                                    overrides=overrides)
+    digest = mask_digest(load_checkpoint(path).mask)
+    kept = f" ({rule}: kept {chosen})" if rule == "greedy" else ""
+    print(f"soup of {len(args.checkpoints)} candidates{kept} (mask {digest[:12]}) written to {path}")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -196,14 +219,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run these local methods with the same config and print them alongside (e.g. imp,imp-best,sms)")
     sim.set_defaults(func=cmd_simulate)
 
+    prune = commands.add_parser("prune", help="prune a dense model or a phase's soup to the next phase's mask",
+                                description="Prune a checkpoint for phase p: exactly the mask fedsms local computes "
+                                            "for that phase (never regrowing the input's mask). The job's config is "
+                                            "read from the checkpoint; options override it.")
+    prune.add_argument("checkpoint", help="dense model (with or without a mask file) or the soup of phase p-1")
+    prune.add_argument("--phase", type=int, required=True, help="the prune step p, 1-based (IMP phase or GMP update)")
+    prune.add_argument("-o", "--output", required=True, help="path of the pruned checkpoint")
+    add_config_options(prune, FederationConfig(), keys=("pruning_schedule",), aliases={"pruning_schedule": "--schedule"})
+    add_config_options(prune, RunConfig(), keys=PRUNE_KEYS)
+    prune.set_defaults(func=cmd_prune)
+
+    retrain = commands.add_parser("retrain", help="retrain one candidate of a pruned checkpoint under its mask",
+                                  description="Retrain candidate i of a pruned checkpoint's phase under its mask, as "
+                                              "fedsms local retrains it. The job's config is read from the "
+                                              "checkpoint; options override it.")
+    retrain.add_argument("checkpoint", help="a checkpoint written by fedsms prune")
+    retrain.add_argument("--candidate", type=int, required=True, help="candidate index i, 0-based (< --candidates)")
+    retrain.add_argument("-o", "--output", required=True, help="path of the candidate checkpoint")
+    add_config_options(retrain, RunConfig(), keys=RETRAIN_KEYS)
+    retrain.set_defaults(func=cmd_retrain)
+
     soup = commands.add_parser("soup", help="average candidate checkpoints that share a mask",
-                               description="Average candidate checkpoints retrained anywhere under the same mask.")
+                               description="Average candidate checkpoints retrained anywhere under the same mask and "
+                                           "in the same phase; this closes the phase.")
     soup.add_argument("checkpoints", nargs="+", help="candidate checkpoints (X or X.safetensors)")
     soup.add_argument("-o", "--output", required=True, help="path of the soup checkpoint")
-    soup.add_argument("--weighted", action="store_true", help="weight by each checkpoint's num_examples metadata")
+    soup.add_argument("--weighted", action="store_true", help="weight by each checkpoint's num_examples metadata "
+                                                              "(same as --merge weighted)")
     soup.add_argument("--recalibrate", action="store_true",
                       help="re-estimate norm statistics on the training data named in the metadata")
-    soup.add_argument("--data-dir", help="data folder for --recalibrate with torchvision data sets")
+    add_config_options(soup, RunConfig(), keys=SOUP_KEYS)
     soup.set_defaults(func=cmd_soup)
 
     inspect = commands.add_parser("inspect", help="per-layer sparsity and metadata of a checkpoint",
@@ -214,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(prog: str, command, args: argparse.Namespace) -> int:
-    """Run ``command(args)``: a user's mistake ends in one sentence and exit code 2, not a traceback."""
+    """Run ``command(args)``: a user's mistake ends in one sentence and exit code 2, not a traceback.
+    SIGTERM ends it as SIGINT does, so every child process is stopped on the way out."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return command(args)
     except FedSMSError as error:
@@ -223,6 +273,13 @@ def run_command(prog: str, command, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; results and checkpoints written so far are kept", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -85,7 +86,18 @@ class PayloadError(FedSMSError):
 
 def carries_mask(kind: str) -> bool:
     """Whether a payload of ``kind`` carries its packed mask bits: only a soup does (it goes
-    to clients that do not hold the mask yet); replies are read with the receiver's mask."""
+    to clients that do not hold the mask yet); replies are read with the receiver's mask.
+
+    Parameters
+    ----------
+    kind : str
+        A payload kind: ``"soup"``, ``"update"`` or ``"norm_stats"``.
+
+    Returns
+    -------
+    bool
+        True for ``"soup"``, False for every other string.
+    """
     return kind == "soup"
 
 
@@ -112,6 +124,39 @@ def encode(
     With ``check_finite`` (the default) a NaN/Inf among the values about to be sent,
     including fp16 overflow beyond ±65504, raises :class:`PayloadError` here rather than
     at the receiver.
+
+    Parameters
+    ----------
+    state : mapping of str to torch.Tensor
+        The state dict to send (any device); it must hold every tensor ``mask`` names.
+    mask : Mask
+        The mask the values are read under; its digest goes in the header.
+    phase : int
+        The phase the payload belongs to, >= 0 (checked by ``decode``'s ``expected_phase``).
+    round : int
+        The round within the phase, >= 0 (checked by ``decode``'s ``expected_round``).
+    kind : str
+        ``"soup"``, ``"update"`` or ``"norm_stats"``.
+    value_dtype : str, default "fp32"
+        Wire dtype of the masked values: ``"fp32"``, ``"fp16"`` or ``"bf16"``. Dense
+        entries always keep their own dtype.
+    num_examples : int, default 0
+        The sender's example count (the weight of an update), >= 0; carried unchecked.
+    check_finite : bool, default True
+        Refuse NaN/Inf among the values as they will be sent.
+
+    Returns
+    -------
+    bytes
+        The serialised payload with its CRC-32 trailer.
+
+    Raises
+    ------
+    PayloadError
+        If ``kind`` or ``value_dtype`` is unknown, ``phase``, ``round`` or ``num_examples``
+        is negative, the mask names a tensor the state lacks or of another shape, a tensor
+        has a dtype the codec cannot send, a tensor name is empty or has a newline, or
+        (with ``check_finite``) a value is NaN or Inf.
     """
     if kind not in KINDS:
         raise PayloadError(f"unknown payload kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -206,7 +251,37 @@ def _seal(message: pb.SparsePayload) -> bytes:
 @dataclass
 class Decoded:
     """A validated payload. ``values`` holds, per masked tensor, its nnz values as a 1-D
-    float32 tensor in mask order; ``dense`` the dense extras in their own dtype."""
+    float32 tensor in mask order; ``dense`` the dense extras in their own dtype.
+
+    Made by :func:`decode`; everything in it has been checked against the receiver's
+    template and mask.
+
+    Attributes
+    ----------
+    codec_version : int
+        The codec version of the payload (always ``CODEC_VERSION``).
+    kind : str
+        ``"soup"``, ``"update"`` or ``"norm_stats"``.
+    phase : int
+        The phase named in the header.
+    round : int
+        The round named in the header.
+    mask_digest : str
+        The header's mask digest (hex sha256, see ``mask_digest``).
+    value_dtype : str
+        Wire dtype of the masked values: ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+    mask : Mask
+        The mask the values were read with (the shipped one for a soup, else the
+        receiver's), CPU bool tensors.
+    values : dict of str to torch.Tensor
+        Per masked tensor, in mask order, its kept values as a 1-D float32 CPU tensor.
+    dense : dict of str to torch.Tensor
+        Every other template entry, in template order, in its own dtype and shape.
+    num_examples : int
+        The sender's example count, unchecked.
+    nbytes : int
+        Size of the payload in bytes, trailer included.
+    """
 
     codec_version: int
     kind: str
@@ -227,7 +302,24 @@ class Decoded:
 
     def to_state_dict(self, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The full state dict, in ``template`` order: masked tensors are zero outside the
-        mask with the values scattered under it; dense extras as sent."""
+        mask with the values scattered under it; dense extras as sent.
+
+        Parameters
+        ----------
+        template : mapping of str to torch.Tensor
+            The receiver's state dict (names, shapes and dtypes are read), usually the one
+            given to ``decode``.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            CPU tensors in the template's dtypes, ready for ``model.load_state_dict``.
+
+        Raises
+        ------
+        PayloadError
+            If the template names a tensor the payload lacks or of another shape.
+        """
         return state_from_values({**self.values, **self.dense}, self.mask, template)
 
 
@@ -236,7 +328,32 @@ def state_from_values(
 ) -> dict[str, torch.Tensor]:
     """A full state dict in ``template`` order (CPU, the template's dtypes) from masked
     values (``entries[name]``: the nnz values of a masked tensor, in mask order) and dense
-    entries (``entries[name]`` of the template's shape, e.g. a running average of them)."""
+    entries (``entries[name]`` of the template's shape, e.g. a running average of them).
+
+    Entries the template does not name are ignored. A floating entry for an integer
+    template tensor (an averaged ``num_batches_tracked``) is rounded.
+
+    Parameters
+    ----------
+    entries : mapping of str to torch.Tensor
+        For each masked tensor its kept values (any shape with exactly nnz elements, in
+        mask order); for every other tensor a tensor of the template's shape.
+    mask : Mask
+        The mask the values were taken under.
+    template : mapping of str to torch.Tensor
+        Names, order, shapes and dtypes of the result (e.g. ``model.state_dict()``).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        New CPU tensors; masked tensors are exactly zero outside the mask.
+
+    Raises
+    ------
+    PayloadError
+        If an entry is missing, a mask or dense entry has another shape than the template's,
+        or a masked tensor has another number of values than its mask keeps.
+    """
     out: dict[str, torch.Tensor] = {}
     for name, like in template.items():
         if name not in entries:
@@ -280,6 +397,38 @@ def decode(
     the digest of ``expected_mask`` is computed). ``expected_phase``, ``expected_round`` and
     ``expected_kind`` are checked when given. Any mismatch raises :class:`PayloadError`.
     ``num_examples`` is exposed unchecked: plausibility is the caller's call.
+
+    Parameters
+    ----------
+    data : bytes
+        The payload as ``encode`` produced it (``bytearray`` and ``memoryview`` are accepted).
+    expected_mask : Mask or None
+        The receiver's mask. Required for every kind but ``"soup"``; for a soup, when given,
+        the shipped mask must be this one.
+    expected_digest : str or None
+        The digest the header must name; None: computed from ``expected_mask`` (if any).
+        Trusted to be ``expected_mask``'s digest when both are given.
+    template : mapping of str to torch.Tensor
+        Every tensor the payload must carry, with its shape and dtype.
+    expected_phase : int, optional
+        The phase the header must name; None: not checked.
+    expected_round : int, optional
+        The round the header must name; None: not checked.
+    expected_kind : str, optional
+        The kind the header must name; None: any kind.
+
+    Returns
+    -------
+    Decoded
+        The validated content; ``Decoded.to_state_dict`` gives the full state dict.
+
+    Raises
+    ------
+    PayloadError
+        If the payload is not bytes, truncated, corrupted or unparsable; of another codec
+        version, kind, phase or round than expected; made for another mask; or if its
+        names, shapes, counts, byte lengths or dtypes differ from the template and mask,
+        or a value is NaN or Inf.
     """
     message = _open(data)
     kind, value_dtype = _check_header(message.header, expected_kind, expected_phase, expected_round)
@@ -461,7 +610,7 @@ def _masked_values(
             )
         tensor = _from_bytes(raw, wire_dtype).to(torch.float32)
         if not _all_finite(tensor):
-            raise PayloadError(f"tensor {name!r} has NaN or Inf values")
+            raise PayloadError(f"tensor {name!r} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}")
         values[name] = tensor
     return values
 
@@ -488,7 +637,7 @@ def _dense_extras(
             raise PayloadError(f"tensor {name!r} has {len(raw)} bytes but shape {tuple(like.shape)} of {entry.dtype} needs {need}")
         tensor = _from_bytes(raw, dtype).view(like.shape)
         if tensor.is_floating_point() and not _all_finite(tensor):
-            raise PayloadError(f"tensor {name!r} has NaN or Inf values")
+            raise PayloadError(f"tensor {name!r} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}")
         dense[name] = tensor
     return {n: dense[n] for n in wanted}
 
@@ -510,11 +659,19 @@ def _from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
 # count_nonzero of a bool tensor is several times slower than numpy's popcount.
 
 
+MAX_MAGNITUDE = 1e20  # |value| a payload may carry: m candidates x 1e9 examples x 1e20 stays finite in float32
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in a floating CPU tensor."""
+    """No NaN or Inf, and no value beyond ±MAX_MAGNITUDE, in a floating CPU tensor (so a
+    running float32 sum of candidates stays finite)."""
+    if not tensor.numel():
+        return True
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-        return bool(torch.isfinite(tensor).all())
-    return bool(np.isfinite(tensor.numpy()).all())
+        tensor = tensor.float()
+    array = tensor.numpy()
+    low, high = float(array.min()), float(array.max())  # NaN propagates into both, failing the comparison
+    return bool(-MAX_MAGNITUDE <= low and high <= MAX_MAGNITUDE)
 
 
 def _kept(keep: torch.Tensor) -> int:
@@ -539,9 +696,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _name_diff(got: list[str], want: list[str]) -> str:
-    missing = [n for n in want if n not in got]
-    extra = [n for n in got if n not in want]
-    dupes = sorted({n for n in got if got.count(n) > 1})
+    """What differs between two name lists, in time linear in their lengths."""
+    got_set, want_set = set(got), set(want)
+    missing = [n for n in want if n not in got_set]
+    extra = [n for n in got if n not in want_set]
+    dupes = sorted(n for n, times in Counter(got).items() if times > 1)
     parts = []
     if missing:
         parts.append(f"lack {_few(missing)}")
@@ -568,7 +727,31 @@ def payload_size_bound(
     """The least bytes any encoding of this content as a ``kind`` payload needs: itemsize·nnz
     of the masked values, ceil(N/8) of mask bits where the kind carries them, and the raw
     bytes of the dense extras (entries of ``dense_state`` not in ``mask``; a full state dict
-    is fine)."""
+    is fine).
+
+    Used to report the codec's overhead over the raw content.
+
+    Parameters
+    ----------
+    mask : Mask
+        The payload's mask.
+    dense_state : mapping of str to torch.Tensor
+        The state whose entries outside ``mask`` travel dense (only sizes are read).
+    value_dtype : str, default "fp32"
+        Wire dtype of the masked values: ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+    kind : str
+        ``"soup"``, ``"update"`` or ``"norm_stats"`` (only a soup adds mask bits).
+
+    Returns
+    -------
+    int
+        The lower bound in bytes, without names, header, framing or trailer.
+
+    Raises
+    ------
+    PayloadError
+        If ``kind`` or ``value_dtype`` is unknown.
+    """
     if kind not in KINDS:
         raise PayloadError(f"unknown payload kind {kind!r}; use one of {', '.join(KINDS)}")
     if value_dtype not in VALUE_DTYPES:

@@ -36,7 +36,22 @@ class RunConfig(RunKeys):
     """The settings of one run, local or federated; its keys are declared in :class:`fedsms.schema.RunKeys`.
 
     Every value is parsed and checked on creation (text is accepted, as from a command
-    line); a bad value raises :class:`fedsms.FedSMSError` naming its key.
+    line); a bad value raises :class:`fedsms.FedSMSError` naming its key. Besides each
+    key's own range, ``gmp_updates`` must be at most ``phases * retrain_epochs``,
+    ``gmp_initial_sparsity`` at most ``target_sparsity``, and ``recipe`` must parse.
+
+    Parameters
+    ----------
+    **keys
+        One keyword per key of :class:`fedsms.schema.RunKeys` (``_`` spelling), typed or
+        as text; a key left out takes its declared default. Each key's type, default,
+        range and help text sit in its declaration (``fedsms local --help`` lists them).
+        :meth:`from_mapping` also accepts the ``-`` spelling.
+
+    Raises
+    ------
+    FedSMSError
+        For a bad value or a violated rule across keys, naming the key.
 
     Examples
     --------
@@ -59,26 +74,68 @@ class RunConfig(RunKeys):
             parse_grid(self.recipe)
 
     def method_list(self) -> list[str]:
-        """The ``methods`` key as a list."""
+        """The ``methods`` key as a list.
+
+        Returns
+        -------
+        list of str
+            The method names in the order written, blanks dropped.
+        """
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
     def base_candidate(self) -> CandidateConfig:
-        """The candidate the run's own per-candidate keys describe (before the recipe varies them)."""
+        """The candidate the run's own per-candidate keys describe (before the recipe varies them).
+
+        Returns
+        -------
+        CandidateConfig
+            One field per key declared with ``candidate=``.
+        """
         values = {spec.candidate: getattr(self, f.name) for f, spec in declared(self) if spec.candidate}
         return CandidateConfig(**values)
 
     def pretrain_candidate(self) -> CandidateConfig:
-        """How the dense model is pretrained: the base candidate with the pretraining lr and epochs."""
+        """How the dense model is pretrained: the base candidate with the pretraining lr and epochs.
+
+        Returns
+        -------
+        CandidateConfig
+            ``base_candidate()`` with ``lr = pretrain_lr`` and ``epochs = pretrain_epochs``.
+
+        Raises
+        ------
+        FedSMSError
+            If ``pretrain_epochs`` is 0 (a candidate trains at least one epoch).
+        """
         return replace(self.base_candidate(), lr=self.pretrain_lr, epochs=self.pretrain_epochs)
 
     def candidate_configs(self) -> list[CandidateConfig]:
-        """The m candidates of every phase: the base candidate varied by the recipe."""
+        """The m candidates of every phase: the base candidate varied by the recipe.
+
+        Returns
+        -------
+        list of CandidateConfig
+            ``candidates`` configs (see :func:`fedsms.recipe.expand_recipe`); seed i is
+            ``seed + i`` unless the recipe sets seeds.
+        """
         return expand_recipe(self.recipe, self.candidates, self.base_candidate())
 
 
 @dataclass(frozen=True)
 class FederationConfig(FederationKeys):
-    """Settings only a federated run has; its keys are declared in :class:`fedsms.schema.FederationKeys`."""
+    """Settings only a federated run has; its keys are declared in :class:`fedsms.schema.FederationKeys`.
+
+    Parameters
+    ----------
+    **keys
+        One keyword per key of :class:`fedsms.schema.FederationKeys` (``_`` spelling), typed
+        or as text; a key left out takes its declared default.
+
+    Raises
+    ------
+    FedSMSError
+        For a bad value, naming the key.
+    """
 
 
 GROUPS = (RunConfig, FederationConfig)
@@ -86,6 +143,17 @@ GROUPS = (RunConfig, FederationConfig)
 
 def split_config(values: Mapping[str, Any]) -> tuple[RunConfig, FederationConfig]:
     """Parse one flat mapping (a Flower run config) into its run and federation parts.
+
+    Parameters
+    ----------
+    values : mapping of str to Any
+        Keys of both groups (``-`` or ``_`` spelling) and their values (text accepted);
+        keys left out take their defaults.
+
+    Returns
+    -------
+    tuple of (RunConfig, FederationConfig)
+        The checked run and federation settings.
 
     Raises
     ------
@@ -135,13 +203,36 @@ def soup_shaping_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -
 
 
 def flower_app_config(out_dir: str = FLOWER_OUT_DIR) -> dict[str, Any]:
-    """Every key (``-`` spelling) with its default, as ``[tool.flwr.app.config]`` lists them."""
+    """Every key (``-`` spelling) with its default, as ``[tool.flwr.app.config]`` lists them.
+
+    Parameters
+    ----------
+    out_dir : str, default FLOWER_OUT_DIR
+        The ``out-dir`` value to list instead of the library's default.
+
+    Returns
+    -------
+    dict of str to Any
+        Run keys then federation keys, in declaration order.
+    """
     values = {f.name.replace("_", "-"): f.default for cls in GROUPS for f, _ in declared(cls)}
     return {**values, "out-dir": out_dir}
 
 
 def toml_value(value: Any) -> str:
-    """``value`` written as a TOML value (bool, number or string)."""
+    """``value`` written as a TOML value (bool, number or string).
+
+    Parameters
+    ----------
+    value : Any
+        A bool, int or float (written as ``repr``), or anything else (written as a quoted
+        string of its ``str``, with backslashes and quotes escaped).
+
+    Returns
+    -------
+    str
+        The TOML text.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -150,7 +241,18 @@ def toml_value(value: Any) -> str:
 
 
 def app_config_table(out_dir: str = FLOWER_OUT_DIR) -> str:
-    """The ``[tool.flwr.app.config]`` table, generated from the declarations."""
+    """The ``[tool.flwr.app.config]`` table, generated from the declarations.
+
+    Parameters
+    ----------
+    out_dir : str, default FLOWER_OUT_DIR
+        The ``out-dir`` value written in the table.
+
+    Returns
+    -------
+    str
+        The header and one ``key = value`` line per key, ending with a newline.
+    """
     lines = [f"{name} = {toml_value(value)}" for name, value in flower_app_config(out_dir).items()]
     return "[tool.flwr.app.config]\n" + "\n".join(lines) + "\n"
 
@@ -159,7 +261,26 @@ _TABLE = re.compile(r"^\[tool\.flwr\.app\.config\]\n(?:(?!\[).*\n?)*", re.MULTIL
 
 
 def write_app_config_table(path: Path) -> bool:
-    """Replace the ``[tool.flwr.app.config]`` table of a pyproject file; True if it changed."""
+    """Replace the ``[tool.flwr.app.config]`` table of a pyproject file; True if it changed.
+
+    The table runs from its header to the next line starting with ``[``; the rest of the
+    file is kept. The file is rewritten even when nothing changed.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The ``pyproject.toml`` to update.
+
+    Returns
+    -------
+    bool
+        Whether the table's text changed.
+
+    Raises
+    ------
+    FedSMSError
+        If the file has no ``[tool.flwr.app.config]`` header.
+    """
     text = path.read_text()
     if not _TABLE.search(text):
         raise FedSMSError(f"{path} has no [tool.flwr.app.config] table; add the header and run this again")
@@ -169,6 +290,23 @@ def write_app_config_table(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m fedsms.config``: print the app config table, or write it with ``--pyproject``.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Command-line arguments; None reads ``sys.argv``.
+
+    Returns
+    -------
+    int
+        The exit status, 0.
+
+    Raises
+    ------
+    FedSMSError
+        If the pyproject file has no ``[tool.flwr.app.config]`` table.
+    """
     parser = argparse.ArgumentParser(prog="python -m fedsms.config",
                                      description="Print or write the Flower app config generated from fedsms.schema.")
     parser.add_argument("--pyproject", nargs="?", const="pyproject.toml", metavar="PATH",

@@ -70,7 +70,20 @@ class CorruptionError(FedSMSError, ValueError):
 
 
 def check_corruption(name: str, severity: int) -> None:
-    """Raise ``CorruptionError`` naming the valid choices if ``name``/``severity`` is bad."""
+    """Raise ``CorruptionError`` naming the valid choices if ``name``/``severity`` is bad.
+
+    Parameters
+    ----------
+    name : str
+        A corruption name, one of ``CORRUPTIONS``.
+    severity : int
+        An integer from 1 to 5 (bools are refused).
+
+    Raises
+    ------
+    CorruptionError
+        If the name is unknown or the severity is not an integer in [1, 5].
+    """
     if name not in _PARAMS:
         raise CorruptionError(f"unknown corruption {name!r}; use one of {', '.join(CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or not 1 <= severity <= 5:
@@ -81,7 +94,31 @@ def corrupt(x: torch.Tensor, name: str, severity: int, generator: torch.Generato
     """``x`` (N, C, H, W) float in [0, 1] under corruption ``name`` at ``severity`` (1..5).
 
     Returns a new tensor of the same shape, dtype and device, clipped to [0, 1]; the input
-    is not modified. Deterministic given the generator's state (which it advances)."""
+    is not modified. Deterministic given the generator's state (which it advances).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        A batch of float images (N, C, H, W), values in [0, 1], on any device.
+    name : str
+        The corruption, one of ``CORRUPTIONS`` (see the table above).
+    severity : int
+        1 (mildest) to 5.
+    generator : torch.Generator
+        The only source of random draws, on any device.
+
+    Returns
+    -------
+    torch.Tensor
+        The corrupted batch.
+
+    Raises
+    ------
+    CorruptionError
+        If the name or severity is bad.
+    ValueError
+        If ``x`` is not a 4-D floating tensor.
+    """
     check_corruption(name, severity)
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"corrupt expects a float tensor (N, C, H, W), got {x.dtype} of shape {tuple(x.shape)}")

@@ -20,6 +20,8 @@ recalibration round, or with no data at all.
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -34,7 +36,7 @@ from fedsms.masks import Mask, mask_digest, prune_state, sparsity
 from fedsms.norms import norm_layers, recalibrate_norms
 from fedsms.schedule import PruneStep, prune_seed
 from fedsms.schema import MERGE_RULES
-from fedsms.soup import RunningAverage, greedy_soup
+from fedsms.soup import RunningAverage, SoupError, greedy_soup
 
 State = dict[str, torch.Tensor]
 
@@ -62,7 +64,18 @@ class PhaseHooks:
 
 
 def cpu_state(model: nn.Module) -> State:
-    """A detached CPU copy of ``model``'s state dict."""
+    """A detached CPU copy of ``model``'s state dict.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to copy.
+
+    Returns
+    -------
+    dict of str to Tensor
+        New CPU tensors, in state-dict order.
+    """
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
@@ -89,6 +102,12 @@ def data_hooks(
         Base seed; step p recalibrates on the subset drawn with ``seed + p``.
     device : torch.device or str
         Where the forward passes run.
+
+    Returns
+    -------
+    PhaseHooks
+        ``recalibrate`` (None when ``model`` has no norm layers to recalibrate) and
+        ``heldout_score`` (the held-out accuracy).
     """
 
     def recalibrate(state: State, step: int) -> State:
@@ -105,7 +124,21 @@ def data_hooks(
 
 def values_under_mask(state: Mapping[str, torch.Tensor], mask: Mask) -> State:
     """The compact form a merge holds: each masked tensor's kept values in mask order, the
-    other tensors (biases, norm layers) whole. The wire payload carries the same values."""
+    other tensors (biases, norm layers) whole. The wire payload carries the same values.
+
+    Parameters
+    ----------
+    state : mapping of str to Tensor
+        A full state dict (any device).
+    mask : Mask
+        The mask whose kept entries are taken.
+
+    Returns
+    -------
+    dict of str to Tensor
+        CPU tensors in ``state``'s order: 1-D kept values for masked tensors, the others
+        unchanged in shape.
+    """
     return {k: (v.detach().cpu()[mask[k].cpu()] if k in mask else v.detach().cpu()) for k, v in state.items()}
 
 
@@ -115,32 +148,189 @@ class Merge:
     Parameters
     ----------
     rule : str
-        ``uniform`` or ``weighted`` (by example counts) average, ``greedy`` soup or ``best``.
+        ``uniform`` or ``weighted`` (by example counts) average, ``greedy`` soup, ``best``,
+        or the robust ``trimmed-mean`` / ``median`` (coordinate-wise, as Flower's
+        ``FedTrimmedAvg`` / ``FedMedian``).
     keep_candidates : bool
         Keep every candidate's values besides the running sum (needed by ``greedy`` and
-        ``best``, which score candidates one by one).
+        ``best``, which score candidates one by one). The robust rules and options keep
+        them too.
+    trim_fraction : float, default 0.2
+        ``trimmed-mean``: fraction of the candidates cut at each end, per value.
+    max_weight : float, default 1.0
+        ``weighted``: the largest share one candidate may have (1: no cap); the excess is
+        shared among the others in proportion to their examples.
+    norm_bound : float, default 0.0
+        Drop candidates whose L2 distance from ``reference`` exceeds ``norm_bound`` times
+        the round's median distance (0: off).
+    reference : mapping of str to Tensor, optional
+        The soup the candidates started from, in the compact form (needed by ``norm_bound``).
+    log : callable, optional
+        Receives a line per dropped candidate.
+
+    Attributes
+    ----------
+    rule : str
+        The merge rule.
+    average : RunningAverage
+        The running (weighted) sum of the candidates' values.
+    candidates : list of dict of str to Tensor
+        The candidates' values, when kept.
+    examples : list of int
+        Each candidate's example count, in the order added.
+    dropped : list of int
+        Indices of candidates the norm bound dropped (after ``result``).
+
+    Raises
+    ------
+    FedSMSError
+        If ``rule`` is not one of ``RULES``.
     """
 
-    def __init__(self, rule: str, keep_candidates: bool) -> None:
+    def __init__(self, rule: str, keep_candidates: bool, *, trim_fraction: float = 0.2, max_weight: float = 1.0,
+                 norm_bound: float = 0.0, reference: Mapping[str, torch.Tensor] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         if rule not in RULES:
             raise FedSMSError(f"unknown merge rule {rule!r}; use one of {', '.join(RULES)}")
+        if norm_bound and reference is None:
+            raise FedSMSError("an update-norm bound needs the soup the candidates started from")
         self.rule = rule
         self.average = RunningAverage()
         self.candidates: list[State] = []
         self.examples: list[int] = []
-        self._keep = keep_candidates
+        self.distances: list[float] = []
+        self.dropped: list[int] = []
+        self.trim_fraction, self.norm_bound, self.reference = trim_fraction, norm_bound, reference
+        self.max_weight = max_weight if rule == "weighted" else 1.0
+        self.log = log or (lambda _: None)
+        self._robust = rule in ROBUST_RULES or self.max_weight < 1 or norm_bound > 0
+        self._keep = keep_candidates or self._robust
+        self._screened = False
 
     @property
     def count(self) -> int:
-        """Candidates added so far."""
-        return self.average.count
+        """Candidates added so far (less those the norm bound dropped)."""
+        return self.average.count - len(self.dropped)
 
     def add(self, values: Mapping[str, torch.Tensor], num_examples: int) -> None:
-        """Add one candidate, in the compact form of ``values_under_mask``."""
+        """Add one candidate, in the compact form of ``values_under_mask``.
+
+        Parameters
+        ----------
+        values : mapping of str to Tensor
+            The candidate's values under the mask and its other tensors.
+        num_examples : int
+            Examples it trained on: its weight under ``weighted``, recorded for every rule.
+
+        Raises
+        ------
+        SoupError
+            If the values' names or shapes differ from the earlier candidates'.
+        ValueError
+            If the weight is not a positive finite number (``weighted``).
+        """
         self.average.add(values, float(num_examples) if self.rule == "weighted" else 1.0)
         self.examples.append(num_examples)
         if self._keep:
             self.candidates.append(dict(values))
+        if self.norm_bound:
+            self.distances.append(_distance(values, self.reference))
+
+    def result(self) -> State:
+        """The merged values (compact form): the running mean, or for the robust rules and
+        options a merge of the kept candidates. The result is checked to be finite.
+
+        Raises
+        ------
+        SoupError
+            If no candidate is left, or the merge is not finite.
+        """
+        self._screen()
+        if not self._robust or (self.rule in ("uniform", "weighted", "greedy", "best") and self.max_weight >= 1
+                                and not self.dropped):
+            merged = self.average.mean()
+        else:
+            merged = self._robust_merge()
+        for name, value in merged.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise SoupError(f"the merge of tensor {name!r} is not finite; a candidate has absurd values")
+        return merged
+
+    def _screen(self) -> None:
+        """Drop (once) candidates farther from the soup than norm_bound × the median distance."""
+        if self._screened or not self.norm_bound or len(self.distances) < 3:
+            self._screened = True
+            return
+        self._screened = True
+        median = statistics.median(self.distances)
+        limit = self.norm_bound * median
+        self.dropped = [i for i, d in enumerate(self.distances) if d > limit]
+        for i in self.dropped:
+            self.log(f"merge: dropped candidate {i}: its distance from the soup {self.distances[i]:.4g} exceeds "
+                     f"update-norm-bound {self.norm_bound:g} x the round's median {median:.4g}")
+        if self.dropped:
+            keep = [i for i in range(len(self.candidates)) if i not in set(self.dropped)]
+            self.candidates = [self.candidates[i] for i in keep]
+            self.examples = [self.examples[i] for i in keep]
+
+    def _robust_merge(self) -> State:
+        n = len(self.candidates)
+        if not n:
+            raise SoupError("nothing to merge: every candidate was dropped")
+        if self.rule == "weighted":
+            shares = capped_shares([float(e) for e in self.examples], self.max_weight)
+        else:
+            shares = [1.0 / n] * n
+        out = {}
+        for name, first in self.candidates[0].items():
+            if not first.is_floating_point():
+                out[name] = torch.stack([c[name] for c in self.candidates]).max(0).values
+                continue
+            stacked = torch.stack([c[name].double() for c in self.candidates])
+            if self.rule == "median":
+                ordered = stacked.sort(0).values
+                value = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+            elif self.rule == "trimmed-mean":
+                cut = min(int(self.trim_fraction * n), (n - 1) // 2)
+                value = stacked.sort(0).values[cut:n - cut].mean(0)
+            else:
+                weights = torch.tensor(shares, dtype=torch.float64).view(-1, *[1] * first.dim())
+                value = (stacked * weights).sum(0)
+            out[name] = value.to(torch.promote_types(first.dtype, torch.float32))
+        return out
+
+
+ROBUST_RULES = ("trimmed-mean", "median")
+
+
+def capped_shares(weights: list[float], cap: float) -> list[float]:
+    """Shares proportional to ``weights``, none above ``cap``; the excess of capped ones
+    is shared among the others in proportion (equal shares when ``cap`` × n ≤ 1)."""
+    n = len(weights)
+    if cap * n <= 1:
+        return [1.0 / n] * n
+    shares: list[float] = [0.0] * n
+    free, left = set(range(n)), 1.0
+    while True:
+        total = sum(weights[i] for i in free)
+        over = [i for i in free if weights[i] / total * left > cap]
+        if not over:
+            for i in free:
+                shares[i] = weights[i] / total * left
+            return shares
+        for i in over:
+            shares[i] = cap
+            free.discard(i)
+            left -= cap
+
+
+def _distance(values: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
+    """L2 distance over the floating tensors, accumulated in float64."""
+    total = 0.0
+    for name, value in values.items():
+        if value.is_floating_point() and name in reference:
+            total += float(torch.sum((value.double() - reference[name].double()) ** 2))
+    return math.sqrt(total)
 
 
 class SoupEngine:
@@ -160,6 +350,15 @@ class SoupEngine:
         Recalibration and held-out scores; without them phases end without either.
     log : callable, optional
         Receives one line per prune and per greedy choice.
+
+    Attributes
+    ----------
+    state : dict of str to Tensor
+        The current state (CPU): the soup so far.
+    mask : Mask
+        The current mask (CPU).
+    digest : str
+        ``mask_digest(mask)``, kept up to date.
     """
 
     def __init__(
@@ -185,32 +384,106 @@ class SoupEngine:
         return sparsity(self.mask)
 
     def restore(self, state: Mapping[str, torch.Tensor], mask: Mask) -> None:
-        """Continue from a saved state and mask (a checkpoint)."""
+        """Continue from a saved state and mask (a checkpoint).
+
+        Parameters
+        ----------
+        state : mapping of str to Tensor
+            The saved state (copied).
+        mask : Mask
+            The saved mask (copied); the digest is recomputed.
+        """
         self.state = {k: v.clone() for k, v in state.items()}
         self.mask = {k: v.clone() for k, v in mask.items()}
         self.digest = mask_digest(self.mask)
 
     def prune(self, step: PruneStep) -> None:
-        """Prune the state to ``step.sparsity``; the new mask never regrows."""
+        """Prune the state to ``step.sparsity``; the new mask never regrows.
+
+        Parameters
+        ----------
+        step : PruneStep
+            The step: its ``sparsity`` is the target, its ``index`` seeds random pruning.
+
+        Raises
+        ------
+        FedSMSError
+            If the engine's pruning method is unknown.
+        """
         self.state, self.mask = prune_state(
             self.state, self.mask, step.sparsity, method=self.pruning, seed=prune_seed(self.seed, step.index)
         )
         self.digest = mask_digest(self.mask)
         self.log(f"step {step.index}: pruned to {self.sparsity:.4%} sparsity (mask {self.digest[:12]})")
 
-    def merge(self, rule: str, *, ends_phase: bool = True) -> Merge:
+    def merge(self, rule: str, *, ends_phase: bool = True, **robust: float) -> Merge:
         """A new merge for the current mask; candidates are kept only when ``rule`` will
-        choose among them at the end of the phase."""
-        return Merge(rule, keep_candidates=ends_phase and rule in ("greedy", "best"))
+        choose among them at the end of the phase.
+
+        Parameters
+        ----------
+        rule : str
+            ``uniform``, ``weighted``, ``greedy`` or ``best``.
+        ends_phase : bool, default True
+            Whether this round's merge ends the phase (only then do greedy and best choose).
+        **robust : float
+            ``trim_fraction``, ``max_weight``, ``norm_bound`` of ``Merge``.
+
+        Returns
+        -------
+        Merge
+            An empty merge.
+
+        Raises
+        ------
+        FedSMSError
+            If ``rule`` is unknown.
+        """
+        return Merge(rule, keep_candidates=ends_phase and rule in ("greedy", "best"), log=self.log,
+                     reference=values_under_mask(self.state, self.mask) if robust.get("norm_bound") else None, **robust)
 
     def end_round(self, merge: Merge) -> None:
-        """The state becomes the mean of the merge's candidates (values outside the mask stay zero)."""
-        self.state = state_from_values(merge.average.mean(), self.mask, self.state)
+        """The state becomes the mean of the merge's candidates (values outside the mask stay zero).
+
+        Parameters
+        ----------
+        merge : Merge
+            The round's merge, with at least one candidate.
+
+        Raises
+        ------
+        SoupError
+            If the merge has no candidate.
+        PayloadError
+            If the merge's values do not fit the current mask and state.
+        """
+        self.state = state_from_values(merge.result(), self.mask, self.state)
 
     def end_phase(self, step_index: int, merge: Merge, *, recalibrate: bool = True) -> list[int]:
         """Finish a phase after its last ``end_round``: choose (greedy, best) and, unless
         ``recalibrate`` is False (the caller recalibrates some other way), recalibrate an
-        average of several candidates. Returns the indices of the candidates in the state."""
+        average of several candidates. Returns the indices of the candidates in the state.
+
+        Parameters
+        ----------
+        step_index : int
+            The phase's prune step index (passed to the recalibration hook).
+        merge : Merge
+            The merge of the phase's last round, already applied by ``end_round``.
+        recalibrate : bool, default True
+            Recalibrate through the hooks; False when the caller recalibrates another way.
+
+        Returns
+        -------
+        list of int
+            Indices (in the order added) of the candidates the state is made of: all of
+            them for ``uniform`` and ``weighted``, the greedy soup's or the best one's.
+
+        Raises
+        ------
+        FedSMSError
+            If ``greedy`` or ``best`` must score candidates and the hooks have no held-out score.
+        """
         chosen = list(range(merge.count))
         if merge.rule == "best":
             scores = [self._score(self._full(c)) for c in merge.candidates]
@@ -225,7 +498,20 @@ class SoupEngine:
         return chosen
 
     def recalibrated(self, state: State, step_index: int) -> State:
-        """``state`` with its norm statistics re-estimated, when the hooks can do it."""
+        """``state`` with its norm statistics re-estimated, when the hooks can do it.
+
+        Parameters
+        ----------
+        state : dict of str to Tensor
+            The state to recalibrate.
+        step_index : int
+            The prune step index (seeds the recalibration subset).
+
+        Returns
+        -------
+        dict of str to Tensor
+            The recalibrated state, or ``state`` itself when there is no recalibration hook.
+        """
         return self.hooks.recalibrate(state, step_index) if self.hooks.recalibrate else state
 
     def _score(self, state: State) -> float:

@@ -30,14 +30,40 @@ from fedsms.data.arrays import ArrayData, DataSource, is_image, iterate_batches
 
 
 def corruption_generator(seed: int, name: str, severity: int) -> torch.Generator:
-    """The CPU generator whose draws corrupt the data for (seed, name, severity)."""
+    """The CPU generator whose draws corrupt the data for (seed, name, severity).
+
+    Parameters
+    ----------
+    seed : int
+        The evaluation seed.
+    name : str
+        The corruption's name (see ``fedsms.corruptions.CORRUPTIONS``).
+    severity : int
+        The severity, 1 to 5.
+
+    Returns
+    -------
+    torch.Generator
+        A fresh generator; the same arguments always give the same draws.
+    """
     mixed = (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 8 + int(severity)) % (2**63)
     return torch.Generator().manual_seed(mixed)
 
 
 def check_ood_data(data: DataSource) -> None:
     """Raise one sentence if ``data`` is an ``ArrayData`` whose inputs are not images
-    (other sources are checked batch by batch)."""
+    (other sources are checked batch by batch).
+
+    Parameters
+    ----------
+    data : DataSource
+        The data about to be corrupted.
+
+    Raises
+    ------
+    FedSMSError
+        If ``data`` is an ``ArrayData`` whose inputs are not images (N, C, H, W).
+    """
     if isinstance(data, ArrayData) and not data.is_image:
         _not_images(data.images)
 
@@ -62,7 +88,38 @@ def predict(
     first ``max_examples`` (all by default) of ``data``, and the labels they answer, in the
     order the data gave them. With ``corruption = (name, severity)`` every batch is
     corrupted first (image data only). The model runs in eval mode without gradients;
-    each module's train/eval mode is restored after."""
+    each module's train/eval mode is restored after.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, already on ``device``.
+    data : DataSource
+        An ``ArrayData``, a ``Dataset`` of (x, y) pairs, a ``DataLoader`` or a callable
+        returning an iterable of (x, y) batches.
+    batch_size : int, default 512
+        Batch size for an ``ArrayData`` or a ``Dataset`` (a ``DataLoader`` keeps its own).
+    device : torch.device or str, default "cpu"
+        Where the batches go.
+    corruption : tuple of (str, int), optional
+        ``(name, severity)`` of the corruption to apply; None: clean data.
+    seed : int, default 0
+        Seed of the corruption draws (see ``corruption_generator``).
+    max_examples : int, optional
+        Use only the first ``max_examples`` examples; None: all.
+
+    Returns
+    -------
+    tuple of (torch.Tensor, torch.Tensor)
+        The outputs (float32, CPU, one row per example) and the labels (CPU, as the data
+        gave them).
+
+    Raises
+    ------
+    FedSMSError
+        If there are no examples, the corruption or severity is unknown, or a corruption
+        is asked of non-image inputs.
+    """
     generator = None
     if corruption is not None:
         name, severity = corruption
@@ -97,14 +154,61 @@ def predict_logits(
     corruption: tuple[str, int] | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """(N, classes) float32 CPU logits of ``model`` on ``data`` (see :func:`predict`)."""
+    """(N, classes) float32 CPU logits of ``model`` on ``data`` (see :func:`predict`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, already on ``device``.
+    data : DataSource
+        An ``ArrayData``, a ``Dataset`` of (x, y) pairs, a ``DataLoader`` or a callable
+        returning an iterable of (x, y) batches.
+    batch_size : int, default 512
+        Batch size for an ``ArrayData`` or a ``Dataset``.
+    device : torch.device or str, default "cpu"
+        Where the batches go.
+    corruption : tuple of (str, int), optional
+        ``(name, severity)`` of the corruption to apply; None: clean data.
+    seed : int, default 0
+        Seed of the corruption draws.
+
+    Returns
+    -------
+    torch.Tensor
+        The model's outputs for every example of ``data``.
+
+    Raises
+    ------
+    FedSMSError
+        As :func:`predict`.
+    """
     return predict(model, data, batch_size, device, corruption, seed)[0]
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> dict[str, float]:
     """accuracy, loss (mean cross-entropy) and ece: expected calibration error over
     ``num_bins`` equal-width bins of confidence (max softmax probability), bins (i/B, (i+1)/B]:
-    sum over bins of (bin size / N) * |accuracy in bin - mean confidence in bin|."""
+    sum over bins of (bin size / N) * |accuracy in bin - mean confidence in bin|.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (N, classes) outputs (logits or log-probabilities; any float dtype).
+    labels : torch.Tensor
+        (N,) integer class labels.
+    num_bins : int, default 15
+        Number of confidence bins of the ECE.
+
+    Returns
+    -------
+    dict of str to float
+        ``{"accuracy", "loss", "ece"}``; accuracy and ece in [0, 1].
+
+    Raises
+    ------
+    FedSMSError
+        If there are no examples.
+    """
     if logits.shape[0] == 0:
         raise FedSMSError("there are no examples to evaluate; check the data set or shard size")
     logits = logits.float()
@@ -151,6 +255,12 @@ def evaluate(
     dict
         ``{"accuracy", "loss", "ece"}`` for classification outputs ((N, classes), integer
         labels); ``{"loss"}`` alone otherwise (which needs ``loss_fn``).
+
+    Raises
+    ------
+    FedSMSError
+        If there are no examples, or the outputs are not classification outputs and no
+        ``loss_fn`` is given.
     """
     logits, labels = predict(model, data, batch_size, device)
     if not _is_classification(logits, labels):
@@ -217,7 +327,40 @@ def evaluate_ood(
     "per_corruption": {name: {severity: accuracy}}} on the first ``max_examples`` of ``data``.
 
     Corruptions are image operations: data whose inputs are not images (N, C, H, W) raises
-    :class:`FedSMSError` saying so."""
+    :class:`FedSMSError` saying so.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, already on ``device``.
+    data : DataSource
+        An ``ArrayData``, a ``Dataset`` of (x, y) pairs, a ``DataLoader`` or a callable
+        returning an iterable of (x, y) batches.
+    corruptions : sequence of str, default CORRUPTIONS
+        The corruptions to apply (at least one).
+    severities : sequence of int, default SEVERITIES
+        The severities, each 1 to 5 (at least one).
+    batch_size : int, default 512
+        Batch size for an ``ArrayData`` or a ``Dataset``; with the seed it fixes the draws.
+    device : torch.device or str, default "cpu"
+        Where the batches go.
+    seed : int, default 0
+        Seed of the corruption draws; the same seed gives every model the same images.
+    max_examples : int, optional
+        Use only the first ``max_examples`` examples; None: all.
+
+    Returns
+    -------
+    dict
+        ``ood_accuracy`` and ``ood_ece`` (floats) and ``per_corruption``
+        (``{name: {severity: accuracy}}``).
+
+    Raises
+    ------
+    FedSMSError
+        If no corruption or severity is given, one is unknown, the inputs are not images,
+        or there are no examples.
+    """
     return _ood(
         lambda d, c, limit: predict(model, d, batch_size, device, corruption=c, seed=seed, max_examples=limit),
         data, corruptions, severities, max_examples,
@@ -234,7 +377,37 @@ def ensemble_predict(
     max_examples: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log of the mean softmax probabilities of ``models``, labels); all models see the
-    same (corrupted) inputs, so ``data`` must give its examples in the same order each pass."""
+    same (corrupted) inputs, so ``data`` must give its examples in the same order each pass.
+
+    Parameters
+    ----------
+    models : sequence of torch.nn.Module
+        The ensemble's members (at least one), already on ``device``.
+    data : DataSource
+        An ``ArrayData``, a ``Dataset`` of (x, y) pairs, a ``DataLoader`` or a callable
+        returning an iterable of (x, y) batches.
+    batch_size : int, default 512
+        Batch size for an ``ArrayData`` or a ``Dataset``.
+    device : torch.device or str, default "cpu"
+        Where the batches go.
+    corruption : tuple of (str, int), optional
+        ``(name, severity)`` of the corruption to apply; None: clean data.
+    seed : int, default 0
+        Seed of the corruption draws (the same for every member).
+    max_examples : int, optional
+        Use only the first ``max_examples`` examples; None: all.
+
+    Returns
+    -------
+    tuple of (torch.Tensor, torch.Tensor)
+        (N, classes) float32 log mean probabilities, usable as logits, and the labels.
+
+    Raises
+    ------
+    FedSMSError
+        If ``models`` is empty, the data gives its examples in another order for another
+        member, or as :func:`predict`.
+    """
     if not models:
         raise FedSMSError("the prediction ensemble needs at least one model")
     log_probs, labels = [], None
@@ -256,7 +429,34 @@ def ensemble_logits(
     corruption: tuple[str, int] | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """log of the mean softmax probabilities of ``models`` (all see the same corrupted images)."""
+    """log of the mean softmax probabilities of ``models`` (all see the same corrupted images).
+
+    Parameters
+    ----------
+    models : sequence of torch.nn.Module
+        The ensemble's members (at least one), already on ``device``.
+    data : DataSource
+        An ``ArrayData``, a ``Dataset`` of (x, y) pairs, a ``DataLoader`` or a callable
+        returning an iterable of (x, y) batches.
+    batch_size : int, default 512
+        Batch size for an ``ArrayData`` or a ``Dataset``.
+    device : torch.device or str, default "cpu"
+        Where the batches go.
+    corruption : tuple of (str, int), optional
+        ``(name, severity)`` of the corruption to apply; None: clean data.
+    seed : int, default 0
+        Seed of the corruption draws.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, classes) float32 log mean probabilities.
+
+    Raises
+    ------
+    FedSMSError
+        As :func:`ensemble_predict`.
+    """
     return ensemble_predict(models, data, batch_size, device, corruption, seed)[0]
 
 
@@ -272,7 +472,41 @@ def ensemble_metrics(
     max_examples: int | None = None,
 ) -> dict:
     """The prediction ensemble (mean of softmax probabilities): {"accuracy", "loss", "ece"}
-    on clean ``data``, or with ``ood=True`` the ``evaluate_ood`` dict under corruptions."""
+    on clean ``data``, or with ``ood=True`` the ``evaluate_ood`` dict under corruptions.
+
+    Parameters
+    ----------
+    models : sequence of torch.nn.Module
+        The ensemble's members (at least one), already on ``device``.
+    data : DataSource
+        An ``ArrayData``, a ``Dataset`` of (x, y) pairs, a ``DataLoader`` or a callable
+        returning an iterable of (x, y) batches.
+    batch_size : int, default 512
+        Batch size for an ``ArrayData`` or a ``Dataset``.
+    device : torch.device or str, default "cpu"
+        Where the batches go.
+    ood : bool, default False
+        Evaluate under corruptions instead of on clean data.
+    corruptions : sequence of str, default CORRUPTIONS
+        The corruptions, with ``ood``.
+    severities : sequence of int, default SEVERITIES
+        The severities (1 to 5), with ``ood``.
+    seed : int, default 0
+        Seed of the corruption draws, with ``ood``.
+    max_examples : int, optional
+        Use only the first ``max_examples`` examples, with ``ood`` (clean evaluation uses
+        all of ``data``).
+
+    Returns
+    -------
+    dict
+        ``{"accuracy", "loss", "ece"}``, or with ``ood`` the dict :func:`evaluate_ood` returns.
+
+    Raises
+    ------
+    FedSMSError
+        As :func:`ensemble_predict` and :func:`evaluate_ood`.
+    """
     if ood:
         return _ood(
             lambda d, c, limit: ensemble_predict(models, d, batch_size, device, corruption=c, seed=seed,

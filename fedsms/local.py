@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -31,11 +31,10 @@ from fedsms.candidates import CandidateTrainer
 from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedsms.config import RunConfig
 from fedsms.data import DatasetSplits, load_dataset
-from fedsms.engine import SoupEngine, State, cpu_state, data_hooks, values_under_mask
+from fedsms.engine import PhaseHooks, SoupEngine, State, cpu_state, data_hooks, values_under_mask
 from fedsms.evaluate import ensemble_metrics, evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, sparsity
-from fedsms.recipe import for_phase
-from fedsms.schedule import PruneStep, prune_steps
+from fedsms.schedule import PruneStep, prune_steps, step_candidate
 from fedsms.training import resolve_device
 
 Log = Callable[[str], None]
@@ -75,6 +74,18 @@ METHOD_SPECS = {
 }
 
 
+def job_splits(config: RunConfig) -> DatasetSplits:
+    """The data of a job: its train / held-out (seeded by the job's seed) / test splits."""
+    return load_dataset(
+        config.dataset, data_dir=config.data_dir or None, heldout_fraction=config.heldout_fraction, seed=config.seed
+    )
+
+
+def job_hooks(config: RunConfig, model: torch.nn.Module, splits: DatasetSplits, device: torch.device | str) -> PhaseHooks:
+    """Recalibration and held-out scores of a job, as every phase of it ends them."""
+    return data_hooks(model, splits, fraction=config.recalibration_fraction, seed=config.seed, device=device)
+
+
 class LocalRun:
     """One seed of the whole pipeline for every configured method.
 
@@ -91,16 +102,13 @@ class LocalRun:
         self.out_dir = Path(config.out_dir)
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        self.splits: DatasetSplits = load_dataset(
-            config.dataset, data_dir=config.data_dir or None, heldout_fraction=config.heldout_fraction, seed=config.seed
-        )
+        self.splits = job_splits(config)
         self.trainer = CandidateTrainer(config.model, self.splits, self.device, config.workers, log)
         self.model = self.trainer.model
         self.names = prunable_names(
             self.model, keep_first_dense=config.keep_first_dense, keep_last_dense=config.keep_last_dense
         )
-        self.hooks = data_hooks(self.model, self.splits, fraction=config.recalibration_fraction, seed=config.seed,
-                                device=self.device)
+        self.hooks = job_hooks(config, self.model, self.splits, self.device)
         self.candidate_configs = config.candidate_configs()
         self.ood_data = self.splits.test.head(config.ood_examples)
 
@@ -153,14 +161,14 @@ class LocalRun:
             started = time.perf_counter()
             engine.prune(step)
             many = spec.candidates == "all" or (spec.candidates == "last" and step.index == len(steps))
-            configs = [replace(for_phase(c, step.index), epochs=step.epochs)
-                       for c in (self.candidate_configs if many else self.candidate_configs[:1])]
+            configs = [step_candidate(c, step) for c in (self.candidate_configs if many else self.candidate_configs[:1])]
             unit = "phase" if spec.schedule == "imp" else "update"
             label = f"[{method}] {unit} {step.index}/{len(steps)} sparsity {engine.sparsity:.2%}"
             trained = self.trainer.train(engine.state, engine.mask, configs, label)
             if spec.ensemble:
                 rows.append(self._ensemble_row(step, engine.mask, [s for s, _ in trained], started))
-            merge = engine.merge((spec.rule or config.merge) if many else "uniform")
+            merge = engine.merge((spec.rule or config.merge) if many else "uniform", trim_fraction=config.trim_fraction,
+                                 max_weight=config.max_client_weight, norm_bound=config.update_norm_bound)
             for state, metrics in trained:
                 merge.add(values_under_mask(state, engine.mask), metrics["num_examples"])
             engine.end_round(merge)

@@ -27,7 +27,25 @@ PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def prunable_names(
     model: nn.Module, *, keep_first_dense: bool = False, keep_last_dense: bool = False
 ) -> list[str]:
-    """Names of the prunable weights, in the model's parameter order."""
+    """Names of the prunable weights, in the model's parameter order.
+
+    A weight is prunable when it is the ``weight`` of an ``nn.Linear`` or ``nn.Conv1d/2d/3d``
+    module; biases and norm layers never are.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose modules are inspected.
+    keep_first_dense : bool, default False
+        Leave the first prunable weight (in parameter order) out, so it stays dense.
+    keep_last_dense : bool, default False
+        Leave the last prunable weight out (usually the classifier), so it stays dense.
+
+    Returns
+    -------
+    list of str
+        Parameter names such as ``"features.0.weight"``, in ``model.named_parameters()`` order.
+    """
     names = [
         f"{module_name}.weight" if module_name else "weight"
         for module_name, module in model.named_modules()
@@ -43,6 +61,27 @@ def prunable_names(
 
 
 def dense_mask(model: nn.Module, names: Iterable[str]) -> Mask:
+    """A mask that keeps every entry of the named weights (sparsity 0).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model the mask is for; it gives each tensor's shape.
+    names : iterable of str
+        Parameter names to mask, usually ``prunable_names(model)``; their order becomes the
+        mask's order.
+
+    Returns
+    -------
+    Mask
+        Each name mapped to an all-True bool tensor of that parameter's shape (on the
+        parameter's device).
+
+    Raises
+    ------
+    KeyError
+        If a name is not a parameter of ``model``.
+    """
     params = dict(model.named_parameters())
     return {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
 
@@ -52,7 +91,25 @@ def dense_mask(model: nn.Module, names: Iterable[str]) -> Mask:
 
 def prune_fraction_per_phase(target_sparsity: float, phases: int) -> float:
     """q such that pruning q of the remaining weights in each of ``phases`` phases reaches
-    ``target_sparsity``: q = 1 - (1 - s)^(1/P)."""
+    ``target_sparsity``: q = 1 - (1 - s)^(1/P).
+
+    Parameters
+    ----------
+    target_sparsity : float
+        Final fraction of prunable weights that are zero, in [0, 1).
+    phases : int
+        Number of prune phases, at least 1.
+
+    Returns
+    -------
+    float
+        The fraction of the still-kept weights pruned in each phase.
+
+    Raises
+    ------
+    FedSMSError
+        If ``target_sparsity`` is outside [0, 1) or ``phases`` is below 1.
+    """
     if not 0.0 <= target_sparsity < 1.0:
         raise FedSMSError(f"target sparsity must be in [0, 1), got {target_sparsity}; pass e.g. 0.9")
     if phases < 1:
@@ -61,13 +118,46 @@ def prune_fraction_per_phase(target_sparsity: float, phases: int) -> float:
 
 
 def sparsity_after_phase(target_sparsity: float, phases: int, phase: int) -> float:
-    """Sparsity after phase ``phase`` (1-based): 1 - (1 - q)^p; phase 0 is dense."""
+    """Sparsity after phase ``phase`` (1-based): 1 - (1 - q)^p; phase 0 is dense.
+
+    Parameters
+    ----------
+    target_sparsity : float
+        Final sparsity after the last phase, in [0, 1).
+    phases : int
+        Number of prune phases, at least 1.
+    phase : int
+        The phase, 0 (dense) to ``phases`` (``target_sparsity``).
+
+    Returns
+    -------
+    float
+        Fraction of prunable weights that are zero after ``phase``.
+
+    Raises
+    ------
+    FedSMSError
+        If ``target_sparsity`` or ``phases`` is out of range (see ``prune_fraction_per_phase``).
+    """
     q = prune_fraction_per_phase(target_sparsity, phases)
     return 1.0 - (1.0 - q) ** phase
 
 
 def kept_count(total: int, sparsity: float) -> int:
-    """Entries kept at ``sparsity``: the exact count every pruning method hits."""
+    """Entries kept at ``sparsity``: the exact count every pruning method hits.
+
+    Parameters
+    ----------
+    total : int
+        Number of entries the sparsity is measured over.
+    sparsity : float
+        Fraction of ``total`` to prune, in [0, 1].
+
+    Returns
+    -------
+    int
+        ``total - round(sparsity * total)``.
+    """
     return total - int(round(sparsity * total))
 
 
@@ -87,6 +177,34 @@ def compute_mask(
     Only entries kept by ``old_mask`` can survive (IMP never regrows), so the result is a
     subset of ``old_mask``. ``global`` ranks |w| across all tensors, ``uniform`` prunes each
     tensor to the same sparsity, ``random`` draws the survivors uniformly at random.
+    When reaching ``sparsity`` would need regrowth, every entry ``old_mask`` keeps stays kept.
+
+    Parameters
+    ----------
+    params : mapping of str to torch.Tensor
+        The current weights (a state dict or named parameters); only the names in
+        ``old_mask`` are read, on any device.
+    old_mask : Mask
+        The current mask; its names and order are the result's.
+    sparsity : float
+        Target fraction of zero entries, in [0, 1], counted over all of ``old_mask``'s
+        entries (``global``, ``random``) or over each tensor (``uniform``).
+    method : str, default "global"
+        ``global`` or ``uniform`` magnitude pruning, or ``random``.
+    generator : torch.Generator, optional
+        Source of randomness; required by ``random``, ignored otherwise.
+
+    Returns
+    -------
+    Mask
+        The new mask, on the CPU, a subset of ``old_mask``.
+
+    Raises
+    ------
+    FedSMSError
+        If ``method`` is not a known pruning method.
+    ValueError
+        If ``method`` is ``random`` and no ``generator`` is given.
     """
     if method not in PRUNING_METHODS:
         raise FedSMSError(f"unknown pruning method {method!r}; use one of {', '.join(PRUNING_METHODS)}")
@@ -112,7 +230,32 @@ def prune_state(
     state: Mapping[str, torch.Tensor], old_mask: Mask, sparsity: float, *, method: str = "global", seed: int = 0
 ) -> tuple[dict[str, torch.Tensor], Mask]:
     """One prune step of IMP on a state dict: the next mask at ``sparsity`` and the state
-    with everything outside it set to zero."""
+    with everything outside it set to zero.
+
+    Parameters
+    ----------
+    state : mapping of str to torch.Tensor
+        The state dict to prune; tensors not in ``old_mask`` pass through unchanged.
+    old_mask : Mask
+        The current mask; the new one is a subset of it.
+    sparsity : float
+        Target sparsity, in [0, 1] (see ``compute_mask``).
+    method : str, default "global"
+        ``global``, ``uniform`` or ``random`` (see ``compute_mask``).
+    seed : int, default 0
+        Seed of the generator ``random`` pruning draws from; the same seed gives the same mask.
+
+    Returns
+    -------
+    tuple of (dict of str to torch.Tensor, Mask)
+        The pruned state (same keys and order; masked tensors are new, the others the same
+        objects as in ``state``) and the new mask.
+
+    Raises
+    ------
+    FedSMSError
+        If ``method`` is not a known pruning method.
+    """
     new = compute_mask(state, old_mask, sparsity, method=method, generator=torch.Generator().manual_seed(seed))
     return {k: v * new[k].to(v.dtype) if k in new else v for k, v in state.items()}, new
 
@@ -143,6 +286,20 @@ def _split(flat: torch.Tensor, like: Mask) -> list[torch.Tensor]:
 
 
 def check_mask_fits(model: nn.Module, mask: Mask) -> None:
+    """Check that every tensor ``mask`` names is a parameter of ``model`` with the same shape.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model the mask should fit.
+    mask : Mask
+        The mask to check.
+
+    Raises
+    ------
+    FedSMSError
+        If the mask names a tensor the model lacks, or one of another shape.
+    """
     params = dict(model.named_parameters())
     for name, keep in mask.items():
         if name not in params:
@@ -159,6 +316,19 @@ class MaskEnforcer:
 
     ``apply()`` is one fused ``torch._foreach_mul_`` over all masked tensors, cheap enough
     to run after every optimizer step.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, already on its device: the mask is copied to each weight's device and
+        dtype once, here.
+    mask : Mask
+        Parameter name to a bool tensor of that parameter's shape (True = kept).
+
+    Raises
+    ------
+    FedSMSError
+        If the mask names a tensor the model lacks or has another shape.
     """
 
     def __init__(self, model: nn.Module, mask: Mask) -> None:
@@ -169,6 +339,7 @@ class MaskEnforcer:
 
     @torch.no_grad()
     def apply(self) -> None:
+        """Multiply each masked weight by its mask, in place and without autograd."""
         if self.params:
             torch._foreach_mul_(self.params, self.factors)
 
@@ -178,6 +349,13 @@ class MaskHook:
 
     Returned by :func:`enforce_mask`. ``remove()`` detaches it; it is also a context
     manager that detaches on exit.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer whose steps are followed (a step post-hook is registered on it).
+    enforcer : MaskEnforcer
+        The zeroing to run after each step.
 
     Attributes
     ----------
@@ -240,7 +418,25 @@ def enforce_mask(optimizer: torch.optim.Optimizer, model: nn.Module, mask: Mask)
 
 
 def outside_mask_nonzeros(state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, int]:
-    """Per tensor, the count of nonzero entries the mask says must be zero."""
+    """Per tensor, the count of nonzero entries the mask says must be zero.
+
+    Parameters
+    ----------
+    state : mapping of str to torch.Tensor
+        A state dict holding at least every tensor ``mask`` names.
+    mask : Mask
+        The mask the state should respect.
+
+    Returns
+    -------
+    dict of str to int
+        Only the tensors with at least one such entry; empty when the state respects the mask.
+
+    Raises
+    ------
+    KeyError
+        If ``state`` lacks a tensor the mask names.
+    """
     counts = {}
     for name, keep in mask.items():
         bad = int(torch.count_nonzero(state[name].detach().cpu() * (~keep.cpu())))
@@ -253,13 +449,37 @@ def outside_mask_nonzeros(state: Mapping[str, torch.Tensor], mask: Mask) -> dict
 
 
 def sparsity(mask: Mask) -> float:
+    """Fraction of the masked entries that are pruned, over all tensors together.
+
+    Parameters
+    ----------
+    mask : Mask
+        The mask to measure.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0.0 for an empty mask.
+    """
     total = sum(m.numel() for m in mask.values())
     kept = sum(int(m.sum()) for m in mask.values())
     return 1.0 - kept / total if total else 0.0
 
 
 def sparsity_report(mask: Mask) -> list[dict]:
-    """One row per tensor (name, shape, numel, nnz, sparsity) and a final ``total`` row."""
+    """One row per tensor (name, shape, numel, nnz, sparsity) and a final ``total`` row.
+
+    Parameters
+    ----------
+    mask : Mask
+        The mask to describe.
+
+    Returns
+    -------
+    list of dict
+        Rows with keys ``name``, ``shape`` (list of int), ``numel``, ``nnz`` (kept entries)
+        and ``sparsity`` (float in [0, 1]), ready for JSON or ``format_report``.
+    """
     rows = []
     for name, keep in mask.items():
         nnz = int(keep.sum())
@@ -275,6 +495,18 @@ def sparsity_report(mask: Mask) -> list[dict]:
 
 
 def format_report(rows: list[dict]) -> str:
+    """A plain-text table of ``sparsity_report`` rows, one line per tensor under a header.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Rows as ``sparsity_report`` returns them (at least one).
+
+    Returns
+    -------
+    str
+        The table, lines joined by newlines, without a trailing newline.
+    """
     width = max(len(r["name"]) for r in rows)
     lines = [f"{'tensor':<{width}}  {'numel':>10}  {'nnz':>10}  {'sparsity':>8}"]
     lines += [f"{r['name']:<{width}}  {r['numel']:>10}  {r['nnz']:>10}  {r['sparsity']:>8.2%}" for r in rows]
@@ -282,7 +514,18 @@ def format_report(rows: list[dict]) -> str:
 
 
 def pack_mask(mask: Mask) -> bytes:
-    """All mask bits in mask order, packed 8 per byte (little bit order)."""
+    """All mask bits in mask order, packed 8 per byte (little bit order).
+
+    Parameters
+    ----------
+    mask : Mask
+        The mask to pack; each tensor is flattened in row-major order.
+
+    Returns
+    -------
+    bytes
+        ``ceil(total entries / 8)`` bytes; the last byte is padded with zero bits.
+    """
     if not mask:
         return b""
     flat = torch.cat([m.reshape(-1).cpu() for m in mask.values()]).numpy()
@@ -290,6 +533,25 @@ def pack_mask(mask: Mask) -> bytes:
 
 
 def unpack_mask(data: bytes, shapes: Mapping[str, tuple[int, ...]]) -> Mask:
+    """The inverse of ``pack_mask``: bits back into one bool tensor per name.
+
+    Parameters
+    ----------
+    data : bytes
+        Packed bits, as ``pack_mask`` writes them.
+    shapes : mapping of str to tuple of int
+        Each tensor's name and shape, in mask order.
+
+    Returns
+    -------
+    Mask
+        CPU bool tensors of the given shapes, in the order of ``shapes``.
+
+    Raises
+    ------
+    FedSMSError
+        If ``data`` is not exactly as long as the shapes need.
+    """
     total = sum(int(np.prod(s)) for s in shapes.values())
     if len(data) != (total + 7) // 8:
         raise FedSMSError(f"mask bits have {len(data)} bytes but the shapes need {(total + 7) // 8}")
@@ -303,7 +565,18 @@ def unpack_mask(data: bytes, shapes: Mapping[str, tuple[int, ...]]) -> Mask:
 
 
 def mask_digest(mask: Mask) -> str:
-    """sha256 over names, shapes and bits: two masks with the same digest are the same mask."""
+    """sha256 over names, shapes and bits: two masks with the same digest are the same mask.
+
+    Parameters
+    ----------
+    mask : Mask
+        The mask to name; its order matters.
+
+    Returns
+    -------
+    str
+        64 lowercase hex characters.
+    """
     h = hashlib.sha256()
     for name, keep in mask.items():
         h.update(f"{name}:{tuple(keep.shape)};".encode())
@@ -315,7 +588,23 @@ def mask_digest(mask: Mask) -> str:
 
 
 def export_to_torch_prune(model: nn.Module, mask: Mask) -> None:
-    """Attach ``weight_orig``/``weight_mask`` reparametrisations, as ``prune.custom_from_mask``."""
+    """Attach ``weight_orig``/``weight_mask`` reparametrisations, as ``prune.custom_from_mask``.
+
+    The model is changed in place; its state dict then holds ``<name>_orig`` and
+    ``<name>_mask`` in place of each masked ``<name>``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to reparametrise.
+    mask : Mask
+        The mask to attach; each tensor is moved to its weight's device.
+
+    Raises
+    ------
+    FedSMSError
+        If the mask names a tensor the model lacks or has another shape.
+    """
     check_mask_fits(model, mask)
     modules = dict(model.named_modules())
     for name, keep in mask.items():
@@ -329,6 +618,19 @@ def import_from_torch_prune(model: nn.Module, *, make_permanent: bool = True) ->
 
     With ``make_permanent`` the reparametrisation is removed (``prune.remove``) so the model
     holds plain zeroed weights again, as fedsms expects.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model pruned with ``torch.nn.utils.prune`` (for example by ``export_to_torch_prune``).
+    make_permanent : bool, default True
+        Remove the reparametrisation from ``model`` (in place) after reading each mask.
+
+    Returns
+    -------
+    Mask
+        CPU bool masks keyed by the weights' plain names (``layer.weight``), in the model's
+        parameter order; empty when nothing is pruned.
     """
     mask = {}
     for module_name, module in model.named_modules():

@@ -26,12 +26,34 @@ def _candidate_post_init(self) -> None:
 
 
 def _candidate_to_dict(self) -> dict[str, Any]:
-    """Every field and its value."""
+    """Every field and its value.
+
+    Returns
+    -------
+    dict
+        Field name to value, in declaration order (JSON-serialisable).
+    """
     return asdict(self)
 
 
 def _candidate_from_dict(cls, values: Mapping[str, Any]) -> "CandidateConfig":
-    """A candidate from field values (text accepted); unknown keys and bad values refused."""
+    """A candidate from field values (text accepted); unknown keys and bad values refused.
+
+    Parameters
+    ----------
+    values : mapping of str to Any
+        Field names (``-`` or ``_`` spelling) to values; fields left out take their defaults.
+
+    Returns
+    -------
+    CandidateConfig
+        The checked candidate.
+
+    Raises
+    ------
+    FedSMSError
+        If a key is not a field or a value is of the wrong type or out of range.
+    """
     return cls(**_coerce(values, caps=False))
 
 
@@ -44,7 +66,19 @@ CandidateConfig = make_dataclass(
     frozen=True,
     namespace={
         "__doc__": "Everything that defines how one candidate is retrained in one phase.\n\n"
-                   "Its fields are the per-candidate keys of the run config (see ``fedsms.schema.RunKeys``).",
+                   "Its fields are the per-candidate keys of the run config (see ``fedsms.schema.RunKeys``).\n"
+                   "Values are typed and checked against the keys' natural ranges on creation (text\n"
+                   "accepted); the input caps are not applied, since derived seeds may pass them.\n\n"
+                   "Parameters\n"
+                   "----------\n"
+                   "epochs, lr, momentum, weight_decay, batch_size, label_smoothing, lr_schedule, "
+                   "warmup_fraction, augment, seed\n"
+                   "    One keyword per field; each has the type, default, range and help of the run\n"
+                   "    key that declares it with ``candidate=`` (``epochs`` is ``retrain_epochs``).\n\n"
+                   "Raises\n"
+                   "------\n"
+                   "FedSMSError\n"
+                   "    If a value is of the wrong type or out of range.\n",
         "__post_init__": _candidate_post_init,
         "to_dict": _candidate_to_dict,
         "from_dict": classmethod(_candidate_from_dict),
@@ -70,7 +104,27 @@ def _coerce(values: Mapping[str, Any], caps: bool = True) -> dict[str, Any]:
 
 
 def parse_grid(text: str) -> dict[str, list[str]]:
-    """``"seed=0,1;lr=0.1,0.05"`` -> ``{"seed": ["0", "1"], "lr": ["0.1", "0.05"]}``."""
+    """``"seed=0,1;lr=0.1,0.05"`` -> ``{"seed": ["0", "1"], "lr": ["0.1", "0.05"]}``.
+
+    Every value is checked (type and range of its candidate field, with the input caps)
+    before the grid is returned.
+
+    Parameters
+    ----------
+    text : str
+        Parts ``KEY=V1,V2,...`` joined by ``;``; empty parts are skipped, so ``""`` is the
+        empty grid.
+
+    Returns
+    -------
+    dict of str to list of str
+        Each key (as written) to its values as text, in the order written.
+
+    Raises
+    ------
+    FedSMSError
+        If a part is not ``KEY=V1,...``, a key is not a candidate field or a value is bad.
+    """
     grid: dict[str, list[str]] = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, sep, values = part.partition("=")
@@ -88,7 +142,31 @@ def expand_recipe(
     m: int,
     base: CandidateConfig,
 ) -> list[CandidateConfig]:
-    """The m candidate configs. Seeds are ``base.seed + i`` unless the recipe sets them."""
+    """The m candidate configs. Seeds are ``base.seed + i`` unless the recipe sets them.
+
+    Candidate i takes point ``i % count`` of the grid (in ``itertools.product`` order, the
+    last key varying fastest) or of the explicit list, on top of ``base``.
+
+    Parameters
+    ----------
+    recipe : str, mapping of str to sequence, or sequence of mapping
+        A grid as text (see :func:`parse_grid`), a grid as a mapping of key to values, or an
+        explicit list of per-candidate overrides. An empty recipe varies only the seeds.
+    m : int
+        Number of candidates, >= 1.
+    base : CandidateConfig
+        The values every candidate starts from.
+
+    Returns
+    -------
+    list of CandidateConfig
+        ``m`` configs.
+
+    Raises
+    ------
+    FedSMSError
+        If ``m`` < 1, or the recipe has an unknown key or a bad value.
+    """
     if m < 1:
         raise FedSMSError(f"the number of candidates m must be at least 1, got {m}")
     if isinstance(recipe, str):
@@ -119,5 +197,18 @@ def _grid_point(grid: Mapping[str, Sequence[Any]], index: int) -> dict[str, Any]
 
 
 def for_phase(config: CandidateConfig, phase: int) -> CandidateConfig:
-    """The same candidate in another phase draws another batch order."""
+    """The same candidate in another phase draws another batch order.
+
+    Parameters
+    ----------
+    config : CandidateConfig
+        The candidate.
+    phase : int
+        The phase (or prune step index).
+
+    Returns
+    -------
+    CandidateConfig
+        ``config`` with seed ``config.seed + 10007 * phase``.
+    """
     return replace(config, seed=config.seed + 10_007 * phase)

@@ -18,11 +18,12 @@ of each interval prunes, after the previous round's aggregation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedsms import FedSMSError
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.masks import sparsity_after_phase
+from fedsms.recipe import CandidateConfig, for_phase
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,63 @@ class Round:
 
 
 def prune_seed(seed: int, step: int) -> int:
-    """The seed of random pruning at ``step``: derived, so a resumed job needs no RNG state."""
-    return seed * 1000 + step
+    """The seed of random pruning at ``step``: derived, so a resumed job needs no RNG state.
+
+    Parameters
+    ----------
+    seed : int
+        The job's seed.
+    step : int
+        The prune step's index (``PruneStep.index``).
+
+    Returns
+    -------
+    int
+        ``seed * 1000 + step`` for steps below 1000 (as always), ``seed + step * 2**32``
+        from step 1000 on: distinct for every (seed, step) with ``0 <= seed < 2**32``
+        (the schema's range), and above every value of the first form.
+
+    Raises
+    ------
+    FedSMSError
+        If a step of 1000 or more comes with a seed outside ``[0, 2**32)``.
+    """
+    if step < 1000:
+        return seed * 1000 + step
+    if not 0 <= seed < 2**32:
+        raise FedSMSError(f"seed {seed} is outside 0..2**32-1; prune steps from 1000 on need a seed in that range")
+    return seed + step * 2**32
+
+
+def step_candidate(config: CandidateConfig, step: PruneStep) -> CandidateConfig:
+    """How a candidate of the recipe retrains after ``step``: the step's own batch order
+    (``for_phase``) and its epochs. The local driver and ``fedsms retrain`` both use this."""
+    return replace(for_phase(config, step.index), epochs=step.epochs)
 
 
 def cubic_sparsity(step: float, start: float, end: float, initial: float, final: float) -> float:
-    """Zhu & Gupta's cubic schedule: ``initial`` up to ``start``, ``final`` from ``end`` on."""
+    """Zhu & Gupta's cubic schedule: ``initial`` up to ``start``, ``final`` from ``end`` on.
+
+    In between, ``final + (initial - final) * (1 - (step - start) / (end - start))^3``.
+
+    Parameters
+    ----------
+    step : float
+        Where in the schedule (a mask update, round or step count).
+    start : float
+        Where the sparsity starts to rise.
+    end : float
+        Where it reaches ``final``; greater than ``start``.
+    initial : float
+        Sparsity up to ``start``, in [0, 1).
+    final : float
+        Sparsity from ``end`` on, in [0, 1).
+
+    Returns
+    -------
+    float
+        The sparsity at ``step``.
+    """
     if step >= end:
         return final
     if step <= start:
@@ -85,7 +137,25 @@ def cubic_sparsity(step: float, start: float, end: float, initial: float, final:
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
-    """``total`` whole units over ``parts`` intervals, as evenly as possible (earlier ones shorter)."""
+    """``total`` whole units over ``parts`` intervals, as evenly as possible (earlier ones shorter).
+
+    Parameters
+    ----------
+    total : int
+        Units to split (epochs or rounds).
+    parts : int
+        Number of intervals, 1 to ``total``.
+
+    Returns
+    -------
+    list of int
+        ``parts`` lengths, each at least 1, summing to ``total``.
+
+    Raises
+    ------
+    FedSMSError
+        If ``parts`` is not in [1, ``total``].
+    """
     if not 1 <= parts <= total:
         raise FedSMSError(
             f"cannot split {total} epochs or rounds into {parts} mask-update intervals; set gmp-updates to at most {total}"
@@ -94,12 +164,35 @@ def split_evenly(total: int, parts: int) -> list[int]:
 
 
 def num_updates(run: RunConfig) -> int:
-    """N, the mask updates of the GMP schedule."""
+    """N, the mask updates of the GMP schedule.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The run; its ``gmp_updates`` (0 meaning one per phase) and ``phases`` are read.
+
+    Returns
+    -------
+    int
+        ``run.gmp_updates``, or ``run.phases`` when it is 0.
+    """
     return run.gmp_updates or run.phases
 
 
 def imp_steps(run: RunConfig) -> list[PruneStep]:
-    """The P phases of IMP."""
+    """The P phases of IMP.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The run; its ``phases``, ``target_sparsity`` and ``retrain_epochs`` are read.
+
+    Returns
+    -------
+    list of PruneStep
+        Steps 1..P at ``sparsity_after_phase(target_sparsity, P, p)``, each of
+        ``retrain_epochs`` epochs.
+    """
     return [
         PruneStep(p, sparsity_after_phase(run.target_sparsity, run.phases, p), run.retrain_epochs)
         for p in range(1, run.phases + 1)
@@ -107,7 +200,25 @@ def imp_steps(run: RunConfig) -> list[PruneStep]:
 
 
 def gmp_steps(run: RunConfig) -> list[PruneStep]:
-    """The N mask updates of GMP, sharing IMP's epoch budget."""
+    """The N mask updates of GMP, sharing IMP's epoch budget.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The run; its ``phases``, ``retrain_epochs``, ``gmp_updates``,
+        ``gmp_initial_sparsity`` and ``target_sparsity`` are read.
+
+    Returns
+    -------
+    list of PruneStep
+        Steps t = 1..N on the cubic schedule (the last at ``target_sparsity``), whose epochs
+        sum to ``phases * retrain_epochs``.
+
+    Raises
+    ------
+    FedSMSError
+        If N exceeds the epoch budget (``RunConfig`` already refuses such a run).
+    """
     n = num_updates(run)
     epochs = split_evenly(run.phases * run.retrain_epochs, n)
     return [
@@ -117,12 +228,53 @@ def gmp_steps(run: RunConfig) -> list[PruneStep]:
 
 
 def prune_steps(run: RunConfig, schedule: str) -> list[PruneStep]:
-    """The prune steps of ``schedule`` (``"imp"`` or ``"gmp"``)."""
+    """The prune steps of ``schedule`` (``"imp"`` or ``"gmp"``).
+
+    Parameters
+    ----------
+    run : RunConfig
+        The run.
+    schedule : str
+        ``"gmp"`` for ``gmp_steps``; anything else gives ``imp_steps``.
+
+    Returns
+    -------
+    list of PruneStep
+        The job's prune steps, in order.
+
+    Raises
+    ------
+    FedSMSError
+        As :func:`gmp_steps`.
+    """
     return gmp_steps(run) if schedule == "gmp" else imp_steps(run)
 
 
 def federated_rounds(run: RunConfig, fed: FederationConfig) -> list[Round]:
-    """Every server round of a federated job, in order."""
+    """Every server round of a federated job, in order.
+
+    ``fed.pretrain_rounds`` dense rounds (phase 0) come first, then ``rounds_per_phase``
+    rounds for each of the P phases.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The run; its ``phases`` and the prune steps' settings are read.
+    fed : FederationConfig
+        The federation; its ``pretrain_rounds``, ``rounds_per_phase`` and
+        ``pruning_schedule`` are read.
+
+    Returns
+    -------
+    list of Round
+        Numbered from 1. Under ``imp`` the first round of each phase prunes; under ``gmp``
+        the first round of each of the N intervals does.
+
+    Raises
+    ------
+    FedSMSError
+        If the N GMP updates do not fit the epoch budget or the P × rounds-per-phase rounds.
+    """
     rounds = [Round(r, 0, r, None, r == fed.pretrain_rounds) for r in range(1, fed.pretrain_rounds + 1)]
     steps = prune_steps(run, fed.pruning_schedule)
     if fed.pruning_schedule == "gmp":

@@ -28,10 +28,11 @@ from fedsms import FedSMSError
 METHODS = ("imp", "imp-best", "imp-avg", "sms", "sms-greedy", "gmp", "gmp-soup")
 PRUNING_METHODS = ("global", "uniform", "random")
 LR_SCHEDULES = ("linear", "cosine", "constant")
-MERGE_RULES = ("uniform", "weighted", "greedy")
+MERGE_RULES = ("uniform", "weighted", "greedy", "trimmed-mean", "median")
 FEDERATED_MODES = ("hyperparameter", "data")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 VALUE_DTYPES = ("fp32", "fp16", "bf16")
+CLIENT_PROTOCOLS = ("compact", "flower")
 RECALIBRATIONS = ("server", "federated")
 PRUNING_SCHEDULES = ("imp", "gmp")
 
@@ -79,7 +80,18 @@ class Key:
     candidate: str | None = None
 
     def rule(self, caps: bool = True) -> str:
-        """The allowed values in words: ``"at least 1 and at most 100"``, ``"in [0, 1)"``, ``"one of a, b"``."""
+        """The allowed values in words: ``"at least 1 and at most 100"``, ``"in [0, 1)"``, ``"one of a, b"``.
+
+        Parameters
+        ----------
+        caps : bool, default True
+            Whether to mention the sanity cap.
+
+        Returns
+        -------
+        str
+            The rule; empty for a key without bounds or choices.
+        """
         if self.choices:
             return f"{'some' if self.many else 'one'} of {', '.join(self.choices)}"
         upper = self.at_most if self.at_most is not None else self.below
@@ -98,7 +110,21 @@ class Key:
         return " and ".join(words)
 
     def allows(self, value: Any, caps: bool = True) -> bool:
-        """Whether an already-typed ``value`` is in range (or among the choices)."""
+        """Whether an already-typed ``value`` is in range (or among the choices).
+
+        Parameters
+        ----------
+        value : Any
+            The typed value: a str for a key with choices (a comma list when ``many``),
+            else a number; bools and other strings are always allowed.
+        caps : bool, default True
+            Whether the sanity cap applies.
+
+        Returns
+        -------
+        bool
+            True when allowed.
+        """
         if self.choices:
             items = [v.strip() for v in value.split(",") if v.strip()] if self.many else [value]
             return bool(items) and all(v in self.choices for v in items)
@@ -115,12 +141,40 @@ def _num(x: float) -> str:
 
 
 def key(default: Any, help: str, **rules: Any) -> Any:
-    """Declare a configuration key: a dataclass field with its :class:`Key` as metadata."""
+    """Declare a configuration key: a dataclass field with its :class:`Key` as metadata.
+
+    Parameters
+    ----------
+    default : Any
+        The key's default value.
+    help : str
+        One line of help text (see :class:`Key`).
+    **rules
+        The other fields of :class:`Key`: ``at_least``, ``above``, ``at_most``, ``below``,
+        ``cap``, ``choices``, ``many``, ``shapes_soup``, ``candidate``.
+
+    Returns
+    -------
+    dataclasses.Field
+        The field, to assign in a settings dataclass.
+    """
     return field(default=default, metadata={"key": Key(help, **rules)})
 
 
 def declared(cls_or_instance: Any) -> Iterator[tuple[Field, Key]]:
-    """The ``(field, Key)`` pairs of a settings class, in declaration order."""
+    """The ``(field, Key)`` pairs of a settings class, in declaration order.
+
+    Parameters
+    ----------
+    cls_or_instance : dataclass or dataclass instance
+        A settings class (or instance) whose fields were declared with :func:`key`;
+        fields without a ``Key`` are skipped.
+
+    Yields
+    ------
+    tuple of (dataclasses.Field, Key)
+        Each declared field and its rules.
+    """
     for f in fields(cls_or_instance):
         if "key" in f.metadata:
             yield f, f.metadata["key"]
@@ -128,6 +182,16 @@ def declared(cls_or_instance: Any) -> Iterator[tuple[Field, Key]]:
 
 def parse_bool(value: Any) -> bool:
     """The one boolean parser: a bool, or true/false, 1/0, yes/no, on/off in any case.
+
+    Parameters
+    ----------
+    value : Any
+        A bool, or anything whose ``str`` (stripped) is one of those words.
+
+    Returns
+    -------
+    bool
+        The value.
 
     Raises
     ------
@@ -174,6 +238,11 @@ def parse_value(subject: str, name: str, value: Any, kind: str, spec: Key | None
     caps : bool
         Whether the key's sanity cap applies (it guards input, see :class:`Key`).
 
+    Returns
+    -------
+    bool, int, float or str
+        The typed value (a float is always finite).
+
     Raises
     ------
     FedSMSError
@@ -205,6 +274,23 @@ class Settings:
 
         Keys may be spelt with ``-`` (Flower's run-config style) or ``_``; values may be
         text. An unknown key or a bad value raises :class:`fedsms.FedSMSError` naming it.
+
+        Parameters
+        ----------
+        values : mapping of str to Any
+            Keys of this class and their values; keys left out keep ``base``'s values.
+        base : Settings, optional
+            The settings to start from; None: the declared defaults.
+
+        Returns
+        -------
+        Settings
+            A new instance of ``cls`` (every value checked).
+
+        Raises
+        ------
+        FedSMSError
+            For an unknown key or a bad value.
         """
         names = [f.name for f, _ in declared(cls)]
         updates = {}
@@ -217,7 +303,13 @@ class Settings:
         return replace(base or cls(), **updates)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every key (``_`` spelling) and its value."""
+        """Every key (``_`` spelling) and its value.
+
+        Returns
+        -------
+        dict of str to Any
+            Key to typed value, in declaration order (JSON-serialisable).
+        """
         return asdict(self)
 
 
@@ -227,6 +319,9 @@ class RunKeys(Settings):
 
     Declarations only; :class:`fedsms.config.RunConfig` adds the rules across keys and the
     candidates. Per-candidate hyperparameters carry ``candidate=``.
+
+    Each field is one key; its type and default are the field's, and its help text, range
+    and whether it shapes the soup sit next to it in its ``key(...)`` declaration below.
     """
 
     dataset: str = key("digits", "digits (embedded), mnist1d or mnist1d-N (generated), cifar10, cifar100, mnist "
@@ -261,8 +356,14 @@ class RunKeys(Settings):
                                  candidate="warmup_fraction")
     augment: bool = key(True, "random translation (and flips where they fit) during training", candidate="augment")
     recipe: str = key("", "how candidates differ, e.g. 'weight_decay=1e-4,5e-4;lr=0.05,0.1' (seeds always differ)")
-    merge: str = key("uniform", "uniform, weighted (by examples) or greedy (held-out accuracy) soup",
-                     choices=MERGE_RULES)
+    merge: str = key("uniform", "uniform, weighted (by examples) or greedy (held-out accuracy) soup; "
+                     "trimmed-mean or median (coordinate-wise, robust to bad candidates)", choices=MERGE_RULES)
+    trim_fraction: float = key(0.2, "fraction of the candidates cut at each end, per value, by merge trimmed-mean",
+                               at_least=0, below=0.5)
+    max_client_weight: float = key(1.0, "largest share one candidate may have in a weighted merge (1: no cap)",
+                                   above=0, at_most=1)
+    update_norm_bound: float = key(0.0, "reject candidates farther from the soup than this many times the "
+                                   "round's median distance (0: off)", at_least=0, cap=1e6)
     recalibration_fraction: float = key(0.2, "fraction of training data for norm-statistics recalibration",
                                         above=0, at_most=1)
     heldout_fraction: float = key(0.1, "fraction of the training data held out (seeded) for greedy/best-of-m",
@@ -283,6 +384,9 @@ class FederationKeys(Settings):
     """The keys only a federated run has; they share the run keys' namespace.
 
     Declarations only; :class:`fedsms.config.FederationConfig` is the class to use.
+
+    Each field is one key; its type and default are the field's, and its help text, range
+    and whether it shapes the soup sit next to it in its ``key(...)`` declaration below.
     """
 
     mode: str = key("hyperparameter", "hyperparameter (clients differ by recipe) or data (clients differ by shard)",
@@ -306,6 +410,9 @@ class FederationKeys(Settings):
     fraction_evaluate: float = key(1.0, "fraction of clients asked for federated evaluation", at_least=0, at_most=1,
                                    shapes_soup=False)
     value_dtype: str = key("fp32", "fp32, fp16 or bf16 values on the wire", choices=VALUE_DTYPES)
+    client_protocol: str = key("compact", "compact (fedsms clients: values under the mask) or flower (unchanged "
+                                          "Flower ClientApps: the dense model in content['arrays'])",
+                               choices=CLIENT_PROTOCOLS)
     recalibration: str = key("server", "norm statistics re-estimated on the server's data or by the clients",
                              choices=RECALIBRATIONS)
     server_data: bool = key(True, "the server holds the data set (central evaluation, recalibration, greedy)")

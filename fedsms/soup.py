@@ -25,6 +25,15 @@ class RunningAverage:
 
     Floating tensors are averaged in float32 (float64 for float64 inputs); integer tensors
     such as BatchNorm's ``num_batches_tracked`` cannot be averaged and keep their maximum.
+    Every candidate must name the same tensors, in the same order and of the same shapes,
+    as the first one.
+
+    Attributes
+    ----------
+    total_weight : float
+        Sum of the weights added so far.
+    count : int
+        Number of candidates added so far.
     """
 
     def __init__(self) -> None:
@@ -33,8 +42,26 @@ class RunningAverage:
         self.count = 0
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
-        if weight <= 0:
-            raise ValueError(f"weight must be positive, got {weight}")
+        """Add one candidate to the running sum (nothing is kept of it but the sum).
+
+        Parameters
+        ----------
+        tensors : mapping of str to torch.Tensor
+            The candidate's tensors (a whole state dict or the values under a mask). The
+            sums stay on the device of the first candidate's tensors.
+        weight : float, default 1.0
+            The candidate's weight in the mean (for example its number of examples); > 0.
+
+        Raises
+        ------
+        ValueError
+            If ``weight`` is not positive.
+        SoupError
+            If the tensors' names, order or shapes differ from the first candidate's;
+            nothing is added then.
+        """
+        if not 0 < weight < float("inf"):  # NaN fails too
+            raise ValueError(f"weight must be a positive finite number, got {weight}")
         if self._sums:
             self._check_like(tensors)
         for name, value in tensors.items():
@@ -64,6 +91,19 @@ class RunningAverage:
                 )
 
     def mean(self) -> dict[str, torch.Tensor]:
+        """The weighted mean of the candidates added so far.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            New tensors, in the first candidate's order: floating tensors in float32 (float64
+            for float64 inputs), integer tensors the maximum over the candidates.
+
+        Raises
+        ------
+        SoupError
+            If no candidate was added.
+        """
         if not self.count:
             raise SoupError("nothing to average: no candidate was added")
         return {
@@ -73,7 +113,22 @@ class RunningAverage:
 
 
 def check_shares_mask(state: Mapping[str, torch.Tensor], mask: Mask, label: str = "candidate") -> None:
-    """Refuse a candidate with nonzeros outside ``mask``: averaging it would break sparsity."""
+    """Refuse a candidate with nonzeros outside ``mask``: averaging it would break sparsity.
+
+    Parameters
+    ----------
+    state : mapping of str to torch.Tensor
+        The candidate's state dict.
+    mask : Mask
+        The mask all candidates of the soup share.
+    label : str, default "candidate"
+        How the candidate is named in the error message.
+
+    Raises
+    ------
+    SoupError
+        If ``state`` lacks a masked tensor or has a nonzero entry the mask prunes.
+    """
     missing = [name for name in mask if name not in state]
     if missing:
         raise SoupError(f"{label} lacks the masked tensors {missing[:3]}; average only candidates of the same model")
@@ -91,7 +146,30 @@ def average(
     mask: Mask,
     weights: Sequence[float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """(Weighted) average of candidate state dicts that share ``mask``."""
+    """(Weighted) average of candidate state dicts that share ``mask``.
+
+    Parameters
+    ----------
+    states : sequence of mapping of str to torch.Tensor
+        The candidates' state dicts, all of the same model.
+    mask : Mask
+        The mask every candidate must respect (checked with ``check_shares_mask``).
+    weights : sequence of float, optional
+        One positive weight per candidate (for example example counts); None: uniform.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The soup, as ``RunningAverage.mean`` returns it; it respects ``mask``.
+
+    Raises
+    ------
+    SoupError
+        If a candidate breaks the mask, the candidates differ in tensors or shapes, or
+        ``states`` is empty.
+    ValueError
+        If a weight is not positive.
+    """
     soup = RunningAverage()
     for i, state in enumerate(states):
         check_shares_mask(state, mask, f"candidate {i}")
@@ -105,7 +183,33 @@ def greedy_soup(
     score: Callable[[Mapping[str, torch.Tensor]], float],
 ) -> tuple[dict[str, torch.Tensor], list[int], list[float]]:
     """Greedy soup: rank candidates by ``score`` (held-out accuracy), then add each in turn
-    only if the soup's score does not drop. Returns (soup, chosen indices, candidate scores)."""
+    only if the soup's score does not drop. Returns (soup, chosen indices, candidate scores).
+
+    ``score`` is called once per candidate and once per trial soup (m + m - 1 calls for m
+    candidates); each trial is a uniform average of the chosen candidates.
+
+    Parameters
+    ----------
+    states : sequence of mapping of str to torch.Tensor
+        The candidates' state dicts (at least one), all respecting ``mask``.
+    mask : Mask
+        The mask every candidate shares.
+    score : callable
+        ``score(state) -> float``, higher is better; never the test set.
+
+    Returns
+    -------
+    tuple of (dict of str to torch.Tensor, list of int, list of float)
+        The soup, the indices of the candidates in it (best first, in the order they were
+        added) and each candidate's own score, in the order of ``states``.
+
+    Raises
+    ------
+    SoupError
+        If a candidate breaks the mask or the candidates differ in tensors or shapes.
+    IndexError
+        If ``states`` is empty.
+    """
     for i, state in enumerate(states):
         check_shares_mask(state, mask, f"candidate {i}")
     scores = [score(s) for s in states]

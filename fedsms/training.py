@@ -26,6 +26,24 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, 
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device a ``device`` setting names.
+
+    Parameters
+    ----------
+    name : str, default "auto"
+        ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or
+        ``"cuda:N"``, or any other name ``torch.device`` accepts.
+
+    Returns
+    -------
+    torch.device
+        The device; its availability is checked for CUDA only.
+
+    Raises
+    ------
+    FedSMSError
+        If CUDA is asked for but not available, or ``torch.device`` does not know the name.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -37,7 +55,28 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``."""
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total_steps``.
+
+    A linear warm-up from ``1 / warmup_steps`` to 1 over the first ``warmup_steps`` steps,
+    then a linear or cosine decay towards 0 at ``total_steps``.
+
+    Parameters
+    ----------
+    step : int
+        The optimizer step, 0-based.
+    total_steps : int
+        Steps of the whole retraining.
+    schedule : str
+        ``"constant"`` (always 1, no warm-up), ``"linear"`` or ``"cosine"`` (any other
+        value is treated as cosine).
+    warmup_steps : int
+        Steps of the warm-up, >= 0.
+
+    Returns
+    -------
+    float
+        The factor, in [0, 1].
+    """
     if schedule == "constant":
         return 1.0
     if step < warmup_steps:
@@ -49,6 +88,21 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
 
 
 def make_optimizer(model: nn.Module, config: CandidateConfig) -> torch.optim.SGD:
+    """A fresh SGD optimizer over all of ``model``'s parameters, as ``config`` describes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to optimise.
+    config : CandidateConfig
+        Its ``lr``, ``momentum`` and ``weight_decay`` are used; Nesterov momentum is on when
+        both weight decay and momentum are positive.
+
+    Returns
+    -------
+    torch.optim.SGD
+        The optimizer; the learning rate is later set per step by ``train_candidate``.
+    """
     # Nesterov only with weight decay, as in the paper's retraining recipe.
     return torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -109,6 +163,12 @@ def train_candidate(
         ``train_loss`` of the last epoch, ``train_accuracy`` (classification outputs
         only), ``steps``, ``examples`` (seen over all epochs), ``num_examples`` (in the
         data) and ``seconds``.
+
+    Raises
+    ------
+    FedSMSError
+        If the mask does not fit the model, there are no examples, the loss becomes NaN or
+        Inf (training diverged), or an active augmentation meets non-image data.
     """
     device = torch.device(device)
     model.to(device).train()

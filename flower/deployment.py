@@ -112,14 +112,45 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
-    if process.poll() is not None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds. A process
+    started with ``start_new_session=True`` is stopped with its whole process group (the
+    app processes a SuperLink or SuperNode started), as a terminal's Ctrl-C would."""
+    group = process.pid if process.poll() is None and _leads_group(process.pid) else None
+    if group is None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
         return
-    process.send_signal(signal.SIGTERM)
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.poll()
+        if not _signal_group(group, 0):  # the whole group has exited
+            return
+        time.sleep(0.1)
+    _signal_group(group, signal.SIGKILL)
+    process.wait()
+
+
+def _leads_group(pid: int) -> bool:
     try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _signal_group(group: int, signum: int) -> bool:
+    """Signal a process group; False when no process of it is left."""
+    try:
+        os.killpg(group, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # only a zombie is left
+        return False
 
 
 # ---- the ``flwr`` CLI and Flower's logs (no API for these in Flower 1.41) ----------------
@@ -138,14 +169,66 @@ def register_supernode(key: str, env: dict) -> None:
         raise FedSMSError(f"could not register client key {key}: {said}")
 
 
-def submit_run(app: Path, overrides: dict, env: dict) -> str:
-    """Submit the app folder as a run with ``overrides`` as its run config; returns the run id."""
-    submitted = flwr(["run", str(app), CONNECTION, "--run-config", run_config_arg(overrides), "--format", "json"], env)
+def app_config_keys(app: Path) -> set[str]:
+    """The run-config keys a Flower app folder declares (its ``[tool.flwr.app.config]``, flattened)."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    try:
+        project = tomllib.loads((app / "pyproject.toml").read_text())
+        config = project["tool"]["flwr"]["app"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        raise FedSMSError(f"{app} is not a Flower app folder (a pyproject.toml with [tool.flwr.app]); "
+                          "pass the folder that holds the app's pyproject.toml") from None
+    return set(flatten_dict(config.get("config") or {}))
+
+
+def parse_run_config(texts: list[str]) -> dict:
+    """``--run-config`` values as ``flwr run`` reads them (``"k=v k2=v2"`` TOML assignments, or
+    one ``.toml`` file), flattened."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args(texts)
+    except (click.ClickException, ValueError, OSError) as error:
+        said = error.format_message() if isinstance(error, click.ClickException) else str(error)
+        raise FedSMSError(f"--run-config {' '.join(texts)!r} cannot be read: {said}") from None
+
+
+def submit_run(app: Path, run_config: dict | list[str], env: dict) -> str:
+    """Submit the app folder as a run; ``run_config`` is a dict of overrides (written as
+    ``--run-config`` text here) or ``--run-config`` values passed as they are. Returns the run id.
+
+    Raises
+    ------
+    FedSMSError
+        If the SuperLink refuses the run, e.g. for a run-config key the app does not declare.
+    """
+    texts = [run_config_arg(run_config)] if isinstance(run_config, dict) else list(run_config)
+    submitted = flwr(["run", str(app), CONNECTION, *(a for t in texts for a in ("--run-config", t)), "--format", "json"],
+                     env)
     try:
         return str(json.loads(submitted.stdout)["run-id"])
-    except (ValueError, KeyError):
-        said = submitted.stdout.strip() or submitted.stderr.strip()
-        raise FedSMSError(f"the SuperLink refused the job: {said}") from None
+    except (ValueError, KeyError, TypeError):
+        raise FedSMSError(refusal(app, submitted.stdout.strip() or submitted.stderr.strip())) from None
+
+
+def undeclared_keys(app: Path, overrides: dict) -> list[str]:
+    """Keys of ``overrides`` that the app does not declare: the SuperLink refuses a run that
+    has one (``flwr run`` then says only "Invalid run configuration", naming no key)."""
+    declared = app_config_keys(app)
+    return [key for key in overrides if key not in declared]
+
+
+def refusal(app: Path, said: str) -> str:
+    """One sentence for the SuperLink's (or ``flwr run``'s) refusal of a run."""
+    said = " ".join(line.strip() for line in said.splitlines() if line.strip() and not line.startswith("Using SuperLink"))
+    if "Invalid run configuration" in said:  # Flower 1.41: an override of a key the app does not declare
+        return (f"Flower refused the run config ({said}); every --run-config key must be declared in "
+                f"[tool.flwr.app.config] of {app / 'pyproject.toml'}")
+    return f"the SuperLink refused the job: {said}"
 
 
 def run_status(run_id: str, env: dict) -> dict:

@@ -18,10 +18,40 @@ JOB_KEY = "job"  # the ConfigRecord of every job setting, in every message the s
 
 
 def record_of(payload: bytes) -> ArrayRecord:
+    """Wrap an encoded payload for a Flower message.
+
+    Parameters
+    ----------
+    payload : bytes
+        A payload from ``fedsms.codec.encode``.
+
+    Returns
+    -------
+    flwr.app.ArrayRecord
+        One 1-D uint8 ``Array`` under ``KEY`` holding the payload's bytes.
+    """
     return ArrayRecord({KEY: Array(np.frombuffer(payload, dtype=np.uint8))})
 
 
 def payload_of(record: ArrayRecord) -> bytes:
+    """The payload bytes of a record made by :func:`record_of` (not yet decoded or checked).
+
+    Parameters
+    ----------
+    record : flwr.app.ArrayRecord
+        The record from a message (anything else is refused).
+
+    Returns
+    -------
+    bytes
+        The payload, for ``fedsms.codec.decode``.
+
+    Raises
+    ------
+    PayloadError
+        If ``record`` is not an ``ArrayRecord`` with a 1-D uint8 array under ``KEY``, or the
+        array cannot be read.
+    """
     if not isinstance(record, ArrayRecord) or KEY not in record:
         raise PayloadError(f"the message carries no ArrayRecord with a {KEY!r} array")
     array = record[KEY]

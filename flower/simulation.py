@@ -62,6 +62,7 @@ def simulate(
         superlink = subprocess.Popen(
             [flower_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            start_new_session=True,  # stop() ends its whole process group
         )
     try:
         wait_until_reachable("127.0.0.1", port, 60, "the simulation SuperLink")

@@ -16,7 +16,7 @@ from fedsms.config import FederationConfig, RunConfig, split_config
 from fedsms.data import load_dataset
 from fedsms.models import build_for
 
-from fedsms_server.strategy import RoundFailed, SparseSoupStrategy
+from fedsms_server.strategy import JobStopped, SparseSoupStrategy
 
 
 
@@ -50,8 +50,8 @@ def make_server_app(defaults: Mapping | None = None) -> ServerApp:
         strategy = build_strategy(run, fed)
         try:
             strategy.start(grid)
-        except RoundFailed as error:  # outputs are written; the completed rounds stay checkpointed
-            print(f"fedsms: job stopped: {error}")
+        except JobStopped as error:  # outputs are written; the completed rounds stay checkpointed
+            print(f"fedsms: job stopped at the last completed round: {error}")
             return
         print(f"fedsms: job finished; results in {strategy.out_dir}")
 

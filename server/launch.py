@@ -1,5 +1,6 @@
-"""``fedsms-server``: start Flower's SuperLink, submit the fedsms job to it, follow it to the
-end, shut the SuperLink down and say where the results are.
+"""``fedsms-server``: start Flower's SuperLink, submit the fedsms job (or, with ``--app DIR``,
+any Flower app) to it, follow it to the end, shut the SuperLink down and say where the
+results are.
 
 Clients join with ``fedsms-client --server HOST:PORT --partition-id i --num-partitions n``.
 """
@@ -12,15 +13,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedsms import FedSMSError
 from fedsms.cli import add_config_options, check_out_dir, config_overrides, run_command
-from fedsms.config import FederationConfig, RunConfig, split_config
+from fedsms.config import FederationConfig, RunConfig, split_config, toml_value
 
 from fedsms_flower.deployment import (
-    flower_bin, flower_env, register_supernode, run_status, stop, stream_log, submit_run, wait_until_reachable,
-    write_app_dir, write_connection,
+    app_config_keys, flower_bin, flower_env, parse_run_config, register_supernode, run_status, stop, stream_log,
+    submit_run, undeclared_keys, wait_until_reachable, write_app_dir, write_connection,
 )
 
 
@@ -28,11 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsms-server",
         description="Run a federated Sparse Model Soups job: starts a Flower SuperLink, runs the "
-                    "SparseSoupStrategy ServerApp on it and exits when the job is done.",
+                    "SparseSoupStrategy ServerApp on it (or your own Flower app, --app) and exits when the job is done.",
+        epilog="With --app, only the options above the 'built-in app' group apply, plus --out-dir; the app's "
+               "own settings go in --run-config.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0 for remote clients)")
     parser.add_argument("--port", type=int, default=9092, help="SuperLink port (default: 9092)")
-    parser.add_argument("--clients", type=int, default=2, help="clients to wait for before each round (default: 2)")
+    parser.add_argument("--app", metavar="DIR",
+                        help="run this Flower app folder (pyproject.toml with [tool.flwr.app]) instead of the built-in "
+                             "fedsms app; clients run the ClientApp it ships")
+    parser.add_argument("--run-config", metavar="'KEY=VALUE ...'", action="append", default=[],
+                        help="with --app: the app's run-config overrides, as for `flwr run` (keys its pyproject.toml "
+                             "declares; give paths absolute, the ServerApp runs in the SuperLink's folder)")
     security = parser.add_argument_group("transport security (one of --insecure or the three certificate files)")
     security.add_argument("--insecure", action="store_true", help="no TLS: only on a trusted network")
     security.add_argument("--ssl-ca-certfile", help="CA certificate (PEM)")
@@ -44,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="public key file (OpenSSH ecdsa, e.g. from ssh-keygen -t ecdsa -b 384) of a client "
                                "allowed to join; repeat per client")
     parser.add_argument("--flwr-home", help="Flower state folder (default: a fresh temporary one)")
-    add_config_options(parser, RunConfig())
-    add_config_options(parser, FederationConfig())
+    parser.add_argument("--out-dir", dest="out_dir", metavar="DIR",
+                        help="where the job's results go (default: runs/server). With --app: where the app writes "
+                             "its fedsms summary.json, passed to it as its out-dir key if it declares one; without "
+                             "it, only Flower's run status is reported")
+    builtin = parser.add_argument_group("built-in app (not with --app)")
+    builtin.add_argument("--clients", type=int, help="clients to wait for before each round (default: 2)")
+    add_config_options(builtin, RunConfig(), skip=("out_dir",))
+    add_config_options(builtin, FederationConfig())
     return parser
 
 
@@ -54,6 +69,9 @@ def security_flags(args: argparse.Namespace) -> tuple[list[str], str | None]:
     certs = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
     if args.insecure and any(certs):
         raise FedSMSError("--insecure and certificate files exclude each other; pass one or the other")
+    if args.insecure and (args.enable_supernode_auth or args.authorized_key):  # fail closed, never drop them
+        raise FedSMSError("--enable-supernode-auth and --authorized-key need TLS (the SuperLink ignores them with "
+                          "--insecure); pass the three certificate files, or drop the authentication flags")
     if args.insecure:
         print("fedsms-server: WARNING: running without TLS (--insecure); traffic is readable and clients are not verified",
               file=sys.stderr)
@@ -75,38 +93,87 @@ def security_flags(args: argparse.Namespace) -> tuple[list[str], str | None]:
     return flags, certs[0]
 
 
-def serve(args: argparse.Namespace) -> int:
+@dataclass
+class Job:
+    """What is submitted: the app folder, its ``--run-config`` values and where its summary lands."""
+
+    app: Path | None  # None: the built-in app, written into the Flower home folder once there is one
+    run_config: dict | list[str]
+    out_dir: Path | None
+
+
+def built_in_job(args: argparse.Namespace) -> Job:
+    """The fedsms app, configured by fedsms-server's own flags."""
+    if args.run_config:
+        raise FedSMSError("--run-config sets the keys of an --app; the built-in app takes fedsms-server's own "
+                          "flags (see --help)")
     overrides = config_overrides(args, RunConfig()) | config_overrides(args, FederationConfig())
-    overrides.setdefault("min_available_clients", args.clients)
-    overrides.setdefault("min_train_clients", args.clients)
-    overrides["out_dir"] = str(Path(overrides.get("out_dir", "runs/server")).resolve())  # the ServerApp runs elsewhere
+    clients = 2 if args.clients is None else args.clients
+    overrides.setdefault("min_available_clients", clients)
+    overrides.setdefault("min_train_clients", clients)
+    overrides["out_dir"] = str(Path(overrides.get("out_dir") or "runs/server").resolve())  # the ServerApp runs elsewhere
     if overrides.get("data_dir"):
         overrides["data_dir"] = str(Path(overrides["data_dir"]).resolve())
     _, fed = split_config(overrides)
     check_out_dir(Path(overrides["out_dir"]), fed.resume)
+    return Job(None, overrides, Path(overrides["out_dir"]))
+
+
+def app_job(args: argparse.Namespace) -> Job:
+    """A user's Flower app, configured by its own run-config keys."""
+    app = Path(args.app).resolve()
+    declared = app_config_keys(app)
+    given = config_overrides(args, RunConfig()) | config_overrides(args, FederationConfig())
+    given.pop("out_dir", None)
+    if args.clients is not None:
+        given["clients"] = args.clients
+    if given:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise FedSMSError(f"{flag} configures the built-in app only; with --app, set the app's own keys with "
+                          f"--run-config \"key=value ...\" (the keys its pyproject.toml declares)")
+    run_config = list(args.run_config)
+    overrides = parse_run_config(run_config)  # a malformed value fails here, in one sentence
+    # Flower refuses a run that sets an undeclared key, but without naming it: name it now.
+    if unknown := undeclared_keys(app, overrides):
+        raise FedSMSError(f"run-config key {', '.join(map(repr, unknown))} is not declared in [tool.flwr.app.config] "
+                          f"of {app / 'pyproject.toml'}, so Flower would refuse the job; fix its spelling or declare "
+                          f"it there (declared: {', '.join(sorted(declared)) or 'none'})")
+    out_dir = Path(args.out_dir).resolve() if args.out_dir else None
+    if out_dir is not None and "out-dir" in declared:
+        if "out-dir" in overrides:
+            raise FedSMSError("give the output folder once: --out-dir or out-dir in --run-config")
+        run_config.append(f"out-dir={toml_value(str(out_dir))}")
+    return Job(app, run_config, out_dir)
+
+
+def serve(args: argparse.Namespace) -> int:
+    job = app_job(args) if args.app else built_in_job(args)
     flags, root_cert = security_flags(args)
     home = Path(args.flwr_home or tempfile.mkdtemp(prefix="fedsms-server-"))
+    if job.app is None:
+        job.app = write_app_dir(home / "app")
     env = flower_env(home)
     write_connection(home, f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}", root_cert)
-    app = write_app_dir(home / "app")
     log_path = home / "superlink.log"
     print(f"fedsms-server: starting the SuperLink on {args.host}:{args.port} (log: {log_path})")
     with open(log_path, "w") as log:
         superlink = subprocess.Popen(
             [flower_bin("flower-superlink"), *flags, "--host", args.host, "--port", str(args.port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            start_new_session=True,  # stop() ends its whole process group
         )
     try:
         wait_until_reachable("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, 60, "the SuperLink")
         for key in args.authorized_key:
             register_supernode(key, env)
-        return follow(app, overrides, env, superlink)
+        return follow(job, env, superlink)
     finally:
         stop(superlink)
 
 
-def follow(app: Path, overrides: dict, env: dict, superlink: subprocess.Popen) -> int:
-    run_id = submit_run(app, overrides, env)
+def follow(job: Job, env: dict, superlink: subprocess.Popen) -> int:
+    submitted_at = time.time()
+    run_id = submit_run(job.app, job.run_config, env)
     print(f"fedsms-server: job {run_id} submitted; waiting for clients (fedsms-client --server HOST:PORT ...)")
     # `flwr log --stream` shows the ServerApp's progress; the status decides the end.
     logs = stream_log(run_id, env)
@@ -118,24 +185,31 @@ def follow(app: Path, overrides: dict, env: dict, superlink: subprocess.Popen) -
     finally:
         time.sleep(1)
         logs.terminate()
-    out_dir = overrides["out_dir"]
+    # A summary from before this job (an app's out-dir used again) says nothing about it.
+    stopped = stop_reason(job.out_dir, since=submitted_at) if job.out_dir is not None else ""
     if status["status"] != "finished:completed":
-        print(f"fedsms-server: job {run_id} ended as {status['status']}: {status.get('status-details', '')}", file=sys.stderr)
+        details = status.get("status-details", "")
+        print(f"fedsms-server: job {run_id} ended as {status['status']}: {details}"
+              + (f"; {stopped}" if stopped and stopped not in details else ""), file=sys.stderr)
         return 1
-    stopped = stop_reason(Path(out_dir))
     if stopped:
         print(f"fedsms-server: job {run_id} stopped early: {stopped}", file=sys.stderr)
         return 1
-    print(f"fedsms-server: job {run_id} completed; results in {out_dir}")
+    where = f"; results in {job.out_dir}" if job.out_dir is not None else ""
+    print(f"fedsms-server: job {run_id} completed{where}")
     return 0
 
 
-def stop_reason(out_dir: Path) -> str:
-    """Why the ServerApp ended the job early (its summary says), or "" when it ran to the end."""
+def stop_reason(out_dir: Path, since: float = 0.0) -> str:
+    """Why the ServerApp ended the job early (its summary, written after ``since``, says), or
+    "" when it ran to the end."""
+    summary = out_dir / "summary.json"
     try:
-        return json.loads((out_dir / "summary.json").read_text()).get("stopped", "")
+        if summary.stat().st_mtime < since:
+            return f"the job wrote no summary.json to {out_dir}"
+        return json.loads(summary.read_text()).get("stopped", "")
     except (OSError, ValueError):
-        return "the job wrote no summary.json"
+        return f"the job wrote no summary.json to {out_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:

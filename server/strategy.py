@@ -34,30 +34,36 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
-from fedsms import FedSMSError, codec
-from fedsms.checkpoint import Checkpoint, check_compatible, export_model, save_checkpoint
+from fedsms import FedSMSError, codec, safefile
+from fedsms.checkpoint import Checkpoint, check_compatible, export_model, remove_stale, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig, soup_shaping_changes
 from fedsms.data import DatasetSplits
 from fedsms.engine import Merge, PhaseHooks, SoupEngine, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, prunable_names, sparsity
-from fedsms.norms import NormStatsAverage, norm_layers
+from fedsms.norms import NormStatsAverage, NormStatsError, norm_layers
 from fedsms.plots import plot_results
 from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.report import final_table, phase_table
 from fedsms.schedule import Round, federated_rounds
 from fedsms.soup import RunningAverage
 
-from fedsms_flower.records import JOB_KEY, payload_of, record_of
+from fedsms_flower.records import JOB_KEY, record_of
+from fedsms_server import gate
+from fedsms_server.flower_layout import ARRAYS_KEY, read_update, record_bytes, soup_record
 
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
 
 
-MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
+MAX_EXAMPLES = gate.MAX_EXAMPLES  # a reply claiming more is not believed
 
 
-class RoundFailed(FedSMSError):
+class JobStopped(FedSMSError):
+    """The job stopped at its last completed round; its outputs and checkpoint are written."""
+
+
+class RoundFailed(JobStopped):
     """Too few valid replies after every retry: the job stops at the last completed round."""
 
 
@@ -66,20 +72,27 @@ class Update:
     """One client's training reply, unpacked from its Message."""
 
     node: int
-    payload: bytes = b""
+    payload: bytes = b""  # a compact reply (fedsms clients)
     metrics: dict = field(default_factory=dict)
     error: str | None = None  # why the reply is unusable, before decoding
+    arrays: ArrayRecord | None = None  # a reply in Flower's standard layout (unchanged ClientApps)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the model data the reply carried."""
+        return record_bytes(self.arrays) if self.arrays is not None else len(self.payload)
 
 
 def unpack_reply(reply: Message, node: int) -> Update:
     """``node`` is the client the reply answers for (the SuperLink itself answers, under its
     own node id, for a client that stopped sending heartbeats)."""
-    if reply.has_error():
-        return Update(node, error=f"the client failed: {reply.error.reason}")
     try:
-        return Update(node, payload_of(reply.content["update"]), dict(reply.content["metrics"]))
-    except (KeyError, TypeError, ValueError, codec.PayloadError) as error:
-        return Update(node, error=f"the reply has no readable update ({error})")
+        model, metrics = gate.train_reply(reply)
+    except gate.Rejected as error:
+        return Update(node, error=str(error))
+    if isinstance(model, ArrayRecord):  # Flower's standard layout
+        return Update(node, metrics=metrics, arrays=model)
+    return Update(node, model, metrics)
 
 
 @dataclass
@@ -159,6 +172,8 @@ class SparseSoupStrategy(Strategy):
         self._merge: Merge | None = None
         self._sent: list[Message] = []  # this round's train messages, in candidate order
         self._started = time.perf_counter()
+        self._good: tuple | None = None  # the soup, mask and digest of the last completed round
+        self._stopped = ""
 
     # ---- the job's shape ---------------------------------------------------------------
 
@@ -248,6 +263,8 @@ class SparseSoupStrategy(Strategy):
             The outputs of the completed rounds are written first.
         """
         self.summary()
+        for stale in remove_stale(self.out_dir / "checkpoints" / "soup"):
+            self.log(f"removed {stale.name}, left by a checkpoint that was interrupted")
         timeout = self.fed.round_timeout if timeout is None else timeout
         extra_train, extra_evaluate = dict(train_config or {}), dict(evaluate_config or {})
         result = Result()
@@ -264,14 +281,31 @@ class SparseSoupStrategy(Strategy):
                 if evaluate_fn is not None and (metrics := evaluate_fn(step.number, ArrayRecord(self.soup))) is not None:
                     result.evaluate_metrics_serverapp[step.number] = metrics
         except RoundFailed as error:
-            self.write_outputs(stopped=str(error))
+            self._stop(str(error))
             raise
+        except Exception as error:  # any other failure ends the job as a failed round does
+            reason = gate.short(f"{type(error).__name__}: {error}", 400)
+            done = self.rounds[-1].server_round if self.rounds else self.round_offset
+            self._stop(f"unexpected error during round {done + 1} ({reason}); the job stopped at the last "
+                       f"completed round ({done}); fix the cause, then rerun with --resume")
+            raise JobStopped(self._stopped) from error
         self.write_outputs()
         result.arrays = ArrayRecord(self.soup)
         return result
 
+    def _stop(self, reason: str) -> None:
+        """Back to the last completed round's soup, then the outputs with ``reason``."""
+        self._stopped = reason
+        if self._good is not None:
+            self.engine.state, self.engine.mask, self.engine.digest = self._good
+        try:
+            self.write_outputs(stopped=reason)
+        except Exception as error:  # the summary must not hide the first failure
+            self.log(f"job stopped ({reason}); writing its outputs failed too: {gate.short(error)}")
+
     def run_round(self, grid: Grid, step: Round, timeout: float, extra_train: dict, extra_evaluate: dict) -> None:
         """One server round, top to bottom."""
+        self._good = (self.engine.state, self.engine.mask, self.engine.digest)  # replaced, never mutated
         self.begin_round(step.number)
         for attempt in range(self.fed.round_retries + 1):
             if attempt:
@@ -305,21 +339,31 @@ class SparseSoupStrategy(Strategy):
         return codec.encode(self.soup, self.mask, phase=self.phase_at(server_round)[0], round=server_round,
                             kind="soup", value_dtype=self.fed.value_dtype)
 
+    def _soup_entry(self, server_round: int) -> tuple[dict, int]:
+        """The soup under its record key, as the clients read it, and its bytes: the compact
+        payload (values under the mask and the mask bits), or for unchanged Flower
+        ClientApps (``client-protocol = flower``) the dense ``ArrayRecord``."""
+        if self.fed.client_protocol == "flower":
+            record = soup_record(self.soup)
+            return {ARRAYS_KEY: record}, record_bytes(record)
+        payload = self.soup_payload(server_round)
+        return {"soup": record_of(payload)}, len(payload)
+
     # ---- training ----------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """One message per client: the soup payload, the client's candidate hyperparameters
         and the job's settings (a client needs no run config of its own)."""
         phase, _ = self.phase_at(server_round)
-        payload = self.soup_payload(server_round)
+        soup, nbytes = self._soup_entry(server_round)
         nodes = self._sample(grid, server_round)
         self.current.clients = len(nodes)
-        self.current.bytes_down += len(payload) * len(nodes)
+        self.current.bytes_down += nbytes * len(nodes)
         messages = []
         for i, node in enumerate(nodes):
             candidate = self.candidate_for(i, phase, server_round)
             content = RecordDict({
-                "soup": record_of(payload),
+                **soup,
                 "config": ConfigRecord({
                     **dict(config), **candidate.to_dict(), "phase": phase, "server-round": server_round,
                     "candidate": i, "num-candidates": len(nodes), **self._job_flags(server_round),
@@ -360,26 +404,35 @@ class SparseSoupStrategy(Strategy):
         reason and never touch the soup."""
         step = self.schedule[server_round - 1]
         rule = "uniform" if step.phase == 0 and self.run.merge == "greedy" else self.run.merge
-        merge = self.engine.merge(rule, ends_phase=step.ends_phase)
-        metrics, log = RunningAverage(), self.current
+        merge = self.engine.merge(rule, ends_phase=step.ends_phase, trim_fraction=self.run.trim_fraction,
+                                  max_weight=self.run.max_client_weight, norm_bound=self.run.update_norm_bound)
+        metrics: dict[str, RunningAverage] = {}
+        added: list[int] = []  # the nodes of the merged candidates, in order
+        log = self.current
         for update in updates:
             try:
                 decoded = self._decode_update(update, step.phase, server_round)
             except codec.PayloadError as error:
-                log.rejected[update.node] = str(error)
-                self.log(f"round {server_round}: rejected reply from node {update.node}: {error}")
+                reason = gate.short(error)
+                log.rejected[update.node] = reason
+                self.log(f"round {server_round}: rejected reply from node {update.node}: {reason}")
                 continue
-            log.bytes_up += len(update.payload)
-            merge.add({**decoded.values, **decoded.dense}, decoded.num_examples)
-            metrics.add({k: torch.tensor(float(v)) for k, v in update.metrics.items()})
+            log.bytes_up += update.nbytes
+            merge.add(*decoded)
+            added.append(update.node)
+            for key, value in update.metrics.items():  # each key over the replies that report it
+                metrics.setdefault(key, RunningAverage()).add({key: torch.tensor(float(value))})
         log.accepted = merge.count
         if merge.count < self.fed.min_train_clients:
             self.log(f"round {server_round}: only {merge.count} valid replies (min-train-clients is "
                      f"{self.fed.min_train_clients}); the soup stays as it was")
             return {}
         self.engine.end_round(merge)
+        for i in merge.dropped:
+            log.rejected[added[i]] = "its update is far larger than the round's median (update-norm-bound)"
+        log.accepted = merge.count
         self._merge = merge
-        log.train = {k: float(v) for k, v in metrics.mean().items()} if metrics.count else {}
+        log.train = {k: float(average.mean()[k]) for k, average in metrics.items()}
         return log.train
 
     def finish_phase(self, server_round: int, grid: Grid | None = None, timeout: float | None = None) -> None:
@@ -404,12 +457,9 @@ class SparseSoupStrategy(Strategy):
         ]
         pooled = NormStatsAverage(self.model)
         for reply in grid.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():
-                self.log(f"round {server_round}: norm statistics failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
-                continue
             try:
-                pooled.add(reply.content["stats"].to_torch_state_dict(), int(reply.content["metrics"]["num-examples"]))
-            except (KeyError, ValueError) as error:
+                pooled.add(*gate.norm_stats_reply(reply, pooled.template))
+            except (gate.Rejected, NormStatsError) as error:
                 self.log(f"round {server_round}: rejected norm statistics from node {reply.metadata.src_node_id}: {error}")
         if pooled.count == 0:
             self.log(f"phase {phase}: no client returned norm statistics; keeping the averaged statistics")
@@ -426,12 +476,12 @@ class SparseSoupStrategy(Strategy):
         available = sorted(grid.get_node_ids())
         count = max(1, int(round(self.fed.fraction_evaluate * len(available))))
         phase, _ = self.phase_at(server_round)
-        payload = self.soup_payload(server_round)
-        self.current.bytes_down += len(payload) * count
+        soup, nbytes = self._soup_entry(server_round)
+        self.current.bytes_down += nbytes * count
         evaluate_config = ConfigRecord({**dict(config), "phase": phase, "server-round": server_round, "ood": self.run.ood,
                                         "ood-examples": self.run.ood_examples, **self._job_flags(server_round)})
         return [
-            Message(content=RecordDict({"soup": record_of(payload), "config": evaluate_config, JOB_KEY: self._job_record()}),
+            Message(content=RecordDict({**soup, "config": evaluate_config, JOB_KEY: self._job_record()}),
                     dst_node_id=node, message_type=MessageType.EVALUATE)
             for node in available[:count]
         ]
@@ -440,11 +490,11 @@ class SparseSoupStrategy(Strategy):
         """Example-weighted mean of the clients' evaluation metrics."""
         totals, examples = {}, 0
         for reply in replies:
-            if reply.has_error():
-                self.log(f"round {server_round}: evaluation failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+            try:
+                metrics, n = gate.evaluate_reply(reply)
+            except gate.Rejected as error:
+                self.log(f"round {server_round}: evaluation rejected from node {reply.metadata.src_node_id}: {error}")
                 continue
-            metrics = reply.content["metrics"]
-            n = int(metrics["num-examples"])
             examples += n
             for key, value in metrics.items():
                 if key != "num-examples":
@@ -475,8 +525,7 @@ class SparseSoupStrategy(Strategy):
         self._started = time.perf_counter()
         self.rounds.append(log)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "rounds.jsonl", "a") as f:
-            f.write(json.dumps(log.__dict__) + "\n")
+        safefile.append_line(self.out_dir / "rounds.jsonl", json.dumps(log.__dict__) + "\n")
         self.save_checkpoint(server_round)
 
     def phase_rows(self) -> list[dict]:
@@ -499,12 +548,11 @@ class SparseSoupStrategy(Strategy):
         self.model.load_state_dict(self.soup)
         final = export_model(out / "final_model", self.model, self._model_metadata())
         rows = self.phase_rows()
-        with open(out / "results.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        safefile.write_text(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         if rows and all("accuracy" in r for r in rows):
             plot_results(rows, out)
             self.log("\n" + phase_table(rows) + "\n" + final_table(rows))
-        (out / "summary.json").write_text(json.dumps({
+        safefile.write_text(out / "summary.json", json.dumps({
             "config": self._settings(),
             "model": self._model_metadata(),
             "phases": rows,
@@ -530,6 +578,8 @@ class SparseSoupStrategy(Strategy):
         """Continue from a round checkpoint written by ``save_checkpoint`` under the same settings."""
         meta = checkpoint.metadata
         saved = meta.get("config", {})
+        if not isinstance(saved, dict):
+            raise FedSMSError("the checkpoint's 'config' is not a JSON object; it is damaged, start a new job in another --out-dir")
         mine = self._settings()
         changed = soup_shaping_changes(saved, mine)  # keys declared with shapes_soup=False may change
         if changed:
@@ -537,6 +587,10 @@ class SparseSoupStrategy(Strategy):
             raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
                               "resume with the same settings or start a new job in another --out-dir")
         check_compatible(checkpoint, self.model)
+        for name, tensor in self.model.state_dict().items():
+            if checkpoint.state[name].dtype != tensor.dtype:
+                raise FedSMSError(f"the checkpoint holds {name!r} as {checkpoint.state[name].dtype}, not "
+                                  f"{tensor.dtype}; it was not written by this job, start a new job in another --out-dir")
         done, history = meta.get("server_round"), meta.get("rounds")
         if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise FedSMSError("the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
@@ -551,7 +605,7 @@ class SparseSoupStrategy(Strategy):
         self.round_offset = done
         # rounds.jsonl may hold a line for a round whose checkpoint never landed: that round reruns.
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "rounds.jsonl").write_text("".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
+        safefile.write_text(self.out_dir / "rounds.jsonl", "".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
         self.log(f"resumed after round {done} (phase {self.phase_at(done)[0]}, sparsity {sparsity(self.mask):.2%}); "
                  f"{self.rounds_left} rounds left")
 
@@ -622,13 +676,18 @@ class SparseSoupStrategy(Strategy):
         draw = torch.randperm(len(nodes), generator=torch.Generator().manual_seed(self.run.seed * 100_003 + server_round))
         return [nodes[i] for i in sorted(draw[:count].tolist())]
 
-    def _decode_update(self, update: Update, phase: int, server_round: int) -> codec.Decoded:
+    def _decode_update(self, update: Update, phase: int, server_round: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The update's values under the mask (and dense extras) and its example count."""
         if update.error is not None:
             raise codec.PayloadError(update.error)
-        decoded = codec.decode(
-            update.payload, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,
-            expected_phase=phase, expected_round=server_round, expected_kind="update",
-        )
-        if not 0 < decoded.num_examples <= MAX_EXAMPLES:
-            raise codec.PayloadError(f"the reply claims {decoded.num_examples} training examples")
-        return decoded
+        if update.arrays is not None:  # Flower's standard layout: the gate checked num-examples in the metrics
+            values, examples = read_update(update.arrays, self.soup, self.mask), int(update.metrics["num-examples"])
+        else:
+            decoded = codec.decode(
+                update.payload, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,
+                expected_phase=phase, expected_round=server_round, expected_kind="update",
+            )
+            values, examples = {**decoded.values, **decoded.dense}, decoded.num_examples
+        if not 0 < examples <= MAX_EXAMPLES:
+            raise codec.PayloadError(f"the reply claims {examples} training examples")
+        return values, examples

@@ -1,5 +1,11 @@
 """fedsms-server and fedsms-client refuse unsafe or wrong set-ups before starting anything."""
 
+import argparse
+import json
+import socket
+import threading
+import time
+
 import pytest
 
 from fedsms_client import launch as client_launch
@@ -58,3 +64,35 @@ def test_help(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0 and "--insecure" in capsys.readouterr().out
+
+
+class RunningNode:
+    returncode = None
+
+    def poll(self):
+        return None
+
+
+def test_client_survives_a_status_file_caught_mid_rewrite(tmp_path, capsys):
+    """The ClientApp rewrites its status file after each message; a read between the truncate
+    and the write finds an empty file, which must not end the client while the job runs."""
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps({"server-round": 4, "last-round": False}))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def job():
+            time.sleep(1.5)
+            status.write_text("")  # mid-rewrite
+            time.sleep(1.5)
+            status.write_text(json.dumps({"server-round": 5, "last-round": True}))
+            time.sleep(1.5)
+            server.close()  # the server shuts down after the last round
+
+        threading.Thread(target=job, daemon=True).start()
+        args = argparse.Namespace(partition_id=0, server=f"127.0.0.1:{port}")
+        assert client_launch.watch(RunningNode(), status, "127.0.0.1", port, args) == 0
+    out = capsys.readouterr().out
+    assert "handled round 4" in out and "handled round 5" in out and "job finished" in out

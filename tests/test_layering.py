@@ -25,12 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedsms", "fedsms_flower", "fedsms_server", "fedsms_client")
 FLOWER_SIDE = {"flwr", "fedsms_flower", "fedsms_server", "fedsms_client"}
 
-# Known cycles still to be removed, each as the set of modules in it.
-ALLOWED_CYCLES = [
-    {"fedsms.local", "fedsms.gmp"},  # removed by the engine branch
-]
-
-
 @dataclass
 class Module:
     name: str
@@ -179,5 +173,4 @@ def test_server_and_client_never_import_each_other(modules, package, other):
 
 def test_no_import_cycles(modules):
     found = cycles(modules)
-    unexpected = [c for c in found if set(c) not in ALLOWED_CYCLES]
-    assert not unexpected, "import cycles: " + "; ".join(" <-> ".join(c) for c in unexpected)
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)

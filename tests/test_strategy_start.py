@@ -84,7 +84,7 @@ def test_a_round_whose_clients_all_fail_stops_quoting_them(tmp_path):
     with pytest.raises(RoundFailed) as error:
         strategy.start(grid)
     assert "clients reported" in str(error.value) and "start more clients" not in str(error.value)
-    assert "shape" in str(error.value)  # the mismatch itself, as the client saw it
+    assert "does not fit this client's model" in str(error.value)  # the mismatch itself, as the client saw it
     assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == str(error.value)
 
 
@@ -133,3 +133,14 @@ def test_a_data_fn_of_the_wrong_type_is_named_in_the_stop_sentence(tmp_path):
     grid = LocalGrid(make_client_app(data_fn=lambda run, data_dir: [1, 2, 3]), partitions(2))
     with pytest.raises(RoundFailed, match="data_fn returned list; it must return a fedsms.data.DatasetSplits"):
         strategy.start(grid)
+
+
+@pytest.mark.slow  # 20 client trainings and 100 partitions: too slow for the unit tier
+def test_a_data_soup_over_100_clients_trains_10_per_round(tmp_path):
+    strategy = strategy_for(tmp_path, mode="data", clients_per_round=10, min_available_clients=100)
+    grid = LocalGrid(make_client_app(), partitions(100))
+    strategy.start(grid, num_rounds=2)
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["clients"], r["accepted"]) for r in rounds] == [(10, 10), (10, 10)]
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert 10 < len(trained) <= 20  # two draws of 10 from 100

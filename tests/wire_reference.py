@@ -6,7 +6,8 @@ against it instead of against itself.
 
 Where the schema leaves the reader a choice, this reader takes the one ``fedsms.codec``
 documents: the dense extras may come in any order (each exactly once), ``num_examples`` is
-returned unjudged, and nothing limits the magnitude of a finite value.
+returned unjudged, and a floating value beyond ±1e20 is refused like NaN and Inf (so that a
+float32 sum of many replies stays finite; the .proto file does not state this limit yet).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TORCH_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
                torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.int8: "int8",
                torch.uint8: "uint8", torch.bool: "bool"}
 MAX_NAMES = 1 << 24
+MAX_MAGNITUDE = 1e20
 
 
 class Refused(Exception):
@@ -184,7 +186,7 @@ def read(data: bytes, *, mask: dict, template: dict, kind: str, phase: int, roun
         if entry.get("nnz", 0) != nnz or len(entry.get("values", b"")) != nnz * itemsize:
             raise Refused("nnz")
         tensor = floats(entry.get("values", b""), value_name).to(torch.float32)
-        if not bool(torch.isfinite(tensor).all()):
+        if not bool((tensor.double().abs() <= MAX_MAGNITUDE).all()):  # NaN compares false
             raise Refused("not finite")
         values[name] = tensor
     wanted = [n for n in template if n not in mask]
@@ -202,7 +204,7 @@ def read(data: bytes, *, mask: dict, template: dict, kind: str, phase: int, roun
         if len(entry.get("data", b"")) != like.numel() * DENSE_TYPES[dtype]:
             raise Refused("dense size")
         tensor = floats(entry.get("data", b""), dtype).reshape(like.shape)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool((tensor.double().abs() <= MAX_MAGNITUDE).all()):
             raise Refused("dense not finite")
         extras[name] = tensor
     return {"values": values, "dense": {n: extras[n] for n in wanted}, "num_examples": top.get("num_examples", 0)}

@@ -1,8 +1,11 @@
-"""Data sets (digits embedded, MNIST-1D generated; torchvision sets from ``--data-dir``) and partitioners."""
+"""Data sets (digits embedded, MNIST-1D generated; torchvision sets from ``--data-dir``), partitioners, and
+``make_splits`` for a user's own image arrays."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from fedsms import FedSMSError
 from fedsms.data.arrays import (
@@ -51,16 +54,88 @@ def load_dataset(
         train_all, test, num_classes = load_vision_arrays(name, Path(data_dir), download=download)
     else:
         raise FedSMSError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)} (or mnist1d-N for N samples)")
-    train, heldout = split_heldout(train_all, heldout_fraction, seed)
-    mean, std = channel_stats(train_all)  # before the seeded split: same model for every seed
+    return make_splits(name, train_all, test, num_classes=num_classes, augmentation=_AUGMENTATION[family],
+                       heldout_fraction=heldout_fraction, seed=seed)
+
+
+def make_splits(
+    name: str,
+    train: ArrayData,
+    test: ArrayData,
+    *,
+    num_classes: int,
+    augmentation: Augmentation | None = None,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Turn a user's own image arrays into the splits the built-in trainer, the server's
+    central evaluation and norm recalibration use (the same rule as :func:`load_dataset`).
+
+    Parameters
+    ----------
+    name : str
+        A name for the data set (recorded in results).
+    train : ArrayData
+        All training images, (N, C, H, W) ``uint8`` in 0..255 (or floating in [0, 1]), and
+        their int64 labels. A seeded ``heldout_fraction`` of it becomes the held-out split.
+    test : ArrayData
+        The test images, of the same (C, H, W) as ``train``; never used for training or
+        for choosing between candidates.
+    num_classes : int
+        Number of classes; every label must be in ``[0, num_classes)``.
+    augmentation : Augmentation, optional
+        What "augment on" means for these images, e.g. ``Augmentation(crop_padding=2,
+        flip=True)`` (default: ``Augmentation()``, none).
+    heldout_fraction : float, optional
+        Fraction of ``train`` held out, in [0, 1) (default 0.1).
+    seed : int, optional
+        Seed of the held-out split (default 0).
+
+    Returns
+    -------
+    DatasetSplits
+        Train, held-out and test data with the input shape and the per-channel mean and
+        std of all of ``train`` (computed before the split, so they do not depend on the seed).
+
+    Raises
+    ------
+    FedSMSError
+        If the inputs are not images of one shape, or a label is out of range.
+
+    Examples
+    --------
+    >>> import torch
+    >>> images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    >>> labels = torch.arange(50) % 2
+    >>> splits = make_splits("mine", ArrayData(images, labels), ArrayData(images[:10], labels[:10]), num_classes=2)
+    >>> len(splits.train), len(splits.heldout), splits.input_shape
+    (45, 5, (3, 8, 8))
+    """
+    for part, data in (("train", train), ("test", test)):
+        if not isinstance(data, ArrayData) or not data.is_image:
+            what = (f"inputs of shape {tuple(data.images.shape)} and dtype {str(data.images.dtype).removeprefix('torch.')}"
+                    if isinstance(data, ArrayData) else type(data).__name__)
+            raise FedSMSError(f"make_splits needs {part} as an ArrayData of images (N, C, H, W), uint8 or float, "
+                              f"but got {what}; convert the images first")
+        labels = data.labels
+        integer = labels.ndim == 1 and not labels.dtype.is_floating_point and labels.dtype != torch.bool
+        if not integer or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes):
+            raise FedSMSError(f"the {part} labels must be integer class indices in [0, {num_classes}); "
+                              "check num_classes and the labels")
+    train, test = (ArrayData(d.images, d.labels.long()) for d in (train, test))  # what cross-entropy takes
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise FedSMSError(f"train images are {tuple(train.images.shape[1:])} but test images are "
+                          f"{tuple(test.images.shape[1:])}; give both the same (C, H, W)")
+    train_part, heldout = split_heldout(train, heldout_fraction, seed)
+    mean, std = channel_stats(train)  # before the seeded split: same model for every seed
     c, h, w = train.images.shape[1:]
     return DatasetSplits(
         name=name, num_classes=num_classes, input_shape=(c, h, w), mean=mean, std=std,
-        augmentation=_AUGMENTATION[family], train=train, heldout=heldout, test=test,
+        augmentation=augmentation or Augmentation(), train=train_part, heldout=heldout, test=test,
     )
 
 
 __all__ = [
     "ArrayData", "Augmentation", "DATASETS", "DataSource", "DatasetSplits", "batches", "count_examples",
-    "is_image", "iterate_batches", "load_dataset", "num_batches", "prepare_inputs", "split_heldout", "to_float",
+    "is_image", "iterate_batches", "load_dataset", "make_splits", "num_batches", "prepare_inputs", "split_heldout", "to_float",
 ]

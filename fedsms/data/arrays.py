@@ -28,7 +28,21 @@ from fedsms import FedSMSError
 
 @dataclass(frozen=True)
 class ArrayData:
-    """A data set in memory: ``images`` (the inputs, see the module docstring) and ``labels``."""
+    """A data set in memory: ``images`` (the inputs, see the module docstring) and ``labels``.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        The inputs: (N, C, H, W) uint8 in 0..255 or float in [0, 1], or any (N, ...) inputs
+        (token ids, features).
+    labels : torch.Tensor
+        (N,) int64 class indices, or any (N, ...) targets of a custom loss.
+
+    Raises
+    ------
+    ValueError
+        If ``images`` and ``labels`` differ in length.
+    """
 
     images: torch.Tensor  # (N, C, H, W) uint8 in 0..255 or float in [0, 1]; or any (N, ...) inputs
     labels: torch.Tensor  # (N,), int64 class indices (or any (N, ...) targets of a custom loss)
@@ -43,10 +57,34 @@ class ArrayData:
         return int(self.labels.shape[0])
 
     def subset(self, indices: torch.Tensor) -> "ArrayData":
+        """The examples at ``indices``, in that order (a copy).
+
+        Parameters
+        ----------
+        indices : torch.Tensor or sequence of int
+            Example indices (converted to int64).
+
+        Returns
+        -------
+        ArrayData
+            The selected examples.
+        """
         indices = torch.as_tensor(indices, dtype=torch.long)
         return ArrayData(self.images[indices], self.labels[indices])
 
     def head(self, n: int) -> "ArrayData":
+        """The first ``n`` examples (all of them when there are fewer); shares storage.
+
+        Parameters
+        ----------
+        n : int
+            Number of examples.
+
+        Returns
+        -------
+        ArrayData
+            A view of the first ``n`` examples.
+        """
         return ArrayData(self.images[:n], self.labels[:n])
 
     @property
@@ -55,23 +93,69 @@ class ArrayData:
         return is_image(self.images)
 
     def float_images(self, indices: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """The images at ``indices`` as float32 in [0, 1] (see :func:`to_float`), a copy.
+
+        Parameters
+        ----------
+        indices : torch.Tensor, slice or None, optional
+            Which examples; None: all.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 images.
+        """
         x = self.images if indices is None else self.images[indices]
         return to_float(x)
 
     def inputs(self, indices: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """The inputs at ``indices`` as a model takes them (see :func:`prepare_inputs`), a copy."""
+        """The inputs at ``indices`` as a model takes them (see :func:`prepare_inputs`), a copy.
+
+        Parameters
+        ----------
+        indices : torch.Tensor, slice or None, optional
+            Which examples; None: all.
+
+        Returns
+        -------
+        torch.Tensor
+            The prepared inputs.
+        """
         x = self.images if indices is None else self.images[indices]
         return prepare_inputs(x)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
+    """Images as float32: uint8 scaled by 1/255, any other dtype cast as it is (a copy).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        uint8 images in 0..255 or floating images in [0, 1].
+
+    Returns
+    -------
+    torch.Tensor
+        New float32 tensor; never the input's storage.
+    """
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
     return images.to(torch.float32, copy=True)  # never hand out the data set's own storage
 
 
 def is_image(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a batch of images: (N, C, H, W) of uint8 (0..255) or floating dtype."""
+    """Whether ``x`` is a batch of images: (N, C, H, W) of uint8 (0..255) or floating dtype.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        A batch of inputs.
+
+    Returns
+    -------
+    bool
+        True for a 4-D uint8 or floating tensor.
+    """
     return x.ndim == 4 and (x.dtype == torch.uint8 or x.is_floating_point())
 
 
@@ -81,7 +165,21 @@ def prepare_inputs(x: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
     as they are, narrower integers widened to int64 (what ``nn.Embedding`` takes); bool
     inputs unchanged.
 
-    With ``copy`` the result never shares the caller's storage."""
+    With ``copy`` the result never shares the caller's storage.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        A batch of inputs.
+    copy : bool, default True
+        Always return new storage. Without it, inputs already in the right dtype are
+        returned as they are (narrow integers and uint8 images are converted anyway).
+
+    Returns
+    -------
+    torch.Tensor
+        The prepared inputs.
+    """
     if is_image(x):
         return to_float(x) if copy or x.dtype != torch.float32 else x
     if x.is_floating_point():
@@ -93,7 +191,18 @@ def prepare_inputs(x: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random translation by up to ``crop_padding`` pixels (zero padding), optional h-flip."""
+    """Random translation by up to ``crop_padding`` pixels (zero padding), optional h-flip.
+
+    Called as ``augmentation(x, generator)`` on a batch of images (N, C, H, W); every draw
+    comes from ``generator``.
+
+    Parameters
+    ----------
+    crop_padding : int, default 0
+        Largest shift in pixels, in each direction; 0: no translation.
+    flip : bool, default False
+        Flip each image horizontally with probability 1/2.
+    """
 
     crop_padding: int = 0
     flip: bool = False
@@ -113,7 +222,18 @@ class Augmentation:
 
 
 def check_augmentable(x: torch.Tensor) -> None:
-    """Raise one sentence unless ``x`` is a batch of images that augmentation can move."""
+    """Raise one sentence unless ``x`` is a batch of images that augmentation can move.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        A batch of inputs (or a whole data set's).
+
+    Raises
+    ------
+    FedSMSError
+        If ``x`` is not a batch of images (N, C, H, W) of uint8 or floating dtype.
+    """
     if not is_image(x):
         raise FedSMSError(
             f"translation/flip augmentation moves pixels and needs image inputs (N, C, H, W), but the inputs "
@@ -123,7 +243,23 @@ def check_augmentable(x: torch.Tensor) -> None:
 
 
 def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Pad-and-random-crop for a whole batch with one gather (no per-sample loop)."""
+    """Pad-and-random-crop for a whole batch with one gather (no per-sample loop).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Images (N, C, H, W).
+    pad : int
+        Zero padding on each side, >= 1: each image moves by -pad..pad pixels in each
+        direction.
+    generator : torch.Generator
+        Source of the shifts (a CPU generator).
+
+    Returns
+    -------
+    torch.Tensor
+        The translated images, of ``x``'s shape and dtype.
+    """
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -145,7 +281,39 @@ def batches(
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images float32 in [0, 1], labels) batches; shuffling and augmentation draw
-    from ``generator`` only, so a seed fixes the batch order exactly."""
+    from ``generator`` only, so a seed fixes the batch order exactly.
+
+    Non-image inputs are prepared as :func:`prepare_inputs` says (token ids stay integer).
+
+    Parameters
+    ----------
+    data : ArrayData
+        The data.
+    batch_size : int
+        Examples per batch (the last one may be smaller unless ``drop_last``).
+    shuffle : bool, default False
+        Draw a new order from ``generator``; otherwise the data's own order.
+    generator : torch.Generator, optional
+        Required when shuffling or augmenting.
+    augment : Augmentation, optional
+        Applied to each batch; an active one needs image inputs.
+    drop_last : bool, default False
+        Skip a last, smaller batch.
+    device : torch.device or str, default "cpu"
+        Where the batches go.
+
+    Yields
+    ------
+    tuple of (torch.Tensor, torch.Tensor)
+        Inputs and labels on ``device``.
+
+    Raises
+    ------
+    ValueError
+        If shuffling or augmenting without a generator.
+    FedSMSError
+        If an active augmentation meets non-image inputs.
+    """
     n = len(data)
     if shuffle or augment is not None:
         if generator is None:
@@ -163,6 +331,22 @@ def batches(
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches of ``batch_size`` in ``n`` examples.
+
+    Parameters
+    ----------
+    n : int
+        Number of examples.
+    batch_size : int
+        Examples per batch, >= 1.
+    drop_last : bool, default False
+        Whether a last, smaller batch is dropped.
+
+    Returns
+    -------
+    int
+        ``n // batch_size`` with ``drop_last``, else ``ceil(n / batch_size)``.
+    """
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
@@ -191,7 +375,24 @@ def _kind(data: object) -> str:
 
 
 def count_examples(data: DataSource) -> int | None:
-    """The number of examples of ``data`` where it is known without a pass over it."""
+    """The number of examples of ``data`` where it is known without a pass over it.
+
+    Parameters
+    ----------
+    data : DataSource
+        The data (a ``DataLoader`` counts its dataset).
+
+    Returns
+    -------
+    int or None
+        ``len`` of the data or the loader's dataset; None for a callable, an iterable
+        dataset or anything without a length.
+
+    Raises
+    ------
+    FedSMSError
+        If ``data`` is not a data source.
+    """
     kind = _kind(data)
     source = data.dataset if kind == "loader" else data
     if kind == "batches" or isinstance(source, IterableDataset):
@@ -205,7 +406,27 @@ def count_examples(data: DataSource) -> int | None:
 def count_batches(data: DataSource, batch_size: int, drop_last: bool = False) -> int:
     """Batches in one pass over ``data`` (what :func:`iterate_batches` yields). A
     ``DataLoader`` tells its own length; a callable or an unsized source is counted by
-    one pass over it (without a model)."""
+    one pass over it (without a model).
+
+    Parameters
+    ----------
+    data : DataSource
+        The data.
+    batch_size : int
+        Batch size for an ``ArrayData`` or a ``Dataset``.
+    drop_last : bool, default False
+        Whether a last, smaller batch is dropped (``ArrayData`` and ``Dataset`` only).
+
+    Returns
+    -------
+    int
+        The number of batches.
+
+    Raises
+    ------
+    FedSMSError
+        If ``data`` is not a data source.
+    """
     kind = _kind(data)
     n = count_examples(data)
     if kind in ("arrays", "dataset") and n is not None:
@@ -245,7 +466,42 @@ def iterate_batches(
     ``DataLoader`` and a callable's batches come as they are (``batch_size``, ``shuffle``
     and ``drop_last`` are theirs to decide). ``augment`` applies to image batches only
     (anything else raises). With ``limit`` at most that many examples are yielded (the
-    last batch cut short)."""
+    last batch cut short).
+
+    Parameters
+    ----------
+    data : DataSource
+        An ``ArrayData``, a ``Dataset`` of (x, y) pairs, a ``DataLoader`` or a callable
+        returning an iterable of (x, y) batches.
+    batch_size : int
+        Batch size for an ``ArrayData`` or a ``Dataset``.
+    shuffle : bool, default False
+        Shuffle an ``ArrayData`` or a map-style ``Dataset`` with ``generator``.
+    generator : torch.Generator, optional
+        Required when shuffling or augmenting.
+    augment : Augmentation, optional
+        Applied to each batch (image batches only).
+    drop_last : bool, default False
+        Skip a last, smaller batch (``ArrayData`` and ``Dataset`` only).
+    device : torch.device or str, default "cpu"
+        Where the batches go.
+    limit : int, optional
+        Yield at most this many examples; None: all. For an ``ArrayData`` the first
+        ``limit`` examples are taken before shuffling.
+
+    Yields
+    ------
+    tuple of (torch.Tensor, torch.Tensor)
+        Inputs and labels on ``device``.
+
+    Raises
+    ------
+    FedSMSError
+        If ``data`` is not a data source, a batch is not an (x, y) pair with the same first
+        dimension, or an active augmentation meets non-image inputs.
+    ValueError
+        If shuffling or augmenting without a generator.
+    """
     kind = _kind(data)
     if kind == "arrays":
         if limit is not None:

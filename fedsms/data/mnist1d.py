@@ -10,8 +10,10 @@ The generator's standardised values are mapped to [0, 1] by a fixed affine map
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,23 @@ SIGNAL_LENGTH = 40
 
 
 def parse_samples(name: str) -> int:
-    """Sample count of ``mnist1d`` (the default) or ``mnist1d-N``."""
+    """Sample count of ``mnist1d`` (the default) or ``mnist1d-N``.
+
+    Parameters
+    ----------
+    name : str
+        ``"mnist1d"`` or ``"mnist1d-N"`` with N >= 100.
+
+    Returns
+    -------
+    int
+        ``DEFAULT_SAMPLES`` or N (train and test together).
+
+    Raises
+    ------
+    FedSMSError
+        If ``name`` is neither form or N < 100.
+    """
     if name == "mnist1d":
         return DEFAULT_SAMPLES
     match = re.fullmatch(r"mnist1d-(\d+)", name)
@@ -57,17 +75,69 @@ def _arrays(x: np.ndarray, y: np.ndarray) -> ArrayData:
     return ArrayData(signals.view(-1, 1, 1, SIGNAL_LENGTH).contiguous(), torch.from_numpy(y.astype(np.int64)))
 
 
+_CACHE_KEYS = {"x", "y", "x_test", "y_test"}
+
+
+def _read_cache(cache: Path, num_samples: int) -> dict[str, np.ndarray]:
+    """The cached arrays, checked: the four keys, sizes bounded before reading, float
+    signals of length 40 that are finite, integer labels 0..9, ``num_samples`` in all."""
+    def refuse(why: str) -> FedSMSError:
+        return FedSMSError(f"the MNIST-1D cache {cache} {why}; delete it and it is generated again")
+
+    limit = num_samples * SIGNAL_LENGTH * 8 + 4096  # bytes any one member may inflate to
+    try:
+        with zipfile.ZipFile(cache) as archive:
+            members = {info.filename.removesuffix(".npy"): info.file_size for info in archive.infolist()}
+        if set(members) != _CACHE_KEYS:
+            raise refuse(f"holds {sorted(members)[:6]}, not {sorted(_CACHE_KEYS)}")
+        if max(members.values()) > limit:
+            raise refuse("declares arrays larger than its samples need")
+        with np.load(cache, allow_pickle=False) as stored:
+            data = {k: stored[k] for k in _CACHE_KEYS}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise refuse(f"cannot be read ({str(error)[:80]})") from None
+    train, test = (data["x"], data["y"]), (data["x_test"], data["y_test"])
+    for x, y in (train, test):
+        if x.ndim != 2 or x.shape[1] != SIGNAL_LENGTH or x.dtype.kind != "f" or y.shape != (len(x),) or y.dtype.kind not in "iu":
+            raise refuse("has arrays of the wrong shape or type")
+        if not np.isfinite(x).all() or (y.size and (y.min() < 0 or y.max() >= 10)):
+            raise refuse("has NaN/Inf signals or labels outside 0..9")
+    if len(train[0]) + len(test[0]) != num_samples or not len(train[0]) or not len(test[0]):
+        raise refuse(f"holds {len(train[0])} + {len(test[0])} samples, not {num_samples}")
+    return data
+
+
 def load_mnist1d_arrays(name: str, data_dir: Path | None = None) -> tuple[ArrayData, ArrayData]:
     """(train, test): mnist1d's own 80/20 split of ``parse_samples(name)`` signals, cached
-    as ``data_dir/mnist1d-N.npz`` when a data folder is given (never a pickle)."""
+    as ``data_dir/mnist1d-N.npz`` when a data folder is given (never a pickle).
+
+    Parameters
+    ----------
+    name : str
+        ``"mnist1d"`` or ``"mnist1d-N"`` (see :func:`parse_samples`).
+    data_dir : pathlib.Path, optional
+        Folder of the cache; None: generate every time, write nothing.
+
+    Returns
+    -------
+    tuple of (ArrayData, ArrayData)
+        Train and test signals as float32 images (N, 1, 1, 40) in [0, 1], int64 labels.
+
+    Raises
+    ------
+    FedSMSError
+        If the name is bad, or the data must be generated and the ``mnist1d`` package is
+        not installed.
+    """
     num_samples = parse_samples(name)
     cache = data_dir / f"mnist1d-{num_samples}.npz" if data_dir is not None else None
     if cache is not None and cache.exists():
-        with np.load(cache, allow_pickle=False) as stored:
-            data = {k: stored[k] for k in stored.files}
+        data = _read_cache(cache, num_samples)
     else:
         data = _generate(num_samples)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **data)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, **data)
+            os.replace(tmp, cache)  # a reader never sees half a cache
     return _arrays(data["x"], data["y"]), _arrays(data["x_test"], data["y_test"])

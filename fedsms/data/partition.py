@@ -27,7 +27,28 @@ MAX_DIRICHLET_DRAWS = 10_000
 
 
 def iid_partition(n: int, num_partitions: int, seed: int) -> list[torch.Tensor]:
-    """``n`` indices shuffled with ``seed`` and cut into ``num_partitions`` near-equal parts."""
+    """``n`` indices shuffled with ``seed`` and cut into ``num_partitions`` near-equal parts.
+
+    Parameters
+    ----------
+    n : int
+        Number of examples.
+    num_partitions : int
+        Number of parts, 1 to ``n``.
+    seed : int
+        Seed of the permutation.
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``num_partitions`` sorted int64 index tensors that together hold every index once.
+        Sizes differ by at most 1.
+
+    Raises
+    ------
+    FedSMSError
+        If ``num_partitions`` is not a whole number in [1, ``n``].
+    """
     _check_count(n, num_partitions)
     order = np.random.default_rng(seed).permutation(n)
     return [_to_tensor(part) for part in np.array_split(order, num_partitions)]
@@ -36,7 +57,36 @@ def iid_partition(n: int, num_partitions: int, seed: int) -> list[torch.Tensor]:
 def dirichlet_partition(
     labels: torch.Tensor, num_partitions: int, alpha: float, seed: int, min_size: int = 1
 ) -> list[torch.Tensor]:
-    """Label-skewed partitions: class c is shared out in proportions drawn from Dir(alpha)."""
+    """Label-skewed partitions: class c is shared out in proportions drawn from Dir(alpha).
+
+    The draw is repeated (at most ``MAX_DIRICHLET_DRAWS`` times) until every partition has at
+    least ``min_size`` examples.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        1-D class labels of the examples.
+    num_partitions : int
+        Number of partitions, 1 to the number of examples.
+    alpha : float
+        Concentration, > 0: small (e.g. 0.1) gives each partition few classes, large (e.g.
+        100) is near IID.
+    seed : int
+        Seed of every draw.
+    min_size : int, default 1
+        Fewest examples a partition may get, 0 to ``n // num_partitions``.
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``num_partitions`` sorted int64 index tensors that together hold every index once.
+
+    Raises
+    ------
+    FedSMSError
+        If the labels are not 1-D, ``num_partitions``, ``alpha`` or ``min_size`` is out of
+        range, or no draw meets ``min_size``.
+    """
     y = _labels(labels)
     n = y.size
     _check_count(n, num_partitions)
@@ -76,7 +126,30 @@ def shard_partition(
     labels: torch.Tensor, num_partitions: int, shards_per_partition: int, seed: int
 ) -> list[torch.Tensor]:
     """Sort by label, cut into ``num_partitions * shards_per_partition`` near-equal shards and
-    give each partition ``shards_per_partition`` shards chosen at random."""
+    give each partition ``shards_per_partition`` shards chosen at random.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        1-D class labels of the examples.
+    num_partitions : int
+        Number of partitions, 1 to the number of examples.
+    shards_per_partition : int
+        Shards each partition gets, 1 to ``n // num_partitions``.
+    seed : int
+        Seed of the order within a label and of the dealing.
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``num_partitions`` sorted int64 index tensors that together hold every index once.
+
+    Raises
+    ------
+    FedSMSError
+        If the labels are not 1-D or ``num_partitions`` or ``shards_per_partition`` is out
+        of range.
+    """
     y = _labels(labels)
     n = y.size
     _check_count(n, num_partitions)
@@ -104,7 +177,35 @@ def partition(
     shards_per_partition: int = 2,
     min_size: int = 1,
 ) -> list[torch.Tensor]:
-    """Partition the examples with ``labels`` by ``scheme`` (one of ``SCHEMES``)."""
+    """Partition the examples with ``labels`` by ``scheme`` (one of ``SCHEMES``).
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        1-D class labels of the examples (``iid`` uses only their count).
+    scheme : str
+        ``"iid"``, ``"dirichlet"`` or ``"shards"``.
+    num_partitions : int
+        Number of partitions (clients).
+    seed : int
+        Seed; the same arguments always give the same partitions.
+    alpha : float, default 0.5
+        Dirichlet concentration (``dirichlet`` only).
+    shards_per_partition : int, default 2
+        Shards per partition (``shards`` only).
+    min_size : int, default 1
+        Fewest examples per partition (``dirichlet`` only).
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``num_partitions`` sorted int64 index tensors that together hold every index once.
+
+    Raises
+    ------
+    FedSMSError
+        If ``scheme`` is unknown, or as the chosen partitioner.
+    """
     if scheme == "iid":
         return iid_partition(_labels(labels).size, num_partitions, seed)
     if scheme == "dirichlet":

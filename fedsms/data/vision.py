@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import socket
 import sys
 import tarfile
@@ -122,7 +123,30 @@ VISION_DATASETS = tuple(_CIFAR) + tuple(_IDX)
 
 
 def load_vision_arrays(name: str, data_dir: Path, download: bool = True) -> tuple[ArrayData, ArrayData, int]:
-    """(train, test, num_classes) with uint8 images (N, C, H, W) and int64 labels."""
+    """(train, test, num_classes) with uint8 images (N, C, H, W) and int64 labels.
+
+    Where the files are looked for and how they are fetched is in the module docstring.
+
+    Parameters
+    ----------
+    name : str
+        ``"cifar10"``, ``"cifar100"``, ``"mnist"`` or ``"fashion-mnist"``.
+    data_dir : pathlib.Path
+        The data folder (``~`` is expanded).
+    download : bool, default True
+        Fetch the official archives when the files are missing.
+
+    Returns
+    -------
+    tuple of (ArrayData, ArrayData, int)
+        Train and test data and the number of classes (10 or 100).
+
+    Raises
+    ------
+    FedSMSError
+        If the name is unknown, the files are missing and cannot be downloaded (the message
+        names the URL and the folder), or a file is damaged.
+    """
     data_dir = Path(data_dir).expanduser()
     if name in _CIFAR:
         return _load_cifar(_CIFAR[name], data_dir, download)
@@ -244,7 +268,7 @@ def _read_idx(path: Path, *, ndim: int, title: str) -> np.ndarray:
             f"(magic {magic.hex()}, expected {bytes((0, 0, 8, ndim)).hex()}); replace it with the official file"
         )
     dims = tuple(int(d) for d in np.frombuffer(bytes(raw[4:header]), dtype=">u4"))
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # a Python int: no overflow
     if raw.size != expected:
         raise FedSMSError(
             f"{path} is truncated or corrupt (its header promises {expected} bytes for shape {dims}, "
@@ -286,12 +310,23 @@ def _find_files(dirs: list[Path], names: tuple[str, ...], *, allow_gz: bool) -> 
     return None
 
 
-def _read_bytes(path: Path) -> np.ndarray:
-    """The whole file as a flat uint8 array (decompressed when it ends in ``.gz``)."""
+MAX_DATA_FILE = 512 << 20  # bytes one data file may hold (decompressed); the official ones are far smaller
+
+
+def _read_bytes(path: Path, limit: int = MAX_DATA_FILE) -> np.ndarray:
+    """The whole file as a flat uint8 array (decompressed when it ends in ``.gz``); a file
+    or a decompressed stream larger than ``limit`` is refused before it is read whole."""
+    too_big = FedSMSError(f"{path} holds more than {limit >> 20} MiB, more than any official data file; "
+                          "replace it with the official file")
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
-                return np.frombuffer(bytearray(f.read()), dtype=np.uint8)
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise too_big
+            return np.frombuffer(bytearray(data), dtype=np.uint8)
+        if path.stat().st_size > limit:
+            raise too_big
         return np.fromfile(path, dtype=np.uint8)
     except (OSError, EOFError, zlib.error) as e:
         raise FedSMSError(f"cannot read {path} ({_one_line(e)}); download it again") from None

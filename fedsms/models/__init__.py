@@ -16,7 +16,15 @@ from fedsms import FedSMSError
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel. Buffers are not persistent: the state dict holds only
-    the network proper, and the builder sets them from the data set."""
+    the network proper, and the builder sets them from the data set.
+
+    Parameters
+    ----------
+    mean : tuple of float
+        Per-channel mean of the [0, 1] inputs.
+    std : tuple of float
+        Per-channel std of the [0, 1] inputs (nonzero).
+    """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
@@ -24,11 +32,28 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a batch channel by channel.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs (N, C, ...) in [0, 1].
+        """
         return (x - self.mean) / self.std
 
 
 class Classifier(nn.Module):
-    """``net(normalize(x))``; parameter names are ``net.*``."""
+    """``net(normalize(x))``; parameter names are ``net.*``.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The network proper, taking normalised inputs.
+    mean : tuple of float
+        Per-channel mean of the [0, 1] inputs.
+    std : tuple of float
+        Per-channel std of the [0, 1] inputs.
+    """
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
@@ -36,7 +61,17 @@ class Classifier(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs (logits) of the network on normalised ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            A batch of [0, 1] inputs (N, C, ...).
+        """
         return self.net(self.normalize(x))
+
+
+MAX_MLP_WIDTH = 65536  # mlp-W beyond this would not fit in memory
 
 
 def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
@@ -45,6 +80,8 @@ def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> 
     if name == "mlp":
         return small.mlp(num_classes, input_shape)
     if match := re.fullmatch(r"mlp-(\d+)", name):
+        if not 1 <= int(match[1]) <= MAX_MLP_WIDTH:
+            raise FedSMSError(f"model {name!r}: the width must be 1 to {MAX_MLP_WIDTH}; pick a smaller mlp-WIDTH")
         return small.mlp(num_classes, input_shape, hidden=(int(match[1]),) * 2)
     if name == "cnn":
         return small.SmallCNN(num_classes, input_shape)
@@ -83,6 +120,32 @@ def build_model(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> Classifier:
+    """A freshly initialised model by name (see the module docstring for the names).
+
+    Parameters
+    ----------
+    name : str
+        ``mlp``, ``mlp-W``, ``cnn``, ``resnet20``, ``resnet56``, ``wrn-D-K`` or ``tv:NAME``.
+    num_classes : int
+        Width of the output.
+    input_shape : tuple of int
+        (C, H, W) of one input.
+    mean : tuple of float, optional
+        Per-channel mean of the inputs; None: 0 for every channel.
+    std : tuple of float, optional
+        Per-channel std of the inputs; None: 1 for every channel.
+
+    Returns
+    -------
+    Classifier
+        The network wrapped with its normalisation.
+
+    Raises
+    ------
+    FedSMSError
+        If the name is unknown, a ResNet or WideResNet depth or width is invalid, or a
+        torchvision model is asked for with other than 3 channels.
+    """
     c = input_shape[0]
     mean = tuple(mean) if mean is not None else (0.0,) * c
     std = tuple(std) if std is not None else (1.0,) * c
@@ -90,5 +153,23 @@ def build_model(
 
 
 def build_for(name: str, splits) -> Classifier:
-    """The model ``name`` sized and normalised for a ``DatasetSplits``."""
+    """The model ``name`` sized and normalised for a ``DatasetSplits``.
+
+    Parameters
+    ----------
+    name : str
+        The model's name (see :func:`build_model`).
+    splits : DatasetSplits
+        Its ``num_classes``, ``input_shape``, ``mean`` and ``std`` are used.
+
+    Returns
+    -------
+    Classifier
+        The new model.
+
+    Raises
+    ------
+    FedSMSError
+        As :func:`build_model`.
+    """
     return build_model(name, splits.num_classes, splits.input_shape, splits.mean, splits.std)

@@ -32,7 +32,18 @@ def _init_weights(model: nn.Module) -> None:
 
 
 class BasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus shortcut, then ReLU (post-activation, He et al. 2016)."""
+    """conv-BN-ReLU-conv-BN plus shortcut, then ReLU (post-activation, He et al. 2016).
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input.
+    out_channels : int
+        Channels of the output.
+    stride : int
+        Stride of the first conv (2 halves the resolution); the shortcut is a 1x1 conv + BN
+        projection where the shape changes.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
@@ -51,6 +62,13 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for a batch of feature maps.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Feature maps (N, in_channels, H, W).
+        """
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
@@ -58,7 +76,17 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """Stem conv3x3(16), three stages of ``n`` BasicBlocks at 16/32/64 channels (stride 2
-    at the start of stages 2 and 3), global average pool, linear head."""
+    at the start of stages 2 and 3), global average pool, linear head.
+
+    Parameters
+    ----------
+    blocks_per_stage : int
+        n, blocks in each stage (depth 6n + 2).
+    num_classes : int
+        Width of the output.
+    in_channels : int, default 3
+        Channels of the input images.
+    """
 
     def __init__(self, blocks_per_stage: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
@@ -78,13 +106,40 @@ class CifarResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of normalised images.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Images (N, in_channels, H, W).
+        """
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
 def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """ResNet-``depth`` for CIFAR; depth = 6n + 2 (20, 32, 44, 56, 110, ...)."""
+    """ResNet-``depth`` for CIFAR; depth = 6n + 2 (20, 32, 44, 56, 110, ...).
+
+    Parameters
+    ----------
+    depth : int
+        6n + 2 with n >= 1.
+    num_classes : int
+        Width of the output.
+    in_channels : int, default 3
+        Channels of the input images.
+
+    Returns
+    -------
+    torch.nn.Module
+        A :class:`CifarResNet`, Kaiming-initialised.
+
+    Raises
+    ------
+    FedSMSError
+        If ``depth`` is not 6n + 2 with n >= 1.
+    """
     if depth < 8 or (depth - 2) % 6:
         raise FedSMSError(
             f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}; pick such a depth, e.g. 20 or 56"
@@ -96,7 +151,20 @@ def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3) -> nn.Modul
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv-BN-ReLU-dropout-conv plus shortcut (pre-activation, WRN paper)."""
+    """BN-ReLU-conv-BN-ReLU-dropout-conv plus shortcut (pre-activation, WRN paper).
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input.
+    out_channels : int
+        Channels of the output.
+    stride : int
+        Stride of the first conv; the shortcut is a 1x1 conv of the pre-activated input
+        where the shape changes.
+    dropout : float
+        Dropout probability between the two convs, in [0, 1).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, dropout: float) -> None:
         super().__init__()
@@ -116,6 +184,13 @@ class PreActBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for a batch of feature maps.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Feature maps (N, in_channels, H, W).
+        """
         activated = self.relu1(self.bn1(x))
         out = self.conv1(activated)
         out = self.conv2(self.dropout(self.relu2(self.bn2(out))))
@@ -125,7 +200,21 @@ class PreActBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """Stem conv3x3(16), three stages of ``n`` pre-activation blocks at 16k/32k/64k
-    channels, final BN-ReLU, global average pool, linear head."""
+    channels, final BN-ReLU, global average pool, linear head.
+
+    Parameters
+    ----------
+    blocks_per_stage : int
+        n, blocks in each stage (depth 6n + 4).
+    widen : int
+        k, the widening factor.
+    num_classes : int
+        Width of the output.
+    in_channels : int, default 3
+        Channels of the input images.
+    dropout : float, default 0.0
+        Dropout probability inside each block.
+    """
 
     def __init__(
         self, blocks_per_stage: int, widen: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0
@@ -148,13 +237,44 @@ class WideResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of normalised images.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Images (N, in_channels, H, W).
+        """
         out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
         out = self.relu(self.bn(out))
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
 def wide_resnet(depth: int, widen: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
-    """WRN-``depth``-``widen``; depth = 6n + 4 (10, 16, 22, 28, 40, ...)."""
+    """WRN-``depth``-``widen``; depth = 6n + 4 (10, 16, 22, 28, 40, ...).
+
+    Parameters
+    ----------
+    depth : int
+        6n + 4 with n >= 1.
+    widen : int
+        Widening factor k, >= 1.
+    num_classes : int
+        Width of the output.
+    in_channels : int, default 3
+        Channels of the input images.
+    dropout : float, default 0.0
+        Dropout probability inside each block, in [0, 1).
+
+    Returns
+    -------
+    torch.nn.Module
+        A :class:`WideResNet`, Kaiming-initialised.
+
+    Raises
+    ------
+    FedSMSError
+        If ``depth``, ``widen`` or ``dropout`` is out of range.
+    """
     if depth < 10 or (depth - 4) % 6:
         raise FedSMSError(
             f"WideResNet depth must be 6n+4 with n >= 1, got {depth}; use such a depth, e.g. wrn-16-4 or wrn-28-10"

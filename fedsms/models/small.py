@@ -8,6 +8,22 @@ from torch import nn
 
 
 def mlp(num_classes: int, input_shape: tuple[int, int, int], hidden: tuple[int, ...] = (256, 256)) -> nn.Sequential:
+    """A multilayer perceptron: flatten, then Linear-ReLU per hidden layer, then a linear head.
+
+    Parameters
+    ----------
+    num_classes : int
+        Width of the output.
+    input_shape : tuple of int
+        (C, H, W) of one input; the first layer takes C * H * W features.
+    hidden : tuple of int, default (256, 256)
+        Width of each hidden layer.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        The network (PyTorch's default initialisation).
+    """
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
@@ -18,7 +34,20 @@ def mlp(num_classes: int, input_shape: tuple[int, int, int], hidden: tuple[int, 
 
 
 class SmallCNN(nn.Module):
-    """Two conv-BN-ReLU blocks and a linear head; BatchNorm so recalibration matters."""
+    """Two conv-BN-ReLU blocks and a linear head; BatchNorm so recalibration matters.
+
+    Precisely: conv(width)-BN-ReLU, conv(2 width)-BN-ReLU, 2x2 max pool, conv(2 width)-BN-ReLU,
+    global average pool, linear head.
+
+    Parameters
+    ----------
+    num_classes : int
+        Width of the output.
+    input_shape : tuple of int
+        (C, H, W) of one input; any size works (global pooling).
+    width : int, default 32
+        Channels of the first conv.
+    """
 
     def __init__(self, num_classes: int, input_shape: tuple[int, int, int], width: int = 32) -> None:
         super().__init__()
@@ -40,4 +69,11 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Linear(2 * width, num_classes)
 
     def forward(self, x):
+        """Logits for a batch of normalised images.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Images (N, C, H, W).
+        """
         return self.classifier(self.features(x))

@@ -1,0 +1,41 @@
+"""Output files written without following symlinks: a planted link in an output folder
+never makes fedsms write (or truncate) the link's target.
+
+``write_text`` writes a temporary file beside the target and renames it over the target
+(a rename replaces a link itself, never its target); ``append_line`` opens with
+``O_NOFOLLOW`` and refuses a link.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from fedsms import FedSMSError
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename (a symlink at ``path`` is replaced, not followed)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` to ``path`` (created if missing); a symlink at ``path`` is refused."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError:
+        if Path(path).is_symlink():
+            raise FedSMSError(f"{path} is a symbolic link; fedsms does not write through links, remove it") from None
+        raise
+    with os.fdopen(fd, "a") as f:
+        f.write(line)

@@ -1,0 +1,89 @@
+"""Flower's standard message layout, for ClientApps that know nothing of fedsms.
+
+A typical Flower PyTorch ClientApp (the layout of Flower's quickstart) reads the model from
+``content["arrays"]`` and its settings from ``content["config"]``, trains, and replies with
+``ArrayRecord(model.state_dict())`` and a ``MetricRecord`` holding ``num-examples``. Under
+``client-protocol = flower`` the strategy sends the soup in that layout: dense, zeros
+outside the mask. A reply in that layout passes the same checks as a compact one (names,
+shapes, dtypes, finiteness, example count) and only its values under the mask are kept,
+so the soup stays exactly as sparse whatever the client did to its pruned weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedsms.codec import PayloadError
+from fedsms.engine import State, values_under_mask
+from fedsms.masks import Mask
+
+ARRAYS_KEY = "arrays"  # where Flower's strategies and quickstart ClientApps put the model
+
+
+def soup_record(soup: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """The soup as a dense ``ArrayRecord`` (pruned weights are zeros).
+
+    Parameters
+    ----------
+    soup : mapping of str to Tensor
+        The soup's full state dict.
+
+    Returns
+    -------
+    ArrayRecord
+        What ``message.content["arrays"]`` holds for a standard Flower ClientApp.
+    """
+    return ArrayRecord({name: tensor.detach().cpu() for name, tensor in soup.items()})
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of the array data an ``ArrayRecord`` carries (what the transport moves)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def read_update(record: ArrayRecord, template: Mapping[str, torch.Tensor], mask: Mask) -> State:
+    """The values under the mask (and the dense extras) of a standard reply.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The reply's ``"arrays"`` record: the client's whole state dict.
+    template : mapping of str to Tensor
+        The soup: the names, shapes and dtypes the reply must have.
+    mask : Mask
+        The round's mask; values outside it are dropped.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The compact form the engine's merge takes (see ``fedsms.engine.values_under_mask``).
+
+    Raises
+    ------
+    PayloadError
+        The record is not an ``ArrayRecord`` of the soup's tensors, or a value is not finite.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"the reply's {ARRAYS_KEY!r} is a {type(record).__name__}, not an ArrayRecord")
+    names = set(record.keys())
+    if names != set(template):
+        missing, extra = sorted(set(template) - names)[:3], sorted(names - set(template))[:3]
+        raise PayloadError(f"the reply's arrays are not the soup's tensors (missing {missing}, extra {extra})")
+    state = {}
+    for name, like in template.items():
+        array = record[name]
+        if tuple(array.shape) != tuple(like.shape):
+            raise PayloadError(f"tensor {name!r} has shape {tuple(array.shape)}, the soup's is {tuple(like.shape)}")
+        try:
+            value = torch.from_numpy(array.numpy().copy())
+        except (TypeError, ValueError) as error:
+            raise PayloadError(f"tensor {name!r} cannot be read ({error})") from None
+        if value.is_floating_point() != like.is_floating_point():
+            raise PayloadError(f"tensor {name!r} is {value.dtype}, the soup's is {like.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise PayloadError(f"tensor {name!r} holds NaN or Inf")
+        state[name] = value.to(like.dtype)
+    return values_under_mask(state, mask)

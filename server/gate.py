@@ -1,0 +1,192 @@
+"""The reply gate: every message a client sends the server is read here, once, before use.
+
+Three reply kinds reach the server: training (``update`` payload + ``metrics``), evaluation
+(``metrics``) and norm statistics (``stats`` arrays + ``metrics``). Each entry point below
+checks what the strategy will use — types, finiteness and ranges of every number, bounded
+sizes, Array headers against their bytes — and returns plain values, or raises
+``Rejected`` with a short, escaped reason. Nothing downstream sees an unchecked field.
+
+The payload itself is validated by ``fedsms.codec.decode`` (its own staged gate).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from numpy.lib import format as npy
+
+from fedsms import FedSMSError, codec
+from fedsms_flower.records import payload_of
+from fedsms_server.flower_layout import ARRAYS_KEY
+
+MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
+MAX_METRICS = 64  # metric entries in one reply
+MAX_KEY = 128  # characters of a metric name
+MAX_METRIC = 1e30  # |value| of a metric
+MAX_REASON = 240  # characters of a logged reason
+MAX_ARRAY_BYTES = 1 << 32  # bytes one Array may declare
+
+
+class Rejected(FedSMSError):
+    """A reply the gate refuses; ``str(error)`` is its short reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(short(reason))
+
+
+def short(text: object, limit: int = MAX_REASON) -> str:
+    """``text`` on one line, control characters escaped, at most ``limit`` characters."""
+    text = str(text)[: limit * 4]  # escaping at most quadruples a character
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
+
+
+def client_error(reply: Message) -> str | None:
+    """The reason of an error reply (escaped, truncated), or None."""
+    if not reply.has_error():
+        return None
+    return short(f"the client failed: {reply.error.reason}")
+
+
+def _number(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Rejected(f"metric {key!r} is a {type(value).__name__}, not a number")
+    if isinstance(value, int) and abs(value) > MAX_METRIC:
+        raise Rejected(f"metric {key!r} is out of range")
+    if not math.isfinite(value) or abs(value) > MAX_METRIC:
+        raise Rejected(f"metric {key!r} is {value!r}, not a finite number of sensible size")
+    return value
+
+
+def metrics(reply: Message, *, examples: bool) -> tuple[dict[str, float], int | None]:
+    """The reply's ``metrics`` record as {name: number}; with ``examples``, also its
+    ``num-examples`` as an int in [1, MAX_EXAMPLES] (it stays among the metrics)."""
+    try:
+        record = reply.content["metrics"]
+    except (KeyError, TypeError):
+        raise Rejected("the reply has no metrics record") from None
+    if not isinstance(record, (MetricRecord, Mapping)):
+        raise Rejected(f"the reply's metrics are a {type(record).__name__}, not a MetricRecord")
+    if len(record) > MAX_METRICS:
+        raise Rejected(f"the reply has {len(record)} metrics (at most {MAX_METRICS})")
+    out = {}
+    for key, value in record.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY:
+            raise Rejected(f"a metric name is not a string of 1 to {MAX_KEY} characters: {key!r}")
+        out[key] = _number(key, value)
+    count = None
+    if examples:
+        if "num-examples" not in out:
+            raise Rejected("the reply's metrics lack 'num-examples'")
+        n = out["num-examples"]
+        if n != int(n) or not 0 < n <= MAX_EXAMPLES:
+            raise Rejected(f"the reply claims {n!r} examples (1 to {MAX_EXAMPLES:.0e} are believed)")
+        count = int(n)
+    return out, count
+
+
+def array_fits(name: str, array: object) -> None:
+    """An ``Array`` whose header (dtype, shape) and the ``.npy`` header inside its bytes
+    agree with the bytes it carries, within bounds, so reading it allocates no more than
+    the reply holds and unpickles nothing."""
+    if not isinstance(array, Array):
+        raise Rejected(f"entry {name!r} is a {type(array).__name__}, not an Array")
+    data, shape = array.data, array.shape
+    if not isinstance(data, bytes) or array.stype != "numpy.ndarray":
+        raise Rejected(f"array {name!r} is not a serialised numpy array")
+    try:
+        stream = io.BytesIO(data)
+        version = npy.read_magic(stream)
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        declared, fortran, dtype = read(stream, max_header_size=1024)
+    except Exception:  # numpy raises several types for a damaged header
+        raise Rejected(f"array {name!r} has no readable .npy header") from None
+    if dtype.hasobject or dtype.itemsize == 0 or fortran or tuple(declared) != tuple(shape):
+        raise Rejected(f"array {name!r} declares {short(shape, 60)} but holds {short(declared, 60)} of {dtype}")
+    if len(declared) > 8 or any(d < 0 for d in declared):
+        raise Rejected(f"array {name!r} declares the shape {short(declared, 60)}")
+    size = math.prod(declared) * dtype.itemsize
+    if size > MAX_ARRAY_BYTES or len(data) - stream.tell() != size:
+        raise Rejected(f"array {name!r} declares {short(declared, 60)} of {dtype} but carries "
+                       f"{len(data) - stream.tell()} bytes")
+
+
+def train_reply(reply: Message) -> tuple[bytes | ArrayRecord, dict[str, float]]:
+    """A training reply's model and checked metrics.
+
+    The model is the compact payload's bytes (for ``codec.decode``) or, for a reply in
+    Flower's standard layout (``arrays`` and no ``update``: an unchanged ClientApp), the
+    ``ArrayRecord`` of its state dict (for ``flower_layout.read_update``), whose example
+    count must then come with the metrics as ``num-examples``.
+    """
+    if (reason := client_error(reply)) is not None:
+        raise Rejected(reason)
+    content = reply.content
+    standard = ARRAYS_KEY in content and "update" not in content
+    try:
+        record = content[ARRAYS_KEY if standard else "update"]
+    except (KeyError, TypeError):
+        raise Rejected("the reply has no update") from None
+    if isinstance(record, ArrayRecord):
+        for name, array in record.items():
+            array_fits(name, array)
+    if standard:
+        if not isinstance(record, ArrayRecord):
+            raise Rejected(f"the reply's {ARRAYS_KEY!r} is a {type(record).__name__}, not an ArrayRecord")
+        values, _ = metrics(reply, examples=True)
+        return record, values
+    try:
+        payload = payload_of(record)
+    except codec.PayloadError as error:
+        raise Rejected(f"the reply has no readable update ({error})") from None
+    values, _ = metrics(reply, examples=False)
+    return payload, values
+
+
+def evaluate_reply(reply: Message) -> tuple[dict[str, float], int]:
+    """An evaluation reply's metrics and example count."""
+    if (reason := client_error(reply)) is not None:
+        raise Rejected(reason)
+    values, count = metrics(reply, examples=True)
+    return values, count
+
+
+def norm_stats_reply(reply: Message, template: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """A norm-statistics reply's tensors (named, shaped and typed as ``template``, finite,
+    variances non-negative) and example count."""
+    if (reason := client_error(reply)) is not None:
+        raise Rejected(reason)
+    _, count = metrics(reply, examples=True)
+    try:
+        record = reply.content["stats"]
+    except (KeyError, TypeError):
+        raise Rejected("the reply has no norm statistics") from None
+    if not isinstance(record, ArrayRecord):
+        raise Rejected(f"the norm statistics are a {type(record).__name__}, not an ArrayRecord")
+    if list(record.keys()) != list(template):
+        raise Rejected("the norm statistics name other tensors than the model's norm layers")
+    stats = {}
+    for name, like in template.items():
+        array = record[name]
+        array_fits(name, array)
+        if tuple(array.shape) != tuple(like.shape):
+            raise Rejected(f"norm statistic {name!r} has shape {tuple(array.shape)}, not {tuple(like.shape)}")
+        try:
+            tensor = torch.from_numpy(array.numpy().copy())
+        except (TypeError, ValueError) as error:
+            raise Rejected(f"norm statistic {name!r} cannot be read ({error})") from None
+        if tensor.dtype != like.dtype:
+            raise Rejected(f"norm statistic {name!r} is {tensor.dtype}, not {like.dtype}")
+        if tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()) or bool((tensor.abs() > MAX_METRIC).any()):
+                raise Rejected(f"norm statistic {name!r} has NaN, Inf or absurd values")
+            if name.endswith("running_var") and bool((tensor < 0).any()):
+                raise Rejected(f"norm statistic {name!r} has negative variances")
+        elif bool((tensor < 0).any()) or bool((tensor > MAX_EXAMPLES * 1000).any()):
+            raise Rejected(f"norm statistic {name!r} is out of range")
+        stats[name] = tensor
+    return stats, count

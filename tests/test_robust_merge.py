@@ -1,0 +1,146 @@
+"""Magnitude checks, robust merges and the linear name check (issue 12, points 3, 4, 7, 15a):
+the running sum stays finite, one client cannot own a weighted soup, ``trimmed-mean`` /
+``median`` and the update-norm bound resist a bad candidate, and valid soups are unchanged."""
+
+import math
+import time
+
+import pytest
+import torch
+from helpers import digits
+
+from fedsms import FedSMSError, codec
+from fedsms.config import FederationConfig, RunConfig
+from fedsms.engine import Merge, capped_shares
+from fedsms.models import build_for
+from fedsms.soup import RunningAverage, SoupError
+from fedsms_server.strategy import SparseSoupStrategy, Update
+
+SPLITS = digits()
+
+
+def make_strategy(tmp_path, log=lambda _: None, **run):
+    config = RunConfig(**{"model": "mlp", "phases": 1, "target_sparsity": 0.5, "out_dir": str(tmp_path), "ood": False,
+                          **run})
+    torch.manual_seed(0)
+    return SparseSoupStrategy(config, FederationConfig(pretrain_rounds=1, min_train_clients=1),
+                              build_for("mlp", SPLITS), server_data=SPLITS, out_dir=tmp_path, log=log)
+
+
+def update(strategy, examples=100, scale=0.01, seed=0, fill=None, value_dtype="fp32"):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in strategy.soup.items():
+        if not v.is_floating_point():
+            state[k] = v
+        elif fill is not None:
+            state[k] = torch.full_like(v, fill)
+        else:
+            state[k] = v + scale * torch.randn(v.shape, generator=g)
+    return codec.encode(state, strategy.mask, phase=0, round=1, kind="update", num_examples=examples,
+                        check_finite=False, value_dtype=value_dtype)
+
+
+@pytest.mark.parametrize("case", ["three of 3e38", "1e30 with 1e9 examples", "bf16 near its maximum"])
+def test_enormous_finite_values_are_rejected_and_the_soup_stays_finite(tmp_path, case):
+    strategy = make_strategy(tmp_path, merge="weighted")
+    strategy.begin_round(1)
+    if case == "three of 3e38":
+        bad = [update(strategy, fill=3e38, seed=i) for i in range(3)]
+    elif case == "1e30 with 1e9 examples":
+        bad = [update(strategy, fill=1e30, examples=10**9)]
+    else:
+        bad = [update(strategy, fill=3.3e38, value_dtype="bf16")]
+    good = [update(strategy, seed=10 + i, examples=120) for i in range(3)]
+    strategy.aggregate_updates(1, [Update(i, p, {}) for i, p in enumerate([*bad, *good])])
+    assert strategy.current.accepted == 3 and len(strategy.current.rejected) == len(bad)
+    assert all(bool(torch.isfinite(v.double()).all()) for v in strategy.soup.values())
+    assert all("beyond" in reason for reason in strategy.current.rejected.values())
+
+
+def test_a_nan_weight_is_refused_and_a_non_finite_merge_raises():
+    average = RunningAverage()
+    with pytest.raises(ValueError):
+        average.add({"w": torch.ones(2)}, float("nan"))
+    with pytest.raises(ValueError):
+        average.add({"w": torch.ones(2)}, float("inf"))
+    merge = Merge("uniform", keep_candidates=False)
+    merge.add({"w": torch.full((2,), 3e38)}, 1)
+    merge.add({"w": torch.full((2,), 3e38)}, 1)
+    with pytest.raises(SoupError, match="not finite"):
+        merge.result()
+
+
+def test_one_client_claiming_1e9_examples_is_capped():
+    shares = capped_shares([1e9, 120, 120, 120], 0.4)
+    assert shares[0] == pytest.approx(0.4) and sum(shares) == pytest.approx(1.0)
+    assert shares[1:] == pytest.approx([0.2, 0.2, 0.2])
+    assert capped_shares([5, 1], 0.3) == [0.5, 0.5]  # a cap below 1/n: equal shares
+    merge = Merge("weighted", keep_candidates=False, max_weight=0.4)
+    for value, n in [(100.0, 10**9), (0.0, 120), (0.0, 120), (0.0, 120)]:
+        merge.add({"w": torch.full((3,), value)}, n)
+    assert torch.allclose(merge.result()["w"], torch.full((3,), 40.0))
+
+
+def candidates(values):
+    merge_input = [{"w": torch.tensor(v, dtype=torch.float32), "n": torch.tensor(i)} for i, v in enumerate(values)]
+    return merge_input
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+def test_median_and_trimmed_mean_ignore_one_outlier(rule):
+    merge = Merge(rule, keep_candidates=False, trim_fraction=0.2)
+    for c in candidates([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [1000.0, 40.0], [2.0, 50.0]]):
+        merge.add(c, 1)
+    out = merge.result()
+    # median of (1,2,3,1000,2) = 2, of (10..50) = 30 — the even case averages the two middle values
+    if rule == "median":
+        merge4 = Merge(rule, keep_candidates=False)
+        for c in candidates([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [1000.0, 40.0]]):
+            merge4.add(c, 1)
+        assert merge4.result()["w"].tolist() == [2.5, 25.0]
+        assert out["w"].tolist() == [2.0, 30.0]
+    else:
+        assert out["w"].tolist() == pytest.approx([7 / 3, 30.0])  # cut 1 at each end: mean(2,2,3), mean(20,30,40)
+    assert out["w"].dtype == torch.float32 and out["n"].item() == 4  # integer tensors keep the maximum
+
+
+def test_a_scaled_reply_is_dropped_by_the_update_norm_bound_with_a_log_line(tmp_path):
+    lines = []
+    strategy = make_strategy(tmp_path, update_norm_bound=3.0, log=lines.append)
+    strategy.begin_round(1)
+    honest = [update(strategy, seed=i, examples=120) for i in range(3)]
+    scaled = update(strategy, seed=9, scale=10.0)  # x1000 the honest perturbation
+    strategy.aggregate_updates(1, [Update(i, p, {}) for i, p in enumerate([*honest, scaled])])
+    assert strategy.current.accepted == 3 and "update-norm-bound" in strategy.current.rejected[3]
+    assert any("dropped candidate 3" in line for line in lines)
+    reference = make_strategy(tmp_path / "ref")
+    reference.begin_round(1)
+    reference.aggregate_updates(1, [Update(i, p, {}) for i, p in enumerate(honest)])
+    for name, value in strategy.soup.items():
+        torch.testing.assert_close(value, reference.soup[name])
+
+
+def test_default_options_leave_the_soup_bit_identical():
+    values = [{"w": torch.randn(50, generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    merge, average = Merge("weighted", keep_candidates=False), RunningAverage()
+    for i, v in enumerate(values):
+        merge.add(v, 100 + i)
+        average.add(v, float(100 + i))
+    assert torch.equal(merge.result()["w"], average.mean()["w"]) and not merge.candidates
+
+
+@pytest.mark.parametrize("bad", [dict(trim_fraction=0.5), dict(max_client_weight=0.0), dict(update_norm_bound=-1.0),
+                                 dict(update_norm_bound=float("nan")), dict(max_client_weight=float("inf")),
+                                 dict(merge="krum")])
+def test_robust_merge_settings_are_declared_and_checked(bad):
+    with pytest.raises(FedSMSError):
+        RunConfig(**bad)
+
+
+def test_the_name_check_is_linear():
+    names = [f"t{i % 16000}" for i in range(64000)]  # 64 000 entries with repeated names
+    started = time.perf_counter()
+    reason = codec._name_diff(names, [f"t{i}" for i in range(16000)])
+    assert "repeat" in reason and time.perf_counter() - started < 5  # quadratic took minutes
+    assert math.isfinite(codec.MAX_MAGNITUDE)

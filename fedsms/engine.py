@@ -392,8 +392,15 @@ class SoupEngine:
             The saved state (copied).
         mask : Mask
             The saved mask (copied); the digest is recomputed.
+
+        Raises
+        ------
+        FedSMSError
+            If the saved state names other tensors than the current one.
         """
-        self.state = {k: v.clone() for k, v in state.items()}
+        if set(state) != set(self.state):
+            raise FedSMSError("the saved state names other tensors than this job's model; restore a checkpoint of the same model")
+        self.state = {k: state[k].clone() for k in self.state}  # the model's order, in which payloads list tensors
         self.mask = {k: v.clone() for k, v in mask.items()}
         self.digest = mask_digest(self.mask)
 

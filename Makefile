@@ -4,7 +4,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo demo-local test test-fast bench-systems bench-quality clean
+.PHONY: setup demo demo-local test test-fast lint bench-systems bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,14 @@ demo-local: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The unit tier: everything but the end-to-end runs.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff's lint rules and formatting, as configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The systems benchmarks at full size (10-20 minutes on 2 CPU cores); tables print, results
 # go to results/*.json, and BENCHMARKS.md holds the figures.

@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 import torch
-
 from common import interleaved, median, parser, peak_rss, peak_rss_reset, report, rss
+
 from fedsms import codec
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.models import build_model
@@ -40,12 +40,12 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
     run = RunConfig(model=model_name, phases=1, target_sparsity=SPARSITY, ood=False)
     fed = FederationConfig(pretrain_rounds=0, min_train_clients=1)
     with tempfile.TemporaryDirectory() as out_dir:
-        strategy = SparseSoupStrategy(run, fed, build_model(model_name, 10, (3, 32, 32)), server_data=None,
-                                      out_dir=out_dir, log=lambda _: None)
+        strategy = SparseSoupStrategy(
+            run, fed, build_model(model_name, 10, (3, 32, 32)), server_data=None, out_dir=out_dir, log=lambda _: None
+        )
         strategy.begin_round(1)  # prunes the soup to 90 % under a fresh mask
         soup_bytes = sum(t.numel() * t.element_size() for t in strategy.soup.values())
-        update = codec.encode(strategy.soup, strategy.mask, phase=1, round=1, kind="update",
-                              num_examples=100)
+        update = codec.encode(strategy.soup, strategy.mask, phase=1, round=1, kind="update", num_examples=100)
         copying = [0.0]
 
         def replies():
@@ -77,11 +77,23 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
     agg, copy = median(times["aggregate"]), median(times["memcpy"])
     nnz = sum(int(k.sum()) for k in strategy.mask.values())
     return {
-        "model": model_name, "clients": m, "torch_threads": threads, "sparsity": SPARSITY, "nnz": nnz, "payload_bytes": len(update),
-        "soup_bytes": soup_bytes, "aggregate_s": agg, "per_reply_ms": 1000 * agg / m, "memcpy_s": copy,
-        "aggregate_MBps": m * len(update) / agg / 1e6, "memcpy_MBps": m * len(update) / copy / 1e6,
-        "throughput_vs_memcpy": copy / agg, "peak_delta_bytes": peak, "peak_over_soup": peak / soup_bytes,
-        "aggregate_runs_s": times["aggregate"], "memcpy_runs_s": times["memcpy"],
+        "model": model_name,
+        "clients": m,
+        "torch_threads": threads,
+        "sparsity": SPARSITY,
+        "nnz": nnz,
+        "payload_bytes": len(update),
+        "soup_bytes": soup_bytes,
+        "aggregate_s": agg,
+        "per_reply_ms": 1000 * agg / m,
+        "memcpy_s": copy,
+        "aggregate_MBps": m * len(update) / agg / 1e6,
+        "memcpy_MBps": m * len(update) / copy / 1e6,
+        "throughput_vs_memcpy": copy / agg,
+        "peak_delta_bytes": peak,
+        "peak_over_soup": peak / soup_bytes,
+        "aggregate_runs_s": times["aggregate"],
+        "memcpy_runs_s": times["memcpy"],
     }
 
 
@@ -100,9 +112,15 @@ def measure_in_child(model_name: str, m: int, repeats: int, threads: int) -> dic
 
 
 COLUMNS = [
-    ("clients", "m", "d"), ("payload_bytes", "reply B", "d"), ("aggregate_s", "aggregate s", ".3f"),
-    ("per_reply_ms", "ms/reply", ".1f"), ("aggregate_MBps", "MB/s", ".0f"), ("memcpy_MBps", "memcpy MB/s", ".0f"),
-    ("throughput_vs_memcpy", "vs memcpy", ".2f"), ("peak_delta_bytes", "peak +B", "d"), ("peak_over_soup", "peak/soup", ".2f"),
+    ("clients", "m", "d"),
+    ("payload_bytes", "reply B", "d"),
+    ("aggregate_s", "aggregate s", ".3f"),
+    ("per_reply_ms", "ms/reply", ".1f"),
+    ("aggregate_MBps", "MB/s", ".0f"),
+    ("memcpy_MBps", "memcpy MB/s", ".0f"),
+    ("throughput_vs_memcpy", "vs memcpy", ".2f"),
+    ("peak_delta_bytes", "peak +B", "d"),
+    ("peak_over_soup", "peak/soup", ".2f"),
 ]
 
 
@@ -116,10 +134,15 @@ def main() -> None:
     args = p.parse_args()
     model, clients = ("cnn", [2, 4]) if args.tiny else (args.model, args.clients)
     rows = [measure_in_child(model, m, args.repeats, args.threads) for m in clients]
-    report(args.out, rows, COLUMNS, model=model,
-           target="peak memory independent of m and <= 3x the soup; throughput >= 0.5x memcpy of the same bytes",
-           memory="peak RSS (VmHWM after clear_refs) of the child process minus its RSS before aggregating",
-           holds="one encoded update; each reply is a fresh copy of it made just before decoding (copy time excluded)")
+    report(
+        args.out,
+        rows,
+        COLUMNS,
+        model=model,
+        target="peak memory independent of m and <= 3x the soup; throughput >= 0.5x memcpy of the same bytes",
+        memory="peak RSS (VmHWM after clear_refs) of the child process minus its RSS before aggregating",
+        holds="one encoded update; each reply is a fresh copy of it made just before decoding (copy time excluded)",
+    )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 # The benchmarks import fedsms_server / fedsms_client; Flower must not phone home from a benchmark.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -22,15 +22,18 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 def parser(doc: str, out: str, repeats: int) -> argparse.ArgumentParser:
     """The options every benchmark takes: ``--out``, ``--repeats`` and ``--tiny`` (the smoke-test size)."""
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc)
+    p = argparse.ArgumentParser(
+        description=doc.strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc
+    )
     p.add_argument("--out", default=out, help=f"results JSON (default {out})")
     p.add_argument("--repeats", type=int, default=repeats, help=f"timed repetitions per variant (default {repeats})")
     p.add_argument("--tiny", action="store_true", help="smallest sizes, for the smoke test (figures mean nothing)")
     return p
 
 
-def interleaved(variants: Mapping[str, Callable[[], float | None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    variants: Mapping[str, Callable[[], float | None]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds of each variant, ``repeats`` times, the variants alternating (and their order
     reversed every other repetition) so that load from other users of the machine hits all
     of them alike. A variant may return its own measured seconds instead of None (e.g. to
@@ -88,7 +91,7 @@ def machine() -> dict:
     import torch
 
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": platform.processor() or platform.machine(),
         "cpu_cores": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -114,8 +117,10 @@ def report(out: str, rows: Sequence[Mapping], columns: Sequence[tuple[str, str, 
     """Print the table (and the load it ran under), write ``{"machine", "rows", **extra}`` to ``out``."""
     result = {"machine": machine(), "rows": list(rows), **extra}
     print(table(rows, columns))
-    print(f"\nload average {result['machine']['load_average']} on {result['machine']['cpu_cores']} cores; "
-          f"written to {out}")
+    print(
+        f"\nload average {result['machine']['load_average']} on {result['machine']['cpu_cores']} cores; "
+        f"written to {out}"
+    )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -148,5 +153,9 @@ def simulate_in_process(config: Mapping, num_clients: int) -> None:
     from fedsms_client.app import make_client_app
     from fedsms_server.app import make_server_app
 
-    run_simulation(server_app=make_server_app(config), client_app=make_client_app(), num_supernodes=num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=make_server_app(config),
+        client_app=make_client_app(),
+        num_supernodes=num_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )

@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import metric_cells, seed_summary
 
 from fedsms import FedSMSError
 from fedsms.config import RunConfig
 from fedsms.local import run_local
-
-from common import metric_cells, seed_summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retrain-epochs", type=int, default=2, help="E: epochs per client and phase")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--recipe", default="weight_decay=1e-4,5e-4;label_smoothing=0,0.1",
-                        help="candidates of the hyperparameter soup (and of local SMS)")
+    parser.add_argument(
+        "--recipe",
+        default="weight_decay=1e-4,5e-4;label_smoothing=0,0.1",
+        help="candidates of the hyperparameter soup (and of local SMS)",
+    )
     parser.add_argument("--dirichlet-alpha", type=float, default=0.3)
     parser.add_argument("--settings", default="hparam,iid,dirichlet", help="comma list of hparam, iid, dirichlet")
     parser.add_argument("--ood-examples", type=int, default=500)
@@ -84,12 +86,24 @@ def jobs(args: argparse.Namespace) -> dict[str, dict]:
 
 def simulate(args: argparse.Namespace, seed: int, dense: str, options: dict, out_dir: Path, log) -> list[dict]:
     flags = {
-        "dataset": args.dataset, "data-dir": args.data_dir, "model": args.model, "seed": seed,
-        "target-sparsity": args.target_sparsity, "phases": args.phases, "lr": args.lr,
-        "batch-size": args.batch_size, "dirichlet-alpha": args.dirichlet_alpha, "ood-examples": args.ood_examples,
-        "init-checkpoint": dense, "pretrain-rounds": 0, "min-train-clients": args.num_clients,
-        "min-available-clients": args.num_clients, "fraction-evaluate": 0.0, "device": "cpu",
-        "out-dir": str(out_dir), **options,
+        "dataset": args.dataset,
+        "data-dir": args.data_dir,
+        "model": args.model,
+        "seed": seed,
+        "target-sparsity": args.target_sparsity,
+        "phases": args.phases,
+        "lr": args.lr,
+        "batch-size": args.batch_size,
+        "dirichlet-alpha": args.dirichlet_alpha,
+        "ood-examples": args.ood_examples,
+        "init-checkpoint": dense,
+        "pretrain-rounds": 0,
+        "min-train-clients": args.num_clients,
+        "min-available-clients": args.num_clients,
+        "fraction-evaluate": 0.0,
+        "device": "cpu",
+        "out-dir": str(out_dir),
+        **options,
     }
     command = [str(Path(sys.executable).with_name("fedsms")), "simulate", "--num-clients", str(args.num_clients)]
     for key, value in flags.items():
@@ -97,8 +111,10 @@ def simulate(args: argparse.Namespace, seed: int, dense: str, options: dict, out
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise FedSMSError(f"fedsms simulate failed for {out_dir} ({result.stderr.strip().splitlines()[-1:]}); "
-                          f"rerun its command to see why: {' '.join(command)}")
+        raise FedSMSError(
+            f"fedsms simulate failed for {out_dir} ({result.stderr.strip().splitlines()[-1:]}); "
+            f"rerun its command to see why: {' '.join(command)}"
+        )
     summary = json.loads((out_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines() if line.strip()]
     log(f"  {out_dir.name}: final test acc {rows[-1]['accuracy']:.4f}")
@@ -116,11 +132,23 @@ def run(args: argparse.Namespace, log=print) -> dict:
     for seed in [int(s) for s in args.seeds.split(",")]:
         local_dir = out / f"seed{seed}" / "local"
         local = RunConfig(
-            dataset=args.dataset, data_dir=args.data_dir, model=args.model, seed=seed,
-            target_sparsity=args.target_sparsity, phases=args.phases, candidates=args.num_clients,
-            pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.lr, retrain_epochs=args.retrain_epochs,
-            lr=args.lr, batch_size=args.batch_size, recipe=args.recipe, methods="imp,sms",
-            ood_examples=args.ood_examples, device="cpu", out_dir=str(local_dir),
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            model=args.model,
+            seed=seed,
+            target_sparsity=args.target_sparsity,
+            phases=args.phases,
+            candidates=args.num_clients,
+            pretrain_epochs=args.pretrain_epochs,
+            pretrain_lr=args.lr,
+            retrain_epochs=args.retrain_epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            recipe=args.recipe,
+            methods="imp,sms",
+            ood_examples=args.ood_examples,
+            device="cpu",
+            out_dir=str(local_dir),
         )
         log(f"== seed {seed}: dense, local IMP and SMS ==")
         rows += [{**r, "method": f"local-{r['method']}"} for r in run_local(local, log=lambda _: None)]
@@ -157,8 +185,10 @@ def format_table(table: list[dict]) -> str:
     for r in table:
         cells = metric_cells(r)
         megabytes = f"{r['megabytes']:7.2f}" if "megabytes" in r else f"{'-':>7}"
-        lines.append(f"{r['method']:>{width}}  {100 * r['sparsity']:7.2f}%  {cells[0]:>14}  {cells[1]:>14}  "
-                     f"{cells[2]:>13}  {megabytes}  {r['seeds']}")
+        lines.append(
+            f"{r['method']:>{width}}  {100 * r['sparsity']:7.2f}%  {cells[0]:>14}  {cells[1]:>14}  "
+            f"{cells[2]:>13}  {megabytes}  {r['seeds']}"
+        )
     return "\n".join(lines)
 
 
@@ -170,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"federated: error: {error}", file=sys.stderr)
         return 2
     print()
-    print(f"{args.dataset} / {args.model}, {args.num_clients} clients, P={args.phases} to {args.target_sparsity:.0%}, "
-          f"E={args.retrain_epochs} epochs per client and phase, seeds {args.seeds}, {result['seconds']:.0f} s")
+    print(
+        f"{args.dataset} / {args.model}, {args.num_clients} clients, P={args.phases} to {args.target_sparsity:.0%}, "
+        f"E={args.retrain_epochs} epochs per client and phase, seeds {args.seeds}, {result['seconds']:.0f} s"
+    )
     print(format_table(result["table"]))
     print(f"\nresults: {Path(args.out) / 'federated.json'}")
     return 0

@@ -29,7 +29,7 @@ from __future__ import annotations
 import multiprocessing
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from common import interleaved, median, parser, report, simulate_in_process
 
@@ -37,18 +37,36 @@ ROUNDS = 7  # fedsms: 1 dense round + 3 phases x 2 rounds
 
 
 def fedsms_config(out_dir: str, clients: int, epochs: int, **extra) -> dict:
-    return {"model": "cnn", "dataset": "digits", "phases": 3, "pretrain-rounds": 1, "rounds-per-phase": 2,
-            "target-sparsity": 0.9, "pretrain-epochs": epochs, "retrain-epochs": epochs, "lr": 0.05, "pretrain-lr": 0.05,
-            "batch-size": 64, "ood": False, "fraction-evaluate": 0.0, "min-train-clients": clients,
-            "min-available-clients": clients, "device": "cpu", "out-dir": out_dir, **extra}
+    return {
+        "model": "cnn",
+        "dataset": "digits",
+        "phases": 3,
+        "pretrain-rounds": 1,
+        "rounds-per-phase": 2,
+        "target-sparsity": 0.9,
+        "pretrain-epochs": epochs,
+        "retrain-epochs": epochs,
+        "lr": 0.05,
+        "pretrain-lr": 0.05,
+        "batch-size": 64,
+        "ood": False,
+        "fraction-evaluate": 0.0,
+        "min-train-clients": clients,
+        "min-available-clients": clients,
+        "device": "cpu",
+        "out-dir": out_dir,
+        **extra,
+    }
 
 
 def stamped(method: Callable, stamps: list[float]) -> Callable:
     """``method`` that also notes the time each call returns."""
+
     def wrapper(*args, **kwargs):
         result = method(*args, **kwargs)
         stamps.append(time.perf_counter())
         return result
+
     return wrapper
 
 
@@ -58,8 +76,13 @@ def round_seconds(stamps: list[float]) -> list[float]:
 
 # What fedsms's server does in a round: SparseSoupStrategy's hooks, timed per server round.
 # end_round includes save_checkpoint, which is also shown on its own.
-HOOKS = {"configure_train": "encode_s", "aggregate_train": "aggregate_s", "finish_phase": "recalibrate_s",
-         "end_round": "evaluate_s", "save_checkpoint": "checkpoint_s"}
+HOOKS = {
+    "configure_train": "encode_s",
+    "aggregate_train": "aggregate_s",
+    "finish_phase": "recalibrate_s",
+    "end_round": "evaluate_s",
+    "save_checkpoint": "checkpoint_s",
+}
 SERVER_PARTS = ("encode_s", "aggregate_s", "recalibrate_s", "evaluate_s")  # disjoint: they sum to the server's time
 
 
@@ -71,6 +94,7 @@ def timed(method: Callable, totals: dict, key: str) -> Callable:
         finally:
             per_round = totals.setdefault(server_round, {})
             per_round[key] = per_round.get(key, 0.0) + time.perf_counter() - start
+
     return wrapper
 
 
@@ -121,9 +145,15 @@ def run_fedavg(clients: int, epochs: int) -> dict:
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
         config = CandidateConfig(epochs=epochs, batch_size=64, lr=0.05, seed=context.node_id % 1000)
         result = train_candidate(model, {}, splits.train, config, augmentation=splits.augmentation)
-        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                                   "metrics": MetricRecord({"train_loss": result["train_loss"],
-                                                            "num-examples": len(splits.train)})}), reply_to=message)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord(model.state_dict()),
+                    "metrics": MetricRecord({"train_loss": result["train_loss"], "num-examples": len(splits.train)}),
+                }
+            ),
+            reply_to=message,
+        )
 
     stamps: list[float] = []
     server_model = build_for("cnn", splits)
@@ -135,12 +165,22 @@ def run_fedavg(clients: int, epochs: int) -> dict:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(0)
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(build_for("cnn", splits).state_dict()), num_rounds=ROUNDS,
-                       evaluate_fn=stamped(evaluate_fn, stamps))
+        strategy = FedAvg(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(build_for("cnn", splits).state_dict()),
+            num_rounds=ROUNDS,
+            evaluate_fn=stamped(evaluate_fn, stamps),
+        )
 
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=clients,
+        backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}},
+    )
     return {"round_s": round_seconds(stamps)}
 
 
@@ -175,10 +215,15 @@ def main() -> None:
             runs[name].append(result["round_s"])
             servers.extend([result["server"]] if "server" in result else [])
             return median(result["round_s"][1:])
+
         return run
 
-    interleaved({"fedsms": variant("fedsms", run_fedsms), "fedavg": variant("fedavg", run_fedavg)},
-                1 if args.tiny else args.repeats, warmup=0)
+    interleaved(
+        {"fedsms": variant("fedsms", run_fedsms), "fedavg": variant("fedavg", run_fedavg)},
+        1 if args.tiny else args.repeats,
+        warmup=0,
+    )
+
     def steady(name: str) -> float:
         return median([s for rounds in runs[name] for s in rounds[1:]])
 
@@ -188,18 +233,40 @@ def main() -> None:
     # fedsms's server work per round (rounds 2-7), the part of its round FedAvg's server does not do
     server = {key: median([split[key] for run in servers for split in run[1:]]) for key in HOOKS.values()}
 
-    rows = [{"clients": args.clients, "epochs": args.epochs, "rounds": ROUNDS, "fedsms_round_s": steady("fedsms"),
-             "fedavg_round_s": steady("fedavg"), "ratio": steady("fedsms") / steady("fedavg"),
-             "fedsms_first_round_s": first("fedsms"), "fedavg_first_round_s": first("fedavg"),
-             **{f"fedsms_server_{key}": value for key, value in server.items()},
-             "fedsms_runs": runs["fedsms"], "fedavg_runs": runs["fedavg"]}]
-    report(args.out, rows, [("clients", "clients", "d"), ("epochs", "epochs", "d"), ("fedavg_round_s", "FedAvg s/round", ".3f"),
-                            ("fedsms_round_s", "fedsms s/round", ".3f"), ("ratio", "fedsms/FedAvg", ".3f"),
-                            ("fedavg_first_round_s", "FedAvg round 1 s", ".1f"), ("fedsms_first_round_s", "fedsms round 1 s", ".1f"),
-                            ("fedsms_server_encode_s", "encode", ".3f"), ("fedsms_server_aggregate_s", "aggregate", ".3f"),
-                            ("fedsms_server_recalibrate_s", "recalibrate", ".3f"), ("fedsms_server_evaluate_s", "evaluate", ".3f"),
-                            ("fedsms_server_checkpoint_s", "of which checkpoint", ".3f")],
-           target="fedsms round time <= 1.15x FedAvg's")
+    rows = [
+        {
+            "clients": args.clients,
+            "epochs": args.epochs,
+            "rounds": ROUNDS,
+            "fedsms_round_s": steady("fedsms"),
+            "fedavg_round_s": steady("fedavg"),
+            "ratio": steady("fedsms") / steady("fedavg"),
+            "fedsms_first_round_s": first("fedsms"),
+            "fedavg_first_round_s": first("fedavg"),
+            **{f"fedsms_server_{key}": value for key, value in server.items()},
+            "fedsms_runs": runs["fedsms"],
+            "fedavg_runs": runs["fedavg"],
+        }
+    ]
+    report(
+        args.out,
+        rows,
+        [
+            ("clients", "clients", "d"),
+            ("epochs", "epochs", "d"),
+            ("fedavg_round_s", "FedAvg s/round", ".3f"),
+            ("fedsms_round_s", "fedsms s/round", ".3f"),
+            ("ratio", "fedsms/FedAvg", ".3f"),
+            ("fedavg_first_round_s", "FedAvg round 1 s", ".1f"),
+            ("fedsms_first_round_s", "fedsms round 1 s", ".1f"),
+            ("fedsms_server_encode_s", "encode", ".3f"),
+            ("fedsms_server_aggregate_s", "aggregate", ".3f"),
+            ("fedsms_server_recalibrate_s", "recalibrate", ".3f"),
+            ("fedsms_server_evaluate_s", "evaluate", ".3f"),
+            ("fedsms_server_checkpoint_s", "of which checkpoint", ".3f"),
+        ],
+        target="fedsms round time <= 1.15x FedAvg's",
+    )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ from fedsms import codec
 from fedsms.checkpoint import load_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.data.partition import partition
-from fedsms.schedule import gmp_steps, num_updates
 from fedsms.local import LocalRun
 from fedsms.models import build_for
 from fedsms.report import mean_std
+from fedsms.schedule import gmp_steps, num_updates
 from fedsms.training import train_candidate
 from fedsms_server.strategy import SparseSoupStrategy, Update
 
@@ -54,8 +54,9 @@ def masked_fedavg(run: LocalRun, clients: int, out_dir: Path) -> dict:
     fed = FederationConfig(mode="data", pruning_schedule="gmp", pretrain_rounds=0, min_train_clients=clients)
     model = build_for(config.model, run.splits)
     model.load_state_dict(load_checkpoint(out_dir / "checkpoints" / f"seed{config.seed}-dense").state)
-    strategy = SparseSoupStrategy(fed_run, fed, model, server_data=run.splits, out_dir=out_dir / "fedavg",
-                                  log=lambda _: None)
+    strategy = SparseSoupStrategy(
+        fed_run, fed, model, server_data=run.splits, out_dir=out_dir / "fedavg", log=lambda _: None
+    )
     shards = [run.splits.train.subset(i) for i in partition(run.splits.train.labels, "iid", clients, seed=config.seed)]
     client_model = build_for(config.model, run.splits)
     for server_round in range(1, strategy.num_rounds + 1):
@@ -64,12 +65,31 @@ def masked_fedavg(run: LocalRun, clients: int, out_dir: Path) -> dict:
         replies = []
         for i, shard in enumerate(shards):
             template = client_model.state_dict()
-            soup = codec.decode(payload, expected_mask=None, expected_digest=None, template=template, expected_kind="soup")
+            soup = codec.decode(
+                payload, expected_mask=None, expected_digest=None, template=template, expected_kind="soup"
+            )
             client_model.load_state_dict(soup.to_state_dict(template))
-            train_candidate(client_model, soup.mask, shard, strategy.candidate_for(i, phase, server_round),
-                            augmentation=run.splits.augmentation)
-            replies.append(Update(i, codec.encode(client_model.state_dict(), soup.mask, phase=phase, round=server_round,
-                                                  kind="update", num_examples=len(shard)), {}))
+            train_candidate(
+                client_model,
+                soup.mask,
+                shard,
+                strategy.candidate_for(i, phase, server_round),
+                augmentation=run.splits.augmentation,
+            )
+            replies.append(
+                Update(
+                    i,
+                    codec.encode(
+                        client_model.state_dict(),
+                        soup.mask,
+                        phase=phase,
+                        round=server_round,
+                        kind="update",
+                        num_examples=len(shard),
+                    ),
+                    {},
+                )
+            )
         strategy.aggregate_updates(server_round, replies)
         strategy.finish_phase(server_round)  # recalibration on the server's data
         strategy.end_round(server_round)
@@ -95,22 +115,34 @@ def table(results: list[dict], sparsities: list[float], methods: list[str]) -> s
     header = f"{'method':>11}  " + "  ".join(f"{f'{s:.0%} sparse':>15}" for s in sparsities)
     lines = [header, "-" * len(header)]
     for method in methods:
-        lines.append(f"{method:>11}  " + "  ".join(
-            f"{f'{cell[(method, s)][0]:6.2f} ± {cell[(method, s)][1]:4.2f}':>15}" if (method, s) in cell else f"{'':>15}"
-            for s in sparsities))
+        lines.append(
+            f"{method:>11}  "
+            + "  ".join(
+                f"{f'{cell[(method, s)][0]:6.2f} ± {cell[(method, s)][1]:4.2f}':>15}"
+                if (method, s) in cell
+                else f"{'':>15}"
+                for s in sparsities
+            )
+        )
     for soup, single in (("sms", "imp"), ("gmp-soup", "gmp")):
-        gains = [cell[(soup, s)][0] - cell[(single, s)][0] if (soup, s) in cell and (single, s) in cell else None
-                 for s in sparsities]
+        gains = [
+            cell[(soup, s)][0] - cell[(single, s)][0] if (soup, s) in cell and (single, s) in cell else None
+            for s in sparsities
+        ]
         lines.append(f"{soup + ' gain':>11}  " + "  ".join(f"{'' if g is None else f'{g:+.2f}':>15}" for g in gains))
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits", help="any data set fedsms loads (e.g. mnist1d once it has a loader)")
+    parser.add_argument(
+        "--dataset", default="digits", help="any data set fedsms loads (e.g. mnist1d once it has a loader)"
+    )
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--model", default="mlp")
-    parser.add_argument("--sparsities", default="0.9,0.95,0.98", help="digits is easy: methods separate only when very sparse")
+    parser.add_argument(
+        "--sparsities", default="0.9,0.95,0.98", help="digits is easy: methods separate only when very sparse"
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--phases", type=int, default=3, help="IMP/SMS phases P")
     parser.add_argument("--retrain-epochs", type=int, default=4, help="epochs per phase: the budget is P × this")
@@ -119,16 +151,19 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=4, help="m: candidates per soup")
     parser.add_argument("--clients", type=int, default=4, help="masked FedAvg clients (0: skip masked FedAvg)")
     parser.add_argument("--ood", action="store_true", help="also evaluate under corruptions (slower)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 is far faster for small models on a shared machine")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads; 1 is far faster for small models on a shared machine"
+    )
     parser.add_argument("--out", default="results/gmp_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.clients and (args.phases * args.retrain_epochs) % args.gmp_updates:
-        parser.error("masked FedAvg trains whole epochs per round: make --gmp-updates divide "
-                     "--phases × --retrain-epochs, or pass --clients 0")
+        parser.error(
+            "masked FedAvg trains whole epochs per round: make --gmp-updates divide "
+            "--phases × --retrain-epochs, or pass --clients 0"
+        )
     methods = [*LOCAL_METHODS, *([FEDAVG] if args.clients else [])]
     results, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
@@ -136,10 +171,19 @@ def main() -> None:
             for seed in seeds:
                 out_dir = Path(scratch) / f"s{sparsity}-seed{seed}"
                 config = RunConfig(
-                    dataset=args.dataset, data_dir=args.data_dir, model=args.model, target_sparsity=sparsity,
-                    phases=args.phases, retrain_epochs=args.retrain_epochs, gmp_updates=args.gmp_updates,
-                    pretrain_epochs=args.pretrain_epochs, candidates=args.candidates, methods=",".join(LOCAL_METHODS),
-                    ood=args.ood, seed=seed, out_dir=str(out_dir),
+                    dataset=args.dataset,
+                    data_dir=args.data_dir,
+                    model=args.model,
+                    target_sparsity=sparsity,
+                    phases=args.phases,
+                    retrain_epochs=args.retrain_epochs,
+                    gmp_updates=args.gmp_updates,
+                    pretrain_epochs=args.pretrain_epochs,
+                    candidates=args.candidates,
+                    methods=",".join(LOCAL_METHODS),
+                    ood=args.ood,
+                    seed=seed,
+                    out_dir=str(out_dir),
                 )
                 run = LocalRun(config, log=lambda _: None)
                 try:
@@ -150,12 +194,17 @@ def main() -> None:
                     run.close()
                 for row in rows:
                     results.append({**row, "target_sparsity": sparsity, "seed": seed})
-                print(f"sparsity {sparsity:.0%} seed {seed}: " + ", ".join(
-                    f"{r['method']} {100 * r['accuracy']:.2f}" for r in rows) + f" ({time.perf_counter() - started:.0f}s)",
-                    flush=True)
-    print(f"\ntest accuracy (%), mean ± std over {len(seeds)} seeds; {args.dataset}/{args.model}, budget "
-          f"{args.phases}×{args.retrain_epochs} epochs after {args.pretrain_epochs} dense, m={args.candidates}, "
-          f"{args.gmp_updates} GMP updates, {args.clients} FedAvg clients")
+                print(
+                    f"sparsity {sparsity:.0%} seed {seed}: "
+                    + ", ".join(f"{r['method']} {100 * r['accuracy']:.2f}" for r in rows)
+                    + f" ({time.perf_counter() - started:.0f}s)",
+                    flush=True,
+                )
+    print(
+        f"\ntest accuracy (%), mean ± std over {len(seeds)} seeds; {args.dataset}/{args.model}, budget "
+        f"{args.phases}×{args.retrain_epochs} epochs after {args.pretrain_epochs} dense, m={args.candidates}, "
+        f"{args.gmp_updates} GMP updates, {args.clients} FedAvg clients"
+    )
     printed = table(results, sparsities, methods)
     print(printed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

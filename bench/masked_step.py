@@ -14,8 +14,8 @@ included, divided over its steps).
 from __future__ import annotations
 
 import torch
-
 from common import interleaved, median, parser, report
+
 from fedsms.data.arrays import ArrayData
 from fedsms.masks import compute_mask, dense_mask, prunable_names
 from fedsms.models import build_model
@@ -41,17 +41,33 @@ def measure(model_name: str, batch_size: int, steps: int, repeats: int) -> dict:
             result = train_candidate(models[variant], variant_mask, data, config)
             assert result["steps"] == steps
             return result["seconds"] / steps
+
         return run
 
     times = interleaved({"masked": step("masked", mask), "dense": step("dense", {})}, repeats)
     masked, dense = median(times["masked"]), median(times["dense"])
-    return {"model": model_name, "batch_size": batch_size, "sparsity": SPARSITY, "steps_per_run": steps,
-            "threads": torch.get_num_threads(), "masked_step_s": masked, "dense_step_s": dense,
-            "overhead": masked / dense - 1.0, "masked_runs_s": times["masked"], "dense_runs_s": times["dense"]}
+    return {
+        "model": model_name,
+        "batch_size": batch_size,
+        "sparsity": SPARSITY,
+        "steps_per_run": steps,
+        "threads": torch.get_num_threads(),
+        "masked_step_s": masked,
+        "dense_step_s": dense,
+        "overhead": masked / dense - 1.0,
+        "masked_runs_s": times["masked"],
+        "dense_runs_s": times["dense"],
+    }
 
 
-COLUMNS = [("model", "model", ">"), ("batch_size", "batch", "d"), ("threads", "threads", "d"),
-           ("dense_step_s", "no mask s/step", ".4f"), ("masked_step_s", "masked s/step", ".4f"), ("overhead", "overhead", "+.2%")]
+COLUMNS = [
+    ("model", "model", ">"),
+    ("batch_size", "batch", "d"),
+    ("threads", "threads", "d"),
+    ("dense_step_s", "no mask s/step", ".4f"),
+    ("masked_step_s", "masked s/step", ".4f"),
+    ("overhead", "overhead", "+.2%"),
+]
 
 
 def main() -> None:
@@ -59,8 +75,12 @@ def main() -> None:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="steps per timed call")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared, oversubscribed CPU a 2-thread team mostly waits for itself)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared, oversubscribed CPU a 2-thread team mostly waits for itself)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     batch, steps = (8, 1) if args.tiny else (args.batch_size, args.steps)

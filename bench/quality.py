@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import metric_cells, seed_summary
 
 from fedsms import FedSMSError
 from fedsms.config import RunConfig
 from fedsms.local import run_local
 from fedsms.plots import plot_results
 from fedsms.report import methods_in
-
-from common import metric_cells, seed_summary
 
 METHODS = "imp,imp-best,imp-avg,sms,sms-greedy"
 
@@ -49,15 +48,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     # Seeds alone barely move an MLP's candidates apart (soup = IMP); IMP and IMP-AVG's
     # single-candidate phases use the recipe's first point (lr 0.1, weight decay 1e-4).
-    parser.add_argument("--recipe", default="lr=0.1,0.05;weight_decay=1e-4,1e-3",
-                        help="how the m candidates differ (seeds always differ)")
+    parser.add_argument(
+        "--recipe",
+        default="lr=0.1,0.05;weight_decay=1e-4,1e-3",
+        help="how the m candidates differ (seeds always differ)",
+    )
     parser.add_argument("--ood-examples", type=int, default=1000)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest for small models on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small models on a shared machine)"
+    )
     parser.add_argument("--out", default="results/quality")
-    parser.add_argument("--merge", nargs="+", metavar="RUN_OUT",
-                        help="train nothing: tabulate the rows of these finished (or partial) runs together")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RUN_OUT",
+        help="train nothing: tabulate the rows of these finished (or partial) runs together",
+    )
     return parser.parse_args(argv)
 
 
@@ -69,10 +76,21 @@ def run(args: argparse.Namespace, log=print) -> dict:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     base = RunConfig(
-        dataset=args.dataset, data_dir=args.data_dir, model=args.model, phases=args.phases,
-        candidates=args.candidates, pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
-        retrain_epochs=args.retrain_epochs, lr=args.lr, batch_size=args.batch_size, recipe=args.recipe,
-        methods=METHODS, merge="uniform", ood_examples=args.ood_examples, device=args.device,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        model=args.model,
+        phases=args.phases,
+        candidates=args.candidates,
+        pretrain_epochs=args.pretrain_epochs,
+        pretrain_lr=args.pretrain_lr,
+        retrain_epochs=args.retrain_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        recipe=args.recipe,
+        methods=METHODS,
+        merge="uniform",
+        ood_examples=args.ood_examples,
+        device=args.device,
     )
     started = time.perf_counter()
     rows = []
@@ -88,8 +106,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
             dense = str(run_dir / "checkpoints" / f"seed{seed}-dense")
         # Written after every seed, so a long run that is stopped keeps the seeds it finished.
         table = final_rows(rows)
-        result = {"config": {**vars(args), "methods": METHODS}, "seconds": round(time.perf_counter() - started, 1),
-                  "torch": torch.__version__, "table": table, "checks": checks(table), "rows": rows}
+        result = {
+            "config": {**vars(args), "methods": METHODS},
+            "seconds": round(time.perf_counter() - started, 1),
+            "torch": torch.__version__,
+            "table": table,
+            "checks": checks(table),
+            "rows": rows,
+        }
         (out / "partial.json").write_text(json.dumps(result, indent=2))
     (out / "partial.json").rename(out / "quality.json")
     result["plots"] = [str(p) for p in plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")]
@@ -107,7 +131,9 @@ def merge(args: argparse.Namespace) -> dict:
         if not found:
             raise FedSMSError(f"{folder} holds no quality.json or partial.json; pass the --out folder of a quality run")
         results.append(json.loads(found[0].read_text()))
-    settings = [{k: v for k, v in r["config"].items() if k not in ("seeds", "out", "merge", "data_dir")} for r in results]
+    settings = [
+        {k: v for k, v in r["config"].items() if k not in ("seeds", "out", "merge", "data_dir")} for r in results
+    ]
     if any(s != settings[0] for s in settings):
         raise FedSMSError("the runs to merge differ in settings other than seeds; merge only runs of one command")
     rows = [row for r in results for row in r["rows"]]
@@ -115,9 +141,14 @@ def merge(args: argparse.Namespace) -> dict:
     if len(rows) != len({(r["seed"], r["target_sparsity"], r["method"], r["phase"]) for r in rows}):
         raise FedSMSError("the runs to merge share seeds; merge runs over disjoint seeds")
     table = final_rows(rows)
-    result = {"config": {**results[0]["config"], "seeds": ",".join(map(str, seeds)), "merged_from": args.merge},
-              "seconds": sum(r["seconds"] for r in results), "torch": torch.__version__, "table": table,
-              "checks": checks(table), "rows": rows}
+    result = {
+        "config": {**results[0]["config"], "seeds": ",".join(map(str, seeds)), "merged_from": args.merge},
+        "seconds": sum(r["seconds"] for r in results),
+        "torch": torch.__version__,
+        "table": table,
+        "checks": checks(table),
+        "rows": rows,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=2))
     sparsities = sorted({r["target_sparsity"] for r in rows})
@@ -142,8 +173,11 @@ def checks(table: list[dict]) -> dict:
     acc = {(r["target_sparsity"], r["method"]): r["accuracy"] for r in table}
     out = {}
     for target in sorted({r["target_sparsity"] for r in table}):
-        gaps = {f"{sms}-minus-{imp}": round(100 * (acc[(target, sms)] - acc[(target, imp)]), 3)
-                for sms in ("sms", "sms-greedy") for imp in ("imp", "imp-best")}
+        gaps = {
+            f"{sms}-minus-{imp}": round(100 * (acc[(target, sms)] - acc[(target, imp)]), 3)
+            for sms in ("sms", "sms-greedy")
+            for imp in ("imp", "imp-best")
+        }
         out[f"{target:g}"] = {**gaps, "target_met": all(v >= 0 for v in gaps.values())}
     return out
 
@@ -152,8 +186,11 @@ def plot_rows(rows: list[dict], sparsities: list[float]) -> list[dict]:
     """Final-phase rows keyed by target-sparsity index, so the plots draw one point per target."""
     last = max(r["phase"] for r in rows)
     picked = [r for r in rows if r["method"] == "dense" and r["target_sparsity"] == sparsities[0]]
-    picked += [{**r, "phase": sparsities.index(r["target_sparsity"]) + 1}
-               for r in rows if r["method"] != "dense" and r["phase"] == last]
+    picked += [
+        {**r, "phase": sparsities.index(r["target_sparsity"]) + 1}
+        for r in rows
+        if r["method"] != "dense" and r["phase"] == last
+    ]
     return picked
 
 
@@ -163,8 +200,10 @@ def format_table(table: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for r in table:
         cells = metric_cells(r)
-        lines.append(f"{r['target_sparsity']:>6.0%}  {r['method']:>{width}}  {100 * r['sparsity']:7.2f}%  "
-                     f"{cells[0]:>14}  {cells[1]:>14}  {cells[2]:>13}  {r['seeds']}")
+        lines.append(
+            f"{r['target_sparsity']:>6.0%}  {r['method']:>{width}}  {100 * r['sparsity']:7.2f}%  "
+            f"{cells[0]:>14}  {cells[1]:>14}  {cells[2]:>13}  {r['seeds']}"
+        )
     return "\n".join(lines)
 
 
@@ -172,7 +211,9 @@ def format_checks(result_checks: dict) -> str:
     lines = ["SMS minus baseline, test accuracy (points):"]
     for target, gaps in result_checks.items():
         text = ", ".join(f"{k} {v:+.2f}" for k, v in gaps.items() if k != "target_met")
-        lines.append(f"  {float(target):.0%}: {text}  -> {'SMS >= IMP and IMP best-of-m' if gaps['target_met'] else 'target missed'}")
+        lines.append(
+            f"  {float(target):.0%}: {text}  -> {'SMS >= IMP and IMP best-of-m' if gaps['target_met'] else 'target missed'}"
+        )
     return "\n".join(lines)
 
 
@@ -185,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     config = result["config"]
-    print(f"{config['dataset']} / {config['model']}, P={config['phases']}, m={config['candidates']}, "
-          f"{config['retrain_epochs']} retraining epochs per candidate and phase, seeds {config['seeds']}, "
-          f"{result['seconds']:.0f} s of training")
+    print(
+        f"{config['dataset']} / {config['model']}, P={config['phases']}, m={config['candidates']}, "
+        f"{config['retrain_epochs']} retraining epochs per candidate and phase, seeds {config['seeds']}, "
+        f"{result['seconds']:.0f} s of training"
+    )
     print(format_table(result["table"]))
     print()
     print(format_checks(result["checks"]))

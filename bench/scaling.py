@@ -53,8 +53,13 @@ def run_scaled(clients: int, epochs: int) -> dict:
         split["client_train_s"] = log["train"]["train_seconds"] * log["accepted"] / PARALLEL
         split["rest_s"] = wall - sum(split[key] for key in (*SERVER_PARTS, "client_train_s"))
         splits.append({"round_s": wall, **split})
-    return {"rounds": splits, "rss_before": before, "peak_rss": peak_rss(),
-            "bytes_down": sum(log["bytes_down"] for log in logs), "bytes_up": sum(log["bytes_up"] for log in logs)}
+    return {
+        "rounds": splits,
+        "rss_before": before,
+        "peak_rss": peak_rss(),
+        "bytes_down": sum(log["bytes_down"] for log in logs),
+        "bytes_up": sum(log["bytes_up"] for log in logs),
+    }
 
 
 PARTS = ["round_s", *SERVER_PARTS, "checkpoint_s", "client_train_s", "rest_s"]
@@ -70,19 +75,34 @@ def main() -> None:
     for clients in sizes:
         runs = [in_child(run_scaled, clients, args.epochs) for _ in range(args.repeats)]
         rounds = [r for run in runs for r in run["rounds"]]
-        row = {"clients": clients, **{part: median([r[part] for r in rounds]) for part in PARTS},
-               "server_peak_rss": max(run["peak_rss"] for run in runs),
-               "server_growth": max(run["peak_rss"] - run["rss_before"] for run in runs),
-               "bytes_per_client_round": runs[0]["bytes_up"] / (len(runs[0]["rounds"]) * clients)}
+        row = {
+            "clients": clients,
+            **{part: median([r[part] for r in rounds]) for part in PARTS},
+            "server_peak_rss": max(run["peak_rss"] for run in runs),
+            "server_growth": max(run["peak_rss"] - run["rss_before"] for run in runs),
+            "bytes_per_client_round": runs[0]["bytes_up"] / (len(runs[0]["rounds"]) * clients),
+        }
         row["per_client_s"] = row["round_s"] / clients
         rows.append({**row, "runs": runs})
-    report(args.out, rows, [("clients", "clients", "d"), ("round_s", "round s", ".2f"), ("per_client_s", "s/client", ".3f"),
-                            ("encode_s", "encode", ".3f"), ("aggregate_s", "aggregate", ".3f"),
-                            ("recalibrate_s", "recalibrate", ".3f"), ("evaluate_s", "evaluate", ".3f"),
-                            ("checkpoint_s", "of which ckpt", ".3f"),
-                            ("client_train_s", "train", ".2f"), ("rest_s", "Flower+client rest", ".2f"),
-                            ("server_peak_rss", "server peak B", "d"), ("server_growth", "growth B", "d")],
-           parallel_clients=PARALLEL)
+    report(
+        args.out,
+        rows,
+        [
+            ("clients", "clients", "d"),
+            ("round_s", "round s", ".2f"),
+            ("per_client_s", "s/client", ".3f"),
+            ("encode_s", "encode", ".3f"),
+            ("aggregate_s", "aggregate", ".3f"),
+            ("recalibrate_s", "recalibrate", ".3f"),
+            ("evaluate_s", "evaluate", ".3f"),
+            ("checkpoint_s", "of which ckpt", ".3f"),
+            ("client_train_s", "train", ".2f"),
+            ("rest_s", "Flower+client rest", ".2f"),
+            ("server_peak_rss", "server peak B", "d"),
+            ("server_growth", "growth B", "d"),
+        ],
+        parallel_clients=PARALLEL,
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import parser, report
 
 from fedsms.config import FederationConfig, RunConfig
@@ -30,7 +29,10 @@ from fedsms_flower.local_grid import LocalGrid, partitions
 from fedsms_server.strategy import SparseSoupStrategy
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
-VARIANTS = {"flower (unchanged client)": ("client_app", "flower"), "compact (toolkit)": ("toolkit_client_app", "compact")}
+VARIANTS = {
+    "flower (unchanged client)": ("client_app", "flower"),
+    "compact (toolkit)": ("toolkit_client_app", "compact"),
+}
 
 
 def run(client_module: str, protocol: str, seed: int, phases: int) -> dict:
@@ -45,9 +47,13 @@ def run(client_module: str, protocol: str, seed: int, phases: int) -> dict:
         strategy.start(LocalGrid(client.app, partitions(4), run_config={"local-epochs": 2}))
         rounds = [json.loads(line) for line in (Path(out) / "rounds.jsonl").read_text().splitlines()]
     last = rounds[-1]
-    return {"accuracy": last["federated_eval"]["accuracy"], "sparsity": last["sparsity"],
-            # per client and round, in the last (sparsest) round: training down + evaluation down, and up
-            "down": last["bytes_down"] / (2 * last["clients"]), "up": last["bytes_up"] / last["accepted"]}
+    return {
+        "accuracy": last["federated_eval"]["accuracy"],
+        "sparsity": last["sparsity"],
+        # per client and round, in the last (sparsest) round: training down + evaluation down, and up
+        "down": last["bytes_down"] / (2 * last["clients"]),
+        "up": last["bytes_up"] / last["accepted"],
+    }
 
 
 def main() -> None:
@@ -60,11 +66,28 @@ def main() -> None:
     for name, (module, protocol) in VARIANTS.items():
         runs = [run(module, protocol, seed, phases=1 if args.tiny else 2) for seed in seeds]
         mean, std = mean_std([r["accuracy"] * 100 for r in runs])
-        rows.append({"layout": name, "accuracy": f"{mean:.2f} ± {std:.2f}", "sparsity": runs[0]["sparsity"],
-                     "down": runs[0]["down"], "up": runs[0]["up"], "runs": runs})
-    report(args.out, rows, [("layout", "client layout", ""), ("accuracy", "accuracy %", ""),
-                            ("sparsity", "sparsity", ".4f"), ("down", "B down/client/msg", ",.0f"),
-                            ("up", "B up/client", ",.0f")], seeds=seeds)
+        rows.append(
+            {
+                "layout": name,
+                "accuracy": f"{mean:.2f} ± {std:.2f}",
+                "sparsity": runs[0]["sparsity"],
+                "down": runs[0]["down"],
+                "up": runs[0]["up"],
+                "runs": runs,
+            }
+        )
+    report(
+        args.out,
+        rows,
+        [
+            ("layout", "client layout", ""),
+            ("accuracy", "accuracy %", ""),
+            ("sparsity", "sparsity", ".4f"),
+            ("down", "B down/client/msg", ",.0f"),
+            ("up", "B up/client", ",.0f"),
+        ],
+        seeds=seeds,
+    )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ it lives in (a user's own keys included) is left alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,7 +32,6 @@ from fedsms.models import build_for
 from fedsms.norms import norm_stats, recalibrate_norms
 from fedsms.recipe import CandidateConfig
 from fedsms.training import resolve_device, train_candidate
-
 from fedsms_client import toolkit
 from fedsms_flower.records import JOB_KEY
 
@@ -68,8 +67,10 @@ class ClientSide:
         self.status_file = str(node.get("status-file", ""))
         self.splits = data_fn(self.run, str(node.get("data-dir", self.run.data_dir)))
         if not isinstance(self.splits, DatasetSplits):
-            raise FedSMSError(f"data_fn returned {type(self.splits).__name__}; it must return a "
-                              "fedsms.data.DatasetSplits (train, heldout and test data)")
+            raise FedSMSError(
+                f"data_fn returned {type(self.splits).__name__}; it must return a "
+                "fedsms.data.DatasetSplits (train, heldout and test data)"
+            )
         self.model = model_fn(self.run, self.splits)
         if not isinstance(self.model, nn.Module):
             raise FedSMSError(f"model_fn returned {type(self.model).__name__}; it must return a torch.nn.Module")
@@ -79,7 +80,9 @@ class ClientSide:
         if self.num_partitions == 1:
             return data
         scheme = self.fed.partitioning if salt == 0 else "iid"
-        parts = partition(data.labels, scheme, self.num_partitions, seed=self.run.seed + salt, alpha=self.fed.dirichlet_alpha)
+        parts = partition(
+            data.labels, scheme, self.num_partitions, seed=self.run.seed + salt, alpha=self.fed.dirichlet_alpha
+        )
         return data.subset(parts[self.partition_id])
 
     def train_data(self) -> ArrayData:
@@ -90,11 +93,15 @@ class ClientSide:
         """Record the last message handled, so ``fedsms-client`` knows when the job is over."""
         if self.status_file:
             config = message.content["config"]
-            Path(self.status_file).write_text(json.dumps({
-                "server-round": int(config["server-round"]),
-                "last-round": bool(config.get("last-round", False)),
-                "out-dir": str(config.get("out-dir", "")),
-            }))
+            Path(self.status_file).write_text(
+                json.dumps(
+                    {
+                        "server-round": int(config["server-round"]),
+                        "last-round": bool(config.get("last-round", False)),
+                        "out-dir": str(config.get("out-dir", "")),
+                    }
+                )
+            )
 
 
 def job_settings(message: Message) -> dict:
@@ -102,8 +109,10 @@ def job_settings(message: Message) -> dict:
     try:
         return dict(message.content[JOB_KEY])
     except (KeyError, TypeError):
-        raise FedSMSError(f"the message carries no {JOB_KEY!r} record; it is not from a fedsms server of this "
-                          "version (run the same fedsms on the server and the clients)") from None
+        raise FedSMSError(
+            f"the message carries no {JOB_KEY!r} record; it is not from a fedsms server of this "
+            "version (run the same fedsms on the server and the clients)"
+        ) from None
 
 
 def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = default_data) -> ClientApp:
@@ -132,8 +141,9 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
         hp = soup.hyperparameters
         candidate = CandidateConfig.from_dict({k: hp[k] for k in CandidateConfig.__dataclass_fields__})
         data = side.train_data()
-        result = train_candidate(side.model, soup.mask, data, candidate, augmentation=side.splits.augmentation,
-                                 device=side.device)
+        result = train_candidate(
+            side.model, soup.mask, data, candidate, augmentation=side.splits.augmentation, device=side.device
+        )
         side.mark(message)
         metrics = {"train_loss": result["train_loss"], "train_seconds": result["seconds"]}
         if "train_accuracy" in result:
@@ -148,8 +158,9 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
         test = side.shard(side.splits.test, salt=1)
         metrics = evaluate(side.model, test, device=side.device)
         if bool(config.get("ood", False)):
-            ood = evaluate_ood(side.model, test.head(int(config.get("ood-examples", 1000))), device=side.device,
-                               seed=side.run.seed)
+            ood = evaluate_ood(
+                side.model, test.head(int(config.get("ood-examples", 1000))), device=side.device, seed=side.run.seed
+            )
             metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
         side.mark(message)
         return soup.reply(side.model, len(test), metrics)
@@ -158,12 +169,22 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
     def norm_statistics(message: Message, context: Context) -> Message:
         side = ClientSide(message, context, model_fn, data_fn)
         soup = toolkit.receive(message, side.model)
-        used = recalibrate_norms(side.model, side.train_data(), fraction=float(soup.hyperparameters["fraction"]),
-                                 device=side.device, seed=side.run.seed)
-        return Message(RecordDict({
-            "stats": ArrayRecord({k: v.cpu() for k, v in norm_stats(side.model).items()}),
-            "metrics": MetricRecord({"num-examples": used}),
-        }), reply_to=message)
+        used = recalibrate_norms(
+            side.model,
+            side.train_data(),
+            fraction=float(soup.hyperparameters["fraction"]),
+            device=side.device,
+            seed=side.run.seed,
+        )
+        return Message(
+            RecordDict(
+                {
+                    "stats": ArrayRecord({k: v.cpu() for k, v in norm_stats(side.model).items()}),
+                    "metrics": MetricRecord({"num-examples": used}),
+                }
+            ),
+            reply_to=message,
+        )
 
     return app
 

@@ -16,10 +16,17 @@ import time
 from pathlib import Path
 
 from fedsms import FedSMSError
-
 from fedsms.cli import run_command
 from fedsms_flower.deployment import (
-    flower_bin, flower_env, free_port, reachable, refused_admission, split_address, stop, toml_value, wait_until_reachable,
+    flower_bin,
+    flower_env,
+    free_port,
+    reachable,
+    refused_admission,
+    split_address,
+    stop,
+    toml_value,
+    wait_until_reachable,
 )
 
 
@@ -31,22 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", required=True, help="HOST:PORT of fedsms-server")
     parser.add_argument("--partition-id", type=int, required=True, help="this client's index, 0..num-partitions-1")
     parser.add_argument("--num-partitions", type=int, required=True, help="number of clients in the job")
-    parser.add_argument("--data-dir", help="this machine's data folder, the node's data-dir: the built-in app's torchvision "
-                                                 "data sets, or what your app's ClientApp reads")
+    parser.add_argument(
+        "--data-dir",
+        help="this machine's data folder, the node's data-dir: the built-in app's torchvision "
+        "data sets, or what your app's ClientApp reads",
+    )
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (default: the job's setting)")
     parser.add_argument("--port", type=int, help="local port of the SuperNode's app API (default: a free one)")
-    parser.add_argument("--connect-timeout", type=float, default=120, help="seconds to wait for the server (default: 120)")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=120, help="seconds to wait for the server (default: 120)"
+    )
     security = parser.add_argument_group("transport security (one of --insecure or --root-certificates)")
     security.add_argument("--insecure", action="store_true", help="no TLS: only on a trusted network")
     security.add_argument("--root-certificates", help="CA certificate (PEM) that signed the server's certificate")
-    security.add_argument("--auth-key", help="this client's private key (OpenSSH ecdsa) when the server authenticates clients")
+    security.add_argument(
+        "--auth-key", help="this client's private key (OpenSSH ecdsa) when the server authenticates clients"
+    )
     parser.add_argument("--flwr-home", help="Flower state folder (default: a fresh temporary one)")
     return parser
 
 
 def node_config(args: argparse.Namespace, status_file: Path) -> str:
     if not 0 <= args.partition_id < args.num_partitions:
-        raise FedSMSError(f"--partition-id {args.partition_id} must be in [0, {args.num_partitions}); fix one of the two")
+        raise FedSMSError(
+            f"--partition-id {args.partition_id} must be in [0, {args.num_partitions}); fix one of the two"
+        )
     values = {"partition-id": args.partition_id, "num-partitions": args.num_partitions, "status-file": str(status_file)}
     if args.data_dir:
         values["data-dir"] = str(Path(args.data_dir).resolve())
@@ -64,7 +80,10 @@ def security_flags(args: argparse.Namespace) -> list[str]:
     elif args.root_certificates:
         if not Path(args.root_certificates).is_file():
             raise FedSMSError(f"certificate file {args.root_certificates} does not exist; pass the right path")
-        flags = ["--root-certificates", str(Path(args.root_certificates).resolve())]  # the SuperNode runs in its own folder
+        flags = [
+            "--root-certificates",
+            str(Path(args.root_certificates).resolve()),
+        ]  # the SuperNode runs in its own folder
     else:
         raise FedSMSError("pass --root-certificates CA.pem for TLS, or --insecure explicitly")
     if args.auth_key:
@@ -97,10 +116,23 @@ def join(args: argparse.Namespace) -> int:
         logged_before = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "a") as log:
             supernode = subprocess.Popen(
-                [flower_bin("flower-supernode"), *flags, "--superlink", args.server, "--port", str(args.port or free_port()),
-                 "--node-config", config, "--max-wait-time", str(args.connect_timeout)],
-                env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, cwd=home,
-            start_new_session=True,  # stop() ends its whole process group
+                [
+                    flower_bin("flower-supernode"),
+                    *flags,
+                    "--superlink",
+                    args.server,
+                    "--port",
+                    str(args.port or free_port()),
+                    "--node-config",
+                    config,
+                    "--max-wait-time",
+                    str(args.connect_timeout),
+                ],
+                env=flower_env(home),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=home,
+                start_new_session=True,  # stop() ends its whole process group
             )
         try:
             code = watch(supernode, status_file, host, port, args)
@@ -109,12 +141,18 @@ def join(args: argparse.Namespace) -> int:
         if code is not None:
             return code
         if not refused_admission(log_path, logged_before):
-            print(f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode}; "
-                  f"see {log_path}", file=sys.stderr)
+            print(
+                f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode}; "
+                f"see {log_path}",
+                file=sys.stderr,
+            )
             return 1
         if time.monotonic() > deadline:
-            print(f"fedsms-client {args.partition_id}: the server refused this client for {args.connect_timeout:g} s; "
-                  "is its public key registered with --authorized-key?", file=sys.stderr)
+            print(
+                f"fedsms-client {args.partition_id}: the server refused this client for {args.connect_timeout:g} s; "
+                "is its public key registered with --authorized-key?",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(2)
 
@@ -132,16 +170,24 @@ def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, 
             print(f"fedsms-client {args.partition_id}: handled round {seen_round}")
         if not reachable(host, port):
             if status.get("last-round"):
-                print(f"fedsms-client {args.partition_id}: job finished; results are on the server in {status.get('out-dir')}")
+                print(
+                    f"fedsms-client {args.partition_id}: job finished; results are on the server in {status.get('out-dir')}"
+                )
                 return 0
-            print(f"fedsms-client {args.partition_id}: the server at {args.server} went away before the last round "
-                  f"(last handled: round {seen_round})", file=sys.stderr)
+            print(
+                f"fedsms-client {args.partition_id}: the server at {args.server} went away before the last round "
+                f"(last handled: round {seen_round})",
+                file=sys.stderr,
+            )
             return 1
         if supernode.poll() is not None:
             if not seen_round:
                 return None
-            print(f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode} after "
-                  f"round {seen_round}; see {status_file.parent / 'supernode.log'}", file=sys.stderr)
+            print(
+                f"fedsms-client {args.partition_id}: the SuperNode exited with code {supernode.returncode} after "
+                f"round {seen_round}; see {status_file.parent / 'supernode.log'}",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(1)
 

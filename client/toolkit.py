@@ -69,8 +69,9 @@ trains with ``fedsms.training.train_candidate``, which keeps the mask by the sam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
@@ -79,7 +80,6 @@ from torch import nn
 
 from fedsms import FedSMSError, codec
 from fedsms.masks import Mask, MaskHook, enforce_mask
-
 from fedsms_flower.records import payload_of, record_of
 
 __all__ = ["ModelMismatch", "Received", "enforce_mask", "hyperparameters", "receive"]
@@ -224,7 +224,9 @@ class Received:
             lost a tensor of the soup, or its values became NaN/Inf.
         """
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-            raise FedSMSError(f"num_examples must be a positive int (the examples this client used), got {num_examples!r}")
+            raise FedSMSError(
+                f"num_examples must be a positive int (the examples this client used), got {num_examples!r}"
+            )
         record = MetricRecord({**_metric_values(metrics or {}), "num-examples": num_examples})
         message_type = self.message.metadata.message_type
         if message_type == MessageType.EVALUATE:
@@ -235,8 +237,15 @@ class Received:
             raise FedSMSError("a train reply needs the trained model; pass reply(model, num_examples, metrics)")
         state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
         state = {name: tensor.detach().cpu() for name, tensor in state.items()}
-        payload = codec.encode(state, self.mask, phase=self.phase, round=self.server_round, kind="update",
-                               value_dtype=self.value_dtype, num_examples=num_examples)
+        payload = codec.encode(
+            state,
+            self.mask,
+            phase=self.phase,
+            round=self.server_round,
+            kind="update",
+            value_dtype=self.value_dtype,
+            num_examples=num_examples,
+        )
         return Message(RecordDict({UPDATE_KEY: record_of(payload), METRICS_KEY: record}), reply_to=self.message)
 
 
@@ -285,15 +294,24 @@ def receive(message: Message, model: nn.Module) -> Received:
     try:
         phase, server_round = int(config["phase"]), int(config["server-round"])
     except (KeyError, TypeError, ValueError):
-        raise FedSMSError("the message's config lacks 'phase' or 'server-round'; it is not from a fedsms server") from None
+        raise FedSMSError(
+            "the message's config lacks 'phase' or 'server-round'; it is not from a fedsms server"
+        ) from None
     try:
         payload = payload_of(message.content[SOUP_KEY])
     except (KeyError, TypeError):
         raise FedSMSError(f"the message carries no {SOUP_KEY!r} record; it is not from a fedsms server") from None
     template = model.state_dict()
     try:
-        decoded = codec.decode(payload, expected_mask=None, expected_digest=None, template=template,
-                               expected_phase=phase, expected_round=server_round, expected_kind="soup")
+        decoded = codec.decode(
+            payload,
+            expected_mask=None,
+            expected_digest=None,
+            template=template,
+            expected_phase=phase,
+            expected_round=server_round,
+            expected_kind="soup",
+        )
     except codec.PayloadError as error:
         if "the model" in str(error):  # a tensor name, shape or dtype of the model, not the bytes
             raise ModelMismatch(
@@ -302,5 +320,11 @@ def receive(message: Message, model: nn.Module) -> Received:
             ) from None
         raise FedSMSError(f"the server's soup of round {server_round} cannot be read: {error}") from None
     model.load_state_dict(decoded.to_state_dict(template))
-    return Received(message=message, mask=decoded.mask, phase=phase, server_round=server_round,
-                    value_dtype=decoded.value_dtype, hyperparameters=config)
+    return Received(
+        message=message,
+        mask=decoded.mask,
+        phase=phase,
+        server_round=server_round,
+        value_dtype=decoded.value_dtype,
+        hyperparameters=config,
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -96,7 +96,9 @@ class CandidateTrainer:
         Receives progress lines (per epoch in this process, per candidate with workers).
     """
 
-    def __init__(self, model_name: str, splits: DatasetSplits, device: torch.device, workers: int = 1, log: Log | None = None):
+    def __init__(
+        self, model_name: str, splits: DatasetSplits, device: torch.device, workers: int = 1, log: Log | None = None
+    ):
         self.model = build_for(model_name, splits).to(device)
         self.model_name, self.splits, self.device, self.log = model_name, splits, device, log
         self._pool = None
@@ -109,7 +111,9 @@ class CandidateTrainer:
                 initargs=(model_name, splits, str(device), threads),
             )
 
-    def train(self, start: Mapping[str, torch.Tensor], mask: Mask, configs: Sequence[CandidateConfig], label: str) -> list[tuple[State, dict]]:
+    def train(
+        self, start: Mapping[str, torch.Tensor], mask: Mask, configs: Sequence[CandidateConfig], label: str
+    ) -> list[tuple[State, dict]]:
         """Retrain one candidate per config, all from ``start`` under ``mask``.
 
         Parameters
@@ -135,7 +139,16 @@ class CandidateTrainer:
         """
         if self._pool is None:
             return [
-                train_one(self.model, start, mask, self.splits, c, self.device, self.log, f"{label} candidate {i + 1}/{len(configs)}")
+                train_one(
+                    self.model,
+                    start,
+                    mask,
+                    self.splits,
+                    c,
+                    self.device,
+                    self.log,
+                    f"{label} candidate {i + 1}/{len(configs)}",
+                )
                 for i, c in enumerate(configs)
             ]
         start = {k: v.cpu() for k, v in start.items()}
@@ -144,7 +157,9 @@ class CandidateTrainer:
         for i, future in enumerate(futures):
             results.append(future.result())
             if self.log is not None:
-                self.log(f"{label} candidate {i + 1}/{len(configs)} done (worker) loss {results[-1][1]['train_loss']:.4f}")
+                self.log(
+                    f"{label} candidate {i + 1}/{len(configs)} done (worker) loss {results[-1][1]['train_loss']:.4f}"
+                )
         return results
 
     def close(self) -> None:
@@ -153,7 +168,7 @@ class CandidateTrainer:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
-    def __enter__(self) -> "CandidateTrainer":
+    def __enter__(self) -> CandidateTrainer:
         return self
 
     def __exit__(self, *exc) -> None:

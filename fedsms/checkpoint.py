@@ -17,9 +17,10 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save, save_file
@@ -65,7 +66,11 @@ def _base(path: str | Path) -> Path:
 
 
 def _paths(base: Path) -> tuple[Path, Path, Path]:
-    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".mask.safetensors"), base.with_name(base.name + ".json")
+    return (
+        base.with_name(base.name + ".safetensors"),
+        base.with_name(base.name + ".mask.safetensors"),
+        base.with_name(base.name + ".json"),
+    )
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -81,12 +86,14 @@ def _atomic_write(path: Path, write) -> None:
 
 def _link(source: Path, path: Path) -> None:
     """``path`` becomes ``source``'s content in one rename (a hard link where possible)."""
+
     def write(tmp: str) -> None:
         os.unlink(tmp)
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
+
     _atomic_write(path, write)
 
 
@@ -153,19 +160,28 @@ def save_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], mask: M
     base = _base(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     model_path, mask_path, json_path = _paths(base)
-    record = {**metadata, "format_version": FORMAT_VERSION, "mask_digest": mask_digest(mask),
-              "sparsity": sparsity(mask), "mask_tensors": list(mask)}
+    record = {
+        **metadata,
+        "format_version": FORMAT_VERSION,
+        "mask_digest": mask_digest(mask),
+        "sparsity": sparsity(mask),
+        "mask_tensors": list(mask),
+    }
     try:
         text = json.dumps(record, indent=2, allow_nan=False)
     except (TypeError, ValueError):
         bad = next((k for k, v in record.items() if not _serialisable(v)), "?")
-        raise FedSMSError(f"checkpoint metadata key {bad!r} is not JSON-serialisable; pass plain numbers, strings, lists or dicts") from None
+        raise FedSMSError(
+            f"checkpoint metadata key {bad!r} is not JSON-serialisable; pass plain numbers, strings, lists or dicts"
+        ) from None
     generation = secrets.token_hex(6)
     state_file = base.with_name(f"{base.name}.{generation}.safetensors")
     mask_file = base.with_name(f"{base.name}.{generation}.mask.safetensors")
     # safetensors.save + our own temporary: save_file keeps a temporary of its own that a kill would leave behind
     _atomic_write(state_file, lambda tmp: Path(tmp).write_bytes(save(_contiguous(state))))
-    _atomic_write(mask_file, lambda tmp: Path(tmp).write_bytes(save({k: v.to(torch.uint8) for k, v in _contiguous(mask).items()})))
+    _atomic_write(
+        mask_file, lambda tmp: Path(tmp).write_bytes(save({k: v.to(torch.uint8) for k, v in _contiguous(mask).items()}))
+    )
     record["files"] = {"state": state_file.name, "mask": mask_file.name}
     text = json.dumps(record, indent=2, allow_nan=False)
     _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))  # the commit point
@@ -231,41 +247,62 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
     try:
         metadata = json.loads(json_path.read_text(), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as error:
-        raise FedSMSError(f"{json_path} is not valid JSON ({str(error)[:80]}); the checkpoint is damaged, use another one") from None
+        raise FedSMSError(
+            f"{json_path} is not valid JSON ({str(error)[:80]}); the checkpoint is damaged, use another one"
+        ) from None
     if not isinstance(metadata, dict):
-        raise FedSMSError(f"{json_path} holds a JSON {type(metadata).__name__}, not an object; it is not a fedsms checkpoint")
+        raise FedSMSError(
+            f"{json_path} holds a JSON {type(metadata).__name__}, not an object; it is not a fedsms checkpoint"
+        )
     files = metadata.get("files")
     if files is not None:  # a manifest: its generation's files, whatever X.safetensors holds
-        if not (isinstance(files, dict) and all(isinstance(files.get(k), str) and "/" not in files[k]
-                                                and files[k].startswith(base.name + ".") for k in ("state", "mask"))):
+        if not (
+            isinstance(files, dict)
+            and all(
+                isinstance(files.get(k), str) and "/" not in files[k] and files[k].startswith(base.name + ".")
+                for k in ("state", "mask")
+            )
+        ):
             raise FedSMSError(f"{json_path} names no valid tensor files; the checkpoint is damaged, use another one")
         plain = model_path
         model_path, mask_path = base.with_name(files["state"]), base.with_name(files["mask"])
-        if (plain.is_file() and model_path.is_file() and not os.path.samefile(plain, model_path)
-                and plain.stat().st_mtime_ns > json_path.stat().st_mtime_ns):
+        if (
+            plain.is_file()
+            and model_path.is_file()
+            and not os.path.samefile(plain, model_path)
+            and plain.stat().st_mtime_ns > json_path.stat().st_mtime_ns
+        ):
             model_path = plain  # X.safetensors was edited after saving: check what a user would load
     for needed in (model_path, mask_path):
         if not needed.is_file():
             raise FedSMSError(f"checkpoint file {needed} is missing; pass the path of a complete fedsms checkpoint")
     for key, kind in (("format_version", int), ("mask_digest", str), ("mask_tensors", list)):
         if not isinstance(metadata.get(key), kind):
-            raise FedSMSError(f"{json_path} lacks {key!r} ({kind.__name__}); it was not written by fedsms, use another checkpoint")
+            raise FedSMSError(
+                f"{json_path} lacks {key!r} ({kind.__name__}); it was not written by fedsms, use another checkpoint"
+            )
     if metadata["format_version"] > FORMAT_VERSION:
         raise FedSMSError(f"{json_path} has format version {metadata['format_version']}; upgrade fedsms to read it")
     try:
         state = load_file(model_path)
         mask = {k: v.bool() for k, v in load_file(mask_path).items()}
     except Exception as error:  # safetensors raises its own error types for damaged files
-        raise FedSMSError(f"checkpoint {base} cannot be read ({error}); the files are damaged, use another checkpoint") from None
+        raise FedSMSError(
+            f"checkpoint {base} cannot be read ({error}); the files are damaged, use another checkpoint"
+        ) from None
     mask = {name: mask[name] for name in metadata["mask_tensors"] if name in mask}
     if list(mask) != metadata["mask_tensors"] or mask_digest(mask) != metadata["mask_digest"]:
-        raise FedSMSError(f"the mask in {mask_path} does not match the digest in {json_path}; the checkpoint was modified, use another one")
+        raise FedSMSError(
+            f"the mask in {mask_path} does not match the digest in {json_path}; the checkpoint was modified, use another one"
+        )
     for name, keep in mask.items():
         if name not in state or state[name].shape != keep.shape:
             raise FedSMSError(f"mask tensor {name!r} does not fit the state in {model_path}; the checkpoint is damaged")
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise FedSMSError(f"tensor {name!r} in {model_path} has NaN or Inf values; the checkpoint is damaged, use another one")
+            raise FedSMSError(
+                f"tensor {name!r} in {model_path} has NaN or Inf values; the checkpoint is damaged, use another one"
+            )
     bad = outside_mask_nonzeros(state, mask)
     if bad:
         raise FedSMSError(
@@ -278,13 +315,17 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
 def _load_dense(base: Path) -> Checkpoint:
     model_path, _, json_path = _paths(base)
     if not model_path.is_file():
-        raise FedSMSError(f"checkpoint file {model_path} is missing; pass the path of a fedsms checkpoint or a .safetensors state dict")
+        raise FedSMSError(
+            f"checkpoint file {model_path} is missing; pass the path of a fedsms checkpoint or a .safetensors state dict"
+        )
     metadata: Any = {}
     if json_path.is_file():
         try:
             metadata = json.loads(json_path.read_text())
         except ValueError as error:
-            raise FedSMSError(f"{json_path} is not valid JSON ({error}); the checkpoint is damaged, use another one") from None
+            raise FedSMSError(
+                f"{json_path} is not valid JSON ({error}); the checkpoint is damaged, use another one"
+            ) from None
     if not isinstance(metadata, dict):
         raise FedSMSError(f"{json_path} holds no JSON object; the checkpoint is damaged, use another one")
     try:
@@ -323,7 +364,9 @@ def check_compatible(checkpoint: Checkpoint, model: nn.Module) -> None:
             )
     extra = set(checkpoint.state) - set(expected)
     if extra:
-        raise FedSMSError(f"the checkpoint has tensors this model lacks ({sorted(extra)[:3]}); pass the matching --model")
+        raise FedSMSError(
+            f"the checkpoint has tensors this model lacks ({sorted(extra)[:3]}); pass the matching --model"
+        )
 
 
 def export_model(path: str | Path, model: nn.Module, metadata: dict | None = None) -> Path:
@@ -356,8 +399,10 @@ def export_model(path: str | Path, model: nn.Module, metadata: dict | None = Non
         text = json.dumps(metadata or {}, indent=2, allow_nan=False)
     except (TypeError, ValueError):
         bad = next((k for k, v in (metadata or {}).items() if not _serialisable(v)), "?")
-        raise FedSMSError(f"model metadata key {bad!r} is not JSON-serialisable (NaN, Inf or an object); "
-                          "pass plain numbers, strings, lists or dicts") from None
+        raise FedSMSError(
+            f"model metadata key {bad!r} is not JSON-serialisable (NaN, Inf or an object); "
+            "pass plain numbers, strings, lists or dicts"
+        ) from None
     base = _base(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     model_path, _, json_path = _paths(base)

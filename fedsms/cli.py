@@ -12,13 +12,40 @@ from pathlib import Path
 
 from fedsms import FedSMSError
 
-
 # The run keys the decentralized steps offer as options (the rest comes from the checkpoint).
-PRUNE_KEYS = ("dataset", "data_dir", "model", "target_sparsity", "phases", "gmp_updates", "gmp_initial_sparsity",
-              "pruning", "keep_first_dense", "keep_last_dense", "retrain_epochs", "seed")
-RETRAIN_KEYS = ("dataset", "data_dir", "model", "heldout_fraction", "candidates", "recipe", "retrain_epochs", "lr",
-                "momentum", "weight_decay", "batch_size", "label_smoothing", "lr_schedule", "warmup_fraction",
-                "augment", "seed", "device")
+PRUNE_KEYS = (
+    "dataset",
+    "data_dir",
+    "model",
+    "target_sparsity",
+    "phases",
+    "gmp_updates",
+    "gmp_initial_sparsity",
+    "pruning",
+    "keep_first_dense",
+    "keep_last_dense",
+    "retrain_epochs",
+    "seed",
+)
+RETRAIN_KEYS = (
+    "dataset",
+    "data_dir",
+    "model",
+    "heldout_fraction",
+    "candidates",
+    "recipe",
+    "retrain_epochs",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "label_smoothing",
+    "lr_schedule",
+    "warmup_fraction",
+    "augment",
+    "seed",
+    "device",
+)
 SOUP_KEYS = ("merge", "recalibration_fraction", "heldout_fraction", "data_dir", "device")
 
 
@@ -46,8 +73,9 @@ def add_config_options(parser, defaults, keys=None, aliases=None, skip: tuple[st
         metavar = "{" + ",".join(spec.choices) + "}" if choices else field.type.upper()
         rule = "" if choices else spec.rule()
         text = f"{spec.help}{'; ' + rule if rule else ''} (default: {default!r})"
-        parser.add_argument(*flags, dest=field.name, default=None, metavar=metavar, **switch,
-                            help=text.replace("%", "%%"))
+        parser.add_argument(
+            *flags, dest=field.name, default=None, metavar=metavar, **switch, help=text.replace("%", "%%")
+        )
 
 
 def config_overrides(args: argparse.Namespace, defaults) -> dict:
@@ -67,8 +95,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     if (out / "results.jsonl").exists():
         raise FedSMSError(f"{out / 'results.jsonl'} already exists; pass another --out-dir or remove it")
     rows = run_local(config, seeds)
-    (out / "summary.json").write_text(json.dumps({"config": config.to_dict(), "seeds": seeds or [config.seed],
-                                                  "results": summary(rows)}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps({"config": config.to_dict(), "seeds": seeds or [config.seed], "results": summary(rows)}, indent=2)
+    )
     plots = plot_results(rows, out)
     for part in by_schedule(rows):
         print()
@@ -108,7 +137,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def check_out_dir(out: Path, resume: bool) -> None:
     """A new job must not mix its results with an old one's; a resumed job needs one."""
     if resume and not (out / "checkpoints" / "soup.json").is_file():
-        raise FedSMSError(f"--resume needs a round checkpoint in {out / 'checkpoints'}; pass the --out-dir of the interrupted job")
+        raise FedSMSError(
+            f"--resume needs a round checkpoint in {out / 'checkpoints'}; pass the --out-dir of the interrupted job"
+        )
     if not resume and (out / "rounds.jsonl").exists():
         raise FedSMSError(f"{out / 'rounds.jsonl'} already exists; pass another --out-dir, remove it, or add --resume")
 
@@ -142,11 +173,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     schedule = config_overrides(args, FederationConfig()).get("pruning_schedule")
     if schedule is not None:
         schedule = FederationConfig.from_mapping({"pruning_schedule": schedule}).pruning_schedule
-    path = prune_checkpoint(args.checkpoint, args.phase, args.output, schedule=schedule,
-                            overrides=config_overrides(args, RunConfig()))
+    path = prune_checkpoint(
+        args.checkpoint, args.phase, args.output, schedule=schedule, overrides=config_overrides(args, RunConfig())
+    )
     meta = load_checkpoint(path).metadata
-    print(f"phase {args.phase} ({meta['schedule']}): pruned to {meta['sparsity']:.4%} sparsity "
-          f"(mask {meta['mask_digest'][:12]}), written to {path}")
+    print(
+        f"phase {args.phase} ({meta['schedule']}): pruned to {meta['sparsity']:.4%} sparsity "
+        f"(mask {meta['mask_digest'][:12]}), written to {path}"
+    )
     return 0
 
 
@@ -155,10 +189,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from fedsms.config import RunConfig
     from fedsms.decentral import retrain_checkpoint
 
-    path = retrain_checkpoint(args.checkpoint, args.candidate, args.output, overrides=config_overrides(args, RunConfig()))
+    path = retrain_checkpoint(
+        args.checkpoint, args.candidate, args.output, overrides=config_overrides(args, RunConfig())
+    )
     meta = load_checkpoint(path).metadata
-    print(f"candidate {args.candidate} of phase {meta['phase']} (mask {meta['mask_digest'][:12]}) retrained on "
-          f"{meta['num_examples']} examples, loss {meta['metrics']['train_loss']:.4f}, written to {path}")
+    print(
+        f"candidate {args.candidate} of phase {meta['phase']} (mask {meta['mask_digest'][:12]}) retrained on "
+        f"{meta['num_examples']} examples, loss {meta['metrics']['train_loss']:.4f}, written to {path}"
+    )
     return 0
 
 
@@ -175,8 +213,9 @@ def cmd_soup(args: argparse.Namespace) -> int:
     if args.weighted and rule not in (None, "weighted"):
         raise FedSMSError(f"--weighted and --merge {rule} contradict each other; pass one of them")
     rule = "weighted" if args.weighted else (rule or "uniform")
-    path, chosen = soup_checkpoints(args.checkpoints, args.output, rule=rule, recalibrate=args.recalibrate,
-                                    overrides=overrides)
+    path, chosen = soup_checkpoints(
+        args.checkpoints, args.output, rule=rule, recalibrate=args.recalibrate, overrides=overrides
+    )
     digest = mask_digest(load_checkpoint(path).mask)
     kept = f" ({rule}: kept {chosen})" if rule == "greedy" else ""
     print(f"soup of {len(args.checkpoints)} candidates{kept} (mask {digest[:12]}) written to {path}")
@@ -200,60 +239,93 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsms", description="Sparse Model Soups, local or federated with Flower.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    local = commands.add_parser("local", help="run dense → P × (prune → retrain m → merge) and the baselines on this machine",
-                                description="Run the Sparse Model Soups pipeline and its baselines (IMP, IMP best-of-m, "
-                                            "IMP-AVG, prediction ensemble) on one machine.")
+    local = commands.add_parser(
+        "local",
+        help="run dense → P × (prune → retrain m → merge) and the baselines on this machine",
+        description="Run the Sparse Model Soups pipeline and its baselines (IMP, IMP best-of-m, "
+        "IMP-AVG, prediction ensemble) on one machine.",
+    )
     add_config_options(local, RunConfig())
     local.add_argument("--seeds", help="comma list of seeds to repeat the run with (tables show mean ± std)")
     local.set_defaults(func=cmd_local)
 
-    sim = commands.add_parser("simulate", help="run the federated job with N virtual Flower clients on this machine",
-                              description="Run Sparse Model Soups as a Flower simulation: a SparseSoupStrategy server "
-                                          "and N virtual clients, each retraining its own candidate or data shard.")
+    sim = commands.add_parser(
+        "simulate",
+        help="run the federated job with N virtual Flower clients on this machine",
+        description="Run Sparse Model Soups as a Flower simulation: a SparseSoupStrategy server "
+        "and N virtual clients, each retraining its own candidate or data shard.",
+    )
     add_config_options(sim, RunConfig())
     add_config_options(sim, FederationConfig())
     sim.add_argument("--num-clients", type=int, default=4, help="virtual clients (default: 4)")
-    sim.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores Ray reserves per client (default: 1)")
-    sim.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share Ray reserves per client (default: 0)")
-    sim.add_argument("--baselines", default="",
-                     help="also run these local methods with the same config and print them alongside (e.g. imp,imp-best,sms)")
+    sim.add_argument(
+        "--cpus-per-client", type=float, default=1.0, help="CPU cores Ray reserves per client (default: 1)"
+    )
+    sim.add_argument(
+        "--gpus-per-client", type=float, default=0.0, help="GPU share Ray reserves per client (default: 0)"
+    )
+    sim.add_argument(
+        "--baselines",
+        default="",
+        help="also run these local methods with the same config and print them alongside (e.g. imp,imp-best,sms)",
+    )
     sim.set_defaults(func=cmd_simulate)
 
-    prune = commands.add_parser("prune", help="prune a dense model or a phase's soup to the next phase's mask",
-                                description="Prune a checkpoint for phase p: exactly the mask fedsms local computes "
-                                            "for that phase (never regrowing the input's mask). The job's config is "
-                                            "read from the checkpoint; options override it.")
+    prune = commands.add_parser(
+        "prune",
+        help="prune a dense model or a phase's soup to the next phase's mask",
+        description="Prune a checkpoint for phase p: exactly the mask fedsms local computes "
+        "for that phase (never regrowing the input's mask). The job's config is "
+        "read from the checkpoint; options override it.",
+    )
     prune.add_argument("checkpoint", help="dense model (with or without a mask file) or the soup of phase p-1")
     prune.add_argument("--phase", type=int, required=True, help="the prune step p, 1-based (IMP phase or GMP update)")
     prune.add_argument("-o", "--output", required=True, help="path of the pruned checkpoint")
-    add_config_options(prune, FederationConfig(), keys=("pruning_schedule",), aliases={"pruning_schedule": "--schedule"})
+    add_config_options(
+        prune, FederationConfig(), keys=("pruning_schedule",), aliases={"pruning_schedule": "--schedule"}
+    )
     add_config_options(prune, RunConfig(), keys=PRUNE_KEYS)
     prune.set_defaults(func=cmd_prune)
 
-    retrain = commands.add_parser("retrain", help="retrain one candidate of a pruned checkpoint under its mask",
-                                  description="Retrain candidate i of a pruned checkpoint's phase under its mask, as "
-                                              "fedsms local retrains it. The job's config is read from the "
-                                              "checkpoint; options override it.")
+    retrain = commands.add_parser(
+        "retrain",
+        help="retrain one candidate of a pruned checkpoint under its mask",
+        description="Retrain candidate i of a pruned checkpoint's phase under its mask, as "
+        "fedsms local retrains it. The job's config is read from the "
+        "checkpoint; options override it.",
+    )
     retrain.add_argument("checkpoint", help="a checkpoint written by fedsms prune")
     retrain.add_argument("--candidate", type=int, required=True, help="candidate index i, 0-based (< --candidates)")
     retrain.add_argument("-o", "--output", required=True, help="path of the candidate checkpoint")
     add_config_options(retrain, RunConfig(), keys=RETRAIN_KEYS)
     retrain.set_defaults(func=cmd_retrain)
 
-    soup = commands.add_parser("soup", help="average candidate checkpoints that share a mask",
-                               description="Average candidate checkpoints retrained anywhere under the same mask and "
-                                           "in the same phase; this closes the phase.")
+    soup = commands.add_parser(
+        "soup",
+        help="average candidate checkpoints that share a mask",
+        description="Average candidate checkpoints retrained anywhere under the same mask and "
+        "in the same phase; this closes the phase.",
+    )
     soup.add_argument("checkpoints", nargs="+", help="candidate checkpoints (X or X.safetensors)")
     soup.add_argument("-o", "--output", required=True, help="path of the soup checkpoint")
-    soup.add_argument("--weighted", action="store_true", help="weight by each checkpoint's num_examples metadata "
-                                                              "(same as --merge weighted)")
-    soup.add_argument("--recalibrate", action="store_true",
-                      help="re-estimate norm statistics on the training data named in the metadata")
+    soup.add_argument(
+        "--weighted",
+        action="store_true",
+        help="weight by each checkpoint's num_examples metadata (same as --merge weighted)",
+    )
+    soup.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="re-estimate norm statistics on the training data named in the metadata",
+    )
     add_config_options(soup, RunConfig(), keys=SOUP_KEYS)
     soup.set_defaults(func=cmd_soup)
 
-    inspect = commands.add_parser("inspect", help="per-layer sparsity and metadata of a checkpoint",
-                                  description="Print per-layer sparsity and the metadata of a checkpoint.")
+    inspect = commands.add_parser(
+        "inspect",
+        help="per-layer sparsity and metadata of a checkpoint",
+        description="Print per-layer sparsity and the metadata of a checkpoint.",
+    )
     inspect.add_argument("checkpoint")
     inspect.set_defaults(func=cmd_inspect)
     return parser

@@ -34,8 +34,8 @@ import math
 import struct
 import zlib
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -47,8 +47,16 @@ from fedsms.masks import Mask, mask_digest, pack_mask, unpack_mask
 from fedsms.wire import payload_pb2 as pb
 
 __all__ = [
-    "CODEC_VERSION", "KINDS", "VALUE_DTYPES", "PayloadError", "Decoded",
-    "carries_mask", "encode", "decode", "payload_size_bound", "state_from_values",
+    "CODEC_VERSION",
+    "KINDS",
+    "VALUE_DTYPES",
+    "PayloadError",
+    "Decoded",
+    "carries_mask",
+    "encode",
+    "decode",
+    "payload_size_bound",
+    "state_from_values",
 ]
 
 CODEC_VERSION = 2
@@ -66,14 +74,24 @@ _VALUE_DTYPE_NAMES = {v[0]: k for k, v in VALUE_DTYPES.items()}
 
 # dense dtype name -> torch dtype; bfloat16 moves as its raw 16 bits (numpy has no bf16)
 _DENSE_DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
-    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
 }
 _DENSE_NAMES = {v: k for k, v in _DENSE_DTYPES.items()}
 # torch dtype -> little-endian numpy dtype of its wire bytes, built once (decode reads ~100 tensors per reply)
-_WIRE_NUMPY = {t: np.dtype(np.bool_ if t == torch.bool else n).newbyteorder("<")
-               for n, t in _DENSE_DTYPES.items() if t != torch.bfloat16}
+_WIRE_NUMPY = {
+    t: np.dtype(np.bool_ if t == torch.bool else n).newbyteorder("<")
+    for n, t in _DENSE_DTYPES.items()
+    if t != torch.bfloat16
+}
 
 # The integrity trailer: field 15 (crc32), wire type 5 (fixed32) -> tag byte 0x7D, then 4 bytes.
 _TRAILER_TAG = bytes([(15 << 3) | 5])
@@ -179,7 +197,9 @@ def encode(
 
     for name, keep in mask.items():
         if name not in state:
-            raise PayloadError(f"the mask names tensor {name!r} which the state does not have; encode with the mask of this model")
+            raise PayloadError(
+                f"the mask names tensor {name!r} which the state does not have; encode with the mask of this model"
+            )
         tensor = state[name].detach()
         if tuple(tensor.shape) != tuple(keep.shape):
             raise PayloadError(
@@ -205,7 +225,9 @@ def encode(
             continue
         tensor = tensor.detach().to("cpu")
         if tensor.dtype not in _DENSE_NAMES:
-            raise PayloadError(f"tensor {name!r} has dtype {tensor.dtype} which the codec cannot send; convert it to float32")
+            raise PayloadError(
+                f"tensor {name!r} has dtype {tensor.dtype} which the codec cannot send; convert it to float32"
+            )
         if check_finite and tensor.is_floating_point() and not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values; the training diverged")
         entry = message.dense.add()
@@ -362,7 +384,9 @@ def state_from_values(
         if name in mask:
             keep = mask[name].to("cpu", torch.bool)
             if tuple(keep.shape) != tuple(like.shape):
-                raise PayloadError(f"the mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(like.shape)}")
+                raise PayloadError(
+                    f"the mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(like.shape)}"
+                )
             nnz = _kept(keep)
             if value.numel() != nnz:
                 raise PayloadError(f"tensor {name!r} has {value.numel()} values but its mask keeps {nnz}")
@@ -370,7 +394,9 @@ def state_from_values(
             full.masked_scatter_(keep, value.reshape(-1).to(like.dtype))
         else:
             if tuple(value.shape) != tuple(like.shape):
-                raise PayloadError(f"tensor {name!r} has shape {tuple(value.shape)} but the model's is {tuple(like.shape)}")
+                raise PayloadError(
+                    f"tensor {name!r} has shape {tuple(value.shape)} but the model's is {tuple(like.shape)}"
+                )
             if value.dtype != like.dtype and not like.is_floating_point() and value.is_floating_point():
                 value = value.round()  # e.g. an averaged num_batches_tracked
             full = value.to(like.dtype).clone()
@@ -439,9 +465,17 @@ def decode(
     dense = _dense_extras(message, dense_names, mask, template)
     header = message.header
     return Decoded(
-        codec_version=header.codec_version, kind=kind, phase=header.phase, round=header.round,
-        mask_digest=header.mask_digest, value_dtype=value_dtype, mask=mask, values=values, dense=dense,
-        num_examples=int(message.num_examples), nbytes=len(data),
+        codec_version=header.codec_version,
+        kind=kind,
+        phase=header.phase,
+        round=header.round,
+        mask_digest=header.mask_digest,
+        value_dtype=value_dtype,
+        mask=mask,
+        values=values,
+        dense=dense,
+        num_examples=int(message.num_examples),
+        nbytes=len(data),
     )
 
 
@@ -452,7 +486,9 @@ def _open(data: bytes) -> pb.SparsePayload:
     if not isinstance(data, bytes):
         raise PayloadError(f"a payload is bytes, not {type(data).__name__}")
     if len(data) < _TRAILER_LEN or data[-_TRAILER_LEN : -_TRAILER_LEN + 1] != _TRAILER_TAG:
-        raise PayloadError(f"the payload ({len(data)} bytes) is truncated or not a fedsms payload: its checksum trailer is missing")
+        raise PayloadError(
+            f"the payload ({len(data)} bytes) is truncated or not a fedsms payload: its checksum trailer is missing"
+        )
     body = memoryview(data)[:-_TRAILER_LEN]  # no copy of a large payload just to checksum it
     (crc,) = struct.unpack("<I", data[-4:])
     if zlib.crc32(body) != crc:
@@ -482,9 +518,13 @@ def _check_header(
     if expected_kind is not None and kind != expected_kind:
         raise PayloadError(f"expected a {expected_kind!r} payload but got a {kind!r} payload")
     if expected_phase is not None and header.phase != expected_phase:
-        raise PayloadError(f"the payload is from phase {header.phase} but phase {expected_phase} is running; it is stale or early")
+        raise PayloadError(
+            f"the payload is from phase {header.phase} but phase {expected_phase} is running; it is stale or early"
+        )
     if expected_round is not None and header.round != expected_round:
-        raise PayloadError(f"the payload is from round {header.round} but round {expected_round} is running; it is stale or early")
+        raise PayloadError(
+            f"the payload is from round {header.round} but round {expected_round} is running; it is stale or early"
+        )
     value_dtype = _VALUE_DTYPE_NAMES.get(header.value_dtype)
     if value_dtype is None:
         raise PayloadError(f"the payload has an unknown value dtype ({header.value_dtype})")
@@ -567,7 +607,9 @@ def _check_expected_mask(digest: str, expected_mask: Mask | None, expected_diges
         if name not in template:
             raise PayloadError(f"the expected mask names tensor {name!r} which the model does not have")
         if tuple(keep.shape) != tuple(template[name].shape):
-            raise PayloadError(f"the expected mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(template[name].shape)}")
+            raise PayloadError(
+                f"the expected mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(template[name].shape)}"
+            )
 
 
 def _masked_shapes(message: pb.SparsePayload, names: list[str], template: dict) -> dict[str, tuple[int, ...]]:
@@ -599,7 +641,9 @@ def _masked_values(
     for name, entry in zip(names, message.masked):
         like = template[name]
         if tuple(entry.shape) != tuple(like.shape):
-            raise PayloadError(f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model")
+            raise PayloadError(
+                f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model"
+            )
         nnz = counts[name]
         if entry.nnz != nnz:
             raise PayloadError(f"tensor {name!r} claims {entry.nnz} values but the mask keeps {nnz}")
@@ -627,14 +671,20 @@ def _dense_extras(
     for name, entry in zip(dense_names, message.dense):
         like = template[name]
         if tuple(entry.shape) != tuple(like.shape):
-            raise PayloadError(f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model")
+            raise PayloadError(
+                f"tensor {name!r} has shape {tuple(entry.shape)} in the payload but {tuple(like.shape)} in the model"
+            )
         dtype = _DENSE_DTYPES.get(entry.dtype)
         if dtype != like.dtype:
-            raise PayloadError(f"tensor {name!r} has dtype {entry.dtype!r} in the payload but {_dtype_name(like.dtype)!r} in the model")
+            raise PayloadError(
+                f"tensor {name!r} has dtype {entry.dtype!r} in the payload but {_dtype_name(like.dtype)!r} in the model"
+            )
         need = like.numel() * like.element_size()
         raw = entry.data
         if len(raw) != need:
-            raise PayloadError(f"tensor {name!r} has {len(raw)} bytes but shape {tuple(like.shape)} of {entry.dtype} needs {need}")
+            raise PayloadError(
+                f"tensor {name!r} has {len(raw)} bytes but shape {tuple(like.shape)} of {entry.dtype} needs {need}"
+            )
         tensor = _from_bytes(raw, dtype).view(like.shape)
         if tensor.is_floating_point() and not _all_finite(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}")
@@ -671,7 +721,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
         tensor = tensor.float()
     array = tensor.numpy()
     low, high = float(array.min()), float(array.max())  # NaN propagates into both, failing the comparison
-    return bool(-MAX_MAGNITUDE <= low and high <= MAX_MAGNITUDE)
+    return bool(low >= -MAX_MAGNITUDE and high <= MAX_MAGNITUDE)
 
 
 def _kept(keep: torch.Tensor) -> int:

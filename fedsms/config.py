@@ -17,15 +17,26 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fedsms import FedSMSError
 from fedsms.recipe import CandidateConfig, expand_recipe, parse_grid
 from fedsms.schema import (  # noqa: F401 -- the choice lists, importable from here as before
-    FEDERATED_MODES, LR_SCHEDULES, MERGE_RULES, METHODS, PARTITIONINGS, PRUNING_METHODS, PRUNING_SCHEDULES,
-    RECALIBRATIONS, VALUE_DTYPES, FederationKeys, RunKeys, declared,
+    FEDERATED_MODES,
+    LR_SCHEDULES,
+    MERGE_RULES,
+    METHODS,
+    PARTITIONINGS,
+    PRUNING_METHODS,
+    PRUNING_SCHEDULES,
+    RECALIBRATIONS,
+    VALUE_DTYPES,
+    FederationKeys,
+    RunKeys,
+    declared,
 )
 
 FLOWER_OUT_DIR = "runs/flwr-run"  # out-dir of ``flwr run .`` jobs, where the library's default is runs/local
@@ -66,10 +77,14 @@ class RunConfig(RunKeys):
             if not ok:
                 raise FedSMSError(f"config key {key.replace('_', '-')!r} {what}, got {getattr(self, key)!r}")
 
-        need(self.gmp_updates <= self.phases * self.retrain_epochs, "gmp_updates",
-             "must be in [0, phases × retrain-epochs] (each update trains at least one epoch)")
-        need(self.gmp_initial_sparsity <= self.target_sparsity, "gmp_initial_sparsity",
-             "must be in [0, target-sparsity]")
+        need(
+            self.gmp_updates <= self.phases * self.retrain_epochs,
+            "gmp_updates",
+            "must be in [0, phases × retrain-epochs] (each update trains at least one epoch)",
+        )
+        need(
+            self.gmp_initial_sparsity <= self.target_sparsity, "gmp_initial_sparsity", "must be in [0, target-sparsity]"
+        )
         if self.recipe:
             parse_grid(self.recipe)
 
@@ -307,10 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     FedSMSError
         If the pyproject file has no ``[tool.flwr.app.config]`` table.
     """
-    parser = argparse.ArgumentParser(prog="python -m fedsms.config",
-                                     description="Print or write the Flower app config generated from fedsms.schema.")
-    parser.add_argument("--pyproject", nargs="?", const="pyproject.toml", metavar="PATH",
-                        help="rewrite the [tool.flwr.app.config] table of PATH (default: pyproject.toml)")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedsms.config", description="Print or write the Flower app config generated from fedsms.schema."
+    )
+    parser.add_argument(
+        "--pyproject",
+        nargs="?",
+        const="pyproject.toml",
+        metavar="PATH",
+        help="rewrite the [tool.flwr.app.config] table of PATH (default: pyproject.toml)",
+    )
     args = parser.parse_args(argv)
     if args.pyproject is None:
         print(app_config_table(), end="")

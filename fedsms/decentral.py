@@ -17,10 +17,10 @@ bit on CPU with the same number of threads.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
+from typing import Any
 
 from fedsms import FedSMSError
 from fedsms.candidates import CandidateTrainer, train_one
@@ -63,8 +63,10 @@ def _int(value: Any) -> int | None:
 def _step(config: RunConfig, schedule: str, phase: int) -> tuple[PruneStep, int]:
     steps = prune_steps(config, schedule)
     if not 1 <= phase <= len(steps):
-        raise FedSMSError(f"phase {phase} is outside the {schedule} schedule's steps 1..{len(steps)}; "
-                          "pass a phase in that range or other --phases/--gmp-updates")
+        raise FedSMSError(
+            f"phase {phase} is outside the {schedule} schedule's steps 1..{len(steps)}; "
+            "pass a phase in that range or other --phases/--gmp-updates"
+        )
     return steps[phase - 1], len(steps)
 
 
@@ -72,8 +74,15 @@ def _step_record(step: PruneStep, count: int) -> dict:
     return {**asdict(step), "of": count}
 
 
-def prune_checkpoint(path: str | Path, phase: int, output: str | Path, *, schedule: str | None = None,
-                     overrides: Mapping[str, Any] | None = None, log: Log = print) -> Path:
+def prune_checkpoint(
+    path: str | Path,
+    phase: int,
+    output: str | Path,
+    *,
+    schedule: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    log: Log = print,
+) -> Path:
     """Prune a dense model or the soup of phase ``phase - 1`` for phase ``phase``.
 
     Parameters
@@ -104,11 +113,15 @@ def prune_checkpoint(path: str | Path, phase: int, output: str | Path, *, schedu
     previous = _int(meta.get("phase"))
     recorded = meta.get("schedule") if previous else None
     if schedule and recorded in PRUNING_SCHEDULES and recorded != schedule:
-        raise FedSMSError(f"{path} comes from the {recorded} schedule; pass --schedule {recorded} or start from a dense model")
+        raise FedSMSError(
+            f"{path} comes from the {recorded} schedule; pass --schedule {recorded} or start from a dense model"
+        )
     schedule = schedule or (recorded if recorded in PRUNING_SCHEDULES else "imp")
     if previous is not None and previous != phase - 1:
-        raise FedSMSError(f"{path} closes phase {previous}, so it starts phase {previous + 1}, not {phase}; "
-                          f"pass --phase {previous + 1} or the soup of phase {phase - 1}")
+        raise FedSMSError(
+            f"{path} closes phase {previous}, so it starts phase {previous + 1}, not {phase}; "
+            f"pass --phase {previous + 1} or the soup of phase {phase - 1}"
+        )
     config = job_config(meta, overrides or {})
     step, count = _step(config, schedule, phase)
     mask = checkpoint.mask
@@ -116,21 +129,41 @@ def prune_checkpoint(path: str | Path, phase: int, output: str | Path, *, schedu
         # Dense: the prunable tensors are the job's (keep-first/last-dense apply), as in fedsms local.
         model = build_for(config.model, job_splits(config))
         check_compatible(checkpoint, model)
-        mask = dense_mask(model, prunable_names(model, keep_first_dense=config.keep_first_dense,
-                                                keep_last_dense=config.keep_last_dense))
-    engine = SoupEngine(checkpoint.state, mask, pruning=config.pruning, seed=config.seed,
-                        log=lambda line: log(f"[prune] {line}"))
+        mask = dense_mask(
+            model,
+            prunable_names(model, keep_first_dense=config.keep_first_dense, keep_last_dense=config.keep_last_dense),
+        )
+    engine = SoupEngine(
+        checkpoint.state, mask, pruning=config.pruning, seed=config.seed, log=lambda line: log(f"[prune] {line}")
+    )
     parent = engine.digest
     engine.prune(step)
-    return save_checkpoint(output, engine.state, engine.mask, {
-        "stage": "pruned", "phase": phase, "schedule": schedule, "step": _step_record(step, count),
-        "parent_digest": parent, "pruned_from": str(path), "model": config.model, "dataset": config.dataset,
-        "config": config.to_dict(),
-    })
+    return save_checkpoint(
+        output,
+        engine.state,
+        engine.mask,
+        {
+            "stage": "pruned",
+            "phase": phase,
+            "schedule": schedule,
+            "step": _step_record(step, count),
+            "parent_digest": parent,
+            "pruned_from": str(path),
+            "model": config.model,
+            "dataset": config.dataset,
+            "config": config.to_dict(),
+        },
+    )
 
 
-def retrain_checkpoint(path: str | Path, candidate: int, output: str | Path, *,
-                       overrides: Mapping[str, Any] | None = None, log: Log = print) -> Path:
+def retrain_checkpoint(
+    path: str | Path,
+    candidate: int,
+    output: str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    log: Log = print,
+) -> Path:
     """Retrain candidate ``candidate`` of a pruned checkpoint's phase under its mask.
 
     Candidate i is the i-th config of the recipe, with the phase's seed and epochs
@@ -145,42 +178,75 @@ def retrain_checkpoint(path: str | Path, candidate: int, output: str | Path, *,
         digest) is the pruned checkpoint's.
     """
     if not has_mask(path):
-        raise FedSMSError(f"{path} has no mask file, and a candidate retrains under a mask; "
-                          "run fedsms prune on it first")
+        raise FedSMSError(
+            f"{path} has no mask file, and a candidate retrains under a mask; run fedsms prune on it first"
+        )
     checkpoint = load_checkpoint(path)  # refuses nonzeros outside the mask
     meta = checkpoint.metadata
     phase, schedule = _int(meta.get("phase")), meta.get("schedule")
     if meta.get("stage") != "pruned" or not phase or schedule not in PRUNING_SCHEDULES:
-        raise FedSMSError(f"{path} is not the output of fedsms prune (its metadata names no prune step); "
-                          "run fedsms prune on it first")
+        raise FedSMSError(
+            f"{path} is not the output of fedsms prune (its metadata names no prune step); run fedsms prune on it first"
+        )
     config = job_config(meta, overrides or {})
     step, count = _step(config, schedule, phase)
     pruned_to = meta.get("step", {}).get("sparsity") if isinstance(meta.get("step"), Mapping) else None
     if not isinstance(pruned_to, float) or abs(pruned_to - step.sparsity) > 1e-12:
-        raise FedSMSError(f"{path} was pruned to sparsity {pruned_to!r} but phase {phase} of this {schedule} schedule "
-                          f"prunes to {step.sparsity!r}; retrain with the schedule the checkpoint was pruned with")
+        raise FedSMSError(
+            f"{path} was pruned to sparsity {pruned_to!r} but phase {phase} of this {schedule} schedule "
+            f"prunes to {step.sparsity!r}; retrain with the schedule the checkpoint was pruned with"
+        )
     configs = config.candidate_configs()
     if not 0 <= candidate < len(configs):
-        raise FedSMSError(f"candidate {candidate} is outside 0..{len(configs) - 1} (candidates m = {config.candidates}); "
-                          "pass a smaller --candidate or a larger --candidates")
+        raise FedSMSError(
+            f"candidate {candidate} is outside 0..{len(configs) - 1} (candidates m = {config.candidates}); "
+            "pass a smaller --candidate or a larger --candidates"
+        )
     hyper = step_candidate(configs[candidate], step)
     device = resolve_device(config.device)
     with CandidateTrainer(config.model, job_splits(config), device, 1, log) as trainer:
         check_compatible(checkpoint, trainer.model)
-        state, metrics = train_one(trainer.model, checkpoint.state, checkpoint.mask, trainer.splits, hyper, device,
-                                   log, f"[retrain] phase {phase}/{count} candidate {candidate}")
-    return save_checkpoint(output, state, checkpoint.mask, {
-        "stage": "candidate", "phase": phase, "schedule": schedule, "step": _step_record(step, count),
-        "candidate": candidate, "hyperparameters": hyper.to_dict(), "model": config.model,
-        "dataset": config.dataset, "num_examples": int(metrics["num_examples"]),
-        "metrics": {k: float(v) for k, v in metrics.items()}, "retrained_from": str(path), "device": str(device),
-        "config": config.to_dict(),
-    })
+        state, metrics = train_one(
+            trainer.model,
+            checkpoint.state,
+            checkpoint.mask,
+            trainer.splits,
+            hyper,
+            device,
+            log,
+            f"[retrain] phase {phase}/{count} candidate {candidate}",
+        )
+    return save_checkpoint(
+        output,
+        state,
+        checkpoint.mask,
+        {
+            "stage": "candidate",
+            "phase": phase,
+            "schedule": schedule,
+            "step": _step_record(step, count),
+            "candidate": candidate,
+            "hyperparameters": hyper.to_dict(),
+            "model": config.model,
+            "dataset": config.dataset,
+            "num_examples": int(metrics["num_examples"]),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "retrained_from": str(path),
+            "device": str(device),
+            "config": config.to_dict(),
+        },
+    )
 
 
-def soup_checkpoints(paths: Sequence[str | Path], output: str | Path, *, rule: str = "uniform",
-                     recalibrate: bool = False, overrides: Mapping[str, Any] | None = None,
-                     log: Log = print) -> tuple[Path, list[int]]:
+def soup_checkpoints(
+    paths: Sequence[str | Path],
+    output: str | Path,
+    *,
+    rule: str = "uniform",
+    recalibrate: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    log: Log = print,
+) -> tuple[Path, list[int]]:
     """Merge candidates that share a mask and a phase: the end of a phase.
 
     Parameters
@@ -212,16 +278,20 @@ def soup_checkpoints(paths: Sequence[str | Path], output: str | Path, *, rule: s
     for path, checkpoint in items:
         other = mask_digest(checkpoint.mask)
         if other != digest:
-            raise SoupError(f"{path} has mask {other[:12]} but {first_path} has {digest[:12]}; "
-                            "soup only candidates retrained under the same mask")
+            raise SoupError(
+                f"{path} has mask {other[:12]} but {first_path} has {digest[:12]}; "
+                "soup only candidates retrained under the same mask"
+            )
     phases = {path: _int(c.metadata.get("phase")) for path, c in items}
     known = {path: p for path, p in phases.items() if p is not None}
     if known:
         ref_path, ref = next(iter(known.items()))
         for path, p in known.items():
             if p != ref:
-                raise SoupError(f"{path} is a candidate of phase {p} but {ref_path} is of phase {ref}; "
-                                "soup only candidates of one phase")
+                raise SoupError(
+                    f"{path} is a candidate of phase {p} but {ref_path} is of phase {ref}; "
+                    "soup only candidates of one phase"
+                )
     indices = [_int(c.metadata.get("candidate")) for _, c in items]
     if all(i is not None for i in indices):
         seen: dict[int, str] = {}
@@ -237,8 +307,10 @@ def soup_checkpoints(paths: Sequence[str | Path], output: str | Path, *, rule: s
     hooks = None
     if recalibrate or rule == "greedy":
         if "model" not in meta or "dataset" not in meta:
-            raise FedSMSError("--recalibrate and --merge greedy need checkpoints whose metadata names the model and "
-                              "dataset; drop them")
+            raise FedSMSError(
+                "--recalibrate and --merge greedy need checkpoints whose metadata names the model and "
+                "dataset; drop them"
+            )
         splits = job_splits(config)
         device = resolve_device(config.device)
         hooks = job_hooks(config, build_for(config.model, splits).to(device), splits, device)
@@ -248,7 +320,9 @@ def soup_checkpoints(paths: Sequence[str | Path], output: str | Path, *, rule: s
         check_shares_mask(checkpoint.state, engine.mask, path)
         examples = checkpoint.metadata.get("num_examples", 1)
         if rule == "weighted" and not (_int(examples) and examples > 0):
-            raise SoupError(f"{path} has num_examples {examples!r} in its metadata; use another merge rule or fix the metadata")
+            raise SoupError(
+                f"{path} has num_examples {examples!r} in its metadata; use another merge rule or fix the metadata"
+            )
         merge.add(values_under_mask(checkpoint.state, engine.mask), examples if rule == "weighted" else 1)
     engine.end_round(merge)
     phase = next(iter(known.values()), None)
@@ -256,6 +330,10 @@ def soup_checkpoints(paths: Sequence[str | Path], output: str | Path, *, rule: s
     chosen = engine.end_phase(phase or 0, merge, recalibrate=recalibrate)
     metadata = {k: v for k, v in meta.items() if k in ("model", "dataset", "phase", "schedule", "step", "config")}
     named = all(i is not None for i in indices)
-    metadata.update(stage="soup", merge=rule, soup_of=[p for p, _ in items],
-                    chosen=[indices[c] for c in chosen] if named else chosen)
+    metadata.update(
+        stage="soup",
+        merge=rule,
+        soup_of=[p for p, _ in items],
+        chosen=[indices[c] for c in chosen] if named else chosen,
+    )
     return save_checkpoint(output, engine.state, engine.mask, metadata), metadata["chosen"]

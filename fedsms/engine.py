@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -187,9 +187,17 @@ class Merge:
         If ``rule`` is not one of ``RULES``.
     """
 
-    def __init__(self, rule: str, keep_candidates: bool, *, trim_fraction: float = 0.2, max_weight: float = 1.0,
-                 norm_bound: float = 0.0, reference: Mapping[str, torch.Tensor] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        rule: str,
+        keep_candidates: bool,
+        *,
+        trim_fraction: float = 0.2,
+        max_weight: float = 1.0,
+        norm_bound: float = 0.0,
+        reference: Mapping[str, torch.Tensor] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         if rule not in RULES:
             raise FedSMSError(f"unknown merge rule {rule!r}; use one of {', '.join(RULES)}")
         if norm_bound and reference is None:
@@ -246,8 +254,9 @@ class Merge:
             If no candidate is left, or the merge is not finite.
         """
         self._screen()
-        if not self._robust or (self.rule in ("uniform", "weighted", "greedy", "best") and self.max_weight >= 1
-                                and not self.dropped):
+        if not self._robust or (
+            self.rule in ("uniform", "weighted", "greedy", "best") and self.max_weight >= 1 and not self.dropped
+        ):
             merged = self.average.mean()
         else:
             merged = self._robust_merge()
@@ -266,8 +275,10 @@ class Merge:
         limit = self.norm_bound * median
         self.dropped = [i for i, d in enumerate(self.distances) if d > limit]
         for i in self.dropped:
-            self.log(f"merge: dropped candidate {i}: its distance from the soup {self.distances[i]:.4g} exceeds "
-                     f"update-norm-bound {self.norm_bound:g} x the round's median {median:.4g}")
+            self.log(
+                f"merge: dropped candidate {i}: its distance from the soup {self.distances[i]:.4g} exceeds "
+                f"update-norm-bound {self.norm_bound:g} x the round's median {median:.4g}"
+            )
         if self.dropped:
             keep = [i for i in range(len(self.candidates)) if i not in set(self.dropped)]
             self.candidates = [self.candidates[i] for i in keep]
@@ -292,7 +303,7 @@ class Merge:
                 value = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
             elif self.rule == "trimmed-mean":
                 cut = min(int(self.trim_fraction * n), (n - 1) // 2)
-                value = stacked.sort(0).values[cut:n - cut].mean(0)
+                value = stacked.sort(0).values[cut : n - cut].mean(0)
             else:
                 weights = torch.tensor(shares, dtype=torch.float64).view(-1, *[1] * first.dim())
                 value = (stacked * weights).sum(0)
@@ -399,7 +410,9 @@ class SoupEngine:
             If the saved state names other tensors than the current one.
         """
         if set(state) != set(self.state):
-            raise FedSMSError("the saved state names other tensors than this job's model; restore a checkpoint of the same model")
+            raise FedSMSError(
+                "the saved state names other tensors than this job's model; restore a checkpoint of the same model"
+            )
         self.state = {k: state[k].clone() for k in self.state}  # the model's order, in which payloads list tensors
         self.mask = {k: v.clone() for k, v in mask.items()}
         self.digest = mask_digest(self.mask)
@@ -446,8 +459,13 @@ class SoupEngine:
         FedSMSError
             If ``rule`` is unknown.
         """
-        return Merge(rule, keep_candidates=ends_phase and rule in ("greedy", "best"), log=self.log,
-                     reference=values_under_mask(self.state, self.mask) if robust.get("norm_bound") else None, **robust)
+        return Merge(
+            rule,
+            keep_candidates=ends_phase and rule in ("greedy", "best"),
+            log=self.log,
+            reference=values_under_mask(self.state, self.mask) if robust.get("norm_bound") else None,
+            **robust,
+        )
 
     def end_round(self, merge: Merge) -> None:
         """The state becomes the mean of the merge's candidates (values outside the mask stay zero).
@@ -498,7 +516,9 @@ class SoupEngine:
             self.state, chosen = self._full(merge.candidates[best]), [best]
         elif merge.rule == "greedy" and merge.count > 1:
             states = [self._full(c) for c in merge.candidates]
-            self.state, chosen, _ = greedy_soup(states, self.mask, lambda s: self._score(self.recalibrated(s, step_index)))
+            self.state, chosen, _ = greedy_soup(
+                states, self.mask, lambda s: self._score(self.recalibrated(s, step_index))
+            )
             self.log(f"phase {step_index}: greedy soup kept candidates {chosen}")
         if recalibrate and merge.rule != "best" and merge.count > 1:  # one candidate's own statistics already fit it
             self.state = self.recalibrated(self.state, step_index)
@@ -523,7 +543,9 @@ class SoupEngine:
 
     def _score(self, state: State) -> float:
         if self.hooks.heldout_score is None:
-            raise FedSMSError("greedy and best-of-m merges need held-out data; use merge uniform or give the server data")
+            raise FedSMSError(
+                "greedy and best-of-m merges need held-out data; use merge uniform or give the server data"
+            )
         return self.hooks.heldout_score(state)
 
     def _full(self, values: Mapping[str, torch.Tensor]) -> State:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -363,7 +363,10 @@ def evaluate_ood(
     """
     return _ood(
         lambda d, c, limit: predict(model, d, batch_size, device, corruption=c, seed=seed, max_examples=limit),
-        data, corruptions, severities, max_examples,
+        data,
+        corruptions,
+        severities,
+        max_examples,
     )
 
 
@@ -412,10 +415,14 @@ def ensemble_predict(
         raise FedSMSError("the prediction ensemble needs at least one model")
     log_probs, labels = [], None
     for m in models:
-        logits, these = predict(m, data, batch_size, device, corruption=corruption, seed=seed, max_examples=max_examples)
+        logits, these = predict(
+            m, data, batch_size, device, corruption=corruption, seed=seed, max_examples=max_examples
+        )
         if labels is not None and not torch.equal(labels, these):
-            raise FedSMSError("the data gave its examples in another order for each model; evaluate an ensemble on "
-                              "data without shuffling")
+            raise FedSMSError(
+                "the data gave its examples in another order for each model; evaluate an ensemble on "
+                "data without shuffling"
+            )
         labels = these
         log_probs.append(logits.log_softmax(dim=1))
     return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(models)), labels
@@ -509,9 +516,13 @@ def ensemble_metrics(
     """
     if ood:
         return _ood(
-            lambda d, c, limit: ensemble_predict(models, d, batch_size, device, corruption=c, seed=seed,
-                                                 max_examples=limit),
-            data, corruptions, severities, max_examples,
+            lambda d, c, limit: ensemble_predict(
+                models, d, batch_size, device, corruption=c, seed=seed, max_examples=limit
+            ),
+            data,
+            corruptions,
+            severities,
+            max_examples,
         )
     logits, labels = ensemble_predict(models, data, batch_size, device)
     return metrics_from_logits(logits, data.labels if isinstance(data, ArrayData) else labels)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -81,7 +81,9 @@ def job_splits(config: RunConfig) -> DatasetSplits:
     )
 
 
-def job_hooks(config: RunConfig, model: torch.nn.Module, splits: DatasetSplits, device: torch.device | str) -> PhaseHooks:
+def job_hooks(
+    config: RunConfig, model: torch.nn.Module, splits: DatasetSplits, device: torch.device | str
+) -> PhaseHooks:
     """Recalibration and held-out scores of a job, as every phase of it ends them."""
     return data_hooks(model, splits, fraction=config.recalibration_fraction, seed=config.seed, device=device)
 
@@ -117,8 +119,12 @@ class LocalRun:
     def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         self.model.load_state_dict(state)
         test = evaluate(self.model, self.splits.test, device=self.device)
-        row = {"accuracy": test["accuracy"], "loss": test["loss"], "ece": test["ece"],
-               "heldout_accuracy": evaluate(self.model, self.splits.heldout, device=self.device)["accuracy"]}
+        row = {
+            "accuracy": test["accuracy"],
+            "loss": test["loss"],
+            "ece": test["ece"],
+            "heldout_accuracy": evaluate(self.model, self.splits.heldout, device=self.device)["accuracy"],
+        }
         if self.config.ood:
             ood = evaluate_ood(self.model, self.ood_data, device=self.device, seed=self.config.seed)
             row.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
@@ -161,20 +167,29 @@ class LocalRun:
             started = time.perf_counter()
             engine.prune(step)
             many = spec.candidates == "all" or (spec.candidates == "last" and step.index == len(steps))
-            configs = [step_candidate(c, step) for c in (self.candidate_configs if many else self.candidate_configs[:1])]
+            configs = [
+                step_candidate(c, step) for c in (self.candidate_configs if many else self.candidate_configs[:1])
+            ]
             unit = "phase" if spec.schedule == "imp" else "update"
             label = f"[{method}] {unit} {step.index}/{len(steps)} sparsity {engine.sparsity:.2%}"
             trained = self.trainer.train(engine.state, engine.mask, configs, label)
             if spec.ensemble:
                 rows.append(self._ensemble_row(step, engine.mask, [s for s, _ in trained], started))
-            merge = engine.merge((spec.rule or config.merge) if many else "uniform", trim_fraction=config.trim_fraction,
-                                 max_weight=config.max_client_weight, norm_bound=config.update_norm_bound)
+            merge = engine.merge(
+                (spec.rule or config.merge) if many else "uniform",
+                trim_fraction=config.trim_fraction,
+                max_weight=config.max_client_weight,
+                norm_bound=config.update_norm_bound,
+            )
             for state, metrics in trained:
                 merge.add(values_under_mask(state, engine.mask), metrics["num_examples"])
             engine.end_round(merge)
             chosen = engine.end_phase(step.index, merge)
-            extra: dict = {"candidates": len(trained), "epochs": step.epochs,
-                           "train_loss": sum(m["train_loss"] for _, m in trained) / len(trained)}
+            extra: dict = {
+                "candidates": len(trained),
+                "epochs": step.epochs,
+                "train_loss": sum(m["train_loss"] for _, m in trained) / len(trained),
+            }
             if len(trained) > 1:
                 extra["chosen"] = chosen
             rows.append(self.record(method, step.index, engine.state, engine.mask, extra, started))
@@ -199,9 +214,16 @@ class LocalRun:
         return self._row("ensemble", step.index, mask, row, {"candidates": len(states)}, started)
 
     def _row(self, method: str, phase: int, mask: Mask, metrics: dict, extra: dict, started: float) -> dict:
-        row = {"method": method, "seed": self.config.seed, "phase": phase, "sparsity": sparsity(mask),
-               "mask_digest": mask_digest(mask), **metrics, **extra,
-               "seconds": round(time.perf_counter() - started, 3)}
+        row = {
+            "method": method,
+            "seed": self.config.seed,
+            "phase": phase,
+            "sparsity": sparsity(mask),
+            "mask_digest": mask_digest(mask),
+            **metrics,
+            **extra,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -210,10 +232,19 @@ class LocalRun:
     def save(self, method: str, phase: int, state: State, mask: Mask, row: dict) -> None:
         # Only the state of the last phase is worth keeping per method; earlier ones are replaced.
         path = self.out_dir / "checkpoints" / f"seed{self.config.seed}-{method}"
-        save_checkpoint(path, state, mask, {
-            "phase": phase, "method": method, "model": self.config.model, "dataset": self.config.dataset,
-            "config": self.config.to_dict(), "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
-        })
+        save_checkpoint(
+            path,
+            state,
+            mask,
+            {
+                "phase": phase,
+                "method": method,
+                "model": self.config.model,
+                "dataset": self.config.dataset,
+                "config": self.config.to_dict(),
+                "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))},
+            },
+        )
 
     def close(self) -> None:
         self.trainer.close()

@@ -9,7 +9,7 @@ that order defines the wire order and the digest.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -24,9 +24,7 @@ Mask = dict[str, torch.Tensor]
 PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def prunable_names(
-    model: nn.Module, *, keep_first_dense: bool = False, keep_last_dense: bool = False
-) -> list[str]:
+def prunable_names(model: nn.Module, *, keep_first_dense: bool = False, keep_last_dense: bool = False) -> list[str]:
     """Names of the prunable weights, in the model's parameter order.
 
     A weight is prunable when it is the ``weight`` of an ``nn.Linear`` or ``nn.Conv1d/2d/3d``
@@ -303,7 +301,9 @@ def check_mask_fits(model: nn.Module, mask: Mask) -> None:
     params = dict(model.named_parameters())
     for name, keep in mask.items():
         if name not in params:
-            raise FedSMSError(f"mask names tensor {name!r} which the model does not have; use a mask made for this model")
+            raise FedSMSError(
+                f"mask names tensor {name!r} which the model does not have; use a mask made for this model"
+            )
         if tuple(params[name].shape) != tuple(keep.shape):
             raise FedSMSError(
                 f"mask for {name!r} has shape {tuple(keep.shape)} but the model's is "
@@ -375,7 +375,7 @@ class MaskHook:
         """Detach from the optimizer: later steps no longer zero the pruned weights."""
         self._handle.remove()
 
-    def __enter__(self) -> "MaskHook":
+    def __enter__(self) -> MaskHook:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -484,13 +484,19 @@ def sparsity_report(mask: Mask) -> list[dict]:
     for name, keep in mask.items():
         nnz = int(keep.sum())
         rows.append(
-            {"name": name, "shape": list(keep.shape), "numel": keep.numel(), "nnz": nnz,
-             "sparsity": 1.0 - nnz / keep.numel()}
+            {
+                "name": name,
+                "shape": list(keep.shape),
+                "numel": keep.numel(),
+                "nnz": nnz,
+                "sparsity": 1.0 - nnz / keep.numel(),
+            }
         )
     numel = sum(r["numel"] for r in rows)
     nnz = sum(r["nnz"] for r in rows)
-    rows.append({"name": "total", "shape": [], "numel": numel, "nnz": nnz,
-                 "sparsity": 1.0 - nnz / numel if numel else 0.0})
+    rows.append(
+        {"name": "total", "shape": [], "numel": numel, "nnz": nnz, "sparsity": 1.0 - nnz / numel if numel else 0.0}
+    )
     return rows
 
 

@@ -3,7 +3,7 @@ weights, so after merging they are reset and re-estimated by forward passes."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -109,6 +109,7 @@ def recalibrate_norms(
         model.train(was_training)
     return used
 
+
 # ---- pooling statistics estimated elsewhere (federated recalibration) ---------------
 # Averaging per-client variances would drop the spread between client means, so the pooled
 # variance is E[x²] − E[x]²: Σ nᵢ(vᵢ + mᵢ²)/N − M², with M = Σ nᵢmᵢ/N.
@@ -205,8 +206,10 @@ class NormStatsAverage:
             raise NormStatsError(f"norm statistics over {examples!r} examples")
         for name, value in stats.items():  # every check before the first sum changes
             if not isinstance(value, torch.Tensor) or value.shape != self.template[name].shape:
-                raise NormStatsError(f"norm statistic {name!r} has shape {tuple(getattr(value, 'shape', ()))}, "
-                                     f"not {tuple(self.template[name].shape)}")
+                raise NormStatsError(
+                    f"norm statistic {name!r} has shape {tuple(getattr(value, 'shape', ()))}, "
+                    f"not {tuple(self.template[name].shape)}"
+                )
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise NormStatsError(f"norm statistic {name!r} has NaN or Inf values")
         for name, value in stats.items():

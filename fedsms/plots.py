@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from fedsms.report import grouped, mean_std, methods_in  # noqa: E402
+from fedsms.report import grouped, mean_std, methods_in
 
 
 def plot_results(rows: list[dict], out_dir: str | Path, point_label: str = "phase") -> list[Path]:
@@ -44,7 +44,11 @@ def plot_results(rows: list[dict], out_dir: str | Path, point_label: str = "phas
                 ax.plot(xs, ys, marker="o", ls=":", label=method)
                 for (_, phase), x, y in zip(keys, xs, ys):
                     ax.annotate(str(phase), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        ax.set(xlabel="test accuracy (%)", ylabel="OOD accuracy (%)", title=f"In-distribution vs OOD (numbers: {point_label})")
+        ax.set(
+            xlabel="test accuracy (%)",
+            ylabel="OOD accuracy (%)",
+            title=f"In-distribution vs OOD (numbers: {point_label})",
+        )
         ax.legend()
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / "id_vs_ood.png"))

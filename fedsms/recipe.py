@@ -9,8 +9,9 @@ always its own seed, so two candidates never see the same batch order.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, field, make_dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from fedsms import FedSMSError
 from fedsms.schema import LR_SCHEDULES, RunKeys, declared, parse_value
@@ -36,7 +37,7 @@ def _candidate_to_dict(self) -> dict[str, Any]:
     return asdict(self)
 
 
-def _candidate_from_dict(cls, values: Mapping[str, Any]) -> "CandidateConfig":
+def _candidate_from_dict(cls, values: Mapping[str, Any]) -> CandidateConfig:
     """A candidate from field values (text accepted); unknown keys and bad values refused.
 
     Parameters
@@ -61,24 +62,27 @@ def _candidate_from_dict(cls, values: Mapping[str, Any]) -> "CandidateConfig":
 # default and range; the field is named by ``candidate`` (``retrain_epochs`` -> ``epochs``).
 CandidateConfig = make_dataclass(
     "CandidateConfig",
-    [(spec.candidate, f.type, field(default=f.default, metadata={"key": spec, "run_key": f.name}))
-     for f, spec in declared(RunKeys) if spec.candidate],
+    [
+        (spec.candidate, f.type, field(default=f.default, metadata={"key": spec, "run_key": f.name}))
+        for f, spec in declared(RunKeys)
+        if spec.candidate
+    ],
     frozen=True,
     namespace={
         "__doc__": "Everything that defines how one candidate is retrained in one phase.\n\n"
-                   "Its fields are the per-candidate keys of the run config (see ``fedsms.schema.RunKeys``).\n"
-                   "Values are typed and checked against the keys' natural ranges on creation (text\n"
-                   "accepted); the input caps are not applied, since derived seeds may pass them.\n\n"
-                   "Parameters\n"
-                   "----------\n"
-                   "epochs, lr, momentum, weight_decay, batch_size, label_smoothing, lr_schedule, "
-                   "warmup_fraction, augment, seed\n"
-                   "    One keyword per field; each has the type, default, range and help of the run\n"
-                   "    key that declares it with ``candidate=`` (``epochs`` is ``retrain_epochs``).\n\n"
-                   "Raises\n"
-                   "------\n"
-                   "FedSMSError\n"
-                   "    If a value is of the wrong type or out of range.\n",
+        "Its fields are the per-candidate keys of the run config (see ``fedsms.schema.RunKeys``).\n"
+        "Values are typed and checked against the keys' natural ranges on creation (text\n"
+        "accepted); the input caps are not applied, since derived seeds may pass them.\n\n"
+        "Parameters\n"
+        "----------\n"
+        "epochs, lr, momentum, weight_decay, batch_size, label_smoothing, lr_schedule, "
+        "warmup_fraction, augment, seed\n"
+        "    One keyword per field; each has the type, default, range and help of the run\n"
+        "    key that declares it with ``candidate=`` (``epochs`` is ``retrain_epochs``).\n\n"
+        "Raises\n"
+        "------\n"
+        "FedSMSError\n"
+        "    If a value is of the wrong type or out of range.\n",
         "__post_init__": _candidate_post_init,
         "to_dict": _candidate_to_dict,
         "from_dict": classmethod(_candidate_from_dict),

@@ -15,10 +15,23 @@ from pathlib import Path
 
 from fedsms.local import METHOD_SPECS
 
-
 # Column order of the tables: methods listed here come first, in this order; others follow sorted.
-METHOD_ORDER = ("dense", "fed-dense", "imp", "imp-best", "imp-avg", "sms", "sms-greedy", "ensemble", "fed-hyperparameter",
-                "fed-data", "gmp", "gmp-soup", "fed-hyperparameter-gmp", "fed-data-gmp")
+METHOD_ORDER = (
+    "dense",
+    "fed-dense",
+    "imp",
+    "imp-best",
+    "imp-avg",
+    "sms",
+    "sms-greedy",
+    "ensemble",
+    "fed-hyperparameter",
+    "fed-data",
+    "gmp",
+    "gmp-soup",
+    "fed-hyperparameter-gmp",
+    "fed-data-gmp",
+)
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -125,6 +138,7 @@ def by_schedule(rows: list[dict]) -> list[list[dict]]:
         One or two groups of rows (a schedule with no rows is left out); just the dense rows
         when no method pruned.
     """
+
     def is_gmp(row: dict) -> bool:
         spec = METHOD_SPECS.get(row["method"])
         return (spec is not None and spec.schedule == "gmp") or row["method"].endswith("-gmp")

@@ -19,8 +19,9 @@ This module imports nothing but the standard library, so every other module may 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import Field, asdict, dataclass, field, fields, replace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from fedsms import FedSMSError
 
@@ -97,8 +98,10 @@ class Key:
         upper = self.at_most if self.at_most is not None else self.below
         lower = self.at_least if self.at_least is not None else self.above
         if upper is not None and lower is not None:
-            return (f"in {'[' if self.at_least is not None else '('}{_num(lower)}, "
-                    f"{_num(upper)}{']' if self.at_most is not None else ')'}")
+            return (
+                f"in {'[' if self.at_least is not None else '('}{_num(lower)}, "
+                f"{_num(upper)}{']' if self.at_most is not None else ')'}"
+            )
         if self.above == 0:
             words = ["positive"]
         elif lower is not None:
@@ -130,9 +133,13 @@ class Key:
             return bool(items) and all(v in self.choices for v in items)
         if isinstance(value, (bool, str)):
             return True
-        return ((self.at_least is None or value >= self.at_least) and (self.above is None or value > self.above)
-                and (self.at_most is None or value <= self.at_most) and (self.below is None or value < self.below)
-                and (not caps or self.cap is None or value <= self.cap))
+        return (
+            (self.at_least is None or value >= self.at_least)
+            and (self.above is None or value > self.above)
+            and (self.at_most is None or value <= self.at_most)
+            and (self.below is None or value < self.below)
+            and (not caps or self.cap is None or value <= self.cap)
+        )
 
 
 def _num(x: float) -> str:
@@ -324,52 +331,72 @@ class RunKeys(Settings):
     and whether it shapes the soup sit next to it in its ``key(...)`` declaration below.
     """
 
-    dataset: str = key("digits", "digits (embedded), mnist1d or mnist1d-N (generated), cifar10, cifar100, mnist "
-                                 "or fashion-mnist")
+    dataset: str = key(
+        "digits", "digits (embedded), mnist1d or mnist1d-N (generated), cifar10, cifar100, mnist or fashion-mnist"
+    )
     data_dir: str = key("", "folder holding the torchvision data sets' files", shapes_soup=False)
     model: str = key("cnn", "mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-D-K or tv:TORCHVISION_NAME")
     target_sparsity: float = key(0.9, "final fraction of prunable weights that are zero", at_least=0, below=1)
     phases: int = key(3, "prune-retrain phases P", at_least=1, cap=100)
     candidates: int = key(4, "candidates m retrained per phase", at_least=1, cap=1024)
-    gmp_updates: int = key(0, "mask updates of gmp/gmp-soup within the phases × retrain-epochs budget "
-                              "(0: one per phase)", at_least=0)
-    gmp_initial_sparsity: float = key(0.0, "sparsity where the cubic GMP schedule starts (the dense model's step)",
-                                      at_least=0, below=1)
-    pruning: str = key("global", "global (magnitude over all layers), uniform (per layer) or random",
-                       choices=PRUNING_METHODS)
+    gmp_updates: int = key(
+        0, "mask updates of gmp/gmp-soup within the phases × retrain-epochs budget (0: one per phase)", at_least=0
+    )
+    gmp_initial_sparsity: float = key(
+        0.0, "sparsity where the cubic GMP schedule starts (the dense model's step)", at_least=0, below=1
+    )
+    pruning: str = key(
+        "global", "global (magnitude over all layers), uniform (per layer) or random", choices=PRUNING_METHODS
+    )
     keep_first_dense: bool = key(False, "never prune the first prunable layer")
     keep_last_dense: bool = key(False, "never prune the last prunable layer")
     pretrain_epochs: int = key(10, "dense pretraining epochs (0 with --init-checkpoint)", at_least=0, cap=10_000)
     pretrain_lr: float = key(0.05, "peak learning rate of dense pretraining", above=0)
-    retrain_epochs: int = key(5, "epochs each candidate retrains per phase", at_least=1, cap=10_000,
-                              candidate="epochs")
+    retrain_epochs: int = key(5, "epochs each candidate retrains per phase", at_least=1, cap=10_000, candidate="epochs")
     lr: float = key(0.05, "peak retraining learning rate", above=0, candidate="lr")
     momentum: float = key(0.9, "SGD momentum of retraining", at_least=0, below=1, candidate="momentum")
-    weight_decay: float = key(5e-4, "retraining weight decay (Nesterov momentum when > 0)", at_least=0,
-                              candidate="weight_decay")
+    weight_decay: float = key(
+        5e-4, "retraining weight decay (Nesterov momentum when > 0)", at_least=0, candidate="weight_decay"
+    )
     batch_size: int = key(64, "training batch size", at_least=1, cap=2**20, candidate="batch_size")
-    label_smoothing: float = key(0.0, "label smoothing of the training loss", at_least=0, below=1,
-                                 candidate="label_smoothing")
-    lr_schedule: str = key("linear", "linear (warm-up then decay to 0), cosine or constant", choices=LR_SCHEDULES,
-                           candidate="lr_schedule")
-    warmup_fraction: float = key(0.1, "fraction of the steps spent warming up", at_least=0, below=1,
-                                 candidate="warmup_fraction")
+    label_smoothing: float = key(
+        0.0, "label smoothing of the training loss", at_least=0, below=1, candidate="label_smoothing"
+    )
+    lr_schedule: str = key(
+        "linear", "linear (warm-up then decay to 0), cosine or constant", choices=LR_SCHEDULES, candidate="lr_schedule"
+    )
+    warmup_fraction: float = key(
+        0.1, "fraction of the steps spent warming up", at_least=0, below=1, candidate="warmup_fraction"
+    )
     augment: bool = key(True, "random translation (and flips where they fit) during training", candidate="augment")
     recipe: str = key("", "how candidates differ, e.g. 'weight_decay=1e-4,5e-4;lr=0.05,0.1' (seeds always differ)")
-    merge: str = key("uniform", "uniform, weighted (by examples) or greedy (held-out accuracy) soup; "
-                     "trimmed-mean or median (coordinate-wise, robust to bad candidates)", choices=MERGE_RULES)
-    trim_fraction: float = key(0.2, "fraction of the candidates cut at each end, per value, by merge trimmed-mean",
-                               at_least=0, below=0.5)
-    max_client_weight: float = key(1.0, "largest share one candidate may have in a weighted merge (1: no cap)",
-                                   above=0, at_most=1)
-    update_norm_bound: float = key(0.0, "reject candidates farther from the soup than this many times the "
-                                   "round's median distance (0: off)", at_least=0, cap=1e6)
-    recalibration_fraction: float = key(0.2, "fraction of training data for norm-statistics recalibration",
-                                        above=0, at_most=1)
-    heldout_fraction: float = key(0.1, "fraction of the training data held out (seeded) for greedy/best-of-m",
-                                  above=0, below=1)
-    methods: str = key("imp,imp-best,imp-avg,sms", "comma list of methods to run (dense always runs)",
-                       choices=METHODS, many=True)
+    merge: str = key(
+        "uniform",
+        "uniform, weighted (by examples) or greedy (held-out accuracy) soup; "
+        "trimmed-mean or median (coordinate-wise, robust to bad candidates)",
+        choices=MERGE_RULES,
+    )
+    trim_fraction: float = key(
+        0.2, "fraction of the candidates cut at each end, per value, by merge trimmed-mean", at_least=0, below=0.5
+    )
+    max_client_weight: float = key(
+        1.0, "largest share one candidate may have in a weighted merge (1: no cap)", above=0, at_most=1
+    )
+    update_norm_bound: float = key(
+        0.0,
+        "reject candidates farther from the soup than this many times the round's median distance (0: off)",
+        at_least=0,
+        cap=1e6,
+    )
+    recalibration_fraction: float = key(
+        0.2, "fraction of training data for norm-statistics recalibration", above=0, at_most=1
+    )
+    heldout_fraction: float = key(
+        0.1, "fraction of the training data held out (seeded) for greedy/best-of-m", above=0, below=1
+    )
+    methods: str = key(
+        "imp,imp-best,imp-avg,sms", "comma list of methods to run (dense always runs)", choices=METHODS, many=True
+    )
     ood: bool = key(True, "evaluate under corruptions at severities 1-5")
     ood_examples: int = key(1000, "test examples used for the OOD evaluation", at_least=1, cap=10**7)
     seed: int = key(0, "base seed: candidate i retrains with seed + i", at_least=0, cap=2**32 - 1, candidate="seed")
@@ -389,35 +416,60 @@ class FederationKeys(Settings):
     and whether it shapes the soup sit next to it in its ``key(...)`` declaration below.
     """
 
-    mode: str = key("hyperparameter", "hyperparameter (clients differ by recipe) or data (clients differ by shard)",
-                    choices=FEDERATED_MODES)
-    pretrain_rounds: int = key(1, "dense federated rounds before phase 1 (0 with init-checkpoint)", at_least=0,
-                               cap=10_000)
+    mode: str = key(
+        "hyperparameter",
+        "hyperparameter (clients differ by recipe) or data (clients differ by shard)",
+        choices=FEDERATED_MODES,
+    )
+    pretrain_rounds: int = key(
+        1, "dense federated rounds before phase 1 (0 with init-checkpoint)", at_least=0, cap=10_000
+    )
     rounds_per_phase: int = key(1, "federated rounds in each prune-retrain phase", at_least=1, cap=10_000)
-    pruning_schedule: str = key("imp", "imp (prune at each phase start) or gmp (cubic schedule, mask updated at "
-                                       "round boundaries)", choices=PRUNING_SCHEDULES)
+    pruning_schedule: str = key(
+        "imp",
+        "imp (prune at each phase start) or gmp (cubic schedule, mask updated at round boundaries)",
+        choices=PRUNING_SCHEDULES,
+    )
     partitioning: str = key("iid", "iid, dirichlet or shards (data mode)", choices=PARTITIONINGS)
     dirichlet_alpha: float = key(0.3, "label-skew concentration of the dirichlet partitioning", above=0)
-    min_train_clients: int = key(2, "valid replies a round needs to update the soup", at_least=1, cap=10**6,
-                                 shapes_soup=False)
-    min_available_clients: int = key(2, "clients to wait for before a round starts", at_least=1, cap=10**6,
-                                     shapes_soup=False)
-    clients_per_round: int = key(0, "clients sampled (seeded) for each training round; 0: the m candidates' worth "
-                                    "in a hyperparameter soup, every connected client in a data soup",
-                                 at_least=0, cap=10**6)
-    client_wait: float = key(120.0, "seconds the server waits for min-available-clients before it stops the job",
-                             above=0, cap=7 * 24 * 3600, shapes_soup=False)
-    fraction_evaluate: float = key(1.0, "fraction of clients asked for federated evaluation", at_least=0, at_most=1,
-                                   shapes_soup=False)
+    min_train_clients: int = key(
+        2, "valid replies a round needs to update the soup", at_least=1, cap=10**6, shapes_soup=False
+    )
+    min_available_clients: int = key(
+        2, "clients to wait for before a round starts", at_least=1, cap=10**6, shapes_soup=False
+    )
+    clients_per_round: int = key(
+        0,
+        "clients sampled (seeded) for each training round; 0: the m candidates' worth "
+        "in a hyperparameter soup, every connected client in a data soup",
+        at_least=0,
+        cap=10**6,
+    )
+    client_wait: float = key(
+        120.0,
+        "seconds the server waits for min-available-clients before it stops the job",
+        above=0,
+        cap=7 * 24 * 3600,
+        shapes_soup=False,
+    )
+    fraction_evaluate: float = key(
+        1.0, "fraction of clients asked for federated evaluation", at_least=0, at_most=1, shapes_soup=False
+    )
     value_dtype: str = key("fp32", "fp32, fp16 or bf16 values on the wire", choices=VALUE_DTYPES)
-    client_protocol: str = key("compact", "compact (fedsms clients: values under the mask) or flower (unchanged "
-                                          "Flower ClientApps: the dense model in content['arrays'])",
-                               choices=CLIENT_PROTOCOLS)
-    recalibration: str = key("server", "norm statistics re-estimated on the server's data or by the clients",
-                             choices=RECALIBRATIONS)
+    client_protocol: str = key(
+        "compact",
+        "compact (fedsms clients: values under the mask) or flower (unchanged "
+        "Flower ClientApps: the dense model in content['arrays'])",
+        choices=CLIENT_PROTOCOLS,
+    )
+    recalibration: str = key(
+        "server", "norm statistics re-estimated on the server's data or by the clients", choices=RECALIBRATIONS
+    )
     server_data: bool = key(True, "the server holds the data set (central evaluation, recalibration, greedy)")
-    round_timeout: float = key(600.0, "seconds to wait for the replies of a round", above=0, cap=7 * 24 * 3600,
-                               shapes_soup=False)
-    round_retries: int = key(1, "times a round is sent again when too few valid replies came back", at_least=0,
-                             cap=100, shapes_soup=False)
+    round_timeout: float = key(
+        600.0, "seconds to wait for the replies of a round", above=0, cap=7 * 24 * 3600, shapes_soup=False
+    )
+    round_retries: int = key(
+        1, "times a round is sent again when too few valid replies came back", at_least=0, cap=100, shapes_soup=False
+    )
     resume: bool = key(False, "continue from the last round checkpoint in --out-dir", shapes_soup=False)

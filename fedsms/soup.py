@@ -7,13 +7,12 @@ state dicts on one machine, or just the values under the mask on the server.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from fedsms import FedSMSError
 from fedsms.masks import Mask, outside_mask_nonzeros
-from fedsms.schema import MERGE_RULES
 
 
 class SoupError(FedSMSError):
@@ -69,7 +68,8 @@ class RunningAverage:
             if name not in self._sums:
                 self._sums[name] = (
                     value.to(torch.promote_types(value.dtype, torch.float32), copy=True).mul_(weight)
-                    if value.is_floating_point() else value.clone()
+                    if value.is_floating_point()
+                    else value.clone()
                 )
             elif value.is_floating_point():
                 self._sums[name].add_(value.to(self._sums[name].device), alpha=weight)
@@ -82,7 +82,9 @@ class RunningAverage:
         if list(tensors) != list(self._sums):
             missing = sorted(set(self._sums) - set(tensors))
             extra = sorted(set(tensors) - set(self._sums))
-            raise SoupError(f"candidate tensors differ (missing {missing}, extra {extra}); average only candidates of the same model")
+            raise SoupError(
+                f"candidate tensors differ (missing {missing}, extra {extra}); average only candidates of the same model"
+            )
         for name, value in tensors.items():
             if value.shape != self._sums[name].shape:
                 raise SoupError(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 from torch import nn
@@ -105,8 +105,11 @@ def make_optimizer(model: nn.Module, config: CandidateConfig) -> torch.optim.SGD
     """
     # Nesterov only with weight decay, as in the paper's retraining recipe.
     return torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, nesterov=config.weight_decay > 0 and config.momentum > 0,
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.weight_decay > 0 and config.momentum > 0,
     )
 
 
@@ -193,8 +196,15 @@ def train_candidate(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
-            for x, y in iterate_batches(data, config.batch_size, shuffle=True, generator=generator, augment=augment,
-                                        drop_last=drop_last, device=device):
+            for x, y in iterate_batches(
+                data,
+                config.batch_size,
+                shuffle=True,
+                generator=generator,
+                augment=augment,
+                drop_last=drop_last,
+                device=device,
+            ):
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * lr_factor(step, total_steps, config.lr_schedule, warmup)
                 with autocast:

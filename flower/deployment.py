@@ -62,8 +62,7 @@ def write_app_dir(folder: Path) -> Path:
         '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
         '[project]\nname = "fedsms-job"\nversion = "1.0.0"\nlicense = "Apache-2.0"\ndependencies = []\n\n'
         '[tool.flwr.app]\npublisher = "fedsms"\n\n'
-        f'[tool.flwr.app.components]\nserverapp = "{SERVER_APP}"\nclientapp = "{CLIENT_APP}"\n\n'
-        + app_config_table()
+        f'[tool.flwr.app.components]\nserverapp = "{SERVER_APP}"\nclientapp = "{CLIENT_APP}"\n\n' + app_config_table()
     )
     return folder
 
@@ -94,7 +93,9 @@ def wait_until_reachable(host: str, port: int, timeout: float, what: str) -> Non
     deadline = time.monotonic() + timeout
     while not reachable(host, port):
         if time.monotonic() > deadline:
-            raise FedSMSError(f"{what} at {host}:{port} did not answer within {timeout:.0f} s; check the address and that it is running")
+            raise FedSMSError(
+                f"{what} at {host}:{port} did not answer within {timeout:.0f} s; check the address and that it is running"
+            )
         time.sleep(0.2)
 
 
@@ -179,8 +180,10 @@ def app_config_keys(app: Path) -> set[str]:
         project = tomllib.loads((app / "pyproject.toml").read_text())
         config = project["tool"]["flwr"]["app"]
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
-        raise FedSMSError(f"{app} is not a Flower app folder (a pyproject.toml with [tool.flwr.app]); "
-                          "pass the folder that holds the app's pyproject.toml") from None
+        raise FedSMSError(
+            f"{app} is not a Flower app folder (a pyproject.toml with [tool.flwr.app]); "
+            "pass the folder that holds the app's pyproject.toml"
+        ) from None
     return set(flatten_dict(config.get("config") or {}))
 
 
@@ -207,8 +210,9 @@ def submit_run(app: Path, run_config: dict | list[str], env: dict) -> str:
         If the SuperLink refuses the run, e.g. for a run-config key the app does not declare.
     """
     texts = [run_config_arg(run_config)] if isinstance(run_config, dict) else list(run_config)
-    submitted = flwr(["run", str(app), CONNECTION, *(a for t in texts for a in ("--run-config", t)), "--format", "json"],
-                     env)
+    submitted = flwr(
+        ["run", str(app), CONNECTION, *(a for t in texts for a in ("--run-config", t)), "--format", "json"], env
+    )
     try:
         return str(json.loads(submitted.stdout)["run-id"])
     except (ValueError, KeyError, TypeError):
@@ -224,10 +228,14 @@ def undeclared_keys(app: Path, overrides: dict) -> list[str]:
 
 def refusal(app: Path, said: str) -> str:
     """One sentence for the SuperLink's (or ``flwr run``'s) refusal of a run."""
-    said = " ".join(line.strip() for line in said.splitlines() if line.strip() and not line.startswith("Using SuperLink"))
+    said = " ".join(
+        line.strip() for line in said.splitlines() if line.strip() and not line.startswith("Using SuperLink")
+    )
     if "Invalid run configuration" in said:  # Flower 1.41: an override of a key the app does not declare
-        return (f"Flower refused the run config ({said}); every --run-config key must be declared in "
-                f"[tool.flwr.app.config] of {app / 'pyproject.toml'}")
+        return (
+            f"Flower refused the run config ({said}); every --run-config key must be declared in "
+            f"[tool.flwr.app.config] of {app / 'pyproject.toml'}"
+        )
     return f"the SuperLink refused the job: {said}"
 
 

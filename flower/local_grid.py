@@ -68,8 +68,9 @@ class LocalGrid(Grid):
             if self.drop(message):
                 continue
             node = message.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
-                              run_config=self.run_config)
+            context = Context(
+                run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(), run_config=self.run_config
+            )
             try:
                 reply = self.client_app(message, context)
             except Exception as error:  # what Flower returns for a failing ClientApp

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from fedsms import FedSMSError
 from fedsms.config import split_config
-
 from fedsms_flower.deployment import (
-    CONNECTION, flower_bin, flower_env, free_port, run_config_arg, stop, wait_until_reachable, write_app_dir,
+    CONNECTION,
+    flower_bin,
+    flower_env,
+    free_port,
+    run_config_arg,
+    stop,
+    wait_until_reachable,
+    write_app_dir,
     write_connection,
 )
 
@@ -61,16 +67,30 @@ def simulate(
     with open(log_path, "w") as log:
         superlink = subprocess.Popen(
             [flower_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=home,
             start_new_session=True,  # stop() ends its whole process group
         )
     try:
         wait_until_reachable("127.0.0.1", port, 60, "the simulation SuperLink")
-        federation = (f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client:g} "
-                      f"client-resources-num-gpus={gpus_per_client:g}")
+        federation = (
+            f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client:g} "
+            f"client-resources-num-gpus={gpus_per_client:g}"
+        )
         result = subprocess.run(
-            [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config_arg(dict(config)),
-             "--federation-config", federation],
+            [
+                flower_bin("flwr"),
+                "run",
+                str(app),
+                CONNECTION,
+                "--stream",
+                "--run-config",
+                run_config_arg(dict(config)),
+                "--federation-config",
+                federation,
+            ],
             env=env,
         )
         if result.returncode != 0:

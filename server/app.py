@@ -3,8 +3,8 @@ job; the strategy writes the final soup, the per-phase results and the plots."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from flwr.app import Context
@@ -15,15 +15,15 @@ from fedsms.checkpoint import check_compatible, load_checkpoint
 from fedsms.config import FederationConfig, RunConfig, split_config
 from fedsms.data import load_dataset
 from fedsms.models import build_for
-
 from fedsms_server.strategy import JobStopped, SparseSoupStrategy
-
 
 
 def build_strategy(run: RunConfig, fed: FederationConfig, log=print) -> SparseSoupStrategy:
     """The strategy, starting from the init checkpoint or a seeded fresh model that the
     dense pretraining rounds train; or, with ``resume``, from the last round checkpoint."""
-    splits = load_dataset(run.dataset, data_dir=run.data_dir or None, heldout_fraction=run.heldout_fraction, seed=run.seed)
+    splits = load_dataset(
+        run.dataset, data_dir=run.data_dir or None, heldout_fraction=run.heldout_fraction, seed=run.seed
+    )
     torch.manual_seed(run.seed)
     model = build_for(run.model, splits)
     if run.init_checkpoint:
@@ -32,8 +32,9 @@ def build_strategy(run: RunConfig, fed: FederationConfig, log=print) -> SparseSo
         model.load_state_dict(checkpoint.state)
     elif fed.pretrain_rounds == 0:
         raise FedSMSError("pretrain-rounds is 0 and no init-checkpoint was given; set one of them")
-    strategy = SparseSoupStrategy(run, fed, model, server_data=splits if fed.server_data else None,
-                                  out_dir=run.out_dir, log=log)
+    strategy = SparseSoupStrategy(
+        run, fed, model, server_data=splits if fed.server_data else None, out_dir=run.out_dir, log=log
+    )
     if fed.resume:
         strategy.restore(load_checkpoint(Path(run.out_dir) / "checkpoints" / "soup"))
     return strategy

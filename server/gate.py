@@ -111,8 +111,9 @@ def array_fits(name: str, array: object) -> None:
         raise Rejected(f"array {name!r} declares the shape {short(declared, 60)}")
     size = math.prod(declared) * dtype.itemsize
     if size > MAX_ARRAY_BYTES or len(data) - stream.tell() != size:
-        raise Rejected(f"array {name!r} declares {short(declared, 60)} of {dtype} but carries "
-                       f"{len(data) - stream.tell()} bytes")
+        raise Rejected(
+            f"array {name!r} declares {short(declared, 60)} of {dtype} but carries {len(data) - stream.tell()} bytes"
+        )
 
 
 def train_reply(reply: Message) -> tuple[bytes | ArrayRecord, dict[str, float]]:

@@ -19,10 +19,20 @@ from pathlib import Path
 from fedsms import FedSMSError
 from fedsms.cli import add_config_options, check_out_dir, config_overrides, run_command
 from fedsms.config import FederationConfig, RunConfig, split_config, toml_value
-
 from fedsms_flower.deployment import (
-    app_config_keys, flower_bin, flower_env, parse_run_config, register_supernode, run_status, stop, stream_log,
-    submit_run, undeclared_keys, wait_until_reachable, write_app_dir, write_connection,
+    app_config_keys,
+    flower_bin,
+    flower_env,
+    parse_run_config,
+    register_supernode,
+    run_status,
+    stop,
+    stream_log,
+    submit_run,
+    undeclared_keys,
+    wait_until_reachable,
+    write_app_dir,
+    write_connection,
 )
 
 
@@ -30,33 +40,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsms-server",
         description="Run a federated Sparse Model Soups job: starts a Flower SuperLink, runs the "
-                    "SparseSoupStrategy ServerApp on it (or your own Flower app, --app) and exits when the job is done.",
+        "SparseSoupStrategy ServerApp on it (or your own Flower app, --app) and exits when the job is done.",
         epilog="With --app, only the options above the 'built-in app' group apply, plus --out-dir; the app's "
-               "own settings go in --run-config.",
+        "own settings go in --run-config.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0 for remote clients)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0 for remote clients)"
+    )
     parser.add_argument("--port", type=int, default=9092, help="SuperLink port (default: 9092)")
-    parser.add_argument("--app", metavar="DIR",
-                        help="run this Flower app folder (pyproject.toml with [tool.flwr.app]) instead of the built-in "
-                             "fedsms app; clients run the ClientApp it ships")
-    parser.add_argument("--run-config", metavar="'KEY=VALUE ...'", action="append", default=[],
-                        help="with --app: the app's run-config overrides, as for `flwr run` (keys its pyproject.toml "
-                             "declares; give paths absolute, the ServerApp runs in the SuperLink's folder)")
+    parser.add_argument(
+        "--app",
+        metavar="DIR",
+        help="run this Flower app folder (pyproject.toml with [tool.flwr.app]) instead of the built-in "
+        "fedsms app; clients run the ClientApp it ships",
+    )
+    parser.add_argument(
+        "--run-config",
+        metavar="'KEY=VALUE ...'",
+        action="append",
+        default=[],
+        help="with --app: the app's run-config overrides, as for `flwr run` (keys its pyproject.toml "
+        "declares; give paths absolute, the ServerApp runs in the SuperLink's folder)",
+    )
     security = parser.add_argument_group("transport security (one of --insecure or the three certificate files)")
     security.add_argument("--insecure", action="store_true", help="no TLS: only on a trusted network")
     security.add_argument("--ssl-ca-certfile", help="CA certificate (PEM)")
     security.add_argument("--ssl-certfile", help="server certificate (PEM)")
     security.add_argument("--ssl-keyfile", help="server private key (PEM)")
-    security.add_argument("--enable-supernode-auth", action="store_true",
-                          help="only registered clients may join (register keys with --authorized-key)")
-    security.add_argument("--authorized-key", action="append", default=[],
-                          help="public key file (OpenSSH ecdsa, e.g. from ssh-keygen -t ecdsa -b 384) of a client "
-                               "allowed to join; repeat per client")
+    security.add_argument(
+        "--enable-supernode-auth",
+        action="store_true",
+        help="only registered clients may join (register keys with --authorized-key)",
+    )
+    security.add_argument(
+        "--authorized-key",
+        action="append",
+        default=[],
+        help="public key file (OpenSSH ecdsa, e.g. from ssh-keygen -t ecdsa -b 384) of a client "
+        "allowed to join; repeat per client",
+    )
     parser.add_argument("--flwr-home", help="Flower state folder (default: a fresh temporary one)")
-    parser.add_argument("--out-dir", dest="out_dir", metavar="DIR",
-                        help="where the job's results go (default: runs/server). With --app: where the app writes "
-                             "its fedsms summary.json, passed to it as its out-dir key if it declares one; without "
-                             "it, only Flower's run status is reported")
+    parser.add_argument(
+        "--out-dir",
+        dest="out_dir",
+        metavar="DIR",
+        help="where the job's results go (default: runs/server). With --app: where the app writes "
+        "its fedsms summary.json, passed to it as its out-dir key if it declares one; without "
+        "it, only Flower's run status is reported",
+    )
     builtin = parser.add_argument_group("built-in app (not with --app)")
     builtin.add_argument("--clients", type=int, help="clients to wait for before each round (default: 2)")
     add_config_options(builtin, RunConfig(), skip=("out_dir",))
@@ -70,11 +101,15 @@ def security_flags(args: argparse.Namespace) -> tuple[list[str], str | None]:
     if args.insecure and any(certs):
         raise FedSMSError("--insecure and certificate files exclude each other; pass one or the other")
     if args.insecure and (args.enable_supernode_auth or args.authorized_key):  # fail closed, never drop them
-        raise FedSMSError("--enable-supernode-auth and --authorized-key need TLS (the SuperLink ignores them with "
-                          "--insecure); pass the three certificate files, or drop the authentication flags")
+        raise FedSMSError(
+            "--enable-supernode-auth and --authorized-key need TLS (the SuperLink ignores them with "
+            "--insecure); pass the three certificate files, or drop the authentication flags"
+        )
     if args.insecure:
-        print("fedsms-server: WARNING: running without TLS (--insecure); traffic is readable and clients are not verified",
-              file=sys.stderr)
+        print(
+            "fedsms-server: WARNING: running without TLS (--insecure); traffic is readable and clients are not verified",
+            file=sys.stderr,
+        )
         return ["--insecure"], None
     if not all(certs):
         raise FedSMSError("pass --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile for TLS, or --insecure explicitly")
@@ -105,13 +140,16 @@ class Job:
 def built_in_job(args: argparse.Namespace) -> Job:
     """The fedsms app, configured by fedsms-server's own flags."""
     if args.run_config:
-        raise FedSMSError("--run-config sets the keys of an --app; the built-in app takes fedsms-server's own "
-                          "flags (see --help)")
+        raise FedSMSError(
+            "--run-config sets the keys of an --app; the built-in app takes fedsms-server's own flags (see --help)"
+        )
     overrides = config_overrides(args, RunConfig()) | config_overrides(args, FederationConfig())
     clients = 2 if args.clients is None else args.clients
     overrides.setdefault("min_available_clients", clients)
     overrides.setdefault("min_train_clients", clients)
-    overrides["out_dir"] = str(Path(overrides.get("out_dir") or "runs/server").resolve())  # the ServerApp runs elsewhere
+    overrides["out_dir"] = str(
+        Path(overrides.get("out_dir") or "runs/server").resolve()
+    )  # the ServerApp runs elsewhere
     if overrides.get("data_dir"):
         overrides["data_dir"] = str(Path(overrides["data_dir"]).resolve())
     _, fed = split_config(overrides)
@@ -129,15 +167,19 @@ def app_job(args: argparse.Namespace) -> Job:
         given["clients"] = args.clients
     if given:
         flag = "--" + next(iter(given)).replace("_", "-")
-        raise FedSMSError(f"{flag} configures the built-in app only; with --app, set the app's own keys with "
-                          f"--run-config \"key=value ...\" (the keys its pyproject.toml declares)")
+        raise FedSMSError(
+            f"{flag} configures the built-in app only; with --app, set the app's own keys with "
+            f'--run-config "key=value ..." (the keys its pyproject.toml declares)'
+        )
     run_config = list(args.run_config)
     overrides = parse_run_config(run_config)  # a malformed value fails here, in one sentence
     # Flower refuses a run that sets an undeclared key, but without naming it: name it now.
     if unknown := undeclared_keys(app, overrides):
-        raise FedSMSError(f"run-config key {', '.join(map(repr, unknown))} is not declared in [tool.flwr.app.config] "
-                          f"of {app / 'pyproject.toml'}, so Flower would refuse the job; fix its spelling or declare "
-                          f"it there (declared: {', '.join(sorted(declared)) or 'none'})")
+        raise FedSMSError(
+            f"run-config key {', '.join(map(repr, unknown))} is not declared in [tool.flwr.app.config] "
+            f"of {app / 'pyproject.toml'}, so Flower would refuse the job; fix its spelling or declare "
+            f"it there (declared: {', '.join(sorted(declared)) or 'none'})"
+        )
     out_dir = Path(args.out_dir).resolve() if args.out_dir else None
     if out_dir is not None and "out-dir" in declared:
         if "out-dir" in overrides:
@@ -159,11 +201,16 @@ def serve(args: argparse.Namespace) -> int:
     with open(log_path, "w") as log:
         superlink = subprocess.Popen(
             [flower_bin("flower-superlink"), *flags, "--host", args.host, "--port", str(args.port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=home,
             start_new_session=True,  # stop() ends its whole process group
         )
     try:
-        wait_until_reachable("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, 60, "the SuperLink")
+        wait_until_reachable(
+            "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, 60, "the SuperLink"
+        )
         for key in args.authorized_key:
             register_supernode(key, env)
         return follow(job, env, superlink)
@@ -180,7 +227,9 @@ def follow(job: Job, env: dict, superlink: subprocess.Popen) -> int:
     try:
         while not (status := run_status(run_id, env)).get("status", "").startswith("finished"):
             if superlink.poll() is not None:
-                raise FedSMSError(f"the SuperLink exited with code {superlink.returncode}; see its log in {env['FLWR_HOME']}")
+                raise FedSMSError(
+                    f"the SuperLink exited with code {superlink.returncode}; see its log in {env['FLWR_HOME']}"
+                )
             time.sleep(2)
     finally:
         time.sleep(1)
@@ -189,8 +238,11 @@ def follow(job: Job, env: dict, superlink: subprocess.Popen) -> int:
     stopped = stop_reason(job.out_dir, since=submitted_at) if job.out_dir is not None else ""
     if status["status"] != "finished:completed":
         details = status.get("status-details", "")
-        print(f"fedsms-server: job {run_id} ended as {status['status']}: {details}"
-              + (f"; {stopped}" if stopped and stopped not in details else ""), file=sys.stderr)
+        print(
+            f"fedsms-server: job {run_id} ended as {status['status']}: {details}"
+            + (f"; {stopped}" if stopped and stopped not in details else ""),
+            file=sys.stderr,
+        )
         return 1
     if stopped:
         print(f"fedsms-server: job {run_id} stopped early: {stopped}", file=sys.stderr)

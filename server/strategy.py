@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from logging import INFO
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from logging import INFO
 from pathlib import Path
 
 import torch
@@ -47,11 +47,9 @@ from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.report import final_table, phase_table
 from fedsms.schedule import Round, federated_rounds
 from fedsms.soup import RunningAverage
-
 from fedsms_flower.records import JOB_KEY, record_of
 from fedsms_server import gate
 from fedsms_server.flower_layout import ARRAYS_KEY, read_update, record_bytes, soup_record
-
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
 
@@ -151,8 +149,10 @@ class SparseSoupStrategy(Strategy):
         log: Callable[[str], None] | None = None,
     ) -> None:
         if run.merge == "greedy" and server_data is None:
-            raise FedSMSError("merge 'greedy' needs a held-out split on the server; give the strategy server_data "
-                              "or use merge 'uniform' or 'weighted'")
+            raise FedSMSError(
+                "merge 'greedy' needs a held-out split on the server; give the strategy server_data "
+                "or use merge 'uniform' or 'weighted'"
+            )
         self.run, self.fed = run, federation
         self.model = model.cpu()
         self.server_data = server_data
@@ -162,8 +162,14 @@ class SparseSoupStrategy(Strategy):
         hooks = PhaseHooks()
         if server_data is not None:
             hooks = data_hooks(self.model, server_data, fraction=run.recalibration_fraction, seed=run.seed)
-        self.engine = SoupEngine(model.state_dict(), dense_mask(model, names), pruning=run.pruning, seed=run.seed,
-                                 hooks=hooks, log=lambda line: self.log(line))
+        self.engine = SoupEngine(
+            model.state_dict(),
+            dense_mask(model, names),
+            pruning=run.pruning,
+            seed=run.seed,
+            hooks=hooks,
+            log=lambda line: self.log(line),
+        )
         self.candidates = run.candidate_configs()
         self.schedule: list[Round] = federated_rounds(run, federation)
         self.rounds: list[RoundLog] = []  # the completed rounds
@@ -268,7 +274,7 @@ class SparseSoupStrategy(Strategy):
         timeout = self.fed.round_timeout if timeout is None else timeout
         extra_train, extra_evaluate = dict(train_config or {}), dict(evaluate_config or {})
         result = Result()
-        todo = self.schedule[self.round_offset:][: num_rounds or None]
+        todo = self.schedule[self.round_offset :][: num_rounds or None]
         try:
             for step in todo:
                 self.run_round(grid, step, timeout, extra_train, extra_evaluate)
@@ -278,7 +284,10 @@ class SparseSoupStrategy(Strategy):
                     result.evaluate_metrics_clientapp[step.number] = MetricRecord(log.federated_eval)
                 if log.central_eval:
                     result.evaluate_metrics_serverapp[step.number] = MetricRecord(log.central_eval)
-                if evaluate_fn is not None and (metrics := evaluate_fn(step.number, ArrayRecord(self.soup))) is not None:
+                if (
+                    evaluate_fn is not None
+                    and (metrics := evaluate_fn(step.number, ArrayRecord(self.soup))) is not None
+                ):
                     result.evaluate_metrics_serverapp[step.number] = metrics
         except RoundFailed as error:
             self._stop(str(error))
@@ -286,8 +295,10 @@ class SparseSoupStrategy(Strategy):
         except Exception as error:  # any other failure ends the job as a failed round does
             reason = gate.short(f"{type(error).__name__}: {error}", 400)
             done = self.rounds[-1].server_round if self.rounds else self.round_offset
-            self._stop(f"unexpected error during round {done + 1} ({reason}); the job stopped at the last "
-                       f"completed round ({done}); fix the cause, then rerun with --resume")
+            self._stop(
+                f"unexpected error during round {done + 1} ({reason}); the job stopped at the last "
+                f"completed round ({done}); fix the cause, then rerun with --resume"
+            )
             raise JobStopped(self._stopped) from error
         self.write_outputs()
         result.arrays = ArrayRecord(self.soup)
@@ -336,8 +347,14 @@ class SparseSoupStrategy(Strategy):
 
     def soup_payload(self, server_round: int) -> bytes:
         """The soup as the clients receive it: values under the mask and the mask bits."""
-        return codec.encode(self.soup, self.mask, phase=self.phase_at(server_round)[0], round=server_round,
-                            kind="soup", value_dtype=self.fed.value_dtype)
+        return codec.encode(
+            self.soup,
+            self.mask,
+            phase=self.phase_at(server_round)[0],
+            round=server_round,
+            kind="soup",
+            value_dtype=self.fed.value_dtype,
+        )
 
     def _soup_entry(self, server_round: int) -> tuple[dict, int]:
         """The soup under its record key, as the clients read it, and its bytes: the compact
@@ -351,7 +368,9 @@ class SparseSoupStrategy(Strategy):
 
     # ---- training ----------------------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One message per client: the soup payload, the client's candidate hyperparameters
         and the job's settings (a client needs no run config of its own)."""
         phase, _ = self.phase_at(server_round)
@@ -362,19 +381,30 @@ class SparseSoupStrategy(Strategy):
         messages = []
         for i, node in enumerate(nodes):
             candidate = self.candidate_for(i, phase, server_round)
-            content = RecordDict({
-                **soup,
-                "config": ConfigRecord({
-                    **dict(config), **candidate.to_dict(), "phase": phase, "server-round": server_round,
-                    "candidate": i, "num-candidates": len(nodes), **self._job_flags(server_round),
-                }),
-                JOB_KEY: self._job_record(),
-            })
+            content = RecordDict(
+                {
+                    **soup,
+                    "config": ConfigRecord(
+                        {
+                            **dict(config),
+                            **candidate.to_dict(),
+                            "phase": phase,
+                            "server-round": server_round,
+                            "candidate": i,
+                            "num-candidates": len(nodes),
+                            **self._job_flags(server_round),
+                        }
+                    ),
+                    JOB_KEY: self._job_record(),
+                }
+            )
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._sent = messages
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream this attempt's replies into the merge, in candidate order."""
         metrics = self.aggregate_updates(server_round, self._updates_in_candidate_order(server_round, list(replies)))
         if self.current.accepted < self.fed.min_train_clients:
@@ -404,8 +434,13 @@ class SparseSoupStrategy(Strategy):
         reason and never touch the soup."""
         step = self.schedule[server_round - 1]
         rule = "uniform" if step.phase == 0 and self.run.merge == "greedy" else self.run.merge
-        merge = self.engine.merge(rule, ends_phase=step.ends_phase, trim_fraction=self.run.trim_fraction,
-                                  max_weight=self.run.max_client_weight, norm_bound=self.run.update_norm_bound)
+        merge = self.engine.merge(
+            rule,
+            ends_phase=step.ends_phase,
+            trim_fraction=self.run.trim_fraction,
+            max_weight=self.run.max_client_weight,
+            norm_bound=self.run.update_norm_bound,
+        )
         metrics: dict[str, RunningAverage] = {}
         added: list[int] = []  # the nodes of the merged candidates, in order
         log = self.current
@@ -424,8 +459,10 @@ class SparseSoupStrategy(Strategy):
                 metrics.setdefault(key, RunningAverage()).add({key: torch.tensor(float(value))})
         log.accepted = merge.count
         if merge.count < self.fed.min_train_clients:
-            self.log(f"round {server_round}: only {merge.count} valid replies (min-train-clients is "
-                     f"{self.fed.min_train_clients}); the soup stays as it was")
+            self.log(
+                f"round {server_round}: only {merge.count} valid replies (min-train-clients is "
+                f"{self.fed.min_train_clients}); the soup stays as it was"
+            )
             return {}
         self.engine.end_round(merge)
         for i in merge.dropped:
@@ -450,9 +487,19 @@ class SparseSoupStrategy(Strategy):
         phase, _ = self.phase_at(server_round)
         payload = self.soup_payload(server_round)
         messages = [
-            Message(content=RecordDict({"soup": record_of(payload), JOB_KEY: self._job_record(), "config": ConfigRecord({
-                "phase": phase, "server-round": server_round, "fraction": self.run.recalibration_fraction})}),
-                dst_node_id=node, message_type=NORM_STATS)
+            Message(
+                content=RecordDict(
+                    {
+                        "soup": record_of(payload),
+                        JOB_KEY: self._job_record(),
+                        "config": ConfigRecord(
+                            {"phase": phase, "server-round": server_round, "fraction": self.run.recalibration_fraction}
+                        ),
+                    }
+                ),
+                dst_node_id=node,
+                message_type=NORM_STATS,
+            )
             for node in grid.get_node_ids()
         ]
         pooled = NormStatsAverage(self.model)
@@ -460,7 +507,9 @@ class SparseSoupStrategy(Strategy):
             try:
                 pooled.add(*gate.norm_stats_reply(reply, pooled.template))
             except (gate.Rejected, NormStatsError) as error:
-                self.log(f"round {server_round}: rejected norm statistics from node {reply.metadata.src_node_id}: {error}")
+                self.log(
+                    f"round {server_round}: rejected norm statistics from node {reply.metadata.src_node_id}: {error}"
+                )
         if pooled.count == 0:
             self.log(f"phase {phase}: no client returned norm statistics; keeping the averaged statistics")
             return
@@ -469,7 +518,9 @@ class SparseSoupStrategy(Strategy):
 
     # ---- evaluation ------------------------------------------------------------------
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """The soup to a ``fraction-evaluate`` share of the clients, for federated evaluation."""
         if self.fed.fraction_evaluate == 0:
             return []
@@ -478,11 +529,22 @@ class SparseSoupStrategy(Strategy):
         phase, _ = self.phase_at(server_round)
         soup, nbytes = self._soup_entry(server_round)
         self.current.bytes_down += nbytes * count
-        evaluate_config = ConfigRecord({**dict(config), "phase": phase, "server-round": server_round, "ood": self.run.ood,
-                                        "ood-examples": self.run.ood_examples, **self._job_flags(server_round)})
+        evaluate_config = ConfigRecord(
+            {
+                **dict(config),
+                "phase": phase,
+                "server-round": server_round,
+                "ood": self.run.ood,
+                "ood-examples": self.run.ood_examples,
+                **self._job_flags(server_round),
+            }
+        )
         return [
-            Message(content=RecordDict({**soup, "config": evaluate_config, JOB_KEY: self._job_record()}),
-                    dst_node_id=node, message_type=MessageType.EVALUATE)
+            Message(
+                content=RecordDict({**soup, "config": evaluate_config, JOB_KEY: self._job_record()}),
+                dst_node_id=node,
+                message_type=MessageType.EVALUATE,
+            )
             for node in available[:count]
         ]
 
@@ -535,9 +597,15 @@ class SparseSoupStrategy(Strategy):
         for log in self.rounds:
             if self.ends_phase(log.server_round):
                 metrics = log.central_eval or log.federated_eval
-                rows.append({"method": "fed-dense" if log.phase == 0 else f"fed-{self.fed.mode}{gmp}",
-                             "seed": self.run.seed, "phase": log.phase, "sparsity": log.sparsity,
-                             **{k: metrics[k] for k in ("accuracy", "loss", "ece", "ood_accuracy") if k in metrics}})
+                rows.append(
+                    {
+                        "method": "fed-dense" if log.phase == 0 else f"fed-{self.fed.mode}{gmp}",
+                        "seed": self.run.seed,
+                        "phase": log.phase,
+                        "sparsity": log.sparsity,
+                        **{k: metrics[k] for k in ("accuracy", "loss", "ece", "ood_accuracy") if k in metrics},
+                    }
+                )
         return rows
 
     def write_outputs(self, stopped: str = "") -> Path:
@@ -552,62 +620,93 @@ class SparseSoupStrategy(Strategy):
         if rows and all("accuracy" in r for r in rows):
             plot_results(rows, out)
             self.log("\n" + phase_table(rows) + "\n" + final_table(rows))
-        safefile.write_text(out / "summary.json", json.dumps({
-            "config": self._settings(),
-            "model": self._model_metadata(),
-            "phases": rows,
-            "bytes_down": sum(r.bytes_down for r in self.rounds),
-            "bytes_up": sum(r.bytes_up for r in self.rounds),
-            "final_model": str(final),
-            "stopped": stopped,
-        }, indent=2))
+        safefile.write_text(
+            out / "summary.json",
+            json.dumps(
+                {
+                    "config": self._settings(),
+                    "model": self._model_metadata(),
+                    "phases": rows,
+                    "bytes_down": sum(r.bytes_down for r in self.rounds),
+                    "bytes_up": sum(r.bytes_up for r in self.rounds),
+                    "final_model": str(final),
+                    "stopped": stopped,
+                },
+                indent=2,
+            ),
+        )
         self.log(f"job {'stopped: ' + stopped if stopped else 'finished'}; results in {out}")
         return out
 
     def save_checkpoint(self, server_round: int) -> Path:
         """The round checkpoint a resumed job continues from."""
         phase, r = self.phase_at(server_round)
-        return save_checkpoint(self.out_dir / "checkpoints" / "soup", self.soup, self.mask, {
-            "phase": phase, "round_in_phase": r, "server_round": server_round, **self._model_metadata(),
-            "dataset": self.run.dataset, "config": self._settings(),
-            "metrics": self.rounds[-1].central_eval if self.rounds else {},
-            "rounds": [log.__dict__ for log in self.rounds],  # the history a resumed job continues
-        })
+        return save_checkpoint(
+            self.out_dir / "checkpoints" / "soup",
+            self.soup,
+            self.mask,
+            {
+                "phase": phase,
+                "round_in_phase": r,
+                "server_round": server_round,
+                **self._model_metadata(),
+                "dataset": self.run.dataset,
+                "config": self._settings(),
+                "metrics": self.rounds[-1].central_eval if self.rounds else {},
+                "rounds": [log.__dict__ for log in self.rounds],  # the history a resumed job continues
+            },
+        )
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a round checkpoint written by ``save_checkpoint`` under the same settings."""
         meta = checkpoint.metadata
         saved = meta.get("config", {})
         if not isinstance(saved, dict):
-            raise FedSMSError("the checkpoint's 'config' is not a JSON object; it is damaged, start a new job in another --out-dir")
+            raise FedSMSError(
+                "the checkpoint's 'config' is not a JSON object; it is damaged, start a new job in another --out-dir"
+            )
         mine = self._settings()
         changed = soup_shaping_changes(saved, mine)  # keys declared with shapes_soup=False may change
         if changed:
             shown = ", ".join(f"{k.replace('_', '-')}={saved.get(k)!r} (now {mine[k]!r})" for k in changed[:4])
-            raise FedSMSError(f"the checkpoint was written by a job with other settings: {shown}; "
-                              "resume with the same settings or start a new job in another --out-dir")
+            raise FedSMSError(
+                f"the checkpoint was written by a job with other settings: {shown}; "
+                "resume with the same settings or start a new job in another --out-dir"
+            )
         check_compatible(checkpoint, self.model)
         for name, tensor in self.model.state_dict().items():
             if checkpoint.state[name].dtype != tensor.dtype:
-                raise FedSMSError(f"the checkpoint holds {name!r} as {checkpoint.state[name].dtype}, not "
-                                  f"{tensor.dtype}; it was not written by this job, start a new job in another --out-dir")
+                raise FedSMSError(
+                    f"the checkpoint holds {name!r} as {checkpoint.state[name].dtype}, not "
+                    f"{tensor.dtype}; it was not written by this job, start a new job in another --out-dir"
+                )
         done, history = meta.get("server_round"), meta.get("rounds")
         if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-            raise FedSMSError("the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
-                              "it is not a fedsms server checkpoint, start a new job in another --out-dir")
+            raise FedSMSError(
+                "the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
+                "it is not a fedsms server checkpoint, start a new job in another --out-dir"
+            )
         if not 1 <= done <= self.num_rounds:
-            raise FedSMSError(f"the checkpoint is of round {done}, outside this job's {self.num_rounds} rounds; start a new job")
+            raise FedSMSError(
+                f"the checkpoint is of round {done}, outside this job's {self.num_rounds} rounds; start a new job"
+            )
         try:
             self.rounds = [RoundLog(**log) for log in history]
         except TypeError as error:
-            raise FedSMSError(f"the checkpoint's round history does not fit this fedsms ({error}); start a new job") from None
+            raise FedSMSError(
+                f"the checkpoint's round history does not fit this fedsms ({error}); start a new job"
+            ) from None
         self.engine.restore(checkpoint.state, checkpoint.mask)
         self.round_offset = done
         # rounds.jsonl may hold a line for a round whose checkpoint never landed: that round reruns.
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        safefile.write_text(self.out_dir / "rounds.jsonl", "".join(json.dumps(log.__dict__) + "\n" for log in self.rounds))
-        self.log(f"resumed after round {done} (phase {self.phase_at(done)[0]}, sparsity {sparsity(self.mask):.2%}); "
-                 f"{self.rounds_left} rounds left")
+        safefile.write_text(
+            self.out_dir / "rounds.jsonl", "".join(json.dumps(log.__dict__) + "\n" for log in self.rounds)
+        )
+        self.log(
+            f"resumed after round {done} (phase {self.phase_at(done)[0]}, sparsity {sparsity(self.mask):.2%}); "
+            f"{self.rounds_left} rounds left"
+        )
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -621,19 +720,27 @@ class SparseSoupStrategy(Strategy):
 
     def _model_metadata(self) -> dict:
         params = dict(self.model.named_parameters())
-        return {"model": self.run.model, "model_class": type(self.model).__name__,
-                "parameters": sum(p.numel() for p in params.values()),
-                "prunable": sum(params[n].numel() for n in self.mask)}
+        return {
+            "model": self.run.model,
+            "model_class": type(self.model).__name__,
+            "parameters": sum(p.numel() for p in params.values()),
+            "prunable": sum(params[n].numel() for n in self.mask),
+        }
 
     def _failure(self, server_round: int) -> str:
         """Why a round failed, in one sentence: what the clients reported, or that none answered."""
         reasons = sorted(set(self.current.rejected.values()))
         said = f"; clients reported: {' | '.join(reasons[:3])}" if reasons else ""
-        advice = ("fix what the clients reported" if any("timeout" not in r for r in reasons)
-                  else "start more clients or lower min-train-clients")
-        return (f"round {server_round} got {self.current.accepted} valid replies after {self.fed.round_retries} "
-                f"retries, fewer than min-train-clients={self.fed.min_train_clients}{said}; {advice}, then rerun with "
-                "--resume to continue from the last completed round")
+        advice = (
+            "fix what the clients reported"
+            if any("timeout" not in r for r in reasons)
+            else "start more clients or lower min-train-clients"
+        )
+        return (
+            f"round {server_round} got {self.current.accepted} valid replies after {self.fed.round_retries} "
+            f"retries, fewer than min-train-clients={self.fed.min_train_clients}{said}; {advice}, then rerun with "
+            "--resume to continue from the last completed round"
+        )
 
     def _job_flags(self, server_round: int) -> dict:
         """Lets clients tell when the job is over (``fedsms-client`` exits then)."""
@@ -661,19 +768,25 @@ class SparseSoupStrategy(Strategy):
         while len(nodes := sorted(grid.get_node_ids())) < wanted:
             now = time.monotonic()
             if now >= deadline:
-                raise RoundFailed(f"only {len(nodes)} of the {wanted} clients the job needs connected within "
-                                  f"client-wait ({self.fed.client_wait:g} s); start more clients or lower "
-                                  "min-available-clients / min-train-clients")
+                raise RoundFailed(
+                    f"only {len(nodes)} of the {wanted} clients the job needs connected within "
+                    f"client-wait ({self.fed.client_wait:g} s); start more clients or lower "
+                    "min-available-clients / min-train-clients"
+                )
             if now - announced >= 10:
                 self.log(f"waiting for clients: {len(nodes)} connected, {wanted} needed")
                 announced = now
             time.sleep(0.5)
-        count = self.fed.clients_per_round or (len(self.candidates) if self.fed.mode == "hyperparameter" else len(nodes))
+        count = self.fed.clients_per_round or (
+            len(self.candidates) if self.fed.mode == "hyperparameter" else len(nodes)
+        )
         count = max(count, self.fed.min_train_clients)
         if count >= len(nodes):
             return nodes
         # Derived from the job's seed and the round: a resumed job draws the same clients.
-        draw = torch.randperm(len(nodes), generator=torch.Generator().manual_seed(self.run.seed * 100_003 + server_round))
+        draw = torch.randperm(
+            len(nodes), generator=torch.Generator().manual_seed(self.run.seed * 100_003 + server_round)
+        )
         return [nodes[i] for i in sorted(draw[:count].tolist())]
 
     def _decode_update(self, update: Update, phase: int, server_round: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -684,8 +797,13 @@ class SparseSoupStrategy(Strategy):
             values, examples = read_update(update.arrays, self.soup, self.mask), int(update.metrics["num-examples"])
         else:
             decoded = codec.decode(
-                update.payload, expected_mask=self.mask, expected_digest=self.digest, template=self.soup,
-                expected_phase=phase, expected_round=server_round, expected_kind="update",
+                update.payload,
+                expected_mask=self.mask,
+                expected_digest=self.digest,
+                template=self.soup,
+                expected_phase=phase,
+                expected_round=server_round,
+                expected_kind="update",
             )
             values, examples = {**decoded.values, **decoded.dense}, decoded.num_examples
         if not 0 < examples <= MAX_EXAMPLES:

@@ -54,15 +54,41 @@ def make_strategy(out_dir, *, model: str = "mlp", server_data=True, log=None, ru
     from fedsms.models import build_for
     from fedsms_server.strategy import SparseSoupStrategy
 
-    settings = {**dict(model=model, phases=2, target_sparsity=0.8, pretrain_epochs=1, retrain_epochs=1, batch_size=32,
-                       candidates=3, augment=False, ood=False, device="cpu", out_dir=str(out_dir)), **(run or {})}
-    fed = FederationConfig(**{"pretrain_rounds": 1, "min_train_clients": 2, "min_available_clients": 2,
-                              "fraction_evaluate": 0.0, **federation})
+    settings = {
+        **dict(
+            model=model,
+            phases=2,
+            target_sparsity=0.8,
+            pretrain_epochs=1,
+            retrain_epochs=1,
+            batch_size=32,
+            candidates=3,
+            augment=False,
+            ood=False,
+            device="cpu",
+            out_dir=str(out_dir),
+        ),
+        **(run or {}),
+    }
+    fed = FederationConfig(
+        **{
+            "pretrain_rounds": 1,
+            "min_train_clients": 2,
+            "min_available_clients": 2,
+            "fraction_evaluate": 0.0,
+            **federation,
+        }
+    )
     torch.manual_seed(0)
     data = digits()
-    return SparseSoupStrategy(RunConfig(**settings), fed, build_for(model, data),
-                              server_data=data if server_data else None,
-                              out_dir=out_dir, log=log or (lambda _: None))
+    return SparseSoupStrategy(
+        RunConfig(**settings),
+        fed,
+        build_for(model, data),
+        server_data=data if server_data else None,
+        out_dir=out_dir,
+        log=log or (lambda _: None),
+    )
 
 
 def payloads(replies: Iterable[Message]) -> list[bytes]:

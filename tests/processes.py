@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -14,33 +15,80 @@ from pathlib import Path
 from conftest import venv_bin
 
 # A small job: dense round, then 2 phases of 2 rounds each to 80 % sparsity on digits.
-JOB = ["--model", "cnn", "--phases", "2", "--target-sparsity", "0.8", "--pretrain-rounds", "1",
-       "--rounds-per-phase", "2", "--pretrain-epochs", "3", "--retrain-epochs", "1", "--ood-examples", "100",
-       "--device", "cpu"]
+JOB = [
+    "--model",
+    "cnn",
+    "--phases",
+    "2",
+    "--target-sparsity",
+    "0.8",
+    "--pretrain-rounds",
+    "1",
+    "--rounds-per-phase",
+    "2",
+    "--pretrain-epochs",
+    "3",
+    "--retrain-epochs",
+    "1",
+    "--ood-examples",
+    "100",
+    "--device",
+    "cpu",
+]
 
 
 def start(command: list[str]) -> subprocess.Popen:
     # A session of its own: killing the group takes the SuperLink / SuperNode with it, as a
     # crash of the whole host would.
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
-def start_server(tmp_path: Path, port: int, out: Path, *extra: str, clients: int = 3, security=("--insecure",)) -> subprocess.Popen:
-    return start([venv_bin("fedsms-server"), *security, "--port", str(port), "--clients", str(clients),
-                  "--flwr-home", str(tmp_path / "server-home"), "--out-dir", str(out), *JOB, *extra])
+def start_server(
+    tmp_path: Path, port: int, out: Path, *extra: str, clients: int = 3, security=("--insecure",)
+) -> subprocess.Popen:
+    return start(
+        [
+            venv_bin("fedsms-server"),
+            *security,
+            "--port",
+            str(port),
+            "--clients",
+            str(clients),
+            "--flwr-home",
+            str(tmp_path / "server-home"),
+            "--out-dir",
+            str(out),
+            *JOB,
+            *extra,
+        ]
+    )
 
 
-def start_client(tmp_path: Path, port: int, index: int, total: int, home: str = "", security=("--insecure",),
-                 *extra: str) -> subprocess.Popen:
-    return start([venv_bin("fedsms-client"), *security, "--server", f"127.0.0.1:{port}", "--partition-id", str(index),
-                  "--num-partitions", str(total), "--flwr-home", str(tmp_path / (home or f"client{index}-home")), *extra])
+def start_client(
+    tmp_path: Path, port: int, index: int, total: int, home: str = "", security=("--insecure",), *extra: str
+) -> subprocess.Popen:
+    return start(
+        [
+            venv_bin("fedsms-client"),
+            *security,
+            "--server",
+            f"127.0.0.1:{port}",
+            "--partition-id",
+            str(index),
+            "--num-partitions",
+            str(total),
+            "--flwr-home",
+            str(tmp_path / (home or f"client{index}-home")),
+            *extra,
+        ]
+    )
 
 
 def kill_group(process: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
 
 
@@ -76,9 +124,12 @@ def write_client_key(folder: Path, name: str) -> tuple[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     return str(private), str(public)
 
 
@@ -91,25 +142,40 @@ def write_test_certificates(folder: Path) -> tuple[str, str, str]:
     from cryptography.x509.oid import NameOID
 
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def build(subject: str, issuer: x509.Name | None, key, signer, ca: bool, san=None):
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-        builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return builder.sign(signer, hashes.SHA256())
 
     ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_cert = build("fedsms test CA", None, ca_key, ca_key, ca=True)
-    server_cert = build("127.0.0.1", ca_cert.subject, server_key, ca_key, ca=False,
-                        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server_cert = build(
+        "127.0.0.1",
+        ca_cert.subject,
+        server_key,
+        ca_key,
+        ca=False,
+        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
     paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
     paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return tuple(str(p) for p in paths)

@@ -14,8 +14,20 @@ from test_data import write_cifar10
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 LOCAL_METHODS = {"dense", "imp", "imp-best", "imp-avg", "sms", "sms-greedy", "ensemble"}
-TINY = ["--phases", "2", "--candidates", "2", "--pretrain-epochs", "1", "--retrain-epochs", "1",
-        "--ood-examples", "20", "--batch-size", "32"]
+TINY = [
+    "--phases",
+    "2",
+    "--candidates",
+    "2",
+    "--pretrain-epochs",
+    "1",
+    "--retrain-epochs",
+    "1",
+    "--ood-examples",
+    "20",
+    "--batch-size",
+    "32",
+]
 
 
 def run_bench(script: str, *args: str) -> str:
@@ -53,8 +65,22 @@ def check_quality(out: Path, sparsities: list[float], seeds: int) -> dict:
 def mnist1d_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("quality")
     out = base / "quality"
-    printed = run_bench("quality.py", "--dataset", "mnist1d-300", "--model", "mlp-16", "--sparsities", "0.5,0.8",
-                        "--seeds", "0,1", "--data-dir", str(base / "data"), "--out", str(out), *TINY)
+    printed = run_bench(
+        "quality.py",
+        "--dataset",
+        "mnist1d-300",
+        "--model",
+        "mlp-16",
+        "--sparsities",
+        "0.5,0.8",
+        "--seeds",
+        "0,1",
+        "--data-dir",
+        str(base / "data"),
+        "--out",
+        str(out),
+        *TINY,
+    )
     return base, out, printed
 
 
@@ -72,13 +98,31 @@ def test_quality_table_on_mnist1d(mnist1d_run):
 def test_quality_runs_over_disjoint_seeds_merge_into_one_table(mnist1d_run, tmp_path):
     base, out, _ = mnist1d_run
     other = tmp_path / "other"
-    run_bench("quality.py", "--dataset", "mnist1d-300", "--model", "mlp-16", "--sparsities", "0.5,0.8",
-              "--seeds", "2", "--data-dir", str(base / "data"), "--out", str(other), *TINY)
+    run_bench(
+        "quality.py",
+        "--dataset",
+        "mnist1d-300",
+        "--model",
+        "mlp-16",
+        "--sparsities",
+        "0.5,0.8",
+        "--seeds",
+        "2",
+        "--data-dir",
+        str(base / "data"),
+        "--out",
+        str(other),
+        *TINY,
+    )
     run_bench("quality.py", "--merge", str(out), str(other), "--out", str(tmp_path / "merged"))
     merged = check_quality(tmp_path / "merged", [0.5, 0.8], seeds=3)
     assert merged["config"]["seeds"] == "0,1,2"
-    refused = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--merge", str(out), str(out),
-                              "--out", str(tmp_path / "twice")], capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--merge", str(out), str(out), "--out", str(tmp_path / "twice")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2 and "disjoint seeds" in refused.stderr
 
 
@@ -86,29 +130,66 @@ def test_quality_runs_over_disjoint_seeds_merge_into_one_table(mnist1d_run, tmp_
 def test_quality_table_runs_the_cifar_path(tmp_path):
     write_cifar10(tmp_path / "cifar" / "cifar-10-batches-bin", per_file=8)
     out = tmp_path / "quality"
-    run_bench("quality.py", "--dataset", "cifar10", "--model", "resnet20", "--data-dir", str(tmp_path / "cifar"),
-              "--sparsities", "0.5", "--seeds", "0", "--out", str(out), *TINY)
+    run_bench(
+        "quality.py",
+        "--dataset",
+        "cifar10",
+        "--model",
+        "resnet20",
+        "--data-dir",
+        str(tmp_path / "cifar"),
+        "--sparsities",
+        "0.5",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        *TINY,
+    )
     result = check_quality(out, [0.5], seeds=1)
     assert result["config"]["dataset"] == "cifar10" and result["config"]["model"] == "resnet20"
 
 
 def test_quality_refuses_to_overwrite(tmp_path):
     (tmp_path / "quality.json").write_text("{}")
-    result = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "quality.py"), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and "already exists; pass another --out" in result.stderr
 
 
 @pytest.mark.slow
 def test_federated_table(tmp_path, flwr_home):
     out = tmp_path / "federated"
-    printed = run_bench("federated.py", "--dataset", "digits", "--model", "mlp", "--num-clients", "2",
-                        "--seeds", "0", "--phases", "1", "--pretrain-epochs", "1", "--retrain-epochs", "2",
-                        "--recipe", "weight_decay=1e-4,5e-4", "--ood-examples", "20", "--settings", "hparam,dirichlet",
-                        "--out", str(out))
+    printed = run_bench(
+        "federated.py",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--num-clients",
+        "2",
+        "--seeds",
+        "0",
+        "--phases",
+        "1",
+        "--pretrain-epochs",
+        "1",
+        "--retrain-epochs",
+        "2",
+        "--recipe",
+        "weight_decay=1e-4,5e-4",
+        "--ood-examples",
+        "20",
+        "--settings",
+        "hparam,dirichlet",
+        "--out",
+        str(out),
+    )
     table = json.loads((out / "federated.json").read_text())["table"]
     expected = {"local-dense", "local-imp", "local-sms", "local-ensemble"} | {
-        f"fed-{s}-{k}" for s in ("hparam", "dir0.3") for k in ("soup", "fedavg")}
+        f"fed-{s}-{k}" for s in ("hparam", "dir0.3") for k in ("soup", "fedavg")
+    }
     assert {r["method"] for r in table} == expected
     for row in table:
         assert all(math.isfinite(row[k]) for k in ("accuracy", "ood_accuracy", "ece"))

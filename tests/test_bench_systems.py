@@ -17,12 +17,15 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 def run_bench(script: str, tmp_path: Path, *extra: str, timeout: int = 120, tiny: bool = True) -> dict:
     out = tmp_path / f"{script}.json"
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
     size = ["--tiny"] if tiny else []
     command = [sys.executable, str(BENCH / f"{script}.py"), *size, "--repeats", "1", "--out", str(out), *extra]
-    result = subprocess.run(command,
-                            capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
     machine = data["machine"]

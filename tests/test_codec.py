@@ -30,7 +30,7 @@ def sparse_state(sparsity: float, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model("cnn", 10, (1, 8, 8))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for name, value in state.items():
+    for value in state.values():
         if value.is_floating_point():
             value.add_(torch.randn_like(value) * 0.1)
         else:
@@ -54,8 +54,14 @@ def soup_bytes(state, mask, **kw):
 
 
 def decode_soup(data, state, **kw):
-    args = dict(expected_mask=None, expected_digest=None, template=state,
-                expected_phase=2, expected_round=7, expected_kind="soup")
+    args = dict(
+        expected_mask=None,
+        expected_digest=None,
+        template=state,
+        expected_phase=2,
+        expected_round=7,
+        expected_kind="soup",
+    )
     args.update(kw)
     return codec.decode(data, **args)
 
@@ -145,8 +151,15 @@ def test_entries_outside_the_mask_are_exactly_zero():
 def test_update_without_mask_bits_decodes_with_the_known_mask(example):
     state, mask = example
     data = codec.encode(state, mask, phase=2, round=7, kind="update", num_examples=40)
-    decoded = codec.decode(data, expected_mask=mask, expected_digest=mask_digest(mask), template=state,
-                           expected_phase=2, expected_round=7, expected_kind="update")
+    decoded = codec.decode(
+        data,
+        expected_mask=mask,
+        expected_digest=mask_digest(mask),
+        template=state,
+        expected_phase=2,
+        expected_round=7,
+        expected_kind="update",
+    )
     assert decoded.kind == "update" and not decoded.mask_included and decoded.num_examples == 40
     restored = decoded.to_state_dict(state)
     assert all(torch.equal(restored[n], state[n]) for n in state)
@@ -260,7 +273,9 @@ def test_other_codec_versions_are_refused(example):
     data = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 3))
     refuse(data, state, "codec version 3 .* reads version 2")
     old = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 1))
-    assert "run the same fedsms release on the server and every client" in refuse(old, state, "codec version 1 .* reads version 2")
+    assert "run the same fedsms release on the server and every client" in refuse(
+        old, state, "codec version 1 .* reads version 2"
+    )
 
 
 def test_wrong_kind_phase_round_are_refused(example):
@@ -294,8 +309,9 @@ def test_mask_bits_that_disagree_with_the_header_digest_are_refused(example):
         message.mask_bits = bytes(bits)
 
     refuse(edited(soup_bytes(state, mask), flip_bit), state, "mask bits do not match the mask digest")
-    refuse(edited(soup_bytes(state, mask), lambda m: setattr(m, "mask_bits", m.mask_bits[:-1])), state,
-           "mask does not fit")
+    refuse(
+        edited(soup_bytes(state, mask), lambda m: setattr(m, "mask_bits", m.mask_bits[:-1])), state, "mask does not fit"
+    )
 
 
 def test_non_finite_values_are_refused(example):
@@ -315,15 +331,19 @@ def test_non_finite_values_are_refused(example):
     refuse(edited(data, poison_dense), state, "'net.features.4.running_var' has NaN or Inf")
 
     half = soup_bytes(state, mask, value_dtype="fp16")
-    refuse(edited(half, lambda m: setattr(m.masked[0], "values", b"\x00\x7c" + m.masked[0].values[2:])),
-           state, "NaN or Inf")  # 0x7c00 is fp16 +Inf
+    refuse(
+        edited(half, lambda m: setattr(m.masked[0], "values", b"\x00\x7c" + m.masked[0].values[2:])),
+        state,
+        "NaN or Inf",
+    )  # 0x7c00 is fp16 +Inf
 
     bad = dict(state, **{"net.classifier.weight": state["net.classifier.weight"] * float("nan")})
     with pytest.raises(codec.PayloadError, match="NaN or Inf"):
         soup_bytes(bad, mask)
     with pytest.raises(codec.PayloadError, match="overflow fp16"):
-        soup_bytes(dict(state, **{"net.classifier.weight": state["net.classifier.weight"] * 1e6}), mask,
-                   value_dtype="fp16")
+        soup_bytes(
+            dict(state, **{"net.classifier.weight": state["net.classifier.weight"] * 1e6}), mask, value_dtype="fp16"
+        )
 
 
 def test_wrong_shape_template_is_refused(example):
@@ -334,8 +354,12 @@ def test_wrong_shape_template_is_refused(example):
     bias = dict(state, **{"net.classifier.bias": torch.zeros(11)})
     refuse(data, state, "'net.classifier.bias' has shape \\(10,\\) in the payload but \\(11,\\)", template=bias)
     with pytest.raises(codec.PayloadError, match="shape"):
-        codec.decode(codec.encode(state, mask, phase=0, round=0, kind="update"),
-                     expected_mask=mask, expected_digest=None, template=reshaped)
+        codec.decode(
+            codec.encode(state, mask, phase=0, round=0, kind="update"),
+            expected_mask=mask,
+            expected_digest=None,
+            template=reshaped,
+        )
 
 
 def test_extra_and_missing_tensors_are_refused(example):
@@ -386,8 +410,11 @@ def test_counts_lengths_and_dtypes_that_do_not_add_up_are_refused(example):
     state, mask = example
     data = soup_bytes(state, mask)
     refuse(edited(data, lambda m: setattr(m.masked[0], "nnz", m.masked[0].nnz + 1)), state, "claims .* the mask keeps")
-    refuse(edited(data, lambda m: setattr(m.masked[2], "values", m.masked[2].values[:-4])), state,
-           "bytes of values but .* need")
+    refuse(
+        edited(data, lambda m: setattr(m.masked[2], "values", m.masked[2].values[:-4])),
+        state,
+        "bytes of values but .* need",
+    )
 
     def dense_dtype(message):
         message.dense[0].dtype = "float64"
@@ -451,10 +478,14 @@ def test_the_kind_alone_decides_whether_the_mask_travels(example):
     assert soup.mask_bits == pack_mask(mask) and not update.mask_bits and not stats.mask_bits
     assert [codec.carries_mask(k) for k in codec.KINDS] == [True, False, False]
 
-    refuse(edited(soup_bytes(state, mask), lambda m: m.ClearField("mask_bits")), state,
-           "'soup' payload carries its mask bits but this one has none")
-    with_bits = edited(codec.encode(state, mask, phase=2, round=7, kind="update"),
-                       lambda m: setattr(m, "mask_bits", pack_mask(mask)))
+    refuse(
+        edited(soup_bytes(state, mask), lambda m: m.ClearField("mask_bits")),
+        state,
+        "'soup' payload carries its mask bits but this one has none",
+    )
+    with_bits = edited(
+        codec.encode(state, mask, phase=2, round=7, kind="update"), lambda m: setattr(m, "mask_bits", pack_mask(mask))
+    )
     with pytest.raises(codec.PayloadError, match="'update' payload carries no mask bits .* has [0-9]+ bytes of them"):
         codec.decode(with_bits, expected_mask=mask, expected_digest=None, template=state)
 
@@ -482,9 +513,14 @@ def test_a_name_table_that_does_not_fit_is_refused(example):
     data = soup_bytes(state, mask)
     refuse(edited(data, lambda m: setattr(m, "names", b"not zlib")), state, "name table cannot be read")
     refuse(edited(data, lambda m: renamed(m, wire_names(m)[:-1])), state, "lists .* tensors but the payload carries")
-    refuse(edited(data, lambda m: entry_named(m.dense[0], "net.x")), state, "fields that codec version 2 does not declare")
-    refuse(edited(data, lambda m: setattr(m, "names", zlib.compress(b"a" * (codec._MAX_NAME_TABLE + 1)))), state,
-           "larger than")
+    refuse(
+        edited(data, lambda m: entry_named(m.dense[0], "net.x")), state, "fields that codec version 2 does not declare"
+    )
+    refuse(
+        edited(data, lambda m: setattr(m, "names", zlib.compress(b"a" * (codec._MAX_NAME_TABLE + 1)))),
+        state,
+        "larger than",
+    )
     with pytest.raises(codec.PayloadError, match="cannot be sent"):
         codec.encode({"a\nb": torch.zeros(2)}, {}, phase=0, round=0, kind="norm_stats")
 
@@ -492,12 +528,19 @@ def test_a_name_table_that_does_not_fit_is_refused(example):
 # ---- generated code ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None,
-                    reason="grpcio-tools is not installed (pip install -e '.[test]'); cannot regenerate payload_pb2.py")
+@pytest.mark.skipif(
+    importlib.util.find_spec("grpc_tools") is None,
+    reason="grpcio-tools is not installed (pip install -e '.[test]'); cannot regenerate payload_pb2.py",
+)
 def test_checked_in_payload_pb2_is_what_protoc_generates(tmp_path):
     out = tmp_path / "payload_pb2.py"
-    subprocess.run(["bash", str(ROOT / "proto" / "generate.sh"), str(out)], check=True,
-                   env={**os.environ, "PYTHON": sys.executable}, capture_output=True, timeout=60)
+    subprocess.run(
+        ["bash", str(ROOT / "proto" / "generate.sh"), str(out)],
+        check=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        timeout=60,
+    )
     checked_in = ROOT / "fedsms" / "wire" / "payload_pb2.py"
     assert out.read_bytes() == checked_in.read_bytes(), (
         "fedsms/wire/payload_pb2.py is out of date with proto/fedsms/v1/payload.proto; run proto/generate.sh "

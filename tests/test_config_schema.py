@@ -36,7 +36,7 @@ def test_every_field_is_a_declared_key_with_help_type_and_a_valid_default():
 
 
 def test_every_size_has_a_bound_stated_in_its_error():
-    for cls, f, spec in ALL_KEYS:
+    for cls, f, _spec in ALL_KEYS:
         if f.type == "int":
             with pytest.raises(FedSMSError, match=f"'{f.name.replace('_', '-')}' must be"):
                 cls.from_mapping({f.name: 10**12})
@@ -65,38 +65,51 @@ def test_every_key_has_a_flag_whose_help_is_its_declaration(command, groups):
     assert ("mode" in flags) == (FederationConfig in groups)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("lr", "nan", "'lr' must be a finite float, got 'nan'"),
-    ("lr", math.inf, "'lr' must be a finite float"),
-    ("weight-decay", "-inf", "'weight-decay' must be a finite float"),
-    ("round-timeout", "inf", "'round-timeout' must be a finite float"),
-    ("momentum", "nan", "'momentum' must be a finite float"),
-    ("momentum", 1.0, "'momentum' must be in [0, 1), got 1.0"),
-    ("momentum", -0.1, "'momentum' must be in [0, 1)"),
-    ("phases", 10**9, "'phases' must be at least 1 and at most 100, got 1000000000"),
-    ("phases", 101, "'phases' must be at least 1 and at most 100"),
-    ("candidates", 10**9, "'candidates' must be at least 1 and at most 1024"),
-    ("candidates", 1025, "'candidates' must be at least 1 and at most 1024"),
-    ("retrain-epochs", 10_001, "'retrain-epochs' must be at least 1 and at most 10000"),
-    ("pretrain-epochs", 10_001, "'pretrain-epochs' must be at least 0 and at most 10000"),
-    ("batch-size", 2**20 + 1, "'batch-size' must be at least 1 and at most 1048576"),
-    ("ood-examples", 10**7 + 1, "'ood-examples' must be at least 1 and at most 10000000"),
-    ("seed", -1, "'seed' must be at least 0"),
-    ("rounds-per-phase", 10**9, "'rounds-per-phase' must be at least 1 and at most 10000"),
-    ("pretrain-rounds", 10**9, "'pretrain-rounds' must be at least 0 and at most 10000"),
-    ("recipe", "momentum=0.5,1.5", "recipe value 'momentum' must be in [0, 1), got 1.5"),
-    ("recipe", "lr=0.1,nan", "recipe value 'lr' must be a finite float"),
-    ("recipe", "batch_size=32,1000000000", "recipe value 'batch_size' must be at least 1 and at most 1048576"),
-    ("recipe", "epochs=0", "recipe value 'epochs' must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lr", "nan", "'lr' must be a finite float, got 'nan'"),
+        ("lr", math.inf, "'lr' must be a finite float"),
+        ("weight-decay", "-inf", "'weight-decay' must be a finite float"),
+        ("round-timeout", "inf", "'round-timeout' must be a finite float"),
+        ("momentum", "nan", "'momentum' must be a finite float"),
+        ("momentum", 1.0, "'momentum' must be in [0, 1), got 1.0"),
+        ("momentum", -0.1, "'momentum' must be in [0, 1)"),
+        ("phases", 10**9, "'phases' must be at least 1 and at most 100, got 1000000000"),
+        ("phases", 101, "'phases' must be at least 1 and at most 100"),
+        ("candidates", 10**9, "'candidates' must be at least 1 and at most 1024"),
+        ("candidates", 1025, "'candidates' must be at least 1 and at most 1024"),
+        ("retrain-epochs", 10_001, "'retrain-epochs' must be at least 1 and at most 10000"),
+        ("pretrain-epochs", 10_001, "'pretrain-epochs' must be at least 0 and at most 10000"),
+        ("batch-size", 2**20 + 1, "'batch-size' must be at least 1 and at most 1048576"),
+        ("ood-examples", 10**7 + 1, "'ood-examples' must be at least 1 and at most 10000000"),
+        ("seed", -1, "'seed' must be at least 0"),
+        ("rounds-per-phase", 10**9, "'rounds-per-phase' must be at least 1 and at most 10000"),
+        ("pretrain-rounds", 10**9, "'pretrain-rounds' must be at least 0 and at most 10000"),
+        ("recipe", "momentum=0.5,1.5", "recipe value 'momentum' must be in [0, 1), got 1.5"),
+        ("recipe", "lr=0.1,nan", "recipe value 'lr' must be a finite float"),
+        ("recipe", "batch_size=32,1000000000", "recipe value 'batch_size' must be at least 1 and at most 1048576"),
+        ("recipe", "epochs=0", "recipe value 'epochs' must be at least 1"),
+    ],
+)
 def test_bad_and_absurd_values_are_refused_naming_the_key(key, value, message):
     with pytest.raises(FedSMSError, match=re.escape(message)):
         split_config({key: value})
 
 
-@pytest.mark.parametrize("key, value", [("phases", 100), ("candidates", 1024), ("batch-size", 2**20),
-                                        ("ood-examples", 10**7), ("momentum", 0.0), ("momentum", 0.99),
-                                        ("retrain-epochs", 10_000), ("seed", 2**32 - 1)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("phases", 100),
+        ("candidates", 1024),
+        ("batch-size", 2**20),
+        ("ood-examples", 10**7),
+        ("momentum", 0.0),
+        ("momentum", 0.99),
+        ("retrain-epochs", 10_000),
+        ("seed", 2**32 - 1),
+    ],
+)
 def test_values_on_the_bounds_are_accepted(key, value):
     run, _ = split_config({key: value})
     assert run.to_dict()[key.replace("-", "_")] == value
@@ -145,12 +158,21 @@ def test_momentum_in_a_recipe_and_the_flower_run_config():
 
 
 def test_a_huge_recipe_grid_is_never_listed():
-    grid = ";".join(f"{k}=" + ",".join(str(v) for v in values) for k, values in {
-        "seed": range(1000), "lr": [0.01 * i for i in range(1, 1001)], "momentum": [0.001 * i for i in range(999)],
-        "weight_decay": [1e-5 * i for i in range(1000)]}.items())  # 10**12 points
+    grid = ";".join(
+        f"{k}=" + ",".join(str(v) for v in values)
+        for k, values in {
+            "seed": range(1000),
+            "lr": [0.01 * i for i in range(1, 1001)],
+            "momentum": [0.001 * i for i in range(999)],
+            "weight_decay": [1e-5 * i for i in range(1000)],
+        }.items()
+    )  # 10**12 points
     configs = expand_recipe(grid, 3, CandidateConfig())
     assert [(c.seed, c.lr, c.momentum, c.weight_decay) for c in configs] == [
-        (0, 0.01, 0.0, 0.0), (0, 0.01, 0.0, 1e-5), (0, 0.01, 0.0, 2e-5)]
+        (0, 0.01, 0.0, 0.0),
+        (0, 0.01, 0.0, 1e-5),
+        (0, 0.01, 0.0, 2e-5),
+    ]
 
 
 def test_soup_shaping_changes_names_soup_keys_and_ignores_where_things_live():

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from fedsms import FedSMSError
-from fedsms.data import ArrayData, Augmentation, batches, load_dataset, num_batches
-from fedsms.data import vision
+from fedsms.data import ArrayData, Augmentation, batches, load_dataset, num_batches, vision
 from fedsms.data.arrays import random_translate
 from fedsms.data.vision import load_vision_arrays
 
@@ -267,8 +266,12 @@ def _by_id(data: ArrayData) -> ArrayData:
 
 
 def _joined(splits) -> ArrayData:
-    return _by_id(ArrayData(torch.cat([splits.train.images, splits.heldout.images]),
-                            torch.cat([splits.train.labels, splits.heldout.labels])))
+    return _by_id(
+        ArrayData(
+            torch.cat([splits.train.images, splits.heldout.images]),
+            torch.cat([splits.train.labels, splits.heldout.labels]),
+        )
+    )
 
 
 @pytest.mark.parametrize("in_folder", [True, False])
@@ -371,8 +374,10 @@ def test_failed_download_is_caught_quickly_and_explained(tmp_path, monkeypatch):
     seen.clear()
     with pytest.raises(FedSMSError, match="MNIST/raw"):
         load_vision_arrays("mnist", tmp_path, download=True)
-    assert [u for u, _, _ in seen] == [MNIST_URL + "train-images-idx3-ubyte.gz",
-                                       "http://yann.lecun.com/exdb/mnist/train-images-idx3-ubyte.gz"]
+    assert [u for u, _, _ in seen] == [
+        MNIST_URL + "train-images-idx3-ubyte.gz",
+        "http://yann.lecun.com/exdb/mnist/train-images-idx3-ubyte.gz",
+    ]
 
 
 def test_archive_already_in_data_dir_is_verified_and_extracted(tmp_path, monkeypatch):

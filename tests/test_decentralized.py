@@ -25,8 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "decentralized" / "run_sms.sh"
 SLURM = ROOT / "examples" / "decentralized" / "sms_array.slurm"
 # Random pruning: the prune seed shows in the mask, so a shifted seed cannot pass unseen.
-JOB = {"dataset": "digits", "model": "mlp", "phases": 2, "candidates": 2, "retrain_epochs": 1, "pretrain_epochs": 1,
-       "target_sparsity": 0.8, "pruning": "random", "ood": False, "device": "cpu", "seed": 5}
+JOB = {
+    "dataset": "digits",
+    "model": "mlp",
+    "phases": 2,
+    "candidates": 2,
+    "retrain_epochs": 1,
+    "pretrain_epochs": 1,
+    "target_sparsity": 0.8,
+    "pruning": "random",
+    "ood": False,
+    "device": "cpu",
+    "seed": 5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +82,20 @@ def test_prune_gives_the_local_drivers_mask_of_every_phase(local, tmp_path, meth
     out, _ = local
     start = out / "dense-p0"  # fedsms local's dense checkpoint (all-ones mask)
     for phase in (1, 2):
-        assert main(["prune", str(start), "--phase", str(phase), "--schedule", schedule, "-o", str(tmp_path / f"p{phase}")]) == 0
+        assert (
+            main(
+                ["prune", str(start), "--phase", str(phase), "--schedule", schedule, "-o", str(tmp_path / f"p{phase}")]
+            )
+            == 0
+        )
         pruned, expected = load_checkpoint(tmp_path / f"p{phase}"), load_checkpoint(out / f"{method}-p{phase}")
         assert masks_equal(pruned.mask, expected.mask)
         assert pruned.metadata["mask_digest"] == expected.metadata["mask_digest"]
-        assert (pruned.metadata["stage"], pruned.metadata["phase"], pruned.metadata["schedule"]) == ("pruned", phase, schedule)
+        assert (pruned.metadata["stage"], pruned.metadata["phase"], pruned.metadata["schedule"]) == (
+            "pruned",
+            phase,
+            schedule,
+        )
         parent = load_checkpoint(start).mask
         assert all(not (pruned.mask[k] & ~parent[k]).any() for k in parent)  # nested: never regrows
         start = out / f"{method}-p{phase}"  # the next phase starts from the local soup
@@ -84,9 +104,14 @@ def test_prune_gives_the_local_drivers_mask_of_every_phase(local, tmp_path, meth
 def test_prune_of_a_model_without_mask_file_starts_from_all_ones(local, tmp_path):
     out, _ = local
     save_file(load_checkpoint(out / "dense-p0").state, tmp_path / "dense.safetensors")  # a bare state dict
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in JOB.items() if k in ("dataset", "model", "phases",
-                                                                             "target_sparsity", "pruning", "seed")]
-    assert main(["prune", str(tmp_path / "dense.safetensors"), "--phase", "1", *options, "-o", str(tmp_path / "p1")]) == 0
+    options = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in JOB.items()
+        if k in ("dataset", "model", "phases", "target_sparsity", "pruning", "seed")
+    ]
+    assert (
+        main(["prune", str(tmp_path / "dense.safetensors"), "--phase", "1", *options, "-o", str(tmp_path / "p1")]) == 0
+    )
     assert masks_equal(load_checkpoint(tmp_path / "p1").mask, load_checkpoint(out / "sms-p1").mask)
 
 
@@ -106,9 +131,13 @@ def test_retrain_and_soup_give_the_local_drivers_candidates_and_soups(local, tmp
         assert meta["mask_digest"] == load_checkpoint(tmp_path / "pruned").metadata["mask_digest"]
         assert (meta["model"], meta["dataset"]) == ("mlp", "digits")
     # Given out of order: the soup adds candidates in index order, as the local driver does.
-    assert main(["soup", str(tmp_path / "c1"), str(tmp_path / "c0"), "--recalibrate", "-o", str(tmp_path / "soup")]) == 0
+    assert (
+        main(["soup", str(tmp_path / "c1"), str(tmp_path / "c0"), "--recalibrate", "-o", str(tmp_path / "soup")]) == 0
+    )
     assert states_equal(load_checkpoint(tmp_path / "soup").state, load_checkpoint(out / "sms-p1").state)
-    assert main(["soup", str(tmp_path / "c0"), str(tmp_path / "c1"), "--merge", "greedy", "-o", str(tmp_path / "g")]) == 0
+    assert (
+        main(["soup", str(tmp_path / "c0"), str(tmp_path / "c1"), "--merge", "greedy", "-o", str(tmp_path / "g")]) == 0
+    )
     greedy = load_checkpoint(tmp_path / "g")
     assert states_equal(greedy.state, load_checkpoint(out / "sms-greedy-p1").state)
     assert greedy.metadata["merge"] == "greedy" and greedy.metadata["stage"] == "soup"
@@ -175,13 +204,24 @@ def test_slurm_script_chains_prune_array_and_soup_per_phase(tmp_path):
     """Not run on Slurm: a stand-in ``sbatch`` records the submissions and their dependencies."""
     fake = tmp_path / "bin" / "sbatch"
     fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\nn=$(($(wc -l < "$SBATCH_LOG" 2>/dev/null || echo 0) + 1))\n'
-                    'echo "$n $*" >> "$SBATCH_LOG"\necho $((100 + n))\n')
+    fake.write_text(
+        '#!/bin/sh\nn=$(($(wc -l < "$SBATCH_LOG" 2>/dev/null || echo 0) + 1))\n'
+        'echo "$n $*" >> "$SBATCH_LOG"\necho $((100 + n))\n'
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "SBATCH_LOG": str(tmp_path / "log"),
-           "CANDIDATES": "4"}
-    subprocess.run(["bash", str(SLURM), "dense", str(tmp_path / "out"), "--phases", "2"], env=env, check=True,
-                   capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "SBATCH_LOG": str(tmp_path / "log"),
+        "CANDIDATES": "4",
+    }
+    subprocess.run(
+        ["bash", str(SLURM), "dense", str(tmp_path / "out"), "--phases", "2"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     lines = (tmp_path / "log").read_text().splitlines()
     assert len(lines) == 6  # per phase: prune, retrain array, soup
     prune1, array1, soup1, prune2, array2, soup2 = lines
@@ -197,14 +237,24 @@ def test_shell_pipeline_with_background_candidates_equals_fedsms_local(tmp_path)
     """m = 2 ``fedsms retrain`` processes per phase, 2 phases: the final soup is ``fedsms local --methods sms``'s,
     bit for bit, with the same sparsity (one torch thread in every process)."""
     job = {**JOB, "pruning": "global", "methods": "sms", "out_dir": str(tmp_path / "local")}
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "CANDIDATES": "2", "RETRAIN_ARGS": "--device cpu"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "CANDIDATES": "2",
+        "RETRAIN_ARGS": "--device cpu",
+    }
     options = [f"--{k.replace('_', '-')}={v}" for k, v in job.items()]
     subprocess.run([sys.executable, "-m", "fedsms.cli", "local", *options], env=env, check=True, capture_output=True)
     seed = JOB["seed"]
     dense = tmp_path / "local" / "checkpoints" / f"seed{seed}-dense"
-    run = subprocess.run(["bash", str(SCRIPT), str(dense), str(tmp_path / "dec"), "--phases", "2"], env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        ["bash", str(SCRIPT), str(dense), str(tmp_path / "dec"), "--phases", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     mine = load_checkpoint(tmp_path / "dec" / "phase2" / "soup")
     theirs = load_checkpoint(tmp_path / "local" / "checkpoints" / f"seed{seed}-sms")

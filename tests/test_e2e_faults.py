@@ -4,12 +4,18 @@ the job still ends at the exact target sparsity, and the client, started again, 
 at the current phase."""
 
 import pytest
+from processes import (
+    finish,
+    kill_group,
+    round_lines,
+    start_client,
+    start_server,
+    wait_for,
+    write_client_key,
+    write_test_certificates,
+)
 
 from fedsms_flower.deployment import free_port
-
-from processes import (
-    finish, kill_group, round_lines, start_client, start_server, wait_for, write_client_key, write_test_certificates,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +32,13 @@ def test_authenticated_tls_job_survives_a_client_killed_mid_round_that_comes_bac
         return ("--root-certificates", ca, "--auth-key", private_key)
 
     port, out = free_port(), tmp_path / "out"
-    server = start_server(tmp_path, port, out, "--round-timeout", "120", "--fraction-evaluate", "0",
-                          clients=2, security=server_security)
+    server = start_server(
+        tmp_path, port, out, "--round-timeout", "120", "--fraction-evaluate", "0", clients=2, security=server_security
+    )
     clients = [start_client(tmp_path, port, i, 3, security=client_security(keys[i][0])) for i in range(3)]
-    intruder = start_client(tmp_path, port, 0, 3, "intruder-home", client_security(intruder_key), "--connect-timeout", "30")
+    intruder = start_client(
+        tmp_path, port, 0, 3, "intruder-home", client_security(intruder_key), "--connect-timeout", "30"
+    )
     try:
         # Round 3 (phase 1, round 2) has just been sent to all three: kill client 2 while it trains.
         wait_for(lambda: len(round_lines(out)) >= 2, 400, "round 2 to finish")

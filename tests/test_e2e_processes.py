@@ -2,10 +2,9 @@
 and 3 fedsms-client processes (Flower SuperNodes), 2 phases on digits; then the same job
 with the server host killed mid-phase and restarted with --resume."""
 
-import subprocess
-
 import pytest
 import torch
+from processes import finish, kill_group, round_lines, start_client, start_server, wait_for
 from safetensors.torch import load_file
 
 from fedsms.checkpoint import load_checkpoint
@@ -14,8 +13,6 @@ from fedsms.evaluate import evaluate
 from fedsms.masks import prunable_names
 from fedsms.models import build_for
 from fedsms_flower.deployment import free_port
-
-from processes import finish, kill_group, round_lines, start_client, start_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -90,5 +87,7 @@ def test_server_killed_mid_phase_resumes_to_the_same_model(uninterrupted, tmp_pa
     # CPU training is deterministic and the server averages in candidate order, so the
     # resumed job ends with the uninterrupted job's model, bit for bit.
     assert all(torch.equal(final[k], reference[k]) for k in reference)
-    assert load_checkpoint(out / "checkpoints" / "soup").metadata["mask_digest"] == \
-        load_checkpoint(reference_out / "checkpoints" / "soup").metadata["mask_digest"]
+    assert (
+        load_checkpoint(out / "checkpoints" / "soup").metadata["mask_digest"]
+        == load_checkpoint(reference_out / "checkpoints" / "soup").metadata["mask_digest"]
+    )

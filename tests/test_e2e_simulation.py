@@ -5,14 +5,13 @@ import subprocess
 
 import pytest
 import torch
+from conftest import venv_bin
 from safetensors.torch import load_file
 
 from fedsms.data import load_dataset
 from fedsms.evaluate import evaluate
 from fedsms.masks import prunable_names
 from fedsms.models import build_for
-
-from conftest import venv_bin
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +22,43 @@ TARGET = 0.9
 def test_simulation_with_four_clients(tmp_path, flwr_home, mode):
     out = tmp_path / "out"
     result = subprocess.run(
-        [venv_bin("fedsms"), "simulate", "--num-clients", "4", "--mode", mode, "--partitioning", "dirichlet",
-         "--out-dir", str(out), "--model", "cnn", "--phases", "2", "--target-sparsity", str(TARGET),
-         "--pretrain-rounds", "1", "--pretrain-epochs", "3", "--retrain-epochs", "1", "--ood-examples", "100",
-         "--min-train-clients", "4", "--min-available-clients", "4", "--device", "cpu",
-         "--recalibration", "federated" if mode == "data" else "server"],
-        capture_output=True, text=True, timeout=400,
+        [
+            venv_bin("fedsms"),
+            "simulate",
+            "--num-clients",
+            "4",
+            "--mode",
+            mode,
+            "--partitioning",
+            "dirichlet",
+            "--out-dir",
+            str(out),
+            "--model",
+            "cnn",
+            "--phases",
+            "2",
+            "--target-sparsity",
+            str(TARGET),
+            "--pretrain-rounds",
+            "1",
+            "--pretrain-epochs",
+            "3",
+            "--retrain-epochs",
+            "1",
+            "--ood-examples",
+            "100",
+            "--min-train-clients",
+            "4",
+            "--min-available-clients",
+            "4",
+            "--device",
+            "cpu",
+            "--recalibration",
+            "federated" if mode == "data" else "server",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]

@@ -32,7 +32,10 @@ def digits() -> ArrayData:
 
 @pytest.fixture(scope="module")
 def images(digits) -> dict[str, torch.Tensor]:
-    return {"digits": digits.float_images()[:16], "cifar": torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    return {
+        "digits": digits.float_images()[:16],
+        "cifar": torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+    }
 
 
 def make_model(seed: int) -> torch.nn.Module:
@@ -48,9 +51,9 @@ def test_accuracy_and_loss_on_hand_made_logits():
     labels = torch.tensor([0, 1, 0, 1])
     m = metrics_from_logits(logits, labels)
     assert m["accuracy"] == pytest.approx(0.5)
-    expected_loss = sum(
-        math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(logits.tolist(), labels.tolist())
-    ) / 4
+    expected_loss = (
+        sum(math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(logits.tolist(), labels.tolist())) / 4
+    )
     assert m["loss"] == pytest.approx(expected_loss, rel=1e-6)
 
 

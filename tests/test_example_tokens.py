@@ -1,6 +1,7 @@
 """examples/tokens: a user's own Flower app (token model, own DataLoader, AdamW loop and
 loss through the client toolkit) run with `flwr run` in local simulation."""
 
+import contextlib
 import json
 import os
 import signal
@@ -36,22 +37,36 @@ def stop_local_superlink(flwr_home: Path) -> None:
             continue
         if any(arg.decode(errors="replace").startswith(marker) for arg in argv):
             pid = int(entry.name)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(pid), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 def test_token_example_with_flwr_run(tmp_path, flwr_home):
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
     overrides = f"target-sparsity={TARGET} phases=2 clients={CLIENTS} out-dir='{out}'"
     try:
         result = subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), "run", str(EXAMPLE), "--stream", "--run-config", overrides,
-             "--federation-config", f"num-supernodes={CLIENTS}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+            [
+                str(Path(sys.executable).parent / "flwr"),
+                "run",
+                str(EXAMPLE),
+                "--stream",
+                "--run-config",
+                overrides,
+                "--federation-config",
+                f"num-supernodes={CLIENTS}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
     finally:
         stop_local_superlink(flwr_home)

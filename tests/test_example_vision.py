@@ -12,17 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import venv_bin
+from processes import finish, round_lines, start
 from safetensors.torch import load_file
 
 from fedsms import FedSMSError
 from fedsms.config import toml_value
 from fedsms.masks import prunable_names
 from fedsms_flower.deployment import (
-    flower_bin, flower_env, free_port, stop, submit_run, wait_until_reachable, write_connection,
+    flower_bin,
+    flower_env,
+    free_port,
+    stop,
+    submit_run,
+    wait_until_reachable,
+    write_connection,
 )
-
-from conftest import venv_bin
-from processes import finish, round_lines, start
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +52,43 @@ def test_vision_example_with_server_and_two_clients(tmp_path, flwr_home):
     make_images.main([str(data), "--train-per-class", "100", "--test-per-class", "25", "--seed", "0"])
     port, out = free_port(), tmp_path / "out"
     started = time.monotonic()
-    server = start([venv_bin("fedsms-server"), "--insecure", "--port", str(port), "--app", str(EXAMPLE),
-                    "--out-dir", str(out), "--flwr-home", str(tmp_path / "server-home"),
-                    "--run-config", f"data-dir={toml_value(str(data))}"])
-    clients = [start([venv_bin("fedsms-client"), "--insecure", "--server", f"127.0.0.1:{port}", "--partition-id", str(i),
-                      "--num-partitions", str(CLIENTS), "--data-dir", str(data), "--connect-timeout", "600",
-                      "--flwr-home", str(tmp_path / f"client{i}-home")]) for i in range(CLIENTS)]
+    server = start(
+        [
+            venv_bin("fedsms-server"),
+            "--insecure",
+            "--port",
+            str(port),
+            "--app",
+            str(EXAMPLE),
+            "--out-dir",
+            str(out),
+            "--flwr-home",
+            str(tmp_path / "server-home"),
+            "--run-config",
+            f"data-dir={toml_value(str(data))}",
+        ]
+    )
+    clients = [
+        start(
+            [
+                venv_bin("fedsms-client"),
+                "--insecure",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--partition-id",
+                str(i),
+                "--num-partitions",
+                str(CLIENTS),
+                "--data-dir",
+                str(data),
+                "--connect-timeout",
+                "600",
+                "--flwr-home",
+                str(tmp_path / f"client{i}-home"),
+            ]
+        )
+        for i in range(CLIENTS)
+    ]
     server_out, *client_outs = finish([server, *clients], timeout=900)
     print(f"vision example: server and clients done in {time.monotonic() - started:.0f} s")
     assert server.returncode == 0, server_out[-4000:] + "".join(text[-1500:] for text in client_outs)
@@ -96,8 +132,13 @@ def test_flower_refuses_an_undeclared_run_config_key_quickly(tmp_path, flwr_home
     env = flower_env(home)
     write_connection(home, f"127.0.0.1:{port}", None)
     with open(tmp_path / "superlink.log", "w") as log:
-        superlink = subprocess.Popen([flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                      "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        superlink = subprocess.Popen(
+            [flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
     try:
         wait_until_reachable("127.0.0.1", port, 60, "the SuperLink")
         started = time.monotonic()

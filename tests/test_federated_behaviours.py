@@ -110,8 +110,13 @@ def test_half_precision_values_travel_both_ways_and_average_exactly(tmp_path, va
 
 def test_each_client_retrains_its_own_candidate_of_the_recipe(tmp_path):
     recipe = [(0.0, 0.05), (0.0, 0.1), (0.01, 0.05), (0.01, 0.1)]  # weight_decay outer, lr inner
-    strategy = make_strategy(tmp_path, run=dict(recipe="weight_decay=0,0.01;lr=0.05,0.1", candidates=4),
-                             pretrain_rounds=0, rounds_per_phase=2, min_available_clients=4)
+    strategy = make_strategy(
+        tmp_path,
+        run=dict(recipe="weight_decay=0,0.01;lr=0.05,0.1", candidates=4),
+        pretrain_rounds=0,
+        rounds_per_phase=2,
+        min_available_clients=4,
+    )
     grid = RecordingGrid(make_client_app(), partitions(5))  # one more client than candidates
     strategy.start(grid, num_rounds=1)
 
@@ -122,8 +127,9 @@ def test_each_client_retrains_its_own_candidate_of_the_recipe(tmp_path):
     replies = {r.metadata.reply_to_message_id: r for r in train_replies(grid, 1)}
     fields_ = CandidateConfig.__dataclass_fields__
     for message, config in zip(sent, configs):  # each reply is its own candidate retrained on all the data
-        soup = codec.decode(payload_of(message.content["soup"]), expected_mask=None, expected_digest=None,
-                            template=strategy.soup)
+        soup = codec.decode(
+            payload_of(message.content["soup"]), expected_mask=None, expected_digest=None, template=strategy.soup
+        )
         model = build_for("mlp", digits())
         model.load_state_dict(soup.to_state_dict(model.state_dict()))
         train_candidate(model, soup.mask, digits().train, CandidateConfig.from_dict({k: config[k] for k in fields_}))
@@ -145,8 +151,12 @@ def recording_app(seen: dict[int, list[int]]) -> ClientApp:
     def model_fn(run, splits):
         model = build_for(run.model, splits)
         model.register_forward_pre_hook(
-            lambda module, args: seen[current[-1]].extend((args[0][:, 0, 0, 0] * 4096).round().long().tolist())
-            if module.training else None)
+            lambda module, args: (
+                seen[current[-1]].extend((args[0][:, 0, 0, 0] * 4096).round().long().tolist())
+                if module.training
+                else None
+            )
+        )
         return model
 
     fedsms_app, app = make_client_app(model_fn=model_fn, data_fn=lambda run, data_dir: marked), ClientApp()
@@ -188,8 +198,19 @@ def test_a_local_sms_soup_is_the_mean_of_its_candidates(tmp_path):
     from fedsms.config import RunConfig
     from fedsms.local import LocalRun
 
-    config = RunConfig(model="mlp", phases=2, target_sparsity=0.8, candidates=3, pretrain_epochs=1, retrain_epochs=1,
-                       methods="sms", ood=False, device="cpu", out_dir=str(tmp_path), augment=False)
+    config = RunConfig(
+        model="mlp",
+        phases=2,
+        target_sparsity=0.8,
+        candidates=3,
+        pretrain_epochs=1,
+        retrain_epochs=1,
+        methods="sms",
+        ood=False,
+        device="cpu",
+        out_dir=str(tmp_path),
+        augment=False,
+    )
     run = LocalRun(config, log=lambda _: None)
     trained = []
     original = run.trainer.train
@@ -218,9 +239,36 @@ def test_simulate_with_baselines_prints_the_local_methods_beside_the_federated_j
 
     monkeypatch.setattr(fedsms_flower.simulation, "simulate", in_process)
     out = tmp_path / "job"
-    assert main(["simulate", "--model", "mlp", "--phases", "1", "--target-sparsity", "0.5", "--candidates", "2",
-                 "--pretrain-epochs", "1", "--retrain-epochs", "1", "--ood", "false", "--device", "cpu",
-                 "--num-clients", "2", "--baselines", "imp", "--out-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--model",
+                "mlp",
+                "--phases",
+                "1",
+                "--target-sparsity",
+                "0.5",
+                "--candidates",
+                "2",
+                "--pretrain-epochs",
+                "1",
+                "--retrain-epochs",
+                "1",
+                "--ood",
+                "false",
+                "--device",
+                "cpu",
+                "--num-clients",
+                "2",
+                "--baselines",
+                "imp",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     local = [json.loads(line) for line in (out / "local" / "results.jsonl").read_text().splitlines()]
     assert {(r["method"], r["phase"]) for r in local} == {("dense", 0), ("imp", 1)}

@@ -15,17 +15,22 @@ def test_pyproject_app_config_is_the_one_generated_from_the_schema():
     text = (ROOT / "pyproject.toml").read_text()
     project = tomllib.loads(text)
     assert project["tool"]["flwr"]["app"]["config"] == flower_app_config(), (
-        "pyproject.toml and fedsms/schema.py disagree; run `python -m fedsms.config --pyproject`")
+        "pyproject.toml and fedsms/schema.py disagree; run `python -m fedsms.config --pyproject`"
+    )
     assert app_config_table() in text  # same order and spelling as the generator writes
     assert project["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fedsms_server.app:app", "clientapp": "fedsms_client.app:app"}
+        "serverapp": "fedsms_server.app:app",
+        "clientapp": "fedsms_client.app:app",
+    }
     split_config(project["tool"]["flwr"]["app"]["config"])  # the shipped values are valid
 
 
 def test_the_generator_rewrites_only_the_app_config_table(tmp_path):
     path = tmp_path / "pyproject.toml"
-    path.write_text('[tool.flwr.app]\npublisher = "x"\n\n[tool.flwr.app.config]\nlr = 0.1\nold-key = 1\n\n'
-                    '[tool.other]\nkeep = true\n')
+    path.write_text(
+        '[tool.flwr.app]\npublisher = "x"\n\n[tool.flwr.app.config]\nlr = 0.1\nold-key = 1\n\n'
+        "[tool.other]\nkeep = true\n"
+    )
     assert write_app_config_table(path) is True
     project = tomllib.loads(path.read_text())
     assert project["tool"]["flwr"]["app"]["config"] == flower_app_config()

@@ -35,8 +35,10 @@ def world() -> SimpleNamespace:
     good = []
     for seed in range(2):
         generator = torch.Generator().manual_seed(seed)
-        state = {k: (v + 0.01 * torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v + seed
-                 for k, v in base.items()}
+        state = {
+            k: (v + 0.01 * torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v + seed
+            for k, v in base.items()
+        }
         state = {k: v * strategy.mask[k] if k in strategy.mask else v for k, v in state.items()}
         good.append(codec.encode(state, strategy.mask, phase=1, round=2, kind="update", num_examples=120))
     return SimpleNamespace(strategy=strategy, base=base, good=good)
@@ -49,8 +51,15 @@ def good_payload() -> st.SearchStrategy[bytes]:
 def decode_update(data: bytes) -> codec.Decoded:
     """Exactly what the server expects of a round-2 reply."""
     s = world().strategy
-    return codec.decode(data, expected_mask=s.mask, expected_digest=s.digest, template=s.soup,
-                        expected_phase=1, expected_round=2, expected_kind="update")
+    return codec.decode(
+        data,
+        expected_mask=s.mask,
+        expected_digest=s.digest,
+        template=s.soup,
+        expected_phase=1,
+        expected_round=2,
+        expected_kind="update",
+    )
 
 
 @lru_cache(maxsize=64)  # the valid replies come back in every example
@@ -79,9 +88,11 @@ def reference_state(read: dict) -> dict[str, torch.Tensor]:
 
 # ---- mutations: bytes, and fields of a re-sealed message (a valid checksum) --------------
 
+
 def _set_header(field):
     def edit(message, value):
         setattr(message.header, field, value)
+
     return edit
 
 
@@ -94,12 +105,14 @@ def _edit_entry(group, field):
             entry.shape.extend(value[1])
         else:
             setattr(entry, field, value[1])
+
     return edit
 
 
 def _drop_entry(group):
     def edit(message, index):
         del getattr(message, group)[index % len(getattr(message, group))]
+
     return edit
 
 
@@ -107,6 +120,7 @@ def _duplicate_entry(group):
     def edit(message, index):
         entries = getattr(message, group)
         entries.add().CopyFrom(entries[index % len(entries)])
+
     return edit
 
 
@@ -162,8 +176,10 @@ FIELD_EDITS = st.one_of(
     st.tuples(st.just(_edit_entry("masked", "shape")), st.tuples(which, st.lists(st.integers(0, 2**20), max_size=5))),
     st.tuples(st.just(_edit_entry("masked", "nnz")), st.tuples(which, u64)),
     st.tuples(st.just(_edit_entry("masked", "values")), st.tuples(which, st.binary(max_size=64))),
-    st.tuples(st.just(_edit_entry("dense", "dtype")),
-              st.tuples(which, st.sampled_from(["float32", "float16", "int64", "x", ""]))),
+    st.tuples(
+        st.just(_edit_entry("dense", "dtype")),
+        st.tuples(which, st.sampled_from(["float32", "float16", "int64", "x", ""])),
+    ),
     st.tuples(st.just(_edit_entry("dense", "data")), st.tuples(which, st.binary(max_size=64))),
     st.tuples(st.just(_drop_entry("masked")), which),
     st.tuples(st.just(_drop_entry("dense")), which),
@@ -247,25 +263,40 @@ def _swap_dense(message, _):
 
 # Every kind of edit once, so each rule is held against the reference whatever the fuzzer draws.
 SINGLE_EDITS = {
-    "version 1": (_set_header("codec_version"), 1), "version 3": (_set_header("codec_version"), 3),
-    "phase": (_set_header("phase"), 2), "round": (_set_header("round"), 3),
-    "digest": (_set_header("mask_digest"), "0" * 64), "no dtype": (_set_header("value_dtype"), 0),
-    "fp16 label on fp32 bytes": (_set_header("value_dtype"), 2), "unknown dtype": (_set_header("value_dtype"), 5),
-    "no kind": (_set_header("kind"), 0), "soup kind": (_set_header("kind"), 1), "stats kind": (_set_header("kind"), 3),
-    "renamed masked": (_rename, (0, "net.other.weight")), "renamed dense": (_rename, (-1, "net.other.bias")),
-    "dense named twice": (_rename, (-1, "net.features.1.weight")), "self-named entry": (_name_entry, (0, "w")),
+    "version 1": (_set_header("codec_version"), 1),
+    "version 3": (_set_header("codec_version"), 3),
+    "phase": (_set_header("phase"), 2),
+    "round": (_set_header("round"), 3),
+    "digest": (_set_header("mask_digest"), "0" * 64),
+    "no dtype": (_set_header("value_dtype"), 0),
+    "fp16 label on fp32 bytes": (_set_header("value_dtype"), 2),
+    "unknown dtype": (_set_header("value_dtype"), 5),
+    "no kind": (_set_header("kind"), 0),
+    "soup kind": (_set_header("kind"), 1),
+    "stats kind": (_set_header("kind"), 3),
+    "renamed masked": (_rename, (0, "net.other.weight")),
+    "renamed dense": (_rename, (-1, "net.other.bias")),
+    "dense named twice": (_rename, (-1, "net.features.1.weight")),
+    "self-named entry": (_name_entry, (0, "w")),
     "name table garbage": (lambda m, v: setattr(m, "names", v), b"\x78\x9c\x00"),
     "no name table": (lambda m, v: setattr(m, "names", v), b""),
-    "masked shape": (_edit_entry("masked", "shape"), (0, [5])), "nnz": (_edit_entry("masked", "nnz"), (0, 1)),
+    "masked shape": (_edit_entry("masked", "shape"), (0, [5])),
+    "nnz": (_edit_entry("masked", "nnz"), (0, 1)),
     "values short": (_edit_entry("masked", "values"), (0, b"abcd")),
     "dense dtype": (_edit_entry("dense", "dtype"), (0, "float16")),
     "dense int": (_edit_entry("dense", "dtype"), (0, "int64")),
-    "dense data": (_edit_entry("dense", "data"), (0, b"")), "drop masked": (_drop_entry("masked"), 0),
-    "drop dense": (_drop_entry("dense"), 0), "duplicate masked": (_duplicate_entry("masked"), 0),
-    "duplicate dense": (_duplicate_entry("dense"), 0), "nan": (_poison_value, (0, math.nan)),
-    "inf": (_poison_value, (1, math.inf)), "finite 1e30": (_poison_value, (2, 1e30)),
-    "9e19, under the limit": (_poison_value, (3, 9e19)), "-3e20, over it": (_poison_value, (3, -3e20)),
-    "nan in a bias": (_poison_dense, (0, math.nan)), "inf in a norm statistic": (_poison_dense, (3, -math.inf)),
+    "dense data": (_edit_entry("dense", "data"), (0, b"")),
+    "drop masked": (_drop_entry("masked"), 0),
+    "drop dense": (_drop_entry("dense"), 0),
+    "duplicate masked": (_duplicate_entry("masked"), 0),
+    "duplicate dense": (_duplicate_entry("dense"), 0),
+    "nan": (_poison_value, (0, math.nan)),
+    "inf": (_poison_value, (1, math.inf)),
+    "finite 1e30": (_poison_value, (2, 1e30)),
+    "9e19, under the limit": (_poison_value, (3, 9e19)),
+    "-3e20, over it": (_poison_value, (3, -3e20)),
+    "nan in a bias": (_poison_dense, (0, math.nan)),
+    "inf in a norm statistic": (_poison_dense, (3, -math.inf)),
     "mask bits in an update": (lambda m, v: setattr(m, "mask_bits", v), b"\x01\x02"),
     "no examples": (lambda m, v: setattr(m, "num_examples", v), 0),
     "many examples": (lambda m, v: setattr(m, "num_examples", v), 2**40),
@@ -276,7 +307,8 @@ SINGLE_EDITS = {
 @pytest.mark.parametrize("edit", list(SINGLE_EDITS))
 def test_each_kind_of_edit_is_judged_as_the_reference_judges_it(edit):
     test_decoder_refuses_exactly_what_the_reference_refuses_and_reads_the_same_values.hypothesis.inner_test(
-        field_mutant(world().good[0], [SINGLE_EDITS[edit]]))
+        field_mutant(world().good[0], [SINGLE_EDITS[edit]])
+    )
 
 
 @FUZZ

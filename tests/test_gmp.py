@@ -27,8 +27,11 @@ def update_targets(run: RunConfig) -> list[float]:
 
 def interval_epochs(run: RunConfig) -> list[int]:
     return [step.epochs for step in gmp_steps(run)]
-TINY = dict(model="mlp", target_sparsity=0.8, candidates=2, pretrain_epochs=1, retrain_epochs=1,
-            ood=False, device="cpu")
+
+
+TINY = dict(
+    model="mlp", target_sparsity=0.8, candidates=2, pretrain_epochs=1, retrain_epochs=1, ood=False, device="cpu"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -66,13 +69,19 @@ def test_updates_follow_the_cubic_schedule_and_share_the_imp_epoch_budget():
     assert split_evenly(7, 7) == [1] * 7 and split_evenly(10, 3) == [3, 3, 4]
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"gmp-updates": 16}, "'gmp-updates' must be in [0, phases × retrain-epochs]"),
-    ({"gmp-updates": -1}, "'gmp-updates'"),
-    ({"gmp-initial-sparsity": 0.95}, "'gmp-initial-sparsity' must be in [0, target-sparsity]"),
-    ({"pruning-schedule": "cubic"}, "'pruning-schedule' must be one of imp, gmp"),
-    ({"methods": "gmp,magic"}, "'methods' must list some of imp, imp-best, imp-avg, sms, sms-greedy, gmp, gmp-soup"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"gmp-updates": 16}, "'gmp-updates' must be in [0, phases × retrain-epochs]"),
+        ({"gmp-updates": -1}, "'gmp-updates'"),
+        ({"gmp-initial-sparsity": 0.95}, "'gmp-initial-sparsity' must be in [0, target-sparsity]"),
+        ({"pruning-schedule": "cubic"}, "'pruning-schedule' must be one of imp, gmp"),
+        (
+            {"methods": "gmp,magic"},
+            "'methods' must list some of imp, imp-best, imp-avg, sms, sms-greedy, gmp, gmp-soup",
+        ),
+    ],
+)
 def test_bad_gmp_settings_name_the_key(values, message):
     with pytest.raises(FedSMSError) as error:
         split_config({"phases": 3, "retrain-epochs": 5, "target-sparsity": 0.9, **values})
@@ -91,8 +100,15 @@ class Recorder:
 
         def recording_train(start, mask, configs, label):
             out = train(start, mask, configs, label)
-            self.trained.append({"start": start, "mask": mask, "configs": configs, "states": [s for s, _ in out],
-                                 "examples": [m["num_examples"] for _, m in out]})
+            self.trained.append(
+                {
+                    "start": start,
+                    "mask": mask,
+                    "configs": configs,
+                    "states": [s for s, _ in out],
+                    "examples": [m["num_examples"] for _, m in out],
+                }
+            )
             return out
 
         def recording_save(method, phase, state, mask, row):
@@ -113,8 +129,9 @@ def run_recorded(tmp_path, **values) -> tuple[list[dict], Recorder, LocalRun]:
 
 
 def test_every_update_prunes_exactly_nests_and_keeps_pruned_weights_zero(tmp_path):
-    rows, recorder, run = run_recorded(tmp_path, methods="gmp,gmp-soup", phases=2, retrain_epochs=2,
-                                       gmp_updates=3, gmp_initial_sparsity=0.2)
+    rows, recorder, run = run_recorded(
+        tmp_path, methods="gmp,gmp-soup", phases=2, retrain_epochs=2, gmp_updates=3, gmp_initial_sparsity=0.2
+    )
     config = run.config
     targets, epochs = update_targets(config), interval_epochs(config)
     assert epochs == [1, 1, 2]
@@ -146,9 +163,29 @@ def test_every_update_prunes_exactly_nests_and_keeps_pruned_weights_zero(tmp_pat
 
 def test_local_cli_runs_gmp_soup_and_writes_rows(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["local", "--methods", "gmp-soup", "--model", "mlp", "--phases", "2", "--candidates", "2",
-            "--target-sparsity", "0.8", "--pretrain-epochs", "1", "--retrain-epochs", "1",
-            "--ood-examples", "50", "--device", "cpu", "--out-dir", str(out)]
+    argv = [
+        "local",
+        "--methods",
+        "gmp-soup",
+        "--model",
+        "mlp",
+        "--phases",
+        "2",
+        "--candidates",
+        "2",
+        "--target-sparsity",
+        "0.8",
+        "--pretrain-epochs",
+        "1",
+        "--retrain-epochs",
+        "1",
+        "--ood-examples",
+        "50",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+    ]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["method"], r["phase"]) for r in rows] == [("dense", 0), ("gmp-soup", 1), ("gmp-soup", 2)]
@@ -208,13 +245,18 @@ def test_federated_and_local_gmp_soups_agree_on_the_same_candidates(tmp_path):
     assert strategy.num_rounds == 3
     for server_round, (step, soup) in enumerate(zip(local_updates, local_soups), 1):
         payload = strategy.begin_round(server_round)
-        sent = codec.decode(payload, expected_mask=None, expected_digest=None, template=strategy.soup, expected_kind="soup")
+        sent = codec.decode(
+            payload, expected_mask=None, expected_digest=None, template=strategy.soup, expected_kind="soup"
+        )
         assert mask_digest(sent.mask) == mask_digest(step["mask"]) == mask_digest(soup["mask"])
         for name, value in sent.to_state_dict(strategy.soup).items():
             torch.testing.assert_close(value, step["start"][name])  # the clients start where the local candidates did
         updates = [
-            Update(i, codec.encode(state, sent.mask, phase=server_round, round=server_round, kind="update",
-                                   num_examples=n), {})
+            Update(
+                i,
+                codec.encode(state, sent.mask, phase=server_round, round=server_round, kind="update", num_examples=n),
+                {},
+            )
             for i, (state, n) in enumerate(zip(step["states"], step["examples"]))
         ]
         strategy.aggregate_updates(server_round, updates)
@@ -228,8 +270,12 @@ def test_tables_show_each_method_at_its_own_last_update_and_split_the_schedules(
     def row(method, phase, sparsity, accuracy):
         return {"method": method, "seed": 0, "phase": phase, "sparsity": sparsity, "accuracy": accuracy, "ece": 0.1}
 
-    rows = [row("dense", 0, 0.0, 0.99), row("imp", 1, 0.5, 0.97), row("imp", 2, 0.75, 0.95),
-            *(row("gmp", u, s, a) for u, s, a in ((1, 0.6, 0.96), (2, 0.7, 0.95), (3, 0.75, 0.94)))]
+    rows = [
+        row("dense", 0, 0.0, 0.99),
+        row("imp", 1, 0.5, 0.97),
+        row("imp", 2, 0.75, 0.95),
+        *(row("gmp", u, s, a) for u, s, a in ((1, 0.6, 0.96), (2, 0.7, 0.95), (3, 0.75, 0.94))),
+    ]
     lines = {line.split()[0]: line for line in final_table(rows).splitlines()[1:]}
     assert "75.00%" in lines["imp"] and "95.00" in lines["imp"]
     assert "75.00%" in lines["gmp"] and "94.00" in lines["gmp"]
@@ -242,11 +288,41 @@ def test_tables_show_each_method_at_its_own_last_update_and_split_the_schedules(
 def test_masked_fedavg_on_the_gmp_schedule_runs_as_a_flower_simulation(tmp_path, flwr_home):
     out = tmp_path / "out"
     result = subprocess.run(
-        [venv_bin("fedsms"), "simulate", "--num-clients", "3", "--mode", "data", "--pruning-schedule", "gmp",
-         "--out-dir", str(out), "--model", "mlp", "--phases", "3", "--target-sparsity", "0.9",
-         "--pretrain-rounds", "1", "--pretrain-epochs", "2", "--retrain-epochs", "1", "--ood", "false",
-         "--min-train-clients", "3", "--min-available-clients", "3", "--device", "cpu"],
-        capture_output=True, text=True, timeout=400,
+        [
+            venv_bin("fedsms"),
+            "simulate",
+            "--num-clients",
+            "3",
+            "--mode",
+            "data",
+            "--pruning-schedule",
+            "gmp",
+            "--out-dir",
+            str(out),
+            "--model",
+            "mlp",
+            "--phases",
+            "3",
+            "--target-sparsity",
+            "0.9",
+            "--pretrain-rounds",
+            "1",
+            "--pretrain-epochs",
+            "2",
+            "--retrain-epochs",
+            "1",
+            "--ood",
+            "false",
+            "--min-train-clients",
+            "3",
+            "--min-available-clients",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]

@@ -14,7 +14,9 @@ N = 200
 
 
 def test_prune_seeds_are_unchanged_below_step_1000_and_distinct_beyond():
-    assert [prune_seed(s, p) for s in (0, 1, 7) for p in (0, 1, 999)] == [s * 1000 + p for s in (0, 1, 7) for p in (0, 1, 999)]
+    assert [prune_seed(s, p) for s in (0, 1, 7) for p in (0, 1, 999)] == [
+        s * 1000 + p for s in (0, 1, 7) for p in (0, 1, 999)
+    ]
     seeds = [prune_seed(s, p) for s in (0, 1, 2, 2**32 - 1) for p in (*range(995, 1006), 2000, 10**6)]
     assert len(set(seeds)) == len(seeds)
     assert prune_seed(1, 1000) != prune_seed(2, 0)  # the old seed*1000+step collided here
@@ -25,12 +27,17 @@ def test_prune_seeds_are_unchanged_below_step_1000_and_distinct_beyond():
 
 def good_cache() -> dict:
     rng = np.random.default_rng(0)
-    return {"x": rng.normal(size=(160, 40)), "y": rng.integers(0, 10, 160), "x_test": rng.normal(size=(40, 40)),
-            "y_test": rng.integers(0, 10, 40)}
+    return {
+        "x": rng.normal(size=(160, 40)),
+        "y": rng.integers(0, 10, 160),
+        "x_test": rng.normal(size=(40, 40)),
+        "y_test": rng.integers(0, 10, 40),
+    }
 
 
-@pytest.mark.parametrize("damage", ["wrong keys", "nan", "labels 1e9", "wrong count", "wrong length", "not a zip",
-                                    "bomb"])
+@pytest.mark.parametrize(
+    "damage", ["wrong keys", "nan", "labels 1e9", "wrong count", "wrong length", "not a zip", "bomb"]
+)
 def test_a_damaged_mnist1d_cache_is_refused_in_one_sentence(tmp_path, damage):
     data = good_cache()
     path = tmp_path / f"mnist1d-{N}.npz"
@@ -78,8 +85,14 @@ def test_planted_symlinks_in_the_output_folder_are_not_followed(tmp_path):
         (out / name).symlink_to(target)
     run = RunConfig(model="mlp", phases=1, target_sparsity=0.5, ood=False, out_dir=str(out))
     torch.manual_seed(0)
-    strategy = SparseSoupStrategy(run, FederationConfig(pretrain_rounds=1), build_for("mlp", digits()),
-                                  server_data=digits(), out_dir=out, log=lambda _: None)
+    strategy = SparseSoupStrategy(
+        run,
+        FederationConfig(pretrain_rounds=1),
+        build_for("mlp", digits()),
+        server_data=digits(),
+        out_dir=out,
+        log=lambda _: None,
+    )
     strategy.begin_round(1)
     with pytest.raises(FedSMSError, match="symbolic link"):
         strategy.end_round(1)
@@ -129,18 +142,23 @@ def test_an_empty_data_set_is_refused_not_a_nan_mean():
 @pytest.mark.parametrize("damage", ["config list", "fp16 soup", "fp64 soup"])
 def test_a_damaged_round_checkpoint_is_refused_on_resume(tmp_path, damage):
     import torch
+    from helpers import digits
 
     from fedsms.checkpoint import Checkpoint
     from fedsms.config import FederationConfig, RunConfig
     from fedsms.models import build_for
     from fedsms_server.strategy import SparseSoupStrategy
 
-    from helpers import digits
-
     run = RunConfig(model="mlp", phases=1, target_sparsity=0.5, ood=False, out_dir=str(tmp_path))
     torch.manual_seed(0)
-    strategy = SparseSoupStrategy(run, FederationConfig(pretrain_rounds=1), build_for("mlp", digits()),
-                                  server_data=digits(), out_dir=tmp_path, log=lambda _: None)
+    strategy = SparseSoupStrategy(
+        run,
+        FederationConfig(pretrain_rounds=1),
+        build_for("mlp", digits()),
+        server_data=digits(),
+        out_dir=tmp_path,
+        log=lambda _: None,
+    )
     strategy.begin_round(1)
     strategy.end_round(1)
     from fedsms.checkpoint import load_checkpoint

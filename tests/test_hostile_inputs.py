@@ -16,7 +16,9 @@ from fedsms.config import FederationConfig, RunConfig
 from fedsms_server import launch as server_launch
 
 
-@pytest.mark.parametrize("extra", [["--enable-supernode-auth"], ["--enable-supernode-auth", "--authorized-key", "k.pub"]])
+@pytest.mark.parametrize(
+    "extra", [["--enable-supernode-auth"], ["--enable-supernode-auth", "--authorized-key", "k.pub"]]
+)
 def test_server_refuses_node_authentication_without_tls(extra):
     args = server_launch.build_parser().parse_args(["--insecure", *extra])
     with pytest.raises(FedSMSError, match="need TLS"):
@@ -55,7 +57,9 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
 def test_sigterm_stops_every_child_like_sigint():
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     line = launcher.stdout.readline().split()
     superlink, app = int(line[0]), int(line[1])
     launcher.send_signal(signal.SIGTERM)
@@ -66,17 +70,29 @@ def test_sigterm_stops_every_child_like_sigint():
     assert not alive(superlink) and not alive(app), "a child process outlived SIGTERM"
 
 
-@pytest.mark.parametrize("bad", [
-    dict(round_timeout=float("inf")), dict(client_wait=float("nan")), dict(clients_per_round=10**12),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(round_timeout=float("inf")),
+        dict(client_wait=float("nan")),
+        dict(clients_per_round=10**12),
+    ],
+)
 def test_absurd_federation_settings_are_refused_by_the_schema(bad):
     with pytest.raises(FedSMSError):
         FederationConfig(**bad)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(lr=float("inf")), dict(lr=float("nan")), dict(seed=2**63 - 1), dict(phases=10**9), dict(candidates=10**8),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lr=float("inf")),
+        dict(lr=float("nan")),
+        dict(seed=2**63 - 1),
+        dict(phases=10**9),
+        dict(candidates=10**8),
+    ],
+)
 def test_absurd_run_settings_are_refused_by_the_schema(bad):
     with pytest.raises(FedSMSError):
         RunConfig(**bad)
@@ -92,8 +108,13 @@ def test_an_absurd_model_width_is_refused_before_allocating():
 
 
 def test_a_6x40_recipe_grid_is_indexed_not_enumerated():
-    run = RunConfig(candidates=4, recipe=";".join(f"{key}={','.join(str(0.01 * (i + 1)) for i in range(40))}"
-                                                  for key in ("lr", "weight_decay", "label_smoothing", "lr", "lr", "lr")))
+    run = RunConfig(
+        candidates=4,
+        recipe=";".join(
+            f"{key}={','.join(str(0.01 * (i + 1)) for i in range(40))}"
+            for key in ("lr", "weight_decay", "label_smoothing", "lr", "lr", "lr")
+        ),
+    )
     started = time.perf_counter()
     try:
         configs = run.candidate_configs()

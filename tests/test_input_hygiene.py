@@ -11,7 +11,7 @@ import torch
 
 from fedsms import FedSMSError
 from fedsms.checkpoint import load_checkpoint, save_checkpoint
-from fedsms.config import RunConfig, split_config
+from fedsms.config import split_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,8 +27,14 @@ def test_server_refuses_missing_certificates_and_bad_config(capsys, tmp_path):
 def test_server_checks_node_authentication_and_resume(capsys, tmp_path):
     for name in ("ca.crt", "server.pem", "server.key", "client.pub"):
         (tmp_path / name).write_text("x")
-    tls = ["--ssl-ca-certfile", str(tmp_path / "ca.crt"), "--ssl-certfile", str(tmp_path / "server.pem"),
-           "--ssl-keyfile", str(tmp_path / "server.key")]
+    tls = [
+        "--ssl-ca-certfile",
+        str(tmp_path / "ca.crt"),
+        "--ssl-certfile",
+        str(tmp_path / "server.pem"),
+        "--ssl-keyfile",
+        str(tmp_path / "server.key"),
+    ]
     assert server_launch.main([*tls, "--authorized-key", str(tmp_path / "client.pub")]) == 2
     assert "--authorized-key needs --enable-supernode-auth" in capsys.readouterr().err
     assert server_launch.main([*tls, "--enable-supernode-auth", "--authorized-key", str(tmp_path / "nope.pub")]) == 2
@@ -54,8 +60,19 @@ def test_client_checks_its_arguments(capsys):
 
 
 def test_client_gives_up_on_an_absent_server(capsys):
-    code = client_launch.main(["--server", "127.0.0.1:9", "--num-partitions", "1", "--partition-id", "0",
-                               "--insecure", "--connect-timeout", "1"])
+    code = client_launch.main(
+        [
+            "--server",
+            "127.0.0.1:9",
+            "--num-partitions",
+            "1",
+            "--partition-id",
+            "0",
+            "--insecure",
+            "--connect-timeout",
+            "1",
+        ]
+    )
     assert code == 2 and "did not answer" in capsys.readouterr().err
 
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import venv_bin
 
 from fedsms import FedSMSError
 from fedsms.data import ArrayData, Augmentation, load_dataset, make_splits
 from fedsms_flower.deployment import refusal
 from fedsms_server import launch as server_launch
-
-from conftest import venv_bin
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vision"
 
@@ -22,8 +21,10 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vision"
 def test_app_refuses_the_built_in_flags(capsys, tmp_path):
     base = ["--insecure", "--app", str(EXAMPLE)]
     assert server_launch.main([*base, "--phases", "3"]) == 2
-    assert "--phases configures the built-in app only; with --app, set the app's own keys with --run-config" \
+    assert (
+        "--phases configures the built-in app only; with --app, set the app's own keys with --run-config"
         in capsys.readouterr().err
+    )
     assert server_launch.main([*base, "--clients", "3"]) == 2
     assert "--clients configures the built-in app only" in capsys.readouterr().err
     assert server_launch.main(["--insecure", "--run-config", "phases=3"]) == 2
@@ -38,7 +39,8 @@ def test_app_refuses_the_built_in_flags(capsys, tmp_path):
 
 def test_app_out_dir_becomes_its_out_dir_key(tmp_path):
     args = server_launch.build_parser().parse_args(
-        ["--insecure", "--app", str(EXAMPLE), "--out-dir", str(tmp_path / "o"), "--run-config", "phases=1"])
+        ["--insecure", "--app", str(EXAMPLE), "--out-dir", str(tmp_path / "o"), "--run-config", "phases=1"]
+    )
     job = server_launch.app_job(args)
     assert job.app == EXAMPLE and job.out_dir == tmp_path / "o"
     assert job.run_config == ["phases=1", f'out-dir="{tmp_path / "o"}"']
@@ -48,8 +50,22 @@ def test_app_out_dir_becomes_its_out_dir_key(tmp_path):
 
 def test_an_undeclared_run_config_key_ends_the_server_in_one_sentence():
     started = time.monotonic()
-    result = subprocess.run([venv_bin("fedsms-server"), "--insecure", "--app", str(EXAMPLE), "--port", "1",
-                             "--run-config", "phases=2 phasez=3"], check=False, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            venv_bin("fedsms-server"),
+            "--insecure",
+            "--app",
+            str(EXAMPLE),
+            "--port",
+            "1",
+            "--run-config",
+            "phases=2 phasez=3",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert time.monotonic() - started < 30
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
@@ -66,20 +82,33 @@ def test_flowers_refusal_reads_as_one_sentence():
 
 def test_make_splits_is_the_rule_of_load_dataset():
     digits = load_dataset("digits", heldout_fraction=0.2, seed=3)
-    train_all = ArrayData(torch.cat([digits.train.images, digits.heldout.images]),
-                          torch.cat([digits.train.labels, digits.heldout.labels]))
-    mine = make_splits("digits", train_all, digits.test, num_classes=10, augmentation=digits.augmentation,
-                       heldout_fraction=0.2, seed=3)
-    assert (mine.input_shape, mine.num_classes, len(mine.train), len(mine.heldout)) == \
-        (digits.input_shape, 10, len(digits.train), len(digits.heldout))
+    train_all = ArrayData(
+        torch.cat([digits.train.images, digits.heldout.images]), torch.cat([digits.train.labels, digits.heldout.labels])
+    )
+    mine = make_splits(
+        "digits", train_all, digits.test, num_classes=10, augmentation=digits.augmentation, heldout_fraction=0.2, seed=3
+    )
+    assert (mine.input_shape, mine.num_classes, len(mine.train), len(mine.heldout)) == (
+        digits.input_shape,
+        10,
+        len(digits.train),
+        len(digits.heldout),
+    )
     assert mine.mean == pytest.approx(digits.mean) and mine.std == pytest.approx(digits.std)
 
 
 def test_make_splits_checks_the_arrays():
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(20, dtype=torch.int32) % 4
-    splits = make_splits("mine", ArrayData(images, labels), ArrayData(images[:8], labels[:8]), num_classes=4,
-                         augmentation=Augmentation(crop_padding=1), heldout_fraction=0.25, seed=1)
+    splits = make_splits(
+        "mine",
+        ArrayData(images, labels),
+        ArrayData(images[:8], labels[:8]),
+        num_classes=4,
+        augmentation=Augmentation(crop_padding=1),
+        heldout_fraction=0.25,
+        seed=1,
+    )
     assert (len(splits.train), len(splits.heldout), len(splits.test)) == (15, 5, 8)
     assert splits.train.labels.dtype == torch.int64 and splits.augmentation.crop_padding == 1
     with pytest.raises(FedSMSError, match=r"labels must be integer class indices in \[0, 3\)"):
@@ -110,7 +139,8 @@ def test_vision_example_reads_its_png_folders(tmp_path):
 
 def test_the_built_in_job_keeps_its_flags(tmp_path):
     args = server_launch.build_parser().parse_args(
-        ["--insecure", "--phases", "2", "--clients", "3", "--out-dir", str(tmp_path / "o")])
+        ["--insecure", "--phases", "2", "--clients", "3", "--out-dir", str(tmp_path / "o")]
+    )
     job = server_launch.built_in_job(args)
     assert job.app is None and job.out_dir == tmp_path / "o"  # the app folder is written into the Flower home
     assert job.run_config["phases"] == "2" and job.run_config["min_train_clients"] == 3

@@ -25,13 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedsms", "fedsms_flower", "fedsms_server", "fedsms_client")
 FLOWER_SIDE = {"flwr", "fedsms_flower", "fedsms_server", "fedsms_client"}
 
+
 @dataclass
 class Module:
     name: str
     path: Path
     is_package: bool
     top_level: set[str] = field(default_factory=set)  # imported outside any function body
-    anywhere: set[str] = field(default_factory=set)   # every import, lazy ones included
+    anywhere: set[str] = field(default_factory=set)  # every import, lazy ones included
 
 
 def package_dirs() -> dict[str, Path]:

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, RecordDict
+from helpers import LocalGrid, digits, partitions
 from safetensors.torch import load_file
 from torch import nn
-
-from helpers import LocalGrid, digits, partitions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +28,7 @@ class MyNet(nn.Module):
 
 def readme_snippet() -> str:
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Your own app"):]
+    section = text[text.index("## Your own app") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -37,9 +36,10 @@ def test_readme_server_snippet_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     namespace = {"MyNet": MyNet, "my_splits": digits}
-    code = readme_snippet().replace("RunConfig(target_sparsity=0.9, phases=3,",
-                                    "RunConfig(target_sparsity=0.9, phases=3, pretrain_epochs=10, retrain_epochs=4, "
-                                    "ood=False,")
+    code = readme_snippet().replace(
+        "RunConfig(target_sparsity=0.9, phases=3,",
+        "RunConfig(target_sparsity=0.9, phases=3, pretrain_epochs=10, retrain_epochs=4, ood=False,",
+    )
     exec(compile(code, "README.md", "exec"), namespace)
     grid = LocalGrid(namespace["client_app"], partitions(4))
     namespace["server_app"](grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))

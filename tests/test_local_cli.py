@@ -11,8 +11,24 @@ from fedsms.cli import main
 from fedsms.masks import kept_count, mask_digest, prunable_names, sparsity_after_phase
 from fedsms.models import build_model
 
-TINY = ["--model", "mlp", "--phases", "2", "--candidates", "2", "--target-sparsity", "0.8",
-        "--pretrain-epochs", "2", "--retrain-epochs", "1", "--ood-examples", "50", "--device", "cpu"]
+TINY = [
+    "--model",
+    "mlp",
+    "--phases",
+    "2",
+    "--candidates",
+    "2",
+    "--target-sparsity",
+    "0.8",
+    "--pretrain-epochs",
+    "2",
+    "--retrain-epochs",
+    "1",
+    "--ood-examples",
+    "50",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +75,10 @@ def test_soup_command_merges_checkpoints_that_share_a_mask(local_run, tmp_path, 
     a = load_checkpoint(local_run / "checkpoints" / "seed0-sms")
     b_state = {k: v * 0.5 for k, v in a.state.items()}
     save_checkpoint(tmp_path / "b", b_state, a.mask, {"model": "mlp", "dataset": "digits"})
-    assert main(["soup", str(local_run / "checkpoints" / "seed0-sms"), str(tmp_path / "b"), "-o", str(tmp_path / "soup")]) == 0
+    assert (
+        main(["soup", str(local_run / "checkpoints" / "seed0-sms"), str(tmp_path / "b"), "-o", str(tmp_path / "soup")])
+        == 0
+    )
     soup = load_checkpoint(tmp_path / "soup")
     for name, value in soup.state.items():
         torch.testing.assert_close(value, 0.75 * a.state[name])
@@ -81,14 +100,17 @@ def test_inspect_prints_per_layer_sparsity_and_metadata(local_run, capsys):
     assert "net.1.weight" in out and "total" in out and '"method": "sms"' in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["local", "--target-sparsity", "1.5"], "'target-sparsity' must be in [0, 1)"),
-    (["local", "--phases", "0"], "'phases' must be at least 1"),
-    (["local", "--model", "vgg"], "unknown model 'vgg'"),
-    (["local", "--dataset", "cifar10", "--pretrain-epochs", "1"], "--data-dir"),
-    (["local", "--recipe", "lr"], "recipe part 'lr' is not KEY=V1,V2"),
-    (["inspect", "/nonexistent/ckpt"], "is missing"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["local", "--target-sparsity", "1.5"], "'target-sparsity' must be in [0, 1)"),
+        (["local", "--phases", "0"], "'phases' must be at least 1"),
+        (["local", "--model", "vgg"], "unknown model 'vgg'"),
+        (["local", "--dataset", "cifar10", "--pretrain-epochs", "1"], "--data-dir"),
+        (["local", "--recipe", "lr"], "recipe part 'lr' is not KEY=V1,V2"),
+        (["inspect", "/nonexistent/ckpt"], "is missing"),
+    ],
+)
 def test_bad_input_gives_one_clear_sentence(argv, message, capsys, tmp_path):
     code = main([*argv, "--out-dir", str(tmp_path / "o")] if argv[0] == "local" else argv)
     err = capsys.readouterr().err
@@ -117,6 +139,9 @@ def test_sms_greedy_is_sms_with_the_greedy_merge(tmp_path):
     out = tmp_path / "run"
     assert main(["local", *TINY, "--methods", "sms,sms-greedy", "--merge", "greedy", "--out-dir", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    pick = lambda method: [(r["phase"], r["mask_digest"], r["accuracy"], r["chosen"]) for r in rows if r["method"] == method]  # noqa: E731
+
+    def pick(method: str) -> list[tuple]:
+        return [(r["phase"], r["mask_digest"], r["accuracy"], r["chosen"]) for r in rows if r["method"] == method]
+
     assert pick("sms-greedy") == pick("sms") and len(pick("sms")) == 2
     assert sum(r["method"] == "ensemble" for r in rows) == 2  # only sms reports the ensemble

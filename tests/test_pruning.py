@@ -8,9 +8,20 @@ from torch.nn.utils import prune as torch_prune
 
 from fedsms import FedSMSError
 from fedsms.masks import (
-    MaskEnforcer, compute_mask, dense_mask, export_to_torch_prune, import_from_torch_prune, kept_count,
-    mask_digest, pack_mask, prunable_names, prune_fraction_per_phase, sparsity, sparsity_after_phase,
-    sparsity_report, unpack_mask,
+    MaskEnforcer,
+    compute_mask,
+    dense_mask,
+    export_to_torch_prune,
+    import_from_torch_prune,
+    kept_count,
+    mask_digest,
+    pack_mask,
+    prunable_names,
+    prune_fraction_per_phase,
+    sparsity,
+    sparsity_after_phase,
+    sparsity_report,
+    unpack_mask,
 )
 from fedsms.models import build_model
 
@@ -36,7 +47,10 @@ def test_schedule_reaches_the_target_exactly(target, phases):
     assert sparsity_after_phase(target, phases, phases) == pytest.approx(target)
     # each phase prunes q of what is left
     for p in range(1, phases + 1):
-        left_before, left_after = 1 - sparsity_after_phase(target, phases, p - 1), 1 - sparsity_after_phase(target, phases, p)
+        left_before, left_after = (
+            1 - sparsity_after_phase(target, phases, p - 1),
+            1 - sparsity_after_phase(target, phases, p),
+        )
         assert left_after == pytest.approx(left_before * (1 - q))
 
 
@@ -57,7 +71,7 @@ def test_every_phase_hits_its_exact_count_and_masks_nest(method):
         new = compute_mask(params, mask, target, method=method, generator=torch.Generator().manual_seed(phase))
         assert all(bool((new[n] <= mask[n]).all()) for n in mask)  # never regrows
         if method == "uniform":
-            for name, keep in new.items():
+            for keep in new.values():
                 assert int(keep.sum()) == kept_count(keep.numel(), target)
         else:
             assert sum(int(m.sum()) for m in new.values()) == kept_count(total, target)
@@ -129,7 +143,9 @@ def test_torch_prune_round_trip():
     other = cnn()
     torch_prune.l1_unstructured(dict(other.named_modules())["net.classifier"], "weight", amount=0.5)
     imported = import_from_torch_prune(other)
-    assert list(imported) == ["net.classifier.weight"] and float(imported["net.classifier.weight"].float().mean()) == 0.5
+    assert (
+        list(imported) == ["net.classifier.weight"] and float(imported["net.classifier.weight"].float().mean()) == 0.5
+    )
 
 
 def test_masks_for_another_model_are_refused():

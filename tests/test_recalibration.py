@@ -36,8 +36,10 @@ def measured_statistics(model, state, inputs: torch.Tensor) -> dict[str, torch.T
     model.load_state_dict(state)
     seen = {}
     names = {id(m): n for n, m in model.named_modules()}
-    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.__setitem__(names[id(m)], args[0].detach().clone()))
-             for layer in norm_layers(model)]
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: seen.__setitem__(names[id(m)], args[0].detach().clone()))
+        for layer in norm_layers(model)
+    ]
     model.train()
     model(inputs)
     for hook in hooks:
@@ -56,8 +58,9 @@ def two_candidates(model):
     a = {k: v.clone() for k, v in build_for("cnn", digits()).state_dict().items()}
     mask = compute_mask(a, dense_mask(model, prunable_names(model)), 0.5)
     generator = torch.Generator().manual_seed(1)
-    b = {k: (v + 0.05 * torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v
-         for k, v in a.items()}
+    b = {
+        k: (v + 0.05 * torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v for k, v in a.items()
+    }
     for name in norm_stat_names(model):
         if name.endswith("running_mean"):
             a[name], b[name] = torch.full_like(a[name], 2.0), torch.full_like(b[name], -1.0)
@@ -71,8 +74,12 @@ def two_candidates(model):
 
 
 def averaged(states):
-    return {k: torch.stack([s[k].double() for s in states]).mean(0).float() if states[0][k].is_floating_point()
-            else states[0][k] for k in states[0]}
+    return {
+        k: torch.stack([s[k].double() for s in states]).mean(0).float()
+        if states[0][k].is_floating_point()
+        else states[0][k]
+        for k in states[0]
+    }
 
 
 def assert_statistics(state, expected, names, rtol=1e-4, atol=1e-5):
@@ -134,14 +141,25 @@ def federated_job(tmp_path, client_app, log=None):
     def data_fn(run, data_dir):
         return replace(digits(), train=shards[data_dir])
 
-    strategy = make_strategy(tmp_path, model="cnn", log=log, run=dict(phases=1, recalibration_fraction=1.0),
-                             mode="data", recalibration="federated", pretrain_rounds=0)
+    strategy = make_strategy(
+        tmp_path,
+        model="cnn",
+        log=log,
+        run=dict(phases=1, recalibration_fraction=1.0),
+        mode="data",
+        recalibration="federated",
+        pretrain_rounds=0,
+    )
     nodes = [{"partition-id": 0, "num-partitions": 1, "data-dir": name} for name in shards]
     grid = RecordingGrid(client_app(data_fn), nodes)
     strategy.start(grid, num_rounds=1)  # round 1 ends phase 1: train, then recalibrate
     union = ArrayData(torch.cat([s.images for s in shards.values()]), torch.cat([s.labels for s in shards.values()]))
-    replies = [codec.decode(p, expected_mask=strategy.mask, expected_digest=None, template=strategy.soup)
-               .to_state_dict(strategy.soup) for p in payloads(train_replies(grid, 1))]
+    replies = [
+        codec.decode(p, expected_mask=strategy.mask, expected_digest=None, template=strategy.soup).to_state_dict(
+            strategy.soup
+        )
+        for p in payloads(train_replies(grid, 1))
+    ]
     return strategy, union, replies
 
 
@@ -195,8 +213,10 @@ def test_soup_command_recalibrates_on_the_data_its_checkpoints_name(tmp_path, ca
     save_checkpoint(tmp_path / "a", a, mask, metadata)
     save_checkpoint(tmp_path / "b", b, mask, metadata)
     for flags in ([], ["--recalibrate"]):
-        assert main(["soup", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / f"soup{len(flags)}"),
-                     *flags]) == 0
+        assert (
+            main(["soup", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / f"soup{len(flags)}"), *flags])
+            == 0
+        )
     plain, recalibrated = (load_checkpoint(tmp_path / f"soup{i}").state for i in (0, 1))
     mean = averaged([a, b])
     stats = [n for n in norm_stat_names(model) if "running" in n]

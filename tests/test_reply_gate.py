@@ -34,19 +34,29 @@ def task_identity():
 
 
 def make_strategy(tmp_path, model="mlp", **federation):
-    run = RunConfig(model=model, phases=1, target_sparsity=0.5, out_dir=str(tmp_path), ood=False,
-                    pretrain_epochs=1, retrain_epochs=1)
+    run = RunConfig(
+        model=model,
+        phases=1,
+        target_sparsity=0.5,
+        out_dir=str(tmp_path),
+        ood=False,
+        pretrain_epochs=1,
+        retrain_epochs=1,
+    )
     fed = FederationConfig(pretrain_rounds=1, min_train_clients=1, **federation)
     torch.manual_seed(0)
-    return SparseSoupStrategy(run, fed, build_for(model, SPLITS), server_data=SPLITS, out_dir=tmp_path,
-                              log=lambda _: None)
+    return SparseSoupStrategy(
+        run, fed, build_for(model, SPLITS), server_data=SPLITS, out_dir=tmp_path, log=lambda _: None
+    )
 
 
 def update_payload(strategy, server_round, examples=100, scale=1.0, seed=0):
     phase, _ = strategy.phase_at(server_round)
     g = torch.Generator().manual_seed(seed)
-    state = {k: (v + scale * torch.randn(v.shape, generator=g) * (strategy.mask[k] if k in strategy.mask else 1))
-             if v.is_floating_point() else v for k, v in strategy.soup.items()}
+    state = {
+        k: (v + scale * torch.randn(v.shape, generator=g) * strategy.mask.get(k, 1)) if v.is_floating_point() else v
+        for k, v in strategy.soup.items()
+    }
     return codec.encode(state, strategy.mask, phase=phase, round=server_round, kind="update", num_examples=examples)
 
 
@@ -55,8 +65,12 @@ def reply(content: dict) -> Message:
 
 
 BAD_TRAIN_METRICS = [
-    {"train_loss": float("nan")}, {"train_loss": float("inf")}, {"train_loss": -float("inf")},
-    {"train_loss": [1.0, 2.0]}, {"train_loss": 1e300}, {f"k{i}": 1.0 for i in range(100)},
+    {"train_loss": float("nan")},
+    {"train_loss": float("inf")},
+    {"train_loss": -float("inf")},
+    {"train_loss": [1.0, 2.0]},
+    {"train_loss": 1e300},
+    {f"k{i}": 1.0 for i in range(100)},
 ]
 
 
@@ -64,10 +78,14 @@ def test_train_replies_with_bad_metrics_are_rejected_and_the_round_checkpoints(t
     strategy = make_strategy(tmp_path)
     strategy.begin_round(1)
     payload = update_payload(strategy, 1)
-    good = [unpack_reply(reply({"update": record_of(payload), "metrics": MetricRecord(m)}), node)
-            for node, m in enumerate([{"train_loss": 0.5}, {}, {"train_loss": 0.7, "extra": 1.0}])]
-    bad = [unpack_reply(reply({"update": record_of(payload), "metrics": MetricRecord(m)}), 10 + i)
-           for i, m in enumerate(BAD_TRAIN_METRICS)]
+    good = [
+        unpack_reply(reply({"update": record_of(payload), "metrics": MetricRecord(m)}), node)
+        for node, m in enumerate([{"train_loss": 0.5}, {}, {"train_loss": 0.7, "extra": 1.0}])
+    ]
+    bad = [
+        unpack_reply(reply({"update": record_of(payload), "metrics": MetricRecord(m)}), 10 + i)
+        for i, m in enumerate(BAD_TRAIN_METRICS)
+    ]
     as_string = reply({"update": record_of(payload), "metrics": ConfigRecord({"train_loss": "low"})})
     no_metrics = reply({"update": record_of(payload)})
     bad += [unpack_reply(as_string, 20), unpack_reply(no_metrics, 21)]
@@ -84,12 +102,21 @@ def eval_reply(metrics) -> Message:
     return reply({"metrics": MetricRecord(metrics) if not isinstance(metrics, ConfigRecord) else metrics})
 
 
-@pytest.mark.parametrize("metrics", [
-    {"accuracy": 0.5}, {"accuracy": 0.5, "num-examples": float("nan")}, {"accuracy": 0.5, "num-examples": float("inf")},
-    {"accuracy": 0.5, "num-examples": -1000}, {"accuracy": 0.5, "num-examples": 0}, {"accuracy": 0.5, "num-examples": 10**12},
-    {"accuracy": 0.5, "num-examples": 2.5}, {"accuracy": float("nan"), "num-examples": 10},
-    {"accuracy": [0.5], "num-examples": 10}, ConfigRecord({"accuracy": "x", "num-examples": 10}),
-])
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"accuracy": 0.5},
+        {"accuracy": 0.5, "num-examples": float("nan")},
+        {"accuracy": 0.5, "num-examples": float("inf")},
+        {"accuracy": 0.5, "num-examples": -1000},
+        {"accuracy": 0.5, "num-examples": 0},
+        {"accuracy": 0.5, "num-examples": 10**12},
+        {"accuracy": 0.5, "num-examples": 2.5},
+        {"accuracy": float("nan"), "num-examples": 10},
+        {"accuracy": [0.5], "num-examples": 10},
+        ConfigRecord({"accuracy": "x", "num-examples": 10}),
+    ],
+)
 def test_bad_evaluation_replies_are_rejected(tmp_path, metrics):
     strategy = make_strategy(tmp_path)
     strategy.begin_round(1)
@@ -118,8 +145,9 @@ def test_an_array_header_with_an_absurd_shape_is_rejected_without_allocating():
     array = npy_array((2**50,), data_shape=(16,))
     with pytest.raises(gate.Rejected, match="declares"):
         gate.array_fits("payload", array)
-    update = unpack_reply(reply({"update": ArrayRecord({"payload": npy_array((2**50,), "uint8", (16,))}),
-                                 "metrics": MetricRecord({})}), 3)
+    update = unpack_reply(
+        reply({"update": ArrayRecord({"payload": npy_array((2**50,), "uint8", (16,))}), "metrics": MetricRecord({})}), 3
+    )
     assert "declares" in update.error
 
 
@@ -143,7 +171,7 @@ def test_bad_norm_statistics_are_rejected_and_the_pool_stays_finite():
         "missing": ({k: v for k, v in template.items() if k != first}, 10),
     }
     pooled = NormStatsAverage(model)
-    for label, (stats, examples) in cases.items():
+    for _label, (stats, examples) in cases.items():
         with pytest.raises(gate.Rejected):
             pooled.add(*gate.norm_stats_reply(norm_reply(stats, examples), pooled.template))
     pooled.add(*gate.norm_stats_reply(norm_reply(template, 10), pooled.template))
@@ -167,7 +195,9 @@ def test_norm_stats_average_checks_before_adding_and_refuses_to_pool_nothing():
 
 def test_reasons_are_short_and_escaped(tmp_path):
     forged = "oom\n2026-01-01 INFO round 9: all fine\x1b[31m" + "x" * (16 << 20)
-    error_reply = Message(Error(code=0, reason=forged), reply_to=Message(RecordDict(), dst_node_id=1, message_type="train"))
+    error_reply = Message(
+        Error(code=0, reason=forged), reply_to=Message(RecordDict(), dst_node_id=1, message_type="train")
+    )
     update = unpack_reply(error_reply, 4)
     assert len(update.error) <= gate.MAX_REASON and "\n" not in update.error and "\x1b" not in update.error
     strategy = make_strategy(tmp_path)
@@ -182,11 +212,19 @@ def test_reasons_are_short_and_escaped(tmp_path):
 
 # ---- property: whatever the fields, the gate returns checked values or rejects ------------
 
-numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**63, 2**63 - 1),
-                    st.lists(st.floats(allow_nan=False), max_size=3))
-metric_records = st.dictionaries(st.sampled_from(["num-examples", "accuracy", "loss", "x" * 200, "a"]), numbers, max_size=4)
-headers = st.tuples(st.sampled_from(["float32", "float64", "int64", "uint8"]),
-                    st.lists(st.integers(0, 2**62), max_size=3), st.lists(st.integers(0, 4), max_size=3))
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**63), 2**63 - 1),
+    st.lists(st.floats(allow_nan=False), max_size=3),
+)
+metric_records = st.dictionaries(
+    st.sampled_from(["num-examples", "accuracy", "loss", "x" * 200, "a"]), numbers, max_size=4
+)
+headers = st.tuples(
+    st.sampled_from(["float32", "float64", "int64", "uint8"]),
+    st.lists(st.integers(0, 2**62), max_size=3),
+    st.lists(st.integers(0, 4), max_size=3),
+)
 
 
 def hostile_array(header) -> Array:
@@ -195,15 +233,21 @@ def hostile_array(header) -> Array:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from(["train", "evaluate", "norm_stats"]), metrics=metric_records, header=headers,
-       drop=st.sampled_from([None, "metrics", "update", "stats"]))
+@given(
+    kind=st.sampled_from(["train", "evaluate", "norm_stats"]),
+    metrics=metric_records,
+    header=headers,
+    drop=st.sampled_from([None, "metrics", "update", "stats"]),
+)
 def test_property_every_reply_kind_is_checked_or_rejected(kind, metrics, header, drop):
     template = {"bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(4)}
     content = {"metrics": MetricRecord(metrics)}
     if kind == "train":
         content["update"] = ArrayRecord({"payload": hostile_array(("uint8",) + header[1:])})
     elif kind == "norm_stats":
-        content["stats"] = ArrayRecord({"bn.running_mean": hostile_array(header), "bn.running_var": Array(np.ones(4, "float32"))})
+        content["stats"] = ArrayRecord(
+            {"bn.running_mean": hostile_array(header), "bn.running_var": Array(np.ones(4, "float32"))}
+        )
     content.pop(drop, None)
     message = reply(content)
     try:
@@ -225,6 +269,7 @@ def test_property_every_reply_kind_is_checked_or_rejected(kind, metrics, header,
 
 
 # ---- any unexpected error: stopped at the last completed round, with a summary ----------
+
 
 def test_an_unexpected_error_stops_the_job_at_the_last_completed_round(tmp_path):
     from helpers import LocalGrid, partitions

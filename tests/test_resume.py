@@ -17,8 +17,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_strategy(out_dir, **run_changes):
     """A cnn data soup (norm layers: recalibration must resume too) of 3 clients, 2 rounds a phase."""
-    return small_strategy(out_dir, model=run_changes.pop("model", "cnn"), run=run_changes, mode="data",
-                          rounds_per_phase=2, min_available_clients=3)
+    return small_strategy(
+        out_dir,
+        model=run_changes.pop("model", "cnn"),
+        run=run_changes,
+        mode="data",
+        rounds_per_phase=2,
+        min_available_clients=3,
+    )
 
 
 def play(strategy, flower_rounds):

@@ -20,11 +20,18 @@ SPLITS = digits()
 
 
 def make_strategy(tmp_path, log=lambda _: None, **run):
-    config = RunConfig(**{"model": "mlp", "phases": 1, "target_sparsity": 0.5, "out_dir": str(tmp_path), "ood": False,
-                          **run})
+    config = RunConfig(
+        **{"model": "mlp", "phases": 1, "target_sparsity": 0.5, "out_dir": str(tmp_path), "ood": False, **run}
+    )
     torch.manual_seed(0)
-    return SparseSoupStrategy(config, FederationConfig(pretrain_rounds=1, min_train_clients=1),
-                              build_for("mlp", SPLITS), server_data=SPLITS, out_dir=tmp_path, log=log)
+    return SparseSoupStrategy(
+        config,
+        FederationConfig(pretrain_rounds=1, min_train_clients=1),
+        build_for("mlp", SPLITS),
+        server_data=SPLITS,
+        out_dir=tmp_path,
+        log=log,
+    )
 
 
 def update(strategy, examples=100, scale=0.01, seed=0, fill=None, value_dtype="fp32"):
@@ -37,8 +44,16 @@ def update(strategy, examples=100, scale=0.01, seed=0, fill=None, value_dtype="f
             state[k] = torch.full_like(v, fill)
         else:
             state[k] = v + scale * torch.randn(v.shape, generator=g)
-    return codec.encode(state, strategy.mask, phase=0, round=1, kind="update", num_examples=examples,
-                        check_finite=False, value_dtype=value_dtype)
+    return codec.encode(
+        state,
+        strategy.mask,
+        phase=0,
+        round=1,
+        kind="update",
+        num_examples=examples,
+        check_finite=False,
+        value_dtype=value_dtype,
+    )
 
 
 @pytest.mark.parametrize("case", ["three of 3e38", "1e30 with 1e9 examples", "bf16 near its maximum"])
@@ -130,9 +145,17 @@ def test_default_options_leave_the_soup_bit_identical():
     assert torch.equal(merge.result()["w"], average.mean()["w"]) and not merge.candidates
 
 
-@pytest.mark.parametrize("bad", [dict(trim_fraction=0.5), dict(max_client_weight=0.0), dict(update_norm_bound=-1.0),
-                                 dict(update_norm_bound=float("nan")), dict(max_client_weight=float("inf")),
-                                 dict(merge="krum")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(trim_fraction=0.5),
+        dict(max_client_weight=0.0),
+        dict(update_norm_bound=-1.0),
+        dict(update_norm_bound=float("nan")),
+        dict(max_client_weight=float("inf")),
+        dict(merge="krum"),
+    ],
+)
 def test_robust_merge_settings_are_declared_and_checked(bad):
     with pytest.raises(FedSMSError):
         RunConfig(**bad)

@@ -178,7 +178,13 @@ def test_recalibration_restores_the_mode_and_the_momentum(pruned):
 
 def test_recipe_grid_and_errors():
     configs = expand_recipe("weight_decay=1e-4,5e-4;lr=0.1,0.05", 5, CandidateConfig(seed=7))
-    assert [(c.weight_decay, c.lr) for c in configs] == [(1e-4, 0.1), (1e-4, 0.05), (5e-4, 0.1), (5e-4, 0.05), (1e-4, 0.1)]
+    assert [(c.weight_decay, c.lr) for c in configs] == [
+        (1e-4, 0.1),
+        (1e-4, 0.05),
+        (5e-4, 0.1),
+        (5e-4, 0.05),
+        (1e-4, 0.1),
+    ]
     assert [c.seed for c in configs] == [7, 8, 9, 10, 11]
     with pytest.raises(FedSMSError, match="unknown recipe key 'momentumm'"):
         parse_grid("momentumm=0.9")

@@ -49,8 +49,17 @@ def assert_masked_average(strategy, states: list[dict], weights: list[float]) ->
 def test_a_round_through_the_flower_hooks_gives_the_masked_average_of_the_replies(tmp_path, merge, model):
     # A data soup over uneven (dirichlet) shards, so example weights differ; two rounds per
     # phase, so round 1 only averages (no phase end, no recalibration).
-    strategy = make_strategy(tmp_path, model=model, run=dict(merge=merge), mode="data", partitioning="dirichlet",
-                             pretrain_rounds=0, rounds_per_phase=2, fraction_evaluate=1.0, min_available_clients=3)
+    strategy = make_strategy(
+        tmp_path,
+        model=model,
+        run=dict(merge=merge),
+        mode="data",
+        partitioning="dirichlet",
+        pretrain_rounds=0,
+        rounds_per_phase=2,
+        fraction_evaluate=1.0,
+        min_available_clients=3,
+    )
     grid = RecordingGrid(make_client_app(), partitions(3))
     strategy.start(grid, num_rounds=1)
 
@@ -160,15 +169,25 @@ def expected_greedy(states: list[dict], score) -> list[int]:
 
 
 def mean_of(states: list[dict]) -> dict:
-    return {k: torch.stack([s[k].double() for s in states]).mean(0).to(states[0][k].dtype)
-            if states[0][k].is_floating_point() else torch.stack([s[k] for s in states]).max(0).values
-            for k in states[0]}
+    return {
+        k: torch.stack([s[k].double() for s in states]).mean(0).to(states[0][k].dtype)
+        if states[0][k].is_floating_point()
+        else torch.stack([s[k] for s in states]).max(0).values
+        for k in states[0]
+    }
 
 
 def test_greedy_merge_is_the_soup_that_heldout_accuracy_picks_with_recalibrated_norms(tmp_path):
     lines = []
-    strategy = make_strategy(tmp_path, model="cnn", log=lines.append, run=dict(merge="greedy"), mode="data",
-                             pretrain_rounds=0, min_available_clients=3)
+    strategy = make_strategy(
+        tmp_path,
+        model="cnn",
+        log=lines.append,
+        run=dict(merge="greedy"),
+        mode="data",
+        pretrain_rounds=0,
+        min_available_clients=3,
+    )
     data = digits()
     model = strategy.model
     torch.manual_seed(0)

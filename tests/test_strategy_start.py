@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from helpers import LocalGrid, digits, partitions
 from safetensors.torch import load_file
 
 from fedsms.checkpoint import load_checkpoint
@@ -17,10 +18,16 @@ from fedsms.models import build_for
 from fedsms_client.app import make_client_app
 from fedsms_server.strategy import RoundFailed, SparseSoupStrategy
 
-from helpers import LocalGrid, digits, partitions
-
-TINY = dict(model="mlp", phases=2, target_sparsity=0.8, pretrain_epochs=5, retrain_epochs=2, candidates=3,
-            ood=False, device="cpu")
+TINY = dict(
+    model="mlp",
+    phases=2,
+    target_sparsity=0.8,
+    pretrain_epochs=5,
+    retrain_epochs=2,
+    candidates=3,
+    ood=False,
+    device="cpu",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +40,9 @@ def one_thread():
 
 def strategy_for(tmp_path, run=None, log=lambda _: None, **federation) -> SparseSoupStrategy:
     run = run or RunConfig(**TINY, out_dir=str(tmp_path))
-    fed = FederationConfig(**{"min_train_clients": 2, "min_available_clients": 2, "fraction_evaluate": 0.0,
-                              **federation})
+    fed = FederationConfig(
+        **{"min_train_clients": 2, "min_available_clients": 2, "fraction_evaluate": 0.0, **federation}
+    )
     torch.manual_seed(0)
     return SparseSoupStrategy(run, fed, build_for(run.model, digits()), server_data=digits(), out_dir=tmp_path, log=log)
 

@@ -15,7 +15,6 @@ from fedsms.masks import dense_mask, enforce_mask, mask_digest, outside_mask_non
 from fedsms.norms import recalibrate_norms
 from fedsms.recipe import CandidateConfig
 from fedsms.training import train_candidate
-
 from fedsms_client import toolkit
 from fedsms_flower.records import payload_of, record_of
 
@@ -101,13 +100,21 @@ def test_enforce_mask_zeroes_at_once_and_checks_the_mask():
     with enforce_mask(torch.optim.SGD(model.parameters(), lr=0.1), model, mask):
         assert outside_mask_nonzeros(model.state_dict(), mask) == {}
     with pytest.raises(FedSMSError, match="head.weight"):
-        enforce_mask(torch.optim.SGD(model.parameters(), lr=0.1), model, {"head.weight": torch.ones(4, 4, dtype=torch.bool)})
+        enforce_mask(
+            torch.optim.SGD(model.parameters(), lr=0.1), model, {"head.weight": torch.ones(4, 4, dtype=torch.bool)}
+        )
 
 
 # ---- the toolkit round trip ------------------------------------------------------------
 
-HYPERPARAMETERS = {**CandidateConfig(lr=0.01, weight_decay=0.05, epochs=1, batch_size=16, seed=7).to_dict(),
-                   "phase": 2, "server-round": 5, "candidate": 1, "num-candidates": 3, "last-round": False}
+HYPERPARAMETERS = {
+    **CandidateConfig(lr=0.01, weight_decay=0.05, epochs=1, batch_size=16, seed=7).to_dict(),
+    "phase": 2,
+    "server-round": 5,
+    "candidate": 1,
+    "num-candidates": 3,
+    "last-round": False,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -123,8 +130,11 @@ def soup_message(model: nn.Module, mask, message_type=MessageType.TRAIN, value_d
     """What the strategy sends: the soup (mask bits + values under the mask) and a config."""
     payload = codec.encode(model.state_dict(), mask, phase=2, round=5, kind="soup", value_dtype=value_dtype)
     config = HYPERPARAMETERS if message_type == MessageType.TRAIN else {"phase": 2, "server-round": 5, "ood": False}
-    return Message(RecordDict({"soup": record_of(payload), "config": ConfigRecord(config)}), dst_node_id=1,
-                   message_type=message_type)
+    return Message(
+        RecordDict({"soup": record_of(payload), "config": ConfigRecord(config)}),
+        dst_node_id=1,
+        message_type=message_type,
+    )
 
 
 def test_toolkit_round_trip_through_a_user_loop():
@@ -151,8 +161,15 @@ def test_toolkit_round_trip_through_a_user_loop():
     reply = received.reply(client_model, 64, {"train_loss": 0.5})
 
     # the server's side: the strategy's gate
-    decoded = codec.decode(payload_of(reply.content["update"]), expected_mask=mask, expected_digest=mask_digest(mask),
-                           template=soup, expected_phase=2, expected_round=5, expected_kind="update")
+    decoded = codec.decode(
+        payload_of(reply.content["update"]),
+        expected_mask=mask,
+        expected_digest=mask_digest(mask),
+        template=soup,
+        expected_phase=2,
+        expected_round=5,
+        expected_kind="update",
+    )
     assert not decoded.mask_included and decoded.num_examples == 64
     state = decoded.to_state_dict(soup)
     for name, value in client_model.state_dict().items():
@@ -168,8 +185,12 @@ def test_reply_keeps_the_servers_value_dtype_and_evaluate_replies_carry_metrics_
     model = TokenNet()
     mask = pruned(model)
     received = toolkit.receive(soup_message(model, mask, value_dtype="bf16"), TokenNet())
-    decoded = codec.decode(payload_of(received.reply(model, 3).content["update"]), expected_mask=mask,
-                           expected_digest=None, template=model.state_dict())
+    decoded = codec.decode(
+        payload_of(received.reply(model, 3).content["update"]),
+        expected_mask=mask,
+        expected_digest=None,
+        template=model.state_dict(),
+    )
     assert decoded.value_dtype == "bf16"
     evaluated = toolkit.receive(soup_message(model, mask, MessageType.EVALUATE), TokenNet())
     reply = evaluated.reply(None, 10, {"accuracy": 0.75})
@@ -199,7 +220,9 @@ def test_integer_token_arrays_train_and_evaluate(dtype):
     mask = pruned(model, 0.5)
     train, test = token_data(600, seed=3, dtype=dtype), token_data(300, seed=4, dtype=dtype)
     config = CandidateConfig(lr=0.05, epochs=6, batch_size=32, seed=0, weight_decay=0.0)
-    result = train_candidate(model, mask, train, config, augmentation=Augmentation())  # an identity augmentation is fine
+    result = train_candidate(
+        model, mask, train, config, augmentation=Augmentation()
+    )  # an identity augmentation is fine
     assert outside_mask_nonzeros(model.state_dict(), mask) == {}
     metrics = evaluate(model, test)
     assert metrics["accuracy"] > 0.6 and result["train_accuracy"] > 0.6  # chance is 1/3
@@ -222,8 +245,13 @@ def test_dataset_loader_and_callable_sources_with_a_custom_loss():
         model = TokenNet()
         mask = pruned(model, 0.5)
         seen = []
-        result = train_candidate(model, mask, source, config,
-                                 loss_fn=lambda out, y, seen=seen: seen.append(out.shape) or nn.functional.cross_entropy(out, y))
+        result = train_candidate(
+            model,
+            mask,
+            source,
+            config,
+            loss_fn=lambda out, y, seen=seen: seen.append(out.shape) or nn.functional.cross_entropy(out, y),
+        )
         assert outside_mask_nonzeros(model.state_dict(), mask) == {}
         assert result["num_examples"] == 256 and seen
         metrics = evaluate(model, source, loss_fn=nn.functional.cross_entropy)
@@ -237,18 +265,28 @@ def test_dataset_loader_and_callable_sources_with_a_custom_loss():
 def test_image_only_parts_refuse_non_image_data_in_one_sentence():
     tabular = ArrayData(torch.randn(50, 8), torch.randint(0, 3, (50,)))
     model = nn.Sequential(nn.Linear(8, 3))
-    with pytest.raises(FedSMSError, match=r"OOD evaluation applies image corruptions and needs image inputs \(N, C, H, W\)"
-                                          r", but the inputs have shape \(50, 8\)"):
+    with pytest.raises(
+        FedSMSError,
+        match=r"OOD evaluation applies image corruptions and needs image inputs \(N, C, H, W\)"
+        r", but the inputs have shape \(50, 8\)",
+    ):
         evaluate_ood(model, tabular)
     loader = DataLoader(TensorDataset(tabular.images, tabular.labels), batch_size=10)
     with pytest.raises(FedSMSError, match=r"needs image inputs .* shape \(10, 8\)"):
         evaluate_ood(model, loader, corruptions=("contrast",), severities=(1,))
     mask = dense_mask(model, prunable_names(model))
     with pytest.raises(FedSMSError, match="augmentation moves pixels and needs image inputs"):
-        train_candidate(model, mask, tabular, CandidateConfig(epochs=1, batch_size=10), augmentation=Augmentation(crop_padding=1))
+        train_candidate(
+            model, mask, tabular, CandidateConfig(epochs=1, batch_size=10), augmentation=Augmentation(crop_padding=1)
+        )
     # augment off (or no augmentation) trains tabular data as it is
-    train_candidate(model, mask, tabular, CandidateConfig(epochs=1, batch_size=10, augment=False),
-                    augmentation=Augmentation(crop_padding=1))
+    train_candidate(
+        model,
+        mask,
+        tabular,
+        CandidateConfig(epochs=1, batch_size=10, augment=False),
+        augmentation=Augmentation(crop_padding=1),
+    )
 
 
 def test_norm_recalibration_on_a_dataset_and_a_loader():

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import LocalGrid, partitions
 from safetensors.torch import load_file
 
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.masks import kept_count, prunable_names
 from fedsms_server.strategy import SparseSoupStrategy
-
-from helpers import LocalGrid, partitions
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
 

@@ -16,8 +16,11 @@ def test_two_workers_give_the_same_candidates_as_one_process():
         with CandidateTrainer("mlp", digits(), torch.device("cpu"), workers=workers) as trainer:
             if workers == 1:
                 start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-                mask = compute_mask(dict(trainer.model.named_parameters()),
-                                    dense_mask(trainer.model, prunable_names(trainer.model)), 0.5)
+                mask = compute_mask(
+                    dict(trainer.model.named_parameters()),
+                    dense_mask(trainer.model, prunable_names(trainer.model)),
+                    0.5,
+                )
                 start = {k: v * mask[k] if k in mask else v for k, v in start.items()}
             results.append(trainer.train(start, mask, configs, "[test]"))
     (serial, parallel) = results

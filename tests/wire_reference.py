@@ -21,11 +21,30 @@ import torch
 VERSION = 2
 KINDS = {1: "soup", 2: "update", 3: "norm_stats"}
 VALUE_TYPES = {1: ("fp32", 4), 2: ("fp16", 2), 3: ("bf16", 2)}
-DENSE_TYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
-               "int8": 1, "uint8": 1, "bool": 1}
-TORCH_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
-               torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.int8: "int8",
-               torch.uint8: "uint8", torch.bool: "bool"}
+DENSE_TYPES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+TORCH_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
 MAX_NAMES = 1 << 24
 MAX_MAGNITUDE = 1e20
 
@@ -69,7 +88,7 @@ def fields(data: bytes) -> list[tuple[int, int, object]]:
             size, at = varint(data, at)
             if at + size > len(data):
                 raise Refused("truncated length-delimited field")
-            value, at = bytes(data[at:at + size]), at + size
+            value, at = bytes(data[at : at + size]), at + size
         elif wire == 5:
             if at + 4 > len(data):
                 raise Refused("truncated fixed32")
@@ -108,10 +127,23 @@ def message(data: bytes, schema: dict[int, tuple[str, str]]) -> dict:
     return parsed
 
 
-PAYLOAD = {1: ("header", "message"), 2: ("masked", "repeated"), 3: ("mask_bits", "bytes"), 4: ("dense", "repeated"),
-           5: ("num_examples", "uint"), 6: ("names", "bytes"), 15: ("crc32", "fixed32")}
-HEADER = {1: ("codec_version", "uint"), 2: ("phase", "uint"), 3: ("round", "uint"), 4: ("mask_digest", "bytes"),
-          5: ("value_dtype", "uint"), 6: ("kind", "uint")}
+PAYLOAD = {
+    1: ("header", "message"),
+    2: ("masked", "repeated"),
+    3: ("mask_bits", "bytes"),
+    4: ("dense", "repeated"),
+    5: ("num_examples", "uint"),
+    6: ("names", "bytes"),
+    15: ("crc32", "fixed32"),
+}
+HEADER = {
+    1: ("codec_version", "uint"),
+    2: ("phase", "uint"),
+    3: ("round", "uint"),
+    4: ("mask_digest", "bytes"),
+    5: ("value_dtype", "uint"),
+    6: ("kind", "uint"),
+}
 MASKED = {2: ("shape", "packed"), 3: ("nnz", "uint"), 4: ("values", "bytes")}
 DENSE = {2: ("shape", "packed"), 3: ("dtype", "bytes"), 4: ("data", "bytes")}
 
@@ -124,8 +156,19 @@ def floats(raw: bytes, kind: str) -> torch.Tensor:
     if kind in ("bf16", "bfloat16"):  # the upper 16 bits of a binary32
         wide = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return torch.from_numpy(wide.view("<f4").astype(np.float32)).to(torch.bfloat16)
-    numpy_type = {"fp32": "<f4", "fp16": "<f2", "float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8",
-                  "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}[kind]
+    numpy_type = {
+        "fp32": "<f4",
+        "fp16": "<f2",
+        "float32": "<f4",
+        "float16": "<f2",
+        "float64": "<f8",
+        "int64": "<i8",
+        "int32": "<i4",
+        "int16": "<i2",
+        "int8": "i1",
+        "uint8": "u1",
+        "bool": "?",
+    }[kind]
     return torch.from_numpy(np.frombuffer(raw, dtype=numpy_type).astype(np.dtype(numpy_type).newbyteorder("=")))
 
 
@@ -173,7 +216,7 @@ def read(data: bytes, *, mask: dict, template: dict, kind: str, phase: int, roun
         raise Refused("name table") from None
     if len(names) != len(masked) + len(dense):
         raise Refused("name count")
-    masked_names, dense_names = names[: len(masked)], names[len(masked):]
+    masked_names, dense_names = names[: len(masked)], names[len(masked) :]
     if masked_names != list(mask):
         raise Refused("masked names")
     value_name, itemsize = value_type

@@ -6,7 +6,6 @@ against fedsms's ``SparseSoupStrategy`` with ``client-protocol = flower``."""
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
 from task import Net, load_data, test, train
 
 app = ClientApp()

@@ -5,9 +5,9 @@ exactly zero during local training."""
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from task import Net, load_data, test, train
 
 from fedsms_client import toolkit
-from task import Net, load_data, test, train
 
 app = ClientApp()
 

@@ -8,11 +8,11 @@ server chose for this client's candidate) and ``reply``.
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from tokens_task import TokenNet, client_data, test_data
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedsms_client import toolkit
-from tokens_task import TokenNet, client_data, test_data
 
 torch.set_num_threads(1)  # several simulated clients share the machine's cores
 app = ClientApp()

@@ -5,8 +5,9 @@ every training setting comes from the server with each message, so this app read
 run config.
 """
 
-from fedsms_client.app import make_client_app
 from vision_task import PatternNet, load_splits
+
+from fedsms_client.app import make_client_app
 
 
 def data_fn(run, data_dir):

@@ -35,7 +35,9 @@ def pattern(kind: str, size: int, g: torch.Generator) -> torch.Tensor:
     return image.clamp(0, 255).to(torch.uint8)
 
 
-def write_images(root: Path, train_per_class: int = 100, test_per_class: int = 25, size: int = 16, seed: int = 0) -> None:
+def write_images(
+    root: Path, train_per_class: int = 100, test_per_class: int = 25, size: int = 16, seed: int = 0
+) -> None:
     """Write the data set under ``root`` (train and test drawn from one seeded generator)."""
     g = torch.Generator().manual_seed(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):

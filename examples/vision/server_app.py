@@ -8,10 +8,10 @@ It writes ``summary.json``, ``rounds.jsonl``, ``results.jsonl`` and
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from vision_task import PatternNet, load_splits
 
 from fedsms.config import split_config
 from fedsms_server.strategy import SparseSoupStrategy
-from vision_task import PatternNet, load_splits
 
 app = ServerApp()
 

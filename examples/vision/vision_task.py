@@ -23,10 +23,15 @@ class PatternNet(nn.Module):
     def __init__(self, num_classes: int, width: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(3, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(2 * width, num_classes)
 
@@ -44,8 +49,9 @@ def read_image_folder(folder: Path) -> tuple[ArrayData, list[str]]:
                 images.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))  # (3, H, W)
             labels.append(label)
     if not images:
-        raise FileNotFoundError(f"no PNG images in {folder}/<class>/; write some with "
-                                f"`python make_images.py {folder.parent}`")
+        raise FileNotFoundError(
+            f"no PNG images in {folder}/<class>/; write some with `python make_images.py {folder.parent}`"
+        )
     return ArrayData(torch.stack(images), torch.tensor(labels)), classes
 
 
@@ -57,5 +63,12 @@ def load_splits(data_dir: str, heldout_fraction: float = 0.1, seed: int = 0) -> 
     test, test_classes = read_image_folder(root / "test")
     if test_classes != classes:
         raise ValueError(f"{root}/train has classes {classes} but {root}/test has {test_classes}")
-    return make_splits("patterns", train, test, num_classes=len(classes), augmentation=Augmentation(crop_padding=2),
-                       heldout_fraction=heldout_fraction, seed=seed)
+    return make_splits(
+        "patterns",
+        train,
+        test,
+        num_classes=len(classes),
+        augmentation=Augmentation(crop_padding=2),
+        heldout_fraction=heldout_fraction,
+        seed=seed,
+    )

@@ -9,8 +9,16 @@ import torch
 
 from fedsms import FedSMSError
 from fedsms.data.arrays import (
-    ArrayData, Augmentation, DataSource, batches, count_examples, is_image, iterate_batches, num_batches,
-    prepare_inputs, to_float,
+    ArrayData,
+    Augmentation,
+    DataSource,
+    batches,
+    count_examples,
+    is_image,
+    iterate_batches,
+    num_batches,
+    prepare_inputs,
+    to_float,
 )
 from fedsms.data.splits import DatasetSplits, channel_stats, split_heldout
 
@@ -54,8 +62,15 @@ def load_dataset(
         train_all, test, num_classes = load_vision_arrays(name, Path(data_dir), download=download)
     else:
         raise FedSMSError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)} (or mnist1d-N for N samples)")
-    return make_splits(name, train_all, test, num_classes=num_classes, augmentation=_AUGMENTATION[family],
-                       heldout_fraction=heldout_fraction, seed=seed)
+    return make_splits(
+        name,
+        train_all,
+        test,
+        num_classes=num_classes,
+        augmentation=_AUGMENTATION[family],
+        heldout_fraction=heldout_fraction,
+        seed=seed,
+    )
 
 
 def make_splits(
@@ -113,29 +128,58 @@ def make_splits(
     """
     for part, data in (("train", train), ("test", test)):
         if not isinstance(data, ArrayData) or not data.is_image:
-            what = (f"inputs of shape {tuple(data.images.shape)} and dtype {str(data.images.dtype).removeprefix('torch.')}"
-                    if isinstance(data, ArrayData) else type(data).__name__)
-            raise FedSMSError(f"make_splits needs {part} as an ArrayData of images (N, C, H, W), uint8 or float, "
-                              f"but got {what}; convert the images first")
+            what = (
+                f"inputs of shape {tuple(data.images.shape)} and dtype {str(data.images.dtype).removeprefix('torch.')}"
+                if isinstance(data, ArrayData)
+                else type(data).__name__
+            )
+            raise FedSMSError(
+                f"make_splits needs {part} as an ArrayData of images (N, C, H, W), uint8 or float, "
+                f"but got {what}; convert the images first"
+            )
         labels = data.labels
         integer = labels.ndim == 1 and not labels.dtype.is_floating_point and labels.dtype != torch.bool
         if not integer or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes):
-            raise FedSMSError(f"the {part} labels must be integer class indices in [0, {num_classes}); "
-                              "check num_classes and the labels")
+            raise FedSMSError(
+                f"the {part} labels must be integer class indices in [0, {num_classes}); "
+                "check num_classes and the labels"
+            )
     train, test = (ArrayData(d.images, d.labels.long()) for d in (train, test))  # what cross-entropy takes
     if train.images.shape[1:] != test.images.shape[1:]:
-        raise FedSMSError(f"train images are {tuple(train.images.shape[1:])} but test images are "
-                          f"{tuple(test.images.shape[1:])}; give both the same (C, H, W)")
+        raise FedSMSError(
+            f"train images are {tuple(train.images.shape[1:])} but test images are "
+            f"{tuple(test.images.shape[1:])}; give both the same (C, H, W)"
+        )
     train_part, heldout = split_heldout(train, heldout_fraction, seed)
     mean, std = channel_stats(train)  # before the seeded split: same model for every seed
     c, h, w = train.images.shape[1:]
     return DatasetSplits(
-        name=name, num_classes=num_classes, input_shape=(c, h, w), mean=mean, std=std,
-        augmentation=augmentation or Augmentation(), train=train_part, heldout=heldout, test=test,
+        name=name,
+        num_classes=num_classes,
+        input_shape=(c, h, w),
+        mean=mean,
+        std=std,
+        augmentation=augmentation or Augmentation(),
+        train=train_part,
+        heldout=heldout,
+        test=test,
     )
 
 
 __all__ = [
-    "ArrayData", "Augmentation", "DATASETS", "DataSource", "DatasetSplits", "batches", "count_examples",
-    "is_image", "iterate_batches", "load_dataset", "make_splits", "num_batches", "prepare_inputs", "split_heldout", "to_float",
+    "ArrayData",
+    "Augmentation",
+    "DATASETS",
+    "DataSource",
+    "DatasetSplits",
+    "batches",
+    "count_examples",
+    "is_image",
+    "iterate_batches",
+    "load_dataset",
+    "make_splits",
+    "num_batches",
+    "prepare_inputs",
+    "split_heldout",
+    "to_float",
 ]

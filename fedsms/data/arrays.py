@@ -18,13 +18,14 @@ batch size, order and workers are the caller's), or a callable that returns an i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from fedsms import FedSMSError
+
 
 @dataclass(frozen=True)
 class ArrayData:
@@ -49,14 +50,12 @@ class ArrayData:
 
     def __post_init__(self) -> None:
         if self.images.shape[0] != self.labels.shape[0]:
-            raise ValueError(
-                f"images ({self.images.shape[0]}) and labels ({self.labels.shape[0]}) differ in length"
-            )
+            raise ValueError(f"images ({self.images.shape[0]}) and labels ({self.labels.shape[0]}) differ in length")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, indices: torch.Tensor) -> "ArrayData":
+    def subset(self, indices: torch.Tensor) -> ArrayData:
         """The examples at ``indices``, in that order (a copy).
 
         Parameters
@@ -72,7 +71,7 @@ class ArrayData:
         indices = torch.as_tensor(indices, dtype=torch.long)
         return ArrayData(self.images[indices], self.labels[indices])
 
-    def head(self, n: int) -> "ArrayData":
+    def head(self, n: int) -> ArrayData:
         """The first ``n`` examples (all of them when there are fewer); shares storage.
 
         Parameters
@@ -315,9 +314,8 @@ def batches(
         If an active augmentation meets non-image inputs.
     """
     n = len(data)
-    if shuffle or augment is not None:
-        if generator is None:
-            raise ValueError("shuffling or augmenting needs a torch.Generator for reproducibility")
+    if (shuffle or augment is not None) and generator is None:
+        raise ValueError("shuffling or augmenting needs a torch.Generator for reproducibility")
     if augment is not None and augment.active:
         check_augmentable(data.images)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -354,7 +352,7 @@ def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 BatchFn = Callable[[], Iterable[Batch]]
-DataSource = Union[ArrayData, Dataset, DataLoader, BatchFn]
+DataSource = ArrayData | Dataset | DataLoader | BatchFn
 """What trainers and evaluators take: an ``ArrayData``, a torch ``Dataset`` of (x, y)
 pairs, a ``DataLoader`` of (x, y) batches, or a callable returning an iterable of them."""
 
@@ -506,16 +504,18 @@ def iterate_batches(
     if kind == "arrays":
         if limit is not None:
             data = data.head(limit)
-        yield from batches(data, batch_size, shuffle=shuffle, generator=generator, augment=augment,
-                           drop_last=drop_last, device=device)
+        yield from batches(
+            data, batch_size, shuffle=shuffle, generator=generator, augment=augment, drop_last=drop_last, device=device
+        )
         return
     if augment is not None and generator is None:
         raise ValueError("augmenting needs a torch.Generator for reproducibility")
     if kind == "dataset":
         if shuffle and isinstance(data, IterableDataset):
             shuffle = False  # an iterable dataset has its own order
-        source: Iterable = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
-                                      drop_last=drop_last)
+        source: Iterable = DataLoader(
+            data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None, drop_last=drop_last
+        )
     else:
         source = data() if kind == "batches" else data
     seen = 0

@@ -81,6 +81,7 @@ _CACHE_KEYS = {"x", "y", "x_test", "y_test"}
 def _read_cache(cache: Path, num_samples: int) -> dict[str, np.ndarray]:
     """The cached arrays, checked: the four keys, sizes bounded before reading, float
     signals of length 40 that are finite, integer labels 0..9, ``num_samples`` in all."""
+
     def refuse(why: str) -> FedSMSError:
         return FedSMSError(f"the MNIST-1D cache {cache} {why}; delete it and it is generated again")
 
@@ -98,7 +99,13 @@ def _read_cache(cache: Path, num_samples: int) -> dict[str, np.ndarray]:
         raise refuse(f"cannot be read ({str(error)[:80]})") from None
     train, test = (data["x"], data["y"]), (data["x_test"], data["y_test"])
     for x, y in (train, test):
-        if x.ndim != 2 or x.shape[1] != SIGNAL_LENGTH or x.dtype.kind != "f" or y.shape != (len(x),) or y.dtype.kind not in "iu":
+        if (
+            x.ndim != 2
+            or x.shape[1] != SIGNAL_LENGTH
+            or x.dtype.kind != "f"
+            or y.shape != (len(x),)
+            or y.dtype.kind not in "iu"
+        ):
             raise refuse("has arrays of the wrong shape or type")
         if not np.isfinite(x).all() or (y.size and (y.min() < 0 or y.max() >= 10)):
             raise refuse("has NaN/Inf signals or labels outside 0..9")

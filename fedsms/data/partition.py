@@ -23,6 +23,7 @@ import torch
 
 from fedsms import FedSMSError
 from fedsms.schema import PARTITIONINGS as SCHEMES
+
 MAX_DIRICHLET_DRAWS = 10_000
 
 
@@ -91,7 +92,9 @@ def dirichlet_partition(
     n = y.size
     _check_count(n, num_partitions)
     if not alpha > 0:
-        raise FedSMSError(f"Dirichlet alpha must be positive (got {alpha}); use e.g. 0.1 for strong skew or 100 for near-IID")
+        raise FedSMSError(
+            f"Dirichlet alpha must be positive (got {alpha}); use e.g. 0.1 for strong skew or 100 for near-IID"
+        )
     if min_size < 0 or min_size * num_partitions > n:
         raise FedSMSError(
             f"min_size {min_size} per partition is impossible with {n} examples and {num_partitions} partitions; "

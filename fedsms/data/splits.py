@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from fedsms import FedSMSError
-
 from fedsms.data.arrays import ArrayData, Augmentation
 
 

@@ -30,9 +30,9 @@ import socket
 import sys
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -316,8 +316,9 @@ MAX_DATA_FILE = 512 << 20  # bytes one data file may hold (decompressed); the of
 def _read_bytes(path: Path, limit: int = MAX_DATA_FILE) -> np.ndarray:
     """The whole file as a flat uint8 array (decompressed when it ends in ``.gz``); a file
     or a decompressed stream larger than ``limit`` is refused before it is read whole."""
-    too_big = FedSMSError(f"{path} holds more than {limit >> 20} MiB, more than any official data file; "
-                          "replace it with the official file")
+    too_big = FedSMSError(
+        f"{path} holds more than {limit >> 20} MiB, more than any official data file; replace it with the official file"
+    )
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:

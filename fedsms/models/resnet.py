@@ -141,9 +141,7 @@ def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3) -> nn.Modul
         If ``depth`` is not 6n + 2 with n >= 1.
     """
     if depth < 8 or (depth - 2) % 6:
-        raise FedSMSError(
-            f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}; pick such a depth, e.g. 20 or 56"
-        )
+        raise FedSMSError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}; pick such a depth, e.g. 20 or 56")
     return CifarResNet((depth - 2) // 6, num_classes, in_channels)
 
 

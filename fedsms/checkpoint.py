@@ -258,21 +258,21 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
     if files is not None:  # a manifest: its generation's files, whatever X.safetensors holds
         if not (
             isinstance(files, dict)
-            and all(
-                isinstance(files.get(k), str) and "/" not in files[k] and files[k].startswith(base.name + ".")
-                for k in ("state", "mask")
-            )
+            and all(isinstance(files.get(k), str) and files[k] and "/" not in files[k] for k in ("state", "mask"))
         ):
             raise FedSMSError(f"{json_path} names no valid tensor files; the checkpoint is damaged, use another one")
-        plain = model_path
-        model_path, mask_path = base.with_name(files["state"]), base.with_name(files["mask"])
-        if (
-            plain.is_file()
-            and model_path.is_file()
-            and not os.path.samefile(plain, model_path)
-            and plain.stat().st_mtime_ns > json_path.stat().st_mtime_ns
-        ):
-            model_path = plain  # X.safetensors was edited after saving: check what a user would load
+        # Another base's generation: the three plain files were copied or renamed, and they are
+        # the checkpoint (checked against the digest below like any other).
+        if files["state"].startswith(base.name + ".") and files["mask"].startswith(base.name + "."):
+            plain = model_path
+            model_path, mask_path = base.with_name(files["state"]), base.with_name(files["mask"])
+            if (
+                plain.is_file()
+                and model_path.is_file()
+                and not os.path.samefile(plain, model_path)
+                and plain.stat().st_mtime_ns > json_path.stat().st_mtime_ns
+            ):
+                model_path = plain  # X.safetensors was edited after saving: check what a user would load
     for needed in (model_path, mask_path):
         if not needed.is_file():
             raise FedSMSError(f"checkpoint file {needed} is missing; pass the path of a complete fedsms checkpoint")

@@ -84,6 +84,7 @@ def mnist1d_run(tmp_path_factory):
     return base, out, printed
 
 
+@pytest.mark.slow  # a real MNIST-1D run (seconds of training)
 def test_quality_table_on_mnist1d(mnist1d_run):
     base, out, printed = mnist1d_run
     check_quality(out, [0.5, 0.8], seeds=2)

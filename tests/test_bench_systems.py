@@ -55,6 +55,7 @@ def test_wire_bytes_meet_the_target_and_beat_dense_fedavg(tmp_path):
         assert by[(s, "fp16")]["bound_up"] < by[(s, "fp32")]["bound_up"]
 
 
+@pytest.mark.slow  # 64 replies of a real model
 def test_aggregation_memory_does_not_grow_with_the_number_of_replies(tmp_path):
     # Not --tiny (2 and 4 replies are too few to tell): 2 against 64 replies of the small cnn.
     rows = run_bench("aggregation", tmp_path, "--model", "cnn", "--clients", "2", "64", tiny=False, timeout=300)["rows"]
@@ -70,6 +71,7 @@ def test_aggregation_memory_does_not_grow_with_the_number_of_replies(tmp_path):
     assert many["peak_delta_bytes"] - few["peak_delta_bytes"] < extra / 2
 
 
+@pytest.mark.slow  # times real training steps
 def test_masked_step(tmp_path):
     (row,) = run_bench("masked_step", tmp_path)["rows"]
     assert positive(row["masked_step_s"], row["dense_step_s"]) and math.isfinite(row["overhead"])

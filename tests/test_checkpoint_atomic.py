@@ -45,6 +45,7 @@ def checkpoint_forever(base) -> None:
         save_checkpoint(base, state, mask, {"server_round": done, "history": list(range(done % 50))})
 
 
+@pytest.mark.slow  # 60 processes killed at random points
 def test_killed_while_checkpointing_leaves_the_old_or_the_new_checkpoint(tmp_path):
     base = tmp_path / "checkpoints" / "soup"
     rng = random.Random(12)

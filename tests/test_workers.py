@@ -1,5 +1,6 @@
 """Candidates trained in worker processes equal those trained in this process."""
 
+import pytest
 import torch
 from helpers import digits
 
@@ -8,6 +9,7 @@ from fedsms.masks import compute_mask, dense_mask, prunable_names
 from fedsms.recipe import CandidateConfig
 
 
+@pytest.mark.slow  # spawns worker processes that import torch
 def test_two_workers_give_the_same_candidates_as_one_process():
     configs = [CandidateConfig(seed=s, epochs=1, batch_size=64) for s in (0, 1)]
     results = []

@@ -46,10 +46,38 @@ def _cached_splits(dataset: str, data_dir: str, heldout_fraction: float, seed: i
 
 
 def default_data(run: RunConfig, data_dir: str) -> DatasetSplits:
+    """The data set ``run.dataset`` names, loaded once per process (cached).
+
+    Parameters
+    ----------
+    run : RunConfig
+        The job's settings: data set, ``heldout-fraction`` and seed.
+    data_dir : str
+        Where the data set's files are (empty: none, for the built-in sets).
+
+    Returns
+    -------
+    DatasetSplits
+        The train / held-out / test splits, as ``fedsms.data.load_dataset`` makes them.
+    """
     return _cached_splits(run.dataset, data_dir, run.heldout_fraction, run.seed)
 
 
 def default_model(run: RunConfig, splits: DatasetSplits) -> nn.Module:
+    """The model ``run.model`` names, shaped for ``splits`` (``fedsms.models.build_for``).
+
+    Parameters
+    ----------
+    run : RunConfig
+        The job's settings; ``run.model`` names the architecture.
+    splits : DatasetSplits
+        The client's data, which fixes the input shape and the number of classes.
+
+    Returns
+    -------
+    nn.Module
+        A freshly initialised model; the soup's values replace its weights.
+    """
     return build_for(run.model, splits)
 
 
@@ -76,7 +104,21 @@ class ClientSide:
             raise FedSMSError(f"model_fn returned {type(self.model).__name__}; it must return a torch.nn.Module")
 
     def shard(self, data: ArrayData, salt: int) -> ArrayData:
-        """This client's partition of ``data`` (IID for test data, the configured scheme for training data)."""
+        """This client's partition of ``data`` (IID for test data, the configured scheme for training data).
+
+        Parameters
+        ----------
+        data : ArrayData
+            The data to partition among ``num-partitions`` clients.
+        salt : int
+            0 for training data (the job's ``partitioning``); any other value selects IID
+            and is added to the seed.
+
+        Returns
+        -------
+        ArrayData
+            The ``partition-id``-th part (all of ``data`` with a single partition).
+        """
         if self.num_partitions == 1:
             return data
         scheme = self.fed.partitioning if salt == 0 else "iid"
@@ -90,7 +132,16 @@ class ClientSide:
         return self.splits.train if self.fed.mode == "hyperparameter" else self.shard(self.splits.train, salt=0)
 
     def mark(self, message: Message) -> None:
-        """Record the last message handled, so ``fedsms-client`` knows when the job is over."""
+        """Record the last message handled, so ``fedsms-client`` knows when the job is over.
+
+        Writes the message's ``server-round``, ``last-round`` and ``out-dir`` as JSON to the
+        node's ``status-file``; does nothing without one.
+
+        Parameters
+        ----------
+        message : Message
+            The message just handled (its ``config`` record is read).
+        """
         if self.status_file:
             config = message.content["config"]
             Path(self.status_file).write_text(
@@ -105,7 +156,23 @@ class ClientSide:
 
 
 def job_settings(message: Message) -> dict:
-    """The job's settings that a fedsms server sends with every message."""
+    """The job's settings that a fedsms server sends with every message.
+
+    Parameters
+    ----------
+    message : Message
+        A message from a fedsms server.
+
+    Returns
+    -------
+    dict
+        Every job setting under its run-config name.
+
+    Raises
+    ------
+    FedSMSError
+        The message carries no job record (it is not from a fedsms server of this version).
+    """
     try:
         return dict(message.content[JOB_KEY])
     except (KeyError, TypeError):

@@ -99,7 +99,21 @@ def _link(source: Path, path: Path) -> None:
 
 def remove_stale(path: str | Path) -> list[Path]:
     """Remove the temporaries and tensor generations of checkpoint ``X`` that its manifest
-    does not name (left by a process killed while writing). Returns what was removed."""
+    does not name (left by a process killed while writing). Returns what was removed.
+
+    Files that cannot be removed are left in place; an unreadable manifest keeps nothing.
+
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint, named as ``save_checkpoint`` takes it (a ``.safetensors``,
+        ``.mask.safetensors`` or ``.json`` suffix is ignored).
+
+    Returns
+    -------
+    list of Path
+        The files removed; empty when the checkpoint's folder does not exist.
+    """
     base = _base(path)
     if not base.parent.is_dir():
         return []

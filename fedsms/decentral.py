@@ -46,6 +46,18 @@ def job_config(metadata: Mapping[str, Any], overrides: Mapping[str, Any]) -> Run
     Keys that do not shape the soup (where data lives, the device) are never inherited: the
     machine that runs a step sets them. A checkpoint without a recorded config (an exported
     model) may still name its ``model`` and ``dataset``.
+
+    Parameters
+    ----------
+    metadata : mapping
+        The checkpoint's metadata.
+    overrides : mapping
+        Config values (run-config names) set on the step's command line; they win.
+
+    Returns
+    -------
+    RunConfig
+        The config the step runs with.
     """
     saved = metadata.get("config")
     saved = saved if isinstance(saved, Mapping) else {}
@@ -169,6 +181,19 @@ def retrain_checkpoint(
     Candidate i is the i-th config of the recipe, with the phase's seed and epochs
     (``step_candidate``), trained by the same ``CandidateTrainer`` as in ``fedsms local``.
 
+    Parameters
+    ----------
+    path : str or Path
+        A checkpoint written by ``fedsms prune`` (``prune_checkpoint``), with its mask.
+    candidate : int
+        The candidate's index in the recipe, in ``[0, candidates)``.
+    output : str or Path
+        Where the candidate checkpoint goes.
+    overrides : mapping, optional
+        Config values that override those the checkpoint recorded.
+    log : callable, optional
+        Receives progress lines (default: ``print``).
+
     Returns
     -------
     Path
@@ -176,6 +201,13 @@ def retrain_checkpoint(
         (``candidate``), phase, schedule, candidate index, hyperparameters, model, data
         set, ``num_examples``, training metrics and the job's config; the mask (and so its
         digest) is the pruned checkpoint's.
+
+    Raises
+    ------
+    FedSMSError
+        ``path`` has no mask or is not a ``fedsms prune`` output, its phase or sparsity does
+        not fit the schedule, ``candidate`` is out of range, or the checkpoint does not fit
+        the model.
     """
     if not has_mask(path):
         raise FedSMSError(

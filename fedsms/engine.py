@@ -316,7 +316,20 @@ ROBUST_RULES = ("trimmed-mean", "median")
 
 def capped_shares(weights: list[float], cap: float) -> list[float]:
     """Shares proportional to ``weights``, none above ``cap``; the excess of capped ones
-    is shared among the others in proportion (equal shares when ``cap`` × n ≤ 1)."""
+    is shared among the others in proportion (equal shares when ``cap`` × n ≤ 1).
+
+    Parameters
+    ----------
+    weights : list of float
+        Positive weights (e.g. example counts), at least one.
+    cap : float
+        The largest share any weight may get.
+
+    Returns
+    -------
+    list of float
+        One share per weight, summing to 1.
+    """
     n = len(weights)
     if cap * n <= 1:
         return [1.0 / n] * n

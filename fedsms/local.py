@@ -75,7 +75,18 @@ METHOD_SPECS = {
 
 
 def job_splits(config: RunConfig) -> DatasetSplits:
-    """The data of a job: its train / held-out (seeded by the job's seed) / test splits."""
+    """The data of a job: its train / held-out (seeded by the job's seed) / test splits.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The job's settings: data set, ``data-dir``, ``heldout-fraction`` and seed.
+
+    Returns
+    -------
+    DatasetSplits
+        What ``fedsms.data.load_dataset`` returns for them.
+    """
     return load_dataset(
         config.dataset, data_dir=config.data_dir or None, heldout_fraction=config.heldout_fraction, seed=config.seed
     )
@@ -84,7 +95,24 @@ def job_splits(config: RunConfig) -> DatasetSplits:
 def job_hooks(
     config: RunConfig, model: torch.nn.Module, splits: DatasetSplits, device: torch.device | str
 ) -> PhaseHooks:
-    """Recalibration and held-out scores of a job, as every phase of it ends them."""
+    """Recalibration and held-out scores of a job, as every phase of it ends them.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The job's settings (``recalibration-fraction`` and seed).
+    model : torch.nn.Module
+        A model of the job's architecture, used to evaluate states.
+    splits : DatasetSplits
+        The job's data: training data recalibrates norms, the held-out split scores.
+    device : torch.device or str
+        Where the hooks run the model.
+
+    Returns
+    -------
+    PhaseHooks
+        The hooks a ``SoupEngine`` calls at the end of every phase.
+    """
     return data_hooks(model, splits, fraction=config.recalibration_fraction, seed=config.seed, device=device)
 
 
@@ -117,6 +145,19 @@ class LocalRun:
     # ---- evaluation --------------------------------------------------------------------
 
     def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Test and held-out scores of ``state`` (and OOD ones when ``ood`` is on).
+
+        Parameters
+        ----------
+        state : mapping of str to Tensor
+            A full state dict of the run's model.
+
+        Returns
+        -------
+        dict of str to float
+            ``accuracy``, ``loss``, ``ece`` (test), ``heldout_accuracy``, and with ``ood``
+            also ``ood_accuracy`` and ``ood_ece``.
+        """
         self.model.load_state_dict(state)
         test = evaluate(self.model, self.splits.test, device=self.device)
         row = {
@@ -133,6 +174,20 @@ class LocalRun:
     # ---- the pipeline ------------------------------------------------------------------
 
     def dense_state(self) -> tuple[State, dict]:
+        """The dense state every method starts from: the ``init-checkpoint``, or dense
+        pretraining with the pretraining candidate.
+
+        Returns
+        -------
+        tuple of (State, dict)
+            The state and its metrics (for a checkpoint: ``{"source": path}``).
+
+        Raises
+        ------
+        FedSMSError
+            ``pretrain-epochs`` is 0 and no ``init-checkpoint`` is given, or the checkpoint
+            does not fit the model.
+        """
         config = self.config
         if config.init_checkpoint:
             checkpoint = load_checkpoint(config.init_checkpoint)
@@ -159,7 +214,26 @@ class LocalRun:
         return rows
 
     def run_method(self, method: str, dense: State, mask: Mask) -> list[dict]:
-        """Every prune step of ``method`` from the dense state."""
+        """Every prune step of ``method`` from the dense state.
+
+        Each step prunes, retrains the method's candidates under the mask, merges them and
+        ends the phase (greedy choice, recalibration); ``sms`` also records the candidates'
+        ensemble. One row per step is written, logged and checkpointed.
+
+        Parameters
+        ----------
+        method : str
+            A key of ``METHOD_SPECS`` (e.g. ``imp``, ``sms``, ``gmp-soup``).
+        dense : State
+            The dense state to start from.
+        mask : Mask
+            The dense mask to start from.
+
+        Returns
+        -------
+        list of dict
+            The method's result rows, in step order.
+        """
         spec, config, rows = METHOD_SPECS[method], self.config, []
         engine = SoupEngine(dense, mask, pruning=config.pruning, seed=config.seed, hooks=self.hooks)
         steps = prune_steps(config, spec.schedule)
@@ -198,7 +272,28 @@ class LocalRun:
     # ---- records -----------------------------------------------------------------------
 
     def record(self, method: str, phase: int, state: State, mask: Mask, extra: dict, started: float) -> dict:
-        """Evaluate ``state``, write and log its row, and checkpoint it."""
+        """Evaluate ``state``, write and log its row, and checkpoint it.
+
+        Parameters
+        ----------
+        method : str
+            The method the row belongs to.
+        phase : int
+            The prune step (phase) index.
+        state : State
+            The state to evaluate and checkpoint.
+        mask : Mask
+            Its mask.
+        extra : dict
+            Further fields of the row (candidates, epochs, training loss...).
+        started : float
+            ``time.perf_counter()`` at the step's start, for the row's ``seconds``.
+
+        Returns
+        -------
+        dict
+            The row, as appended to ``results.jsonl``.
+        """
         row = self._row(method, phase, mask, self.evaluate_state(state), extra, started)
         self.log(_describe(row))
         self.save(method, phase, state, mask, row)
@@ -230,6 +325,22 @@ class LocalRun:
         return row
 
     def save(self, method: str, phase: int, state: State, mask: Mask, row: dict) -> None:
+        """Checkpoint ``state`` as ``checkpoints/seed<seed>-<method>``, replacing the method's
+        earlier phase.
+
+        Parameters
+        ----------
+        method : str
+            The method, in the checkpoint's name and metadata.
+        phase : int
+            The prune step (phase) index.
+        state : State
+            The state to save.
+        mask : Mask
+            Its mask.
+        row : dict
+            The state's result row; its numeric fields become the checkpoint's metrics.
+        """
         # Only the state of the last phase is worth keeping per method; earlier ones are replaced.
         path = self.out_dir / "checkpoints" / f"seed{self.config.seed}-{method}"
         save_checkpoint(
@@ -247,6 +358,7 @@ class LocalRun:
         )
 
     def close(self) -> None:
+        """Stop the trainer's worker processes (``CandidateTrainer.close``)."""
         self.trainer.close()
 
 
@@ -264,7 +376,22 @@ def _describe(row: dict) -> str:
 
 
 def run_local(config: RunConfig, seeds: list[int] | None = None, log: Log = print) -> list[dict]:
-    """Run every seed in ``seeds`` (default: the config's) and return all result rows."""
+    """Run every seed in ``seeds`` (default: the config's) and return all result rows.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's settings; each seed runs with ``config`` and its own ``seed``.
+    seeds : list of int, optional
+        The seeds to run (default: ``[config.seed]``).
+    log : callable, optional
+        Receives progress lines (default: ``print``).
+
+    Returns
+    -------
+    list of dict
+        Every seed's rows, dense first, then each method's steps.
+    """
     rows = []
     for seed in seeds or [config.seed]:
         run = LocalRun(RunConfig.from_mapping({"seed": seed}, base=config), log)

@@ -14,7 +14,29 @@ from fedsms.report import grouped, mean_std, methods_in
 
 def plot_results(rows: list[dict], out_dir: str | Path, point_label: str = "phase") -> list[Path]:
     """The two plots of ``rows``; on the ID-vs-OOD plot each point is numbered by its row's
-    ``phase`` field, which ``point_label`` names (bench/quality.py puts a target index there)."""
+    ``phase`` field, which ``point_label`` names (bench/quality.py puts a target index there).
+
+    ``accuracy_vs_sparsity.png`` shows each method's mean test accuracy (with its standard
+    deviation over seeds) against sparsity, a dense method as a horizontal line;
+    ``id_vs_ood.png``, made only when rows have ``ood_accuracy``, shows OOD against test
+    accuracy.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Result rows with ``method``, ``phase``, ``sparsity`` and ``accuracy`` (and
+        optionally ``ood_accuracy``).
+    out_dir : str or Path
+        Folder for the PNG files (created if missing).
+    point_label : str, optional
+        What the ``phase`` numbers on the ID-vs-OOD plot are, for its title (default
+        ``"phase"``).
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     acc, ood, spars = grouped(rows, "accuracy"), grouped(rows, "ood_accuracy"), grouped(rows, "sparsity")

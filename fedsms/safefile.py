@@ -16,7 +16,15 @@ from fedsms import FedSMSError
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename (a symlink at ``path`` is replaced, not followed)."""
+    """Replace ``path`` with ``text`` in one rename (a symlink at ``path`` is replaced, not followed).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write; its folder must exist.
+    text : str
+        The file's whole new content.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -29,7 +37,22 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def append_line(path: str | Path, line: str) -> None:
-    """Append ``line`` to ``path`` (created if missing); a symlink at ``path`` is refused."""
+    """Append ``line`` to ``path`` (created if missing); a symlink at ``path`` is refused.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to append to.
+    line : str
+        The text to append, newline included.
+
+    Raises
+    ------
+    FedSMSError
+        ``path`` is a symbolic link.
+    OSError
+        The file cannot be opened for another reason.
+    """
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags, 0o644)

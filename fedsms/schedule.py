@@ -102,7 +102,20 @@ def prune_seed(seed: int, step: int) -> int:
 
 def step_candidate(config: CandidateConfig, step: PruneStep) -> CandidateConfig:
     """How a candidate of the recipe retrains after ``step``: the step's own batch order
-    (``for_phase``) and its epochs. The local driver and ``fedsms retrain`` both use this."""
+    (``for_phase``) and its epochs. The local driver and ``fedsms retrain`` both use this.
+
+    Parameters
+    ----------
+    config : CandidateConfig
+        A candidate of the recipe.
+    step : PruneStep
+        The prune step after which the candidate retrains.
+
+    Returns
+    -------
+    CandidateConfig
+        ``config`` with the step's batch order (``for_phase(config, step.index)``) and its ``epochs``.
+    """
     return replace(for_phase(config, step.index), epochs=step.epochs)
 
 

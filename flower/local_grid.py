@@ -42,25 +42,80 @@ class LocalGrid(Grid):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
     def set_run(self, run) -> None:  # the strategy never asks
+        """Not supported: raises ``NotImplementedError`` (no strategy calls it).
+
+        Parameters
+        ----------
+        run : int
+            The run id Flower would set.
+        """
         raise NotImplementedError
 
     @property
     def run(self):
+        """Not supported: raises ``NotImplementedError`` (no strategy reads it)."""
         raise NotImplementedError
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        """A ``Message`` to ``dst_node_id``, as Flower's grids create it.
+
+        Parameters
+        ----------
+        content : RecordDict
+            The message's content.
+        message_type : str
+            E.g. ``MessageType.TRAIN``.
+        dst_node_id : int
+            The node it goes to.
+        group_id : str
+            The message's group id.
+        ttl : float, optional
+            Ignored: messages here never expire.
+        """
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        """The node ids, 1000, 1001, ..., one per node config."""
         return list(self.nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Not supported: raises ``NotImplementedError``; use ``send_and_receive``.
+
+        Parameters
+        ----------
+        messages : iterable of Message
+            Unused.
+        """
         raise NotImplementedError("use send_and_receive")
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Not supported: raises ``NotImplementedError``; use ``send_and_receive``.
+
+        Parameters
+        ----------
+        message_ids : iterable of str
+            Unused.
+        """
         raise NotImplementedError("use send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Run each message's ClientApp on its node, one after the other, and collect the replies.
+
+        Each message gets a fresh message id and is appended to ``sent``; a message that
+        ``drop`` selects gets no reply; a ClientApp exception becomes an error reply.
+
+        Parameters
+        ----------
+        messages : iterable of Message
+            Messages to nodes of this grid.
+        timeout : float, optional
+            Ignored: every ClientApp runs to its end.
+
+        Returns
+        -------
+        list of Message
+            The replies, in the order of ``messages``.
+        """
         replies = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
@@ -80,5 +135,16 @@ class LocalGrid(Grid):
 
 
 def partitions(count: int) -> list[dict]:
-    """Node configs of ``count`` clients, as ``fedsms-client`` sets them."""
+    """Node configs of ``count`` clients, as ``fedsms-client`` sets them.
+
+    Parameters
+    ----------
+    count : int
+        Number of clients.
+
+    Returns
+    -------
+    list of dict
+        ``{"partition-id": i, "num-partitions": count}`` for i in ``range(count)``.
+    """
     return [{"partition-id": i, "num-partitions": count} for i in range(count)]

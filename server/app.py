@@ -20,7 +20,31 @@ from fedsms_server.strategy import JobStopped, SparseSoupStrategy
 
 def build_strategy(run: RunConfig, fed: FederationConfig, log=print) -> SparseSoupStrategy:
     """The strategy, starting from the init checkpoint or a seeded fresh model that the
-    dense pretraining rounds train; or, with ``resume``, from the last round checkpoint."""
+    dense pretraining rounds train; or, with ``resume``, from the last round checkpoint.
+
+    The server loads the job's data set itself; it is handed to the strategy as server data
+    (central evaluation, recalibration, greedy held-out split) when ``server-data`` is on.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The soup's settings (data set, model, ``init-checkpoint``, seed, ``out-dir``...).
+    fed : FederationConfig
+        The federation's settings (``pretrain-rounds``, ``server-data``, ``resume``...).
+    log : callable, optional
+        Receives the strategy's lines (default: ``print``).
+
+    Returns
+    -------
+    SparseSoupStrategy
+        Ready for ``start``.
+
+    Raises
+    ------
+    FedSMSError
+        Neither ``init-checkpoint`` nor dense pretraining rounds are set, the data set
+        cannot be loaded, or a checkpoint does not fit the model or the settings.
+    """
     splits = load_dataset(
         run.dataset, data_dir=run.data_dir or None, heldout_fraction=run.heldout_fraction, seed=run.seed
     )
@@ -41,7 +65,21 @@ def build_strategy(run: RunConfig, fed: FederationConfig, log=print) -> SparseSo
 
 
 def make_server_app(defaults: Mapping | None = None) -> ServerApp:
-    """A fedsms ServerApp; ``defaults`` are run-config values the run's own config overrides."""
+    """A fedsms ServerApp; ``defaults`` are run-config values the run's own config overrides.
+
+    Its main function builds the strategy (``build_strategy``) and runs every round; a job
+    that stops early (``JobStopped``) is reported, not raised, its outputs already written.
+
+    Parameters
+    ----------
+    defaults : mapping, optional
+        Run-config values (run-config names) used where the run's config sets none.
+
+    Returns
+    -------
+    flwr.serverapp.ServerApp
+        The ServerApp, for ``flwr run`` or a SuperLink.
+    """
     defaults = dict(defaults or {})
     app = ServerApp()
 

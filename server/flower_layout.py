@@ -40,7 +40,18 @@ def soup_record(soup: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    """Bytes of the array data an ``ArrayRecord`` carries (what the transport moves)."""
+    """Bytes of the array data an ``ArrayRecord`` carries (what the transport moves).
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        Any array record.
+
+    Returns
+    -------
+    int
+        The summed length of its arrays' serialised data.
+    """
     return sum(len(array.data) for array in record.values())
 
 

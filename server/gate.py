@@ -39,14 +39,38 @@ class Rejected(FedSMSError):
 
 
 def short(text: object, limit: int = MAX_REASON) -> str:
-    """``text`` on one line, control characters escaped, at most ``limit`` characters."""
+    """``text`` on one line, control characters escaped, at most ``limit`` characters.
+
+    Parameters
+    ----------
+    text : object
+        What to show; ``str(text)`` is used.
+    limit : int, optional
+        Characters at most (default ``MAX_REASON``); a longer text ends with "…".
+
+    Returns
+    -------
+    str
+        The escaped, truncated text.
+    """
     text = str(text)[: limit * 4]  # escaping at most quadruples a character
     escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
 
 
 def client_error(reply: Message) -> str | None:
-    """The reason of an error reply (escaped, truncated), or None."""
+    """The reason of an error reply (escaped, truncated), or None.
+
+    Parameters
+    ----------
+    reply : Message
+        Any reply.
+
+    Returns
+    -------
+    str or None
+        "the client failed: ..." for an error reply; None otherwise.
+    """
     if not reply.has_error():
         return None
     return short(f"the client failed: {reply.error.reason}")
@@ -64,7 +88,27 @@ def _number(key: str, value: object) -> float:
 
 def metrics(reply: Message, *, examples: bool) -> tuple[dict[str, float], int | None]:
     """The reply's ``metrics`` record as {name: number}; with ``examples``, also its
-    ``num-examples`` as an int in [1, MAX_EXAMPLES] (it stays among the metrics)."""
+    ``num-examples`` as an int in [1, MAX_EXAMPLES] (it stays among the metrics).
+
+    Parameters
+    ----------
+    reply : Message
+        A client's reply.
+    examples : bool
+        Whether the metrics must hold ``num-examples``.
+
+    Returns
+    -------
+    tuple of (dict of str to float, int or None)
+        The metrics, and the example count (None without ``examples``).
+
+    Raises
+    ------
+    Rejected
+        No metrics record, more than ``MAX_METRICS`` entries, a name that is not a string
+        of 1 to ``MAX_KEY`` characters, a value that is not a finite number within
+        ``MAX_METRIC``, or (with ``examples``) a missing or unbelievable ``num-examples``.
+    """
     try:
         record = reply.content["metrics"]
     except (KeyError, TypeError):
@@ -92,7 +136,23 @@ def metrics(reply: Message, *, examples: bool) -> tuple[dict[str, float], int | 
 def array_fits(name: str, array: object) -> None:
     """An ``Array`` whose header (dtype, shape) and the ``.npy`` header inside its bytes
     agree with the bytes it carries, within bounds, so reading it allocates no more than
-    the reply holds and unpickles nothing."""
+    the reply holds and unpickles nothing.
+
+    Parameters
+    ----------
+    name : str
+        The entry's name, for the reason.
+    array : object
+        The record entry to check.
+
+    Raises
+    ------
+    Rejected
+        Not an ``Array`` of a serialised numpy array, an unreadable ``.npy`` header, an
+        object, empty-item or Fortran-ordered dtype, a shape that disagrees with the header
+        or has more than 8 or negative dimensions, or a data size that is not what the header
+        declares (or above ``MAX_ARRAY_BYTES``).
+    """
     if not isinstance(array, Array):
         raise Rejected(f"entry {name!r} is a {type(array).__name__}, not an Array")
     data, shape = array.data, array.shape
@@ -123,6 +183,22 @@ def train_reply(reply: Message) -> tuple[bytes | ArrayRecord, dict[str, float]]:
     Flower's standard layout (``arrays`` and no ``update``: an unchanged ClientApp), the
     ``ArrayRecord`` of its state dict (for ``flower_layout.read_update``), whose example
     count must then come with the metrics as ``num-examples``.
+
+    Parameters
+    ----------
+    reply : Message
+        A client's reply to a train message.
+
+    Returns
+    -------
+    tuple of (bytes or ArrayRecord, dict of str to float)
+        The model (payload bytes or ``ArrayRecord``) and the checked metrics.
+
+    Raises
+    ------
+    Rejected
+        An error reply, no update, an array whose header disagrees with its bytes, an
+        unreadable payload record, or metrics the gate refuses (see ``metrics``).
     """
     if (reason := client_error(reply)) is not None:
         raise Rejected(reason)
@@ -149,7 +225,23 @@ def train_reply(reply: Message) -> tuple[bytes | ArrayRecord, dict[str, float]]:
 
 
 def evaluate_reply(reply: Message) -> tuple[dict[str, float], int]:
-    """An evaluation reply's metrics and example count."""
+    """An evaluation reply's metrics and example count.
+
+    Parameters
+    ----------
+    reply : Message
+        A client's reply to an evaluate message.
+
+    Returns
+    -------
+    tuple of (dict of str to float, int)
+        The checked metrics (``num-examples`` among them) and the example count.
+
+    Raises
+    ------
+    Rejected
+        An error reply, or metrics the gate refuses (see ``metrics``).
+    """
     if (reason := client_error(reply)) is not None:
         raise Rejected(reason)
     values, count = metrics(reply, examples=True)
@@ -158,7 +250,27 @@ def evaluate_reply(reply: Message) -> tuple[dict[str, float], int]:
 
 def norm_stats_reply(reply: Message, template: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """A norm-statistics reply's tensors (named, shaped and typed as ``template``, finite,
-    variances non-negative) and example count."""
+    variances non-negative) and example count.
+
+    Parameters
+    ----------
+    reply : Message
+        A client's reply to a norm-statistics query.
+    template : mapping of str to Tensor
+        The model's norm statistics: the names (in order), shapes and dtypes expected.
+
+    Returns
+    -------
+    tuple of (dict of str to Tensor, int)
+        The statistics and the example count they were estimated on.
+
+    Raises
+    ------
+    Rejected
+        An error reply, refused metrics, no ``stats`` ``ArrayRecord``, other names than the
+        template's, or a tensor of the wrong shape or dtype, unreadable, non-finite or absurd,
+        with negative variances, or (integer counters) out of range.
+    """
     if (reason := client_error(reply)) is not None:
         raise Rejected(reason)
     _, count = metrics(reply, examples=True)

@@ -82,8 +82,25 @@ class Update:
 
 
 def unpack_reply(reply: Message, node: int) -> Update:
-    """``node`` is the client the reply answers for (the SuperLink itself answers, under its
-    own node id, for a client that stopped sending heartbeats)."""
+    """Unpack one training reply through the gate into an ``Update``.
+
+    A reply the gate rejects becomes an ``Update`` carrying its reason in ``error``, so the
+    strategy can log it and leave the soup untouched.
+
+    Parameters
+    ----------
+    reply : Message
+        A client's reply to a train message.
+    node : int
+        The client the reply answers for (the SuperLink itself answers, under its own node
+        id, for a client that stopped sending heartbeats).
+
+    Returns
+    -------
+    Update
+        The compact payload or, for Flower's standard layout, the ``ArrayRecord``, with the
+        checked metrics; or an ``Update`` with only ``error`` set.
+    """
     try:
         model, metrics = gate.train_reply(reply)
     except gate.Rejected as error:
@@ -209,12 +226,34 @@ class SparseSoupStrategy(Strategy):
         return self.num_rounds - self.round_offset
 
     def phase_at(self, server_round: int) -> tuple[int, int]:
-        """(phase, round within phase) of ``server_round``."""
+        """(phase, round within phase) of ``server_round``.
+
+        Parameters
+        ----------
+        server_round : int
+            A server round of the job, from 1.
+
+        Returns
+        -------
+        tuple of (int, int)
+            The phase (0: dense pretraining) and the round's index within it.
+        """
         step = self.schedule[server_round - 1]
         return step.phase, step.round_in_phase
 
     def ends_phase(self, server_round: int) -> bool:
-        """Whether ``server_round`` is the last round of its phase."""
+        """Whether ``server_round`` is the last round of its phase.
+
+        Parameters
+        ----------
+        server_round : int
+            A server round of the job, from 1.
+
+        Returns
+        -------
+        bool
+            True for the round after which the phase ends (greedy choice, recalibration).
+        """
         return self.schedule[server_round - 1].ends_phase
 
     def summary(self) -> None:
@@ -315,7 +354,30 @@ class SparseSoupStrategy(Strategy):
             self.log(f"job stopped ({reason}); writing its outputs failed too: {gate.short(error)}")
 
     def run_round(self, grid: Grid, step: Round, timeout: float, extra_train: dict, extra_evaluate: dict) -> None:
-        """One server round, top to bottom."""
+        """One server round, top to bottom.
+
+        Prunes when the round opens a phase, sends the train messages and merges the replies
+        (sending the round again, up to ``round-retries`` times, while fewer than
+        ``min-train-clients`` replies are valid), ends the phase when it is the phase's last
+        round, runs federated evaluation, then writes the round's line and checkpoint.
+
+        Parameters
+        ----------
+        grid : Grid
+            Flower's grid to the clients.
+        step : Round
+            The schedule's entry for this round.
+        timeout : float
+            Seconds to wait for each batch of replies.
+        extra_train, extra_evaluate : dict
+            Extra entries added to every train / evaluate message's config.
+
+        Raises
+        ------
+        RoundFailed
+            Every attempt had fewer than ``min-train-clients`` valid replies, or too few
+            clients connected within ``client-wait``.
+        """
         self._good = (self.engine.state, self.engine.mask, self.engine.digest)  # replaced, never mutated
         self.begin_round(step.number)
         for attempt in range(self.fed.round_retries + 1):
@@ -336,7 +398,19 @@ class SparseSoupStrategy(Strategy):
 
     def begin_round(self, server_round: int) -> bytes:
         """Start ``server_round``: prune first if it opens a phase (or a GMP interval).
-        Returns the soup payload the round sends."""
+
+        Also opens the round's ``RoundLog`` and logs the round's phase and sparsity.
+
+        Parameters
+        ----------
+        server_round : int
+            The round to start, from 1.
+
+        Returns
+        -------
+        bytes
+            The soup payload the round sends (see ``soup_payload``).
+        """
         step = self.schedule[server_round - 1]
         if step.prune is not None:
             self.engine.prune(step.prune)
@@ -346,7 +420,18 @@ class SparseSoupStrategy(Strategy):
         return self.soup_payload(server_round)
 
     def soup_payload(self, server_round: int) -> bytes:
-        """The soup as the clients receive it: values under the mask and the mask bits."""
+        """The soup as the clients receive it: values under the mask and the mask bits.
+
+        Parameters
+        ----------
+        server_round : int
+            The round the payload is stamped with (with its phase).
+
+        Returns
+        -------
+        bytes
+            The ``codec.encode`` payload of kind ``soup``, values as ``value-dtype``.
+        """
         return codec.encode(
             self.soup,
             self.mask,
@@ -372,7 +457,33 @@ class SparseSoupStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per client: the soup payload, the client's candidate hyperparameters
-        and the job's settings (a client needs no run config of its own)."""
+        and the job's settings (a client needs no run config of its own).
+
+        The clients are drawn from the connected nodes (``clients-per-round``, seeded by the
+        job's seed and the round), waiting at most ``client-wait`` seconds for enough of them.
+        With ``client-protocol = flower`` the soup goes as a dense ``ArrayRecord``.
+
+        Parameters
+        ----------
+        server_round : int
+            The round, from 1.
+        arrays : ArrayRecord
+            Ignored: the strategy sends its own soup. Accepted as Flower's signature has it.
+        config : ConfigRecord
+            Extra entries added to every message's config.
+        grid : Grid
+            Flower's grid to the clients.
+
+        Returns
+        -------
+        list of Message
+            One train message per sampled client, in candidate order.
+
+        Raises
+        ------
+        RoundFailed
+            Fewer than the needed clients connected within ``client-wait``.
+        """
         phase, _ = self.phase_at(server_round)
         soup, nbytes = self._soup_entry(server_round)
         nodes = self._sample(grid, server_round)
@@ -405,7 +516,23 @@ class SparseSoupStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Stream this attempt's replies into the merge, in candidate order."""
+        """Stream this attempt's replies into the merge, in candidate order.
+
+        Clients sent the round that did not reply are recorded as rejected.
+
+        Parameters
+        ----------
+        server_round : int
+            The round, from 1.
+        replies : iterable of Message
+            The replies to this attempt's train messages.
+
+        Returns
+        -------
+        tuple of (ArrayRecord or None, MetricRecord or None)
+            The new soup and the mean training metrics, or ``(None, None)`` when fewer than
+            ``min-train-clients`` replies were valid (the soup is then unchanged).
+        """
         metrics = self.aggregate_updates(server_round, self._updates_in_candidate_order(server_round, list(replies)))
         if self.current.accepted < self.fed.min_train_clients:
             return None, None
@@ -431,7 +558,25 @@ class SparseSoupStrategy(Strategy):
     def aggregate_updates(self, server_round: int, updates: Iterable[Update]) -> dict[str, float]:
         """Stream every valid update into a new merge; with at least ``min-train-clients``
         of them the soup becomes their masked average. Invalid updates are logged with their
-        reason and never touch the soup."""
+        reason and never touch the soup.
+
+        The merge rule is the job's ``merge`` (``uniform`` in phase 0 when it is ``greedy``);
+        updates the merge drops for their norm (``update-norm-bound``) are recorded as
+        rejected.
+
+        Parameters
+        ----------
+        server_round : int
+            The round, from 1.
+        updates : iterable of Update
+            The unpacked replies, in the order they are merged.
+
+        Returns
+        -------
+        dict of str to float
+            Each training metric's mean over the valid replies that report it; empty when
+            fewer than ``min-train-clients`` were valid.
+        """
         step = self.schedule[server_round - 1]
         rule = "uniform" if step.phase == 0 and self.run.merge == "greedy" else self.run.merge
         merge = self.engine.merge(
@@ -474,7 +619,17 @@ class SparseSoupStrategy(Strategy):
 
     def finish_phase(self, server_round: int, grid: Grid | None = None, timeout: float | None = None) -> None:
         """After a phase's last round: greedy choice and norm recalibration, on the server's
-        data or, without it or when asked, by a federated norm-statistics round."""
+        data or, without it or when asked, by a federated norm-statistics round.
+
+        Parameters
+        ----------
+        server_round : int
+            The phase's last round.
+        grid : Grid, optional
+            Flower's grid to the clients; needed only for a federated recalibration.
+        timeout : float, optional
+            Seconds to wait for the norm-statistics replies (default: ``round-timeout``).
+        """
         phase, _ = self.phase_at(server_round)
         federated = norm_layers(self.model) and (self.fed.recalibration == "federated" or self.server_data is None)
         self.engine.end_phase(phase, self._merge, recalibrate=not federated)
@@ -521,7 +676,26 @@ class SparseSoupStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The soup to a ``fraction-evaluate`` share of the clients, for federated evaluation."""
+        """The soup to a ``fraction-evaluate`` share of the clients, for federated evaluation.
+
+        The clients are the first of the connected nodes in id order (at least one).
+
+        Parameters
+        ----------
+        server_round : int
+            The round, from 1.
+        arrays : ArrayRecord
+            Ignored: the strategy sends its own soup. Accepted as Flower's signature has it.
+        config : ConfigRecord
+            Extra entries added to every message's config.
+        grid : Grid
+            Flower's grid to the clients.
+
+        Returns
+        -------
+        list of Message
+            One evaluate message per chosen client; empty when ``fraction-evaluate`` is 0.
+        """
         if self.fed.fraction_evaluate == 0:
             return []
         available = sorted(grid.get_node_ids())
@@ -549,7 +723,23 @@ class SparseSoupStrategy(Strategy):
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of the clients' evaluation metrics."""
+        """Example-weighted mean of the clients' evaluation metrics.
+
+        Replies the gate rejects are logged and left out.
+
+        Parameters
+        ----------
+        server_round : int
+            The round, from 1.
+        replies : iterable of Message
+            The replies to the round's evaluate messages.
+
+        Returns
+        -------
+        MetricRecord or None
+            The weighted means (``num-examples`` left out), also kept as the round's
+            ``federated_eval``; None when no reply was valid.
+        """
         totals, examples = {}, 0
         for reply in replies:
             try:
@@ -580,7 +770,13 @@ class SparseSoupStrategy(Strategy):
     # ---- records -----------------------------------------------------------------------
 
     def end_round(self, server_round: int) -> None:
-        """Evaluate the soup centrally, write the round's JSON line and checkpoint the round."""
+        """Evaluate the soup centrally, write the round's JSON line and checkpoint the round.
+
+        Parameters
+        ----------
+        server_round : int
+            The round that ends.
+        """
         log = self.current
         log.central_eval = self.central_evaluation()
         log.seconds = round(time.perf_counter() - self._started, 3)
@@ -610,7 +806,20 @@ class SparseSoupStrategy(Strategy):
 
     def write_outputs(self, stopped: str = "") -> Path:
         """``final_model``, ``results.jsonl``, plots and ``summary.json`` in ``out_dir``;
-        ``stopped`` says why the job ended early (empty when every round ran)."""
+        ``stopped`` says why the job ended early (empty when every round ran).
+
+        Plots and the result tables are made only when every phase row has an accuracy.
+
+        Parameters
+        ----------
+        stopped : str, optional
+            Why the job ended early, recorded in ``summary.json`` (default: empty).
+
+        Returns
+        -------
+        Path
+            ``out_dir``.
+        """
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         self.model.load_state_dict(self.soup)
@@ -639,7 +848,21 @@ class SparseSoupStrategy(Strategy):
         return out
 
     def save_checkpoint(self, server_round: int) -> Path:
-        """The round checkpoint a resumed job continues from."""
+        """The round checkpoint a resumed job continues from.
+
+        Written to ``out_dir/checkpoints/soup``: the soup, the mask, and metadata with the
+        phase, round, model, data set, settings, central metrics and every round's record.
+
+        Parameters
+        ----------
+        server_round : int
+            The round just completed.
+
+        Returns
+        -------
+        Path
+            What ``fedsms.checkpoint.save_checkpoint`` returns for the checkpoint.
+        """
         phase, r = self.phase_at(server_round)
         return save_checkpoint(
             self.out_dir / "checkpoints" / "soup",
@@ -658,7 +881,24 @@ class SparseSoupStrategy(Strategy):
         )
 
     def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue from a round checkpoint written by ``save_checkpoint`` under the same settings."""
+        """Continue from a round checkpoint written by ``save_checkpoint`` under the same settings.
+
+        Settings that do not shape the soup may differ. The round history is restored and
+        ``rounds.jsonl`` rewritten from it (a line for a round whose checkpoint never landed
+        is dropped; that round reruns).
+
+        Parameters
+        ----------
+        checkpoint : Checkpoint
+            A checkpoint loaded from ``out_dir/checkpoints/soup``.
+
+        Raises
+        ------
+        FedSMSError
+            The checkpoint was written under other soup-shaping settings, does not fit the
+            model (names, shapes or dtypes), lacks or has a damaged config or round
+            history, or is of a round outside this job's schedule.
+        """
         meta = checkpoint.metadata
         saved = meta.get("config", {})
         if not isinstance(saved, dict):
@@ -748,7 +988,25 @@ class SparseSoupStrategy(Strategy):
 
     def candidate_for(self, index: int, phase: int, server_round: int) -> CandidateConfig:
         """The hyperparameters of the ``index``-th client of ``server_round``: its recipe
-        candidate (hyperparameter soup) or the base config with its own seed (data soup)."""
+        candidate (hyperparameter soup) or the base config with its own seed (data soup).
+
+        In phase 0 every client gets the pretraining config with its own seed. The seed is
+        then shifted per phase (``for_phase``) and by ``101 * server_round``.
+
+        Parameters
+        ----------
+        index : int
+            The client's position among the round's clients (its candidate index).
+        phase : int
+            The round's phase.
+        server_round : int
+            The round, from 1.
+
+        Returns
+        -------
+        CandidateConfig
+            The hyperparameters the client trains with.
+        """
         if phase == 0:
             base = replace(self.run.pretrain_candidate(), seed=self.run.seed + index)
         elif self.fed.mode == "hyperparameter":

@@ -42,7 +42,32 @@ def load_dataset(
     seed: int = 0,
     download: bool = True,
 ) -> DatasetSplits:
-    """Load ``name`` split into train / held-out (``heldout_fraction`` of train, seeded) / test."""
+    """Load ``name`` split into train / held-out (``heldout_fraction`` of train, seeded) / test.
+
+    Parameters
+    ----------
+    name : str
+        One of ``DATASETS``, or ``mnist1d-N`` for N generated MNIST-1D samples.
+    data_dir : str or Path, optional
+        Where the data set's files are; needed for the torchvision sets (for MNIST-1D,
+        optional).
+    heldout_fraction : float, optional
+        Fraction of the training data held out (default 0.1).
+    seed : int, optional
+        Seed of the held-out split (default 0).
+    download : bool, optional
+        Whether a torchvision set missing from ``data_dir`` is downloaded (default True).
+
+    Returns
+    -------
+    DatasetSplits
+        The train, held-out and test splits with the set's augmentation (see ``make_splits``).
+
+    Raises
+    ------
+    FedSMSError
+        An unknown ``name``, or a torchvision set without ``data_dir``.
+    """
     family = "mnist1d" if name.startswith("mnist1d") else name  # mnist1d-N: N generated samples
     if name == "digits":
         from fedsms.data.digits import load_digits_arrays

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 from conftest import venv_bin
 
 # A small job: dense round, then 2 phases of 2 rounds each to 80 % sparsity on digits.
@@ -87,8 +88,15 @@ def start_client(
 
 
 def kill_group(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    """A machine dying: the launcher and every process under it, the SuperLink or SuperNode
+    included (the launchers start those in a session of their own)."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for pid in [process.pid, *(child.pid for child in children)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
     process.wait()
 
 

@@ -34,6 +34,7 @@ from fedsms.data import DatasetSplits, load_dataset
 from fedsms.engine import PhaseHooks, SoupEngine, State, cpu_state, data_hooks, values_under_mask
 from fedsms.evaluate import ensemble_metrics, evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, sparsity
+from fedsms.safefile import append_line
 from fedsms.schedule import PruneStep, prune_steps, step_candidate
 from fedsms.training import resolve_device
 
@@ -320,8 +321,7 @@ class LocalRun:
             "seconds": round(time.perf_counter() - started, 3),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "results.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.out_dir / "results.jsonl", json.dumps(row) + "\n")  # the server's rule: no symlinks
         return row
 
     def save(self, method: str, phase: int, state: State, mask: Mask, row: dict) -> None:

@@ -634,6 +634,8 @@ class SparseSoupStrategy(Strategy):
         federated = norm_layers(self.model) and (self.fed.recalibration == "federated" or self.server_data is None)
         self.engine.end_phase(phase, self._merge, recalibrate=not federated)
         if federated:
+            if grid is None:
+                raise FedSMSError("this phase needs a federated norm recalibration; pass the grid to finish_phase")
             self._federated_recalibration(server_round, grid, self.fed.round_timeout if timeout is None else timeout)
 
     def _federated_recalibration(self, server_round: int, grid: Grid, timeout: float) -> None:

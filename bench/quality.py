@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from fedsms.local import run_local
 from fedsms.plots import plot_results
 from fedsms.report import methods_in
 
-METHODS = "imp,imp-best,imp-avg,sms,sms-greedy"
+METHODS = "imp,imp-long,imp-best,sms,sms-greedy"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,10 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="lr=0.1,0.05;weight_decay=1e-4,1e-3",
         help="how the m candidates differ (seeds always differ)",
     )
+    parser.add_argument("--methods", default=METHODS, help="local methods to run besides dense")
     parser.add_argument("--ood-examples", type=int, default=1000)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small models on a shared machine)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run in this many processes side by side, then one merged table"
     )
     parser.add_argument("--out", default="results/quality")
     parser.add_argument(
@@ -87,7 +93,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         lr=args.lr,
         batch_size=args.batch_size,
         recipe=args.recipe,
-        methods=METHODS,
+        methods=args.methods,
         merge="uniform",
         ood_examples=args.ood_examples,
         device=args.device,
@@ -107,17 +113,48 @@ def run(args: argparse.Namespace, log=print) -> dict:
         # Written after every seed, so a long run that is stopped keeps the seeds it finished.
         table = final_rows(rows)
         result = {
-            "config": {**vars(args), "methods": METHODS},
+            "config": vars(args),
             "seconds": round(time.perf_counter() - started, 1),
             "torch": torch.__version__,
             "table": table,
-            "checks": checks(table),
+            "checks": checks(rows),
             "rows": rows,
         }
         (out / "partial.json").write_text(json.dumps(result, indent=2))
     (out / "partial.json").rename(out / "quality.json")
     result["plots"] = [str(p) for p in plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")]
     return result
+
+
+def run_parallel(args: argparse.Namespace, argv: list[str], log=print) -> dict:
+    """The seeds split over ``--jobs`` child processes of this script (``OUT/jobs/K``), then
+    merged into one table; a child that fails stops the run with its log's last lines."""
+    out = Path(args.out)
+    if (out / "quality.json").exists():
+        raise FedSMSError(f"{out / 'quality.json'} already exists; pass another --out or remove it")
+    seeds = args.seeds.split(",")
+    groups = [seeds[k :: args.jobs] for k in range(min(args.jobs, len(seeds)))]
+    children = []
+    for k, group in enumerate(groups):
+        folder = out / "jobs" / str(k)
+        folder.mkdir(parents=True, exist_ok=True)
+        child_argv = [*argv, "--seeds", ",".join(group), "--out", str(folder), "--jobs", "1"]  # later flags win
+        logfile = open(folder / "log.txt", "w")  # noqa: SIM115 - closed when the child ends
+        children.append(
+            (subprocess.Popen([sys.executable, __file__, *child_argv], stdout=logfile, stderr=logfile), logfile)
+        )
+        log(f"seeds {','.join(group)}: process {children[-1][0].pid}, log {folder / 'log.txt'}")
+    failed = []
+    for k, (child, logfile) in enumerate(children):
+        if child.wait() != 0:
+            failed.append(k)
+        logfile.close()
+    if failed:
+        tails = "; ".join(f"job {k}: " + (out / "jobs" / str(k) / "log.txt").read_text()[-300:] for k in failed)
+        raise FedSMSError(f"seed process(es) {failed} failed: {tails}")
+    return merge(
+        argparse.Namespace(**{**vars(args), "merge": [str(out / "jobs" / str(k)) for k in range(len(groups))]})
+    )
 
 
 def merge(args: argparse.Namespace) -> dict:
@@ -146,7 +183,7 @@ def merge(args: argparse.Namespace) -> dict:
         "seconds": sum(r["seconds"] for r in results),
         "torch": torch.__version__,
         "table": table,
-        "checks": checks(table),
+        "checks": checks(rows),
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -168,17 +205,34 @@ def final_rows(rows: list[dict]) -> list[dict]:
     return table
 
 
-def checks(table: list[dict]) -> dict:
-    """Per target sparsity: SMS (uniform, greedy) minus IMP and minus IMP best-of-m, in points."""
-    acc = {(r["target_sparsity"], r["method"]): r["accuracy"] for r in table}
+BASELINES = ("imp", "imp-long", "imp-best")
+
+
+def checks(rows: list[dict]) -> dict:
+    """Per target sparsity: SMS (uniform, greedy) minus each baseline that ran, in points of
+    test and OOD accuracy, as mean ± std over seeds of the per-seed differences (each seed's
+    methods share its dense model and data split, so the pairs are what to compare)."""
+    last = max(r["phase"] for r in rows)
+    final = {(r["target_sparsity"], r["method"], r["seed"]): r for r in rows if r["phase"] == last}
     out = {}
-    for target in sorted({r["target_sparsity"] for r in table}):
-        gaps = {
-            f"{sms}-minus-{imp}": round(100 * (acc[(target, sms)] - acc[(target, imp)]), 3)
-            for sms in ("sms", "sms-greedy")
-            for imp in ("imp", "imp-best")
-        }
-        out[f"{target:g}"] = {**gaps, "target_met": all(v >= 0 for v in gaps.values())}
+    for target in sorted({r["target_sparsity"] for r in rows}):
+        gaps = {}
+        for sms in ("sms", "sms-greedy"):
+            for base in BASELINES:
+                seeds = [s for (t, m, s) in final if t == target and m == sms and (t, base, s) in final]
+                if not seeds:
+                    continue
+                for metric, prefix in (("accuracy", ""), ("ood_accuracy", "ood-")):
+                    if metric not in final[(target, sms, seeds[0])]:
+                        continue
+                    diffs = [100 * (final[(target, sms, s)][metric] - final[(target, base, s)][metric]) for s in seeds]
+                    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                    gaps[f"{prefix}{sms}-minus-{base}"] = {
+                        "mean": round(statistics.fmean(diffs), 3),
+                        "std": round(std, 3),
+                    }
+        met = all(g["mean"] >= 0 for k, g in gaps.items() if not k.startswith("ood-"))
+        out[f"{target:g}"] = {"gaps": gaps, "target_met": met}
     return out
 
 
@@ -208,19 +262,21 @@ def format_table(table: list[dict]) -> str:
 
 
 def format_checks(result_checks: dict) -> str:
-    lines = ["SMS minus baseline, test accuracy (points):"]
-    for target, gaps in result_checks.items():
-        text = ", ".join(f"{k} {v:+.2f}" for k, v in gaps.items() if k != "target_met")
-        lines.append(
-            f"  {float(target):.0%}: {text}  -> {'SMS >= IMP and IMP best-of-m' if gaps['target_met'] else 'target missed'}"
-        )
+    lines = ["SMS minus baseline (points; mean ± std over seeds of the per-seed differences):"]
+    for target, check in result_checks.items():
+        lines.append(f"  {float(target):.0%}: {'SMS >= every baseline' if check['target_met'] else 'target missed'}")
+        for key, gap in check["gaps"].items():
+            lines.append(f"    {key:<28} {gap['mean']:+6.2f} ± {gap['std']:.2f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        result = merge(args) if args.merge else run(args)
+        if args.merge:
+            result = merge(args)
+        else:
+            result = run_parallel(args, sys.argv[1:] if argv is None else argv) if args.jobs > 1 else run(args)
     except FedSMSError as error:
         print(f"quality: error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ Every method drives the same ``SoupEngine`` through the same loop and differs on
 prune schedule and in how a step turns its retrained candidates into the next state:
 
 - ``imp``: one candidate per phase (candidate 0 of the recipe).
+- ``imp-long``: one candidate per phase retrained m × the epochs: the compute of m
+  candidates in one model (the comparison the SMS paper makes).
 - ``imp-best``: m candidates, keep the best on the held-out split, no averaging.
 - ``imp-avg``: one-phase soup: IMP for phases 1..P-1, m candidates averaged in phase P only.
 - ``sms``: m candidates averaged under the mask in every phase (the merge rule decides
@@ -21,7 +23,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,16 +58,20 @@ class Method:
         Merge rule of a step with m candidates; None takes the config's ``merge``.
     ensemble : bool
         Also report the prediction ensemble of the step's candidates.
+    long : bool
+        Retrain the one candidate m × the step's epochs (SMS's compute in one model).
     """
 
     schedule: str
     candidates: str
     rule: str | None = None
     ensemble: bool = False
+    long: bool = False
 
 
 METHOD_SPECS = {
     "imp": Method("imp", "one"),
+    "imp-long": Method("imp", "one", long=True),
     "imp-best": Method("imp", "all", "best"),
     "imp-avg": Method("imp", "last"),
     "sms": Method("imp", "all", ensemble=True),
@@ -245,6 +251,8 @@ class LocalRun:
             configs = [
                 step_candidate(c, step) for c in (self.candidate_configs if many else self.candidate_configs[:1])
             ]
+            if spec.long:
+                configs = [replace(c, epochs=c.epochs * config.candidates) for c in configs]
             unit = "phase" if spec.schedule == "imp" else "update"
             label = f"[{method}] {unit} {step.index}/{len(steps)} sparsity {engine.sparsity:.2%}"
             trained = self.trainer.train(engine.state, engine.mask, configs, label)

@@ -20,6 +20,7 @@ METHOD_ORDER = (
     "dense",
     "fed-dense",
     "imp",
+    "imp-long",
     "imp-best",
     "imp-avg",
     "sms",

@@ -26,7 +26,7 @@ from typing import Any
 from fedsms import FedSMSError
 
 # The choices of the enumerated keys. Modules that act on a choice import these names.
-METHODS = ("imp", "imp-best", "imp-avg", "sms", "sms-greedy", "gmp", "gmp-soup")
+METHODS = ("imp", "imp-long", "imp-best", "imp-avg", "sms", "sms-greedy", "gmp", "gmp-soup")
 PRUNING_METHODS = ("global", "uniform", "random")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 MERGE_RULES = ("uniform", "weighted", "greedy", "trimmed-mean", "median")
@@ -335,7 +335,9 @@ class RunKeys(Settings):
         "digits", "digits (embedded), mnist1d or mnist1d-N (generated), cifar10, cifar100, mnist or fashion-mnist"
     )
     data_dir: str = key("", "folder holding the torchvision data sets' files", shapes_soup=False)
-    model: str = key("cnn", "mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-D-K or tv:TORCHVISION_NAME")
+    model: str = key(
+        "cnn", "mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-D-K, cnn1d, cnn1d-WIDTH, resnet1d-D or tv:TORCHVISION_NAME"
+    )
     target_sparsity: float = key(0.9, "final fraction of prunable weights that are zero", at_least=0, below=1)
     phases: int = key(3, "prune-retrain phases P", at_least=1, cap=100)
     candidates: int = key(4, "candidates m retrained per phase", at_least=1, cap=1024)

@@ -170,6 +170,27 @@ def test_translate_keeps_shape_and_moves_a_pixel_within_padding():
     assert torch.equal(out, again)
 
 
+def test_translate_moves_a_signal_along_its_length_only():
+    """A (C, 1, L) signal never shifts off its single row, and the fill value enters at the ends."""
+    n, pad, fill = 64, 4, 0.5
+    x = torch.full((n, 1, 1, 40), fill)
+    x[..., 20] = 1.0  # one spike in the middle
+    out = Augmentation(crop_padding=pad, fill=fill)(x, torch.Generator().manual_seed(0))
+    spikes = (out == 1.0).nonzero()[:, -1]
+    assert len(spikes) == n  # every spike is still there: no vertical shift wiped a row out
+    assert (spikes - 20).abs().max() <= pad and len(set(spikes.tolist())) > pad
+    assert ((out == fill) | (out == 1.0)).all()  # padding is the fill value, not 0
+
+
+def test_mnist1d_trains_with_random_shifts_padded_at_the_zero_level():
+    from fedsms.data import _AUGMENTATION
+    from fedsms.data.mnist1d import HIGH, LOW
+
+    aug = _AUGMENTATION["mnist1d"]
+    assert aug.active and aug.crop_padding > 0 and not aug.flip
+    assert aug.fill == (0.0 - LOW) / (HIGH - LOW)
+
+
 def test_flip_mirrors_about_half_the_batch():
     n = 64
     x = torch.arange(5, dtype=torch.float32).view(1, 1, 1, 5).expand(n, 2, 3, 5).contiguous() / 4

@@ -22,6 +22,10 @@ NUM_CLASSES = 7  # not 10, so a hard-coded head size would show
 CASES = [
     ("mlp", DIGITS),
     ("mlp-64", (1, 1, 40)),  # MNIST-1D signals
+    ("cnn1d", (1, 1, 40)),
+    ("cnn1d-8", (2, 1, 37)),  # any channel count and odd lengths
+    ("resnet1d-8", (1, 1, 40)),
+    ("resnet1d-14", (3, 1, 17)),
     ("cnn", DIGITS),
     ("cnn", CIFAR),
     ("resnet20", CIFAR),
@@ -183,7 +187,7 @@ def conv_and_linear_weights(model: nn.Module) -> list[str]:
     return [
         f"{module_name}.weight"
         for module_name, module in model.named_modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear))
     ]
 
 
@@ -197,13 +201,13 @@ def test_prunable_names_are_exactly_the_conv_and_linear_weights(models, case_id)
     assert set(names) == set(conv_and_linear_weights(model))
     for name in names:
         assert name.endswith(".weight") and "normalize" not in name
-        assert isinstance(modules[name.removesuffix(".weight")], (nn.Conv2d, nn.Linear)), name
-        assert params[name].dim() in (2, 4)
+        assert isinstance(modules[name.removesuffix(".weight")], (nn.Conv1d, nn.Conv2d, nn.Linear)), name
+        assert params[name].dim() in (2, 3, 4)
     # Never a bias or a norm-layer parameter.
     norm_params = {
         f"{module_name}.{p}"
         for module_name, module in model.named_modules()
-        if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))
         for p, _ in module.named_parameters(recurse=False)
     }
     assert not set(names) & norm_params
@@ -227,6 +231,32 @@ def test_prunable_tensor_counts(name, count):
     assert names[0] == "net.conv1.weight" and names[-1] == "net.fc.weight"
 
 
+@pytest.mark.parametrize(
+    "name, kinds",
+    [
+        ("cnn1d", ["Conv1d"] * 3 + ["Linear"]),
+        ("resnet1d-8", ["Conv1d"] * (1 + 6 + 2) + ["Linear"]),  # stem, 3 blocks x 2 convs, 2 projections
+        ("resnet1d-14", ["Conv1d"] * (1 + 12 + 2) + ["Linear"]),
+    ],
+)
+def test_signal_nets_convolve_along_the_signal_only(name, kinds):
+    """Every prunable weight of a 1-D net is a Conv1d or Linear one, so none is wasted on padding."""
+    model = build_model(name, 10, (1, 1, 40))
+    modules = dict(model.named_modules())
+    names = prunable_names(model)
+    assert [type(modules[n.removesuffix(".weight")]).__name__ for n in names] == kinds
+    assert all(p.ndim in (2, 3) for n, p in model.named_parameters() if n in names)
+
+
+def test_signal_cnn_sees_where_along_the_signal_a_feature_is():
+    """No global pooling: a shifted copy of a signal gives other logits."""
+    torch.manual_seed(0)
+    model = build_model("cnn1d", 10, (1, 1, 40)).eval()
+    x = torch.zeros(1, 1, 1, 40)
+    x[..., 5] = 1.0
+    assert not torch.allclose(model(x), model(torch.roll(x, 20, dims=-1)))
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -240,6 +270,8 @@ def test_prunable_tensor_counts(name, count):
         ("tv:resnet18", (4, 32, 32), "any channel count"),
         ("wrn-15-4", CIFAR, "6n+4"),
         ("wrn-16-0", CIFAR, "wrn-16-4"),
+        ("resnet1d-9", (1, 1, 40), "resnet1d-DEPTH"),
+        ("cnn1d-0", (1, 1, 40), "cnn1d-WIDTH"),
     ],
 )
 def test_registry_errors_name_the_fix(name, shape, fix):

@@ -20,13 +20,16 @@ from fedsms.data.arrays import (
     prepare_inputs,
     to_float,
 )
+from fedsms.data.mnist1d import ZERO_LEVEL as MNIST1D_ZERO_LEVEL
 from fedsms.data.splits import DatasetSplits, channel_stats, split_heldout
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "mnist", "fashion-mnist")
 
 _AUGMENTATION = {
     "digits": Augmentation(crop_padding=1),
-    "mnist1d": Augmentation(),  # the generator already shifts, scales and shears every signal
+    # Random shifts along the signal (the 1-D analogue of random crops) by up to 10 % of its
+    # 40 samples, padded with the level of a zero signal (see fedsms.data.mnist1d).
+    "mnist1d": Augmentation(crop_padding=4, fill=MNIST1D_ZERO_LEVEL),
     "mnist": Augmentation(crop_padding=2),
     "fashion-mnist": Augmentation(crop_padding=2, flip=True),
     "cifar10": Augmentation(crop_padding=4, flip=True),

@@ -190,10 +190,10 @@ def prepare_inputs(x: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random translation by up to ``crop_padding`` pixels (zero padding), optional h-flip.
+    """Random translation by up to ``crop_padding`` pixels, optional h-flip.
 
     Called as ``augmentation(x, generator)`` on a batch of images (N, C, H, W); every draw
-    comes from ``generator``.
+    comes from ``generator``. A signal stored as (C, 1, L) shifts along its length only.
 
     Parameters
     ----------
@@ -201,14 +201,18 @@ class Augmentation:
         Largest shift in pixels, in each direction; 0: no translation.
     flip : bool, default False
         Flip each image horizontally with probability 1/2.
+    fill : float, default 0.0
+        Value of the pixels shifted in (in the [0, 1] input scale): 0 is black for images;
+        a signal mapped to [0, 1] pads with the value of its zero level.
     """
 
     crop_padding: int = 0
     flip: bool = False
+    fill: float = 0.0
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.crop_padding > 0:
-            x = random_translate(x, self.crop_padding, generator)
+            x = random_translate(x, self.crop_padding, generator, fill=self.fill)
         if self.flip:
             flip = torch.rand(x.shape[0], generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -241,18 +245,23 @@ def check_augmentable(x: torch.Tensor) -> None:
         )
 
 
-def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Pad-and-random-crop for a whole batch with one gather (no per-sample loop).
+def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+    """Pad-and-random-crop for a whole batch with one gather per axis (no per-sample loop).
+
+    An axis of size 1 (the height of a signal stored as (C, 1, L)) is not moved: a shift
+    along it would replace the whole signal by padding.
 
     Parameters
     ----------
     x : torch.Tensor
         Images (N, C, H, W).
     pad : int
-        Zero padding on each side, >= 1: each image moves by -pad..pad pixels in each
-        direction.
+        Padding on each side, >= 1: each image moves by -pad..pad pixels along each axis
+        longer than 1.
     generator : torch.Generator
         Source of the shifts (a CPU generator).
+    fill : float, default 0.0
+        Value of the padding shifted in.
 
     Returns
     -------
@@ -260,13 +269,15 @@ def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
         The translated images, of ``x``'s shape and dtype.
     """
     n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    pad_h = pad if h > 1 else 0
+    padded = torch.nn.functional.pad(x, (pad, pad, pad_h, pad_h), value=fill)
+    if pad_h:
+        dy = torch.randint(0, 2 * pad_h + 1, (n,), generator=generator)
+        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+        padded = padded.gather(2, rows)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
-    out = padded.gather(2, rows)
     cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w).expand(n, c, h, w)
-    return out.gather(3, cols)
+    return padded.gather(3, cols)
 
 
 def batches(

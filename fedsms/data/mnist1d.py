@@ -24,6 +24,7 @@ from fedsms.data.arrays import ArrayData
 
 DEFAULT_SAMPLES = 10_000
 LOW, HIGH = -6.0, 6.0  # the generated data lies within about ±5.5 standard deviations
+ZERO_LEVEL = (0.0 - LOW) / (HIGH - LOW)  # where a zero of the generator's signal lands in [0, 1]
 SIGNAL_LENGTH = 40
 
 

@@ -1,7 +1,9 @@
 """Models by name. Every model takes [0, 1] images and normalises them itself.
 
 Names: ``mlp`` (two hidden layers of 256), ``mlp-W`` (two of width W), ``cnn`` (digits),
-``resnet20``, ``resnet56``, ``wrn-D-K`` (CIFAR), and ``tv:NAME`` for any torchvision classification model (``tv:resnet18``).
+``resnet20``, ``resnet56``, ``wrn-D-K`` (CIFAR), ``cnn1d`` / ``cnn1d-W`` and ``resnet1d-D``
+(1-D signals such as MNIST-1D), and ``tv:NAME`` for any torchvision classification model
+(``tv:resnet18``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Classifier(nn.Module):
 
 
 MAX_MLP_WIDTH = 65536  # mlp-W beyond this would not fit in memory
+MAX_CONV_WIDTH = 4096  # cnn1d-W beyond this would not fit in memory
 
 
 def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
@@ -85,6 +88,17 @@ def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> 
         return small.mlp(num_classes, input_shape, hidden=(int(match[1]),) * 2)
     if name == "cnn":
         return small.SmallCNN(num_classes, input_shape)
+    if match := re.fullmatch(r"cnn1d(?:-(\d+))?", name):
+        from fedsms.models import signal
+
+        width = int(match[1] or 32)
+        if not 1 <= width <= MAX_CONV_WIDTH:
+            raise FedSMSError(f"model {name!r}: the width must be 1 to {MAX_CONV_WIDTH}; pick cnn1d-WIDTH within it")
+        return signal.SignalCNN(num_classes, input_shape, width)
+    if match := re.fullmatch(r"resnet1d-(\d+)", name):
+        from fedsms.models import signal
+
+        return signal.SignalResNet(int(match[1]), num_classes, input_shape)
     if name in ("resnet20", "resnet56"):
         from fedsms.models import resnet
 
@@ -96,7 +110,8 @@ def _network(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> 
     if name.startswith("tv:"):
         return _torchvision_model(name[3:], num_classes, input_shape)
     raise FedSMSError(
-        f"unknown model {name!r}; use mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-DEPTH-WIDTH or tv:TORCHVISION_NAME"
+        f"unknown model {name!r}; use mlp, mlp-WIDTH, cnn, resnet20, resnet56, wrn-DEPTH-WIDTH, cnn1d, "
+        "cnn1d-WIDTH, resnet1d-DEPTH or tv:TORCHVISION_NAME"
     )
 
 
@@ -125,7 +140,8 @@ def build_model(
     Parameters
     ----------
     name : str
-        ``mlp``, ``mlp-W``, ``cnn``, ``resnet20``, ``resnet56``, ``wrn-D-K`` or ``tv:NAME``.
+        ``mlp``, ``mlp-W``, ``cnn``, ``resnet20``, ``resnet56``, ``wrn-D-K``, ``cnn1d``,
+        ``cnn1d-W``, ``resnet1d-D`` or ``tv:NAME``.
     num_classes : int
         Width of the output.
     input_shape : tuple of int
@@ -143,7 +159,7 @@ def build_model(
     Raises
     ------
     FedSMSError
-        If the name is unknown, a ResNet or WideResNet depth or width is invalid, or a
+        If the name is unknown, a ResNet, WideResNet or 1-D net's depth or width is invalid, or a
         torchvision model is asked for with other than 3 channels.
     """
     c = input_shape[0]

@@ -10,8 +10,10 @@ and the soup made of them, :func:`soup_diagnostics` reports in one JSON-able dic
   averaging predictions instead of weights would give, an upper reference;
 - accuracy and loss along two straight lines, candidate 0 → candidate 1 and candidate 0 →
   soup, at ``points`` evenly spaced points including the ends. Norm statistics are
-  re-estimated at every interior point (averaged weights with interpolated statistics
-  would show a barrier that is only a calibration artefact). The **barrier** of a line is
+  re-estimated at every point of a line, the ends included, all on the same data subset
+  (averaged weights with interpolated statistics would show a barrier that is only a
+  calibration artefact, and ends with their own training statistics would not compare
+  like with like). The **barrier** of a line is
   the largest drop of test accuracy below the straight line between its two end
   accuracies, in points (clipped at 0); the **loss barrier** is the largest rise of test
   loss above the straight line between its end losses. A barrier near 0 between
@@ -165,12 +167,15 @@ def soup_diagnostics(
     Pruned entries are zero in the start and in every candidate, so they add nothing: the
     spread is over the parameters under the mask.
 
-    Cost: the candidates are evaluated once each on ``heldout`` and ``test``, the soup once
-    on each, the ensemble makes m more passes over ``test``, and each of the two lines
-    evaluates ``points − 2`` interior points on both splits after one recalibration each:
-    m + 1 + 2·(points − 2) passes over ``heldout``, 2m + 1 + 2·(points − 2) over ``test`` and
-    2·(points − 2) recalibrations, no training. Memory: the candidates as given, plus one
-    state per point at a time; ``model`` is the only model instance.
+    Cost (no training): the candidates are evaluated once each on ``heldout`` and
+    ``test`` as given, the soup once on each, the ensemble makes m more passes over
+    ``test``; the two lines share candidate 0's end and evaluate 2·points − 1 further
+    points on both splits, each after one recalibration (with norm layers; without them
+    the line ends reuse the scores above and 2·(points − 2) points remain). In all, at most
+    m + 2·points passes over ``heldout``, 2m + 2·points over ``test`` and 2·points − 1
+    recalibrations (each a forward pass over its fraction of the training data). Memory:
+    the candidates as given plus one interpolated state at a time; ``model`` is the only
+    model instance.
 
     Parameters
     ----------
@@ -189,8 +194,8 @@ def soup_diagnostics(
     test : DataSource
         Test data: every reported accuracy besides the held-out ones.
     recalibrate : callable or bool, optional
-        ``recalibrate(state) -> state`` re-estimates the norm statistics of an interior
-        point (see :func:`norm_recalibrator`). Required when ``model`` has BatchNorm layers
+        ``recalibrate(state) -> state`` re-estimates the norm statistics of a point of a
+        line (see :func:`norm_recalibrator`); it should be deterministic (a fixed subset). Required when ``model`` has BatchNorm layers
         with running statistics; ``False`` interpolates the statistics with the weights
         instead (barriers then include the statistics' mismatch). Ignored without norm layers.
     points : int, default 5
@@ -240,13 +245,18 @@ def soup_diagnostics(
     best = max(range(len(own)), key=lambda i: own[i]["heldout_accuracy"])
     ensemble = ensemble_metrics(_Loaded(model, candidates), test, batch_size, device)
 
+    def point(state: State) -> dict[str, float]:
+        return scores(recalibrate(dict(state)) if recalibrate else state)
+
+    ts = [i / (points - 1) for i in range(points)]
+    # Every point of a line, ends included, gets statistics re-estimated the same way, so a
+    # line compares like with like (a candidate's own running statistics are an EMA of its
+    # last training batches; the soup's were usually recalibrated already).
+    first = point(candidates[0]) if recalibrate else own[0]
+
     def line(b: State, b_scores: dict[str, float]) -> dict:
-        ts = [i / (points - 1) for i in range(points)]
-        rows = [own[0]]
-        for t in ts[1:-1]:
-            state = interpolate(candidates[0], b, t)
-            rows.append(scores(recalibrate(state) if recalibrate else state))
-        rows.append(b_scores)
+        rows = [first, *(point(interpolate(candidates[0], b, t)) for t in ts[1:-1])]
+        rows.append(point(b) if recalibrate else b_scores)
         out: dict = {"t": ts, **{k: [r[k] for r in rows] for k in rows[0]}}
         acc, loss = out["test_accuracy"], out["test_loss"]
         out["barrier"] = 100 * max(0.0, *((1 - t) * acc[0] + t * acc[-1] - a for t, a in zip(ts[1:-1], acc[1:-1])))

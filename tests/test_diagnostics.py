@@ -65,8 +65,10 @@ def test_identical_candidates_have_no_spread_and_no_barrier(setting):
     candidate = trained(start, mask, seed=1, epochs=1)
     result = diagnose(model, start, [candidate, copy.deepcopy(candidate)], recalibrate(candidate), recalibrate)
     assert result["spread"] == 0 and result["mean_distance"] == 0 and result["mean_update_norm"] > 0
-    for line in result["lines"].values():
+    for line in result["lines"].values():  # flat: every point is the same recalibrated state
         assert line["barrier"] == pytest.approx(0, abs=1e-9)
+        assert max(line["test_accuracy"]) - min(line["test_accuracy"]) < 1e-9
+        assert max(line["test_loss"]) - min(line["test_loss"]) < 1e-5
         assert line["loss_barrier"] == pytest.approx(0, abs=1e-6)
         assert len(line["t"]) == len(line["test_accuracy"]) == 5 and line["t"][0] == 0 and line["t"][-1] == 1
     # One candidate twice: the soup is that candidate (recalibrated), and so is the ensemble.

@@ -198,3 +198,26 @@ def test_candidates_are_kept_only_for_diagnostics_on_a_server_with_data(tmp_path
     strategy = make_strategy(tmp_path, server_data=server_data, run={"diagnostics": diagnostics})
     strategy.start(LocalGrid(make_client_app(), partitions(2)), num_rounds=2)
     assert strategy._merge.candidates == [] and strategy.rounds[-1].diagnostics == {}
+
+
+def test_readme_example_runs_as_written(setting, capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("**Soup diagnostics.**") :], re.S).group(1)
+    model, mask, start, _, _ = setting
+    cands = [trained(start, mask, seed=s, epochs=1) for s in (1, 2)]
+    data = digits()
+    namespace = dict(
+        model=model,
+        train_data=data.train,
+        start_state=start,
+        cand_a=cands[0],
+        cand_b=cands[1],
+        cand_c=cands[0],
+        soup_state=average(cands, mask),
+        heldout_data=data.heldout,
+        test_data=data.test,
+    )
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "my soup diagnostics: soup" in capsys.readouterr().out

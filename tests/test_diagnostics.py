@@ -211,13 +211,13 @@ def test_readme_example_runs_as_written(setting, capsys):
     namespace = dict(
         model=model,
         train_data=data.train,
-        start_state=start,
+        start=start,
         cand_a=cands[0],
         cand_b=cands[1],
         cand_c=cands[0],
-        soup_state=average(cands, mask),
-        heldout_data=data.heldout,
-        test_data=data.test,
+        soup=average(cands, mask),
+        heldout=data.heldout,
+        test=data.test,
     )
     exec(compile(code, "README.md", "exec"), namespace)
     assert "my soup diagnostics: soup" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def config_overrides(args: argparse.Namespace, defaults) -> dict:
 def cmd_local(args: argparse.Namespace) -> int:
     from fedsms.config import RunConfig
     from fedsms.local import run_local
-    from fedsms.plots import plot_results
+    from fedsms.plots import plot_diagnostics, plot_results
     from fedsms.report import by_schedule, final_table, phase_table, summary
 
     config = RunConfig.from_mapping(config_overrides(args, RunConfig()))
@@ -98,7 +98,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(
         json.dumps({"config": config.to_dict(), "seeds": seeds or [config.seed], "results": summary(rows)}, indent=2)
     )
-    plots = plot_results(rows, out)
+    plots = plot_results(rows, out) + plot_diagnostics(rows, out)
     for part in by_schedule(rows):
         print()
         print(phase_table(part))

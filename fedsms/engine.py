@@ -449,9 +449,9 @@ class SoupEngine:
         self.digest = mask_digest(self.mask)
         self.log(f"step {step.index}: pruned to {self.sparsity:.4%} sparsity (mask {self.digest[:12]})")
 
-    def merge(self, rule: str, *, ends_phase: bool = True, **robust: float) -> Merge:
+    def merge(self, rule: str, *, ends_phase: bool = True, keep: bool = False, **robust: float) -> Merge:
         """A new merge for the current mask; candidates are kept only when ``rule`` will
-        choose among them at the end of the phase.
+        choose among them at the end of the phase, or when ``keep`` asks for them.
 
         Parameters
         ----------
@@ -459,6 +459,9 @@ class SoupEngine:
             ``uniform``, ``weighted``, ``greedy`` or ``best``.
         ends_phase : bool, default True
             Whether this round's merge ends the phase (only then do greedy and best choose).
+        keep : bool, default False
+            Keep every candidate whatever the rule (e.g. for soup diagnostics): m times the
+            memory of the running sum.
         **robust : float
             ``trim_fraction``, ``max_weight``, ``norm_bound`` of ``Merge``.
 
@@ -474,7 +477,7 @@ class SoupEngine:
         """
         return Merge(
             rule,
-            keep_candidates=ends_phase and rule in ("greedy", "best"),
+            keep_candidates=keep or (ends_phase and rule in ("greedy", "best")),
             log=self.log,
             reference=values_under_mask(self.state, self.mask) if robust.get("norm_bound") else None,
             **robust,

@@ -33,6 +33,7 @@ from fedsms.candidates import CandidateTrainer
 from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedsms.config import RunConfig
 from fedsms.data import DatasetSplits, load_dataset
+from fedsms.diagnostics import describe, soup_diagnostics
 from fedsms.engine import PhaseHooks, SoupEngine, State, cpu_state, data_hooks, values_under_mask
 from fedsms.evaluate import ensemble_metrics, evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, sparsity
@@ -225,7 +226,9 @@ class LocalRun:
 
         Each step prunes, retrains the method's candidates under the mask, merges them and
         ends the phase (greedy choice, recalibration); ``sms`` also records the candidates'
-        ensemble. One row per step is written, logged and checkpointed.
+        ensemble. One row per step is written, logged and checkpointed. With ``diagnostics``
+        on, a step that averages several candidates also gets a ``diagnostics`` dict in its
+        row (see ``fedsms.diagnostics``) and one more log line.
 
         Parameters
         ----------
@@ -255,6 +258,7 @@ class LocalRun:
                 configs = [replace(c, epochs=c.epochs * config.candidates) for c in configs]
             unit = "phase" if spec.schedule == "imp" else "update"
             label = f"[{method}] {unit} {step.index}/{len(steps)} sparsity {engine.sparsity:.2%}"
+            start_state = engine.state  # the engine replaces its state, never mutates it
             trained = self.trainer.train(engine.state, engine.mask, configs, label)
             if spec.ensemble:
                 rows.append(self._ensemble_row(step, engine.mask, [s for s, _ in trained], started))
@@ -275,8 +279,46 @@ class LocalRun:
             }
             if len(trained) > 1:
                 extra["chosen"] = chosen
+            if config.diagnostics and len(trained) > 1 and (spec.rule or config.merge) != "best":
+                diagnostics = self.diagnose(step, start_state, [s for s, _ in trained], engine.state)
+                extra["diagnostics"] = diagnostics
+                self.log(describe(diagnostics, f"[{method}] {unit} {step.index}"))
             rows.append(self.record(method, step.index, engine.state, engine.mask, extra, started))
         return rows
+
+    def diagnose(self, step: PruneStep, start: State, candidates: list[State], soup: State) -> dict:
+        """The soup diagnostics of one step (``fedsms.diagnostics.soup_diagnostics``).
+
+        Interior points of the interpolation lines are recalibrated as the step's soup is
+        (same training subset); the held-out split chooses the best candidate.
+
+        Parameters
+        ----------
+        step : PruneStep
+            The step (its index seeds the recalibration subset).
+        start : State
+            The pruned state the candidates retrained from.
+        candidates : list of State
+            The retrained candidates, at least two.
+        soup : State
+            The step's merged (and recalibrated) state.
+
+        Returns
+        -------
+        dict
+            What ``soup_diagnostics`` returns.
+        """
+        recalibrate = self.hooks.recalibrate
+        return soup_diagnostics(
+            self.model,
+            start,
+            candidates,
+            soup,
+            heldout=self.splits.heldout,
+            test=self.splits.test,
+            recalibrate=(lambda state: recalibrate(state, step.index)) if recalibrate else False,
+            device=self.device,
+        )
 
     # ---- records -----------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""PNG plots: test accuracy against sparsity per method, and in-distribution against OOD."""
+"""PNG plots: test accuracy against sparsity per method, in-distribution against OOD, and the
+soup diagnostics' interpolation lines."""
 
 from __future__ import annotations
 
@@ -74,6 +75,48 @@ def plot_results(rows: list[dict], out_dir: str | Path, point_label: str = "phas
         ax.legend()
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / "id_vs_ood.png"))
+    return paths
+
+
+def plot_diagnostics(rows: list[dict], out_dir: str | Path) -> list[Path]:
+    """The interpolation lines of the rows' soup diagnostics, one PNG per method.
+
+    ``diagnostics_<method>.png`` has one panel per phase: test accuracy along the line
+    candidate 0 → candidate 1 and along candidate 0 → soup (one curve per seed), with each
+    line's barrier in the legend. Rows without a ``diagnostics`` dict are skipped.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Result rows; those of steps with diagnostics carry ``diagnostics`` as
+        ``fedsms.diagnostics.soup_diagnostics`` returns it.
+    out_dir : str or Path
+        Folder for the PNG files (created if missing).
+
+    Returns
+    -------
+    list of Path
+        The files written (none when no row has diagnostics).
+    """
+    out_dir = Path(out_dir)
+    with_lines = [r for r in rows if isinstance(r.get("diagnostics"), dict) and "lines" in r["diagnostics"]]
+    paths = []
+    for method in methods_in(with_lines):
+        mine = [r for r in with_lines if r["method"] == method]
+        phases = sorted({r["phase"] for r in mine})
+        fig, axes = plt.subplots(1, len(phases), figsize=(3.6 * len(phases), 3.4), squeeze=False)
+        for ax, phase in zip(axes[0], phases):
+            for row in (r for r in mine if r["phase"] == phase):
+                seed = f" s{row['seed']}" if len({r["seed"] for r in mine}) > 1 else ""
+                for key, label, style in (("candidates", "cand 0 → cand 1", "-"), ("soup", "cand 0 → soup", "--")):
+                    line = row["diagnostics"]["lines"][key]
+                    ys = [100 * a for a in line["test_accuracy"]]
+                    ax.plot(line["t"], ys, style, marker="o", label=f"{label}{seed} (barrier {line['barrier']:.1f})")
+            ax.set(xlabel="t", ylabel="test accuracy (%)", title=f"{method} phase {phase}")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths.append(_save(fig, out_dir / f"diagnostics_{method}.png"))
     return paths
 
 

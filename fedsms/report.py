@@ -3,7 +3,9 @@ each as mean ± std over seeds.
 
 A row is one JSON object per (method, phase, seed), as the drivers append to their
 results file: ``method``, ``phase``, ``seed``, ``sparsity``, ``accuracy``, ``ece``, ``loss``
-and, with OOD evaluation, ``ood_accuracy``.
+and, with OOD evaluation, ``ood_accuracy``. A row of a step with soup diagnostics also
+carries a ``diagnostics`` dict (``fedsms.diagnostics``); the tables here ignore it and
+``fedsms.plots.plot_diagnostics`` draws it.
 """
 
 from __future__ import annotations

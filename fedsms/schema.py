@@ -399,6 +399,13 @@ class RunKeys(Settings):
     methods: str = key(
         "imp,imp-best,imp-avg,sms", "comma list of methods to run (dense always runs)", choices=METHODS, many=True
     )
+    diagnostics: bool = key(
+        True,
+        "per phase with several averaged candidates: candidates' and soup's accuracy, ensemble, interpolation "
+        "barriers and update spread (evaluations only; a federated server with data keeps the phase's m "
+        "candidates in memory for them)",
+        shapes_soup=False,
+    )
     ood: bool = key(True, "evaluate under corruptions at severities 1-5")
     ood_examples: int = key(1000, "test examples used for the OOD evaluation", at_least=1, cap=10**7)
     seed: int = key(0, "base seed: candidate i retrains with seed + i", at_least=0, cap=2**32 - 1, candidate="seed")

@@ -38,11 +38,12 @@ from fedsms import FedSMSError, codec, safefile
 from fedsms.checkpoint import Checkpoint, check_compatible, export_model, remove_stale, save_checkpoint
 from fedsms.config import FederationConfig, RunConfig, soup_shaping_changes
 from fedsms.data import DatasetSplits
+from fedsms.diagnostics import describe, soup_diagnostics
 from fedsms.engine import Merge, PhaseHooks, SoupEngine, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, prunable_names, sparsity
 from fedsms.norms import NormStatsAverage, NormStatsError, norm_layers
-from fedsms.plots import plot_results
+from fedsms.plots import plot_diagnostics, plot_results
 from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.report import final_table, phase_table
 from fedsms.schedule import Round, federated_rounds
@@ -126,6 +127,7 @@ class RoundLog:
     train: dict = field(default_factory=dict)
     federated_eval: dict = field(default_factory=dict)
     central_eval: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # soup diagnostics of a phase's last round
     seconds: float = 0.0
 
 
@@ -193,6 +195,7 @@ class SparseSoupStrategy(Strategy):
         self.current: RoundLog | None = None  # the round in progress
         self.round_offset = 0  # rounds done before this process started (a resumed job)
         self._merge: Merge | None = None
+        self._round_start: dict[str, torch.Tensor] = {}  # the soup the last merged round's candidates started from
         self._sent: list[Message] = []  # this round's train messages, in candidate order
         self._started = time.perf_counter()
         self._good: tuple | None = None  # the soup, mask and digest of the last completed round
@@ -582,6 +585,7 @@ class SparseSoupStrategy(Strategy):
         merge = self.engine.merge(
             rule,
             ends_phase=step.ends_phase,
+            keep=self.diagnosing(server_round),
             trim_fraction=self.run.trim_fraction,
             max_weight=self.run.max_client_weight,
             norm_bound=self.run.update_norm_bound,
@@ -609,6 +613,7 @@ class SparseSoupStrategy(Strategy):
                 f"{self.fed.min_train_clients}); the soup stays as it was"
             )
             return {}
+        self._round_start = self.engine.state  # what the candidates retrained from (replaced, never mutated)
         self.engine.end_round(merge)
         for i in merge.dropped:
             log.rejected[added[i]] = "its update is far larger than the round's median (update-norm-bound)"
@@ -637,6 +642,58 @@ class SparseSoupStrategy(Strategy):
             if grid is None:
                 raise FedSMSError("this phase needs a federated norm recalibration; pass the grid to finish_phase")
             self._federated_recalibration(server_round, grid, self.fed.round_timeout if timeout is None else timeout)
+        if self.diagnosing(server_round) and self._merge.count > 1:
+            self.current.diagnostics = self.phase_diagnostics(server_round)
+
+    def diagnosing(self, server_round: int) -> bool:
+        """Whether ``server_round`` ends with soup diagnostics: ``diagnostics`` is on, the
+        server holds data, and the round is the last of a pruned phase. Only then does the
+        round's merge keep its candidates (m times the memory of the running sum).
+
+        Parameters
+        ----------
+        server_round : int
+            A server round of the job, from 1.
+
+        Returns
+        -------
+        bool
+            True when ``finish_phase`` computes diagnostics after this round.
+        """
+        step = self.schedule[server_round - 1]
+        return self.run.diagnostics and self.server_data is not None and step.ends_phase and step.phase > 0
+
+    def phase_diagnostics(self, server_round: int) -> dict:
+        """``fedsms.diagnostics.soup_diagnostics`` of the phase's last round: its kept
+        candidates against the soup they started from, on the server's held-out and test
+        splits, interior points recalibrated on the server's training data (as the soup is
+        with ``recalibration = server``). Logged as one line.
+
+        Parameters
+        ----------
+        server_round : int
+            The phase's last round, after ``end_phase``.
+
+        Returns
+        -------
+        dict
+            What ``soup_diagnostics`` returns.
+        """
+        phase, _ = self.phase_at(server_round)
+        start = self._round_start
+        candidates = [codec.state_from_values(values, self.mask, start) for values in self._merge.candidates]
+        recalibrate = self.engine.hooks.recalibrate
+        result = soup_diagnostics(
+            self.model,
+            start,
+            candidates,
+            self.soup,
+            heldout=self.server_data.heldout,
+            test=self.server_data.test,
+            recalibrate=(lambda state: recalibrate(state, phase)) if recalibrate else False,
+        )
+        self.log(describe(result, f"[fed-{self.fed.mode}] phase {phase}"))
+        return result
 
     def _federated_recalibration(self, server_round: int, grid: Grid, timeout: float) -> None:
         """Clients re-estimate norm statistics of the soup on their data; the server
@@ -802,6 +859,7 @@ class SparseSoupStrategy(Strategy):
                         "phase": log.phase,
                         "sparsity": log.sparsity,
                         **{k: metrics[k] for k in ("accuracy", "loss", "ece", "ood_accuracy") if k in metrics},
+                        **({"diagnostics": log.diagnostics} if log.diagnostics else {}),
                     }
                 )
         return rows
@@ -830,6 +888,7 @@ class SparseSoupStrategy(Strategy):
         safefile.write_text(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         if rows and all("accuracy" in r for r in rows):
             plot_results(rows, out)
+            plot_diagnostics(rows, out)
             self.log("\n" + phase_table(rows) + "\n" + final_table(rows))
         safefile.write_text(
             out / "summary.json",

@@ -58,6 +58,9 @@ __all__ = [
     "decode",
     "payload_size_bound",
     "state_from_values",
+    "UpdateReader",
+    "FlatReply",
+    "FlatLayout",
 ]
 
 CODEC_VERSION = 3
@@ -948,3 +951,151 @@ def payload_size_bound(
         size += math.ceil(sum(keep.numel() for keep in mask.values()) / 8)
     size += sum(t.numel() * t.element_size() for n, t in dense_state.items() if n not in mask)
     return size
+
+
+# ---- the server's fast path: replies read in place ----------------------------------
+
+
+@dataclass
+class FlatReply:
+    """A validated ``update`` reply whose values are views of the payload's own bytes: one
+    flat block of every masked value (in mask order, in the wire dtype) and one flat view per
+    run of same-dtype dense extras. Every check :func:`decode` makes has passed (finiteness
+    included). Read-only: the views share the payload's memory, so keep the payload alive
+    while using them and never write to them.
+
+    Attributes
+    ----------
+    layout : FlatLayout
+        Where each tensor lies in the blocks (shared by every reply of the reader).
+    values : torch.Tensor
+        All masked values, 1-D, in the wire dtype.
+    dense : list of torch.Tensor
+        One 1-D view per run of ``layout.runs``.
+    num_examples : int
+        The sender's example count, unchecked.
+    nbytes : int
+        Size of the payload.
+    """
+
+    layout: FlatLayout
+    values: torch.Tensor
+    dense: list[torch.Tensor]
+    num_examples: int
+    nbytes: int
+
+    def to_values(self) -> dict[str, torch.Tensor]:
+        """The reply in the compact form of :meth:`Decoded` (owned float32 masked values,
+        dense extras in their dtype and shape): for merges that keep candidates."""
+        out = dict(zip(self.layout.masked, self.values.to(torch.float32, copy=True).split(self.layout.counts)))
+        for (names, shapes, _), run in zip(self.layout.runs, self.dense):
+            for name, shape, part in zip(names, shapes, run.split([math.prod(s) for s in shapes])):
+                out[name] = part.clone().view(shape)
+        return out
+
+
+@dataclass
+class FlatLayout:
+    """Where a canonical reply's tensors lie: ``masked`` names with their value ``counts``,
+    and ``runs`` of dense extras (names, shapes, dtype) each contiguous in the dense block."""
+
+    masked: list[str]
+    counts: list[int]
+    runs: list[tuple[list[str], list[tuple[int, ...]], torch.dtype]]
+
+
+class UpdateReader:
+    """Reads one round's ``update`` replies in place, for a streaming sum.
+
+    Built once per round from the receiver's mask and template, it knows the exact metadata a
+    reply must carry (shapes, counts, dtypes, name table: the bytes :func:`encode` writes for
+    this mask and template). A reply whose metadata is byte-for-byte that is checked with O(1)
+    Python work: checksum, layout, header (version, kind, phase, round, value dtype, digest),
+    metadata, block lengths, then one finiteness pass per block. Any other reply goes through
+    :func:`decode` (every check, with its precise message; a valid but differently written
+    payload comes back as a :class:`Decoded`).
+
+    Parameters
+    ----------
+    mask : Mask
+        The receiver's mask.
+    template : mapping of str to torch.Tensor
+        The receiver's state (names, shapes, dtypes).
+    digest : str
+        ``mask_digest(mask)``.
+    phase, round : int
+        What the header must name.
+    """
+
+    def __init__(self, mask: Mask, template: Mapping[str, torch.Tensor], *, digest: str, phase: int, round: int):
+        self.mask, self.template, self.digest = mask, dict(template), digest
+        self.phase, self.round = phase, round
+        counts = _kept_counts(mask, digest)
+        masked = list(mask)
+        extras = sorted(((n, t) for n, t in self.template.items() if n not in mask), key=lambda i: -i[1].element_size())
+        meta = pb.SparsePayload()
+        for name in masked:
+            entry = meta.masked.add()
+            entry.shape.extend(mask[name].shape)
+            entry.nnz = counts[name]
+        runs: list[tuple[list[str], list[tuple[int, ...]], torch.dtype]] = []
+        for name, like in extras:
+            if like.dtype not in _DENSE_ENUMS:
+                raise PayloadError(f"tensor {name!r} has dtype {like.dtype} which the codec cannot send")
+            entry = meta.dense.add()
+            entry.shape.extend(like.shape)
+            entry.dtype = _DENSE_ENUMS[like.dtype]
+            if not runs or runs[-1][2] != like.dtype:
+                runs.append(([], [], like.dtype))
+            runs[-1][0].append(name)
+            runs[-1][1].append(tuple(like.shape))
+        meta.names = _name_table([*masked, *(n for n, _ in extras)])
+        self._signature = meta.SerializeToString()
+        self.layout = FlatLayout(masked, [counts[n] for n in masked], runs)
+        self._total = sum(self.layout.counts)
+        self._runs = [(sum(math.prod(s) for s in shapes), dtype, _itemsize(dtype)) for _, shapes, dtype in runs]
+        self._dense_bytes = sum(n * size for n, _, size in self._runs)
+
+    def read(self, data: bytes) -> FlatReply | Decoded:
+        """The reply, validated; raises :class:`PayloadError` with the reason otherwise."""
+        message, view, value_span, dense_span = _open(data)
+        header = message.header
+        kind, value_dtype = _check_header(header, "update", self.phase, self.round)
+        if header.mask_digest != self.digest or len(UnknownFieldSet(header)):
+            return self._decode(data)
+        num_examples = int(message.num_examples)
+        message.ClearField("header")
+        message.ClearField("num_examples")
+        _, wire_dtype, itemsize = VALUE_DTYPES[value_dtype]
+        if (
+            message.SerializeToString() != self._signature
+            or value_span[1] != self._total * itemsize
+            or dense_span[1] != self._dense_bytes
+        ):
+            return self._decode(data)  # not the canonical layout: the general reader says why (or reads it)
+        values = _view(view, value_span[0], self._total, wire_dtype)
+        if not _all_finite(values):
+            return self._decode(data)  # names the tensor
+        dense, at = [], dense_span[0]
+        for count, dtype, size in self._runs:
+            run = _view(view, at, count, dtype)
+            if run.is_floating_point() and not _all_finite(run):
+                return self._decode(data)
+            dense.append(run)
+            at += count * size
+        return FlatReply(self.layout, values, dense, num_examples, len(view))
+
+    def _decode(self, data: bytes) -> Decoded:
+        return decode(
+            data,
+            expected_mask=self.mask,
+            expected_digest=self.digest,
+            template=self.template,
+            expected_phase=self.phase,
+            expected_round=self.round,
+            expected_kind="update",
+        )
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

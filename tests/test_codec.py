@@ -585,3 +585,51 @@ def test_checked_in_payload_pb2_is_what_protoc_generates(tmp_path):
         "fedsms/wire/payload_pb2.py is out of date with proto/fedsms/v1/payload.proto; run proto/generate.sh "
         "(with the grpcio-tools release named in its header) and check the result in"
     )
+
+
+# ---- the server's in-place reader ----------------------------------------------------
+
+
+def test_update_reader_reads_in_place_and_a_bad_reply_never_reaches_the_sum(example):
+    """UpdateReader + FlatSum (the server's fast path): a canonical reply is read as views of
+    its own bytes and summed by blocks; the sum equals the per-tensor path's; a reply with a
+    NaN, an Inf or a value beyond ±1e20 (masked or dense) is refused and leaves the sum as it was."""
+    from fedsms.soup import FlatSum, RunningAverage
+
+    state, mask = example
+    digest = codec.mask_digest(mask)
+    reader = codec.UpdateReader(mask, state, digest=digest, phase=2, round=7)
+    good = codec.encode(state, mask, phase=2, round=7, kind="update", num_examples=3)
+    reply = reader.read(good)
+    assert isinstance(reply, codec.FlatReply) and reply.num_examples == 3
+    assert np.shares_memory(reply.values.numpy(), np.frombuffer(good, np.uint8))  # no copy of the values
+    total, reference = FlatSum(), RunningAverage()
+    total.add(reply, 2.0)
+    decoded = codec.decode(good, expected_mask=mask, expected_digest=digest, template=state, expected_kind="update")
+    reference.add({**decoded.values, **decoded.dense}, 2.0)
+    before = {n: t.clone() for n, t in total.sums().items()}
+    message = pb.SparsePayload.FromString(good)
+    for number in (float("nan"), float("inf"), -1e30):
+        raw = struct.pack("<f", number)
+        for block in ("values", "dense_data"):
+            first_float = next(i for i, e in enumerate(message.dense) if e.dtype == pb.DENSE_DTYPE_FLOAT32)
+            at = len(message.values) - 4 if block == "values" else dense_span(message, first_float).start
+            bad = edited(good, lambda m, b=block, a=at, r=raw: setattr(m, b, splice(getattr(m, b), slice(a, a + 4), r)))
+            with pytest.raises(codec.PayloadError, match="NaN or Inf"):
+                total.add(reader.read(bad))
+    for name, value in total.sums().items():  # untouched, bit for bit
+        assert torch.equal(value, before[name]), name
+    total.add(reader.read(good), 1.0)
+    reference.add({**decoded.values, **decoded.dense}, 1.0)
+    merged = reference.mean()
+    for name, value in total.sums().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, merged[name] * reference.total_weight), name
+        else:  # integers keep their maximum
+            assert torch.equal(value, merged[name]), name
+    # a valid but non-canonical reply (dense extras in another order) goes the general way, still read
+    swapped = edited(good, lambda m: None)
+    assert isinstance(reader.read(swapped), codec.FlatReply)
+    other = codec.encode(state, mask, phase=2, round=8, kind="update", num_examples=3)
+    with pytest.raises(codec.PayloadError, match="from round 8 but round 7"):
+        reader.read(other)

@@ -164,8 +164,10 @@ def main() -> None:
     models, clients = (["cnn"], [2, 4]) if args.tiny else (args.model, args.clients)
     rows = [measure_in_child(model, m, args.repeats, args.threads) for model in models for m in clients]
     for row in rows:
-        print(f"{row['model']} m={row['clients']}: one reply's stages (ms): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in row["checks_ms"].items()))
+        print(
+            f"{row['model']} m={row['clients']}: one reply's stages (ms): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in row["checks_ms"].items())
+        )
     report(
         args.out,
         rows,

@@ -773,7 +773,9 @@ def _masked_values(
         )
     flat = _view(view, span[0], total, wire_dtype)
     if not _all_finite(flat):
-        raise PayloadError(f"{_first_bad(flat, names, sizes)} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}")
+        raise PayloadError(
+            f"{_first_bad(flat, names, sizes)} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}"
+        )
     return dict(zip(names, flat.to(torch.float32, copy=True).split(sizes)))
 
 

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedsms import FedSMSError
-from fedsms import codec
+from fedsms import FedSMSError, codec
 from fedsms.codec import state_from_values
 from fedsms.data import DatasetSplits
 from fedsms.evaluate import evaluate

@@ -356,7 +356,9 @@ def test_non_finite_values_are_refused(example):
 
     def poison_dense(message):
         where = dense_span(message, codec._names(message)[1].index("net.features.4.running_var"))
-        message.dense_data = splice(message.dense_data, slice(where.stop - 4, where.stop), struct.pack("<f", float("inf")))
+        message.dense_data = splice(
+            message.dense_data, slice(where.stop - 4, where.stop), struct.pack("<f", float("inf"))
+        )
 
     refuse(edited(data, poison_dense), state, "'net.features.4.running_var' has NaN or Inf")
 

@@ -121,12 +121,18 @@ def check_costs(strategy, update: bytes, repeats: int) -> dict[str, float]:
         "add": lambda: total.add(reply),
         "memcpy_one": lambda: bytes(bytearray(body)),
     }
-    times = interleaved(stages, max(repeats, 5))
+    times = interleaved({name: (lambda f=f: f() and None) for name, f in stages.items()}, max(repeats, 5))
     return {name: 1000 * median(t) for name, t in times.items()}
 
 
 def _child(args: tuple, queue) -> None:
-    queue.put(measure(*args))
+    try:
+        queue.put(measure(*args))
+    except BaseException:  # the parent waits on the queue: tell it, do not leave it hanging
+        import traceback
+
+        queue.put({"error": traceback.format_exc()})
+        raise
 
 
 def measure_in_child(model_name: str, m: int, repeats: int, threads: int) -> dict:
@@ -136,6 +142,8 @@ def measure_in_child(model_name: str, m: int, repeats: int, threads: int) -> dic
     child.start()
     row = queue.get()
     child.join()
+    if "error" in row:
+        raise RuntimeError(f"measuring {model_name} with m = {m} failed:\n{row['error']}")
     return row
 
 

@@ -1,17 +1,18 @@
 """Aggregation: server time and peak memory to aggregate m replies through the real path.
 
-    python bench/aggregation.py [--model tv:resnet18] [--clients 4 16 64] [--repeats 5] [--out results/aggregation.json]
+    python bench/aggregation.py [--model tv:resnet18 tv:resnet50] [--clients 4 16 64] [--repeats 5] [--out results/aggregation.json]
 
 One child process per m (so memory figures do not mix). In it, a ``SparseSoupStrategy``
 for the model prunes to 90 % (its own round-1 prune), then ``aggregate_updates`` (what
-``aggregate_train`` calls: ``codec.decode`` with every check, the streaming masked
-average, the soup rebuilt from it) takes m replies from a generator that makes each reply
+``aggregate_train`` calls: ``codec.UpdateReader`` reading each reply in place with every
+check, the flat streaming sum, the soup rebuilt from it) takes m replies from a generator that makes each reply
 payload (a fresh copy of one encoded update) just before it is decoded. The bench itself
 holds one encoded update; the copying is timed apart and left out of the aggregation time.
 
 Throughput is set against a plain memory copy (``numpy.copyto`` into a preallocated
 buffer) of the same m·payload bytes, timed interleaved with the aggregation in the same
-process. Peak memory is the child's peak RSS (Linux VmHWM, reset through
+process. Each check's own cost is timed apart on one reply (``checks_ms``: the CRC-32,
+the layout walk and metadata parse and compare, the finiteness pass, the add). Peak memory is the child's peak RSS (Linux VmHWM, reset through
 ``/proc/self/clear_refs`` just before the timed aggregations, so every allocator counts,
 torch's included) minus its RSS at that moment.
 """
@@ -74,6 +75,7 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
         before = rss()
         times = interleaved({"aggregate": aggregate, "memcpy": memcpy}, repeats)
         peak = peak_rss() - before
+    checks = check_costs(strategy, update, repeats)
     agg, copy = median(times["aggregate"]), median(times["memcpy"])
     nnz = sum(int(k.sum()) for k in strategy.mask.values())
     return {
@@ -92,13 +94,45 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
         "throughput_vs_memcpy": copy / agg,
         "peak_delta_bytes": peak,
         "peak_over_soup": peak / soup_bytes,
+        "checks_ms": checks,
+        "crc_ms": checks["crc32"],
         "aggregate_runs_s": times["aggregate"],
         "memcpy_runs_s": times["memcpy"],
     }
 
 
+def check_costs(strategy, update: bytes, repeats: int) -> dict[str, float]:
+    """Milliseconds of each stage of reading and adding one reply (medians)."""
+    import zlib
+
+    from fedsms.soup import FlatSum
+
+    reader = codec.UpdateReader(strategy.mask, strategy.soup, digest=strategy.digest, phase=1, round=1)
+    reply = reader.read(update)
+    assert isinstance(reply, codec.FlatReply)
+    body = memoryview(update)[:-5]
+    total = FlatSum()
+    total.add(reply)
+    stages = {
+        "crc32": lambda: zlib.crc32(body),
+        "open_parse": lambda: codec._split(memoryview(update), len(update) - 5),
+        "read_all_checks": lambda: reader.read(update),
+        "finite": lambda: codec._all_finite(reply.values),
+        "add": lambda: total.add(reply),
+        "memcpy_one": lambda: bytes(bytearray(body)),
+    }
+    times = interleaved({name: (lambda f=f: f() and None) for name, f in stages.items()}, max(repeats, 5))
+    return {name: 1000 * median(t) for name, t in times.items()}
+
+
 def _child(args: tuple, queue) -> None:
-    queue.put(measure(*args))
+    try:
+        queue.put(measure(*args))
+    except BaseException:  # the parent waits on the queue: tell it, do not leave it hanging
+        import traceback
+
+        queue.put({"error": traceback.format_exc()})
+        raise
 
 
 def measure_in_child(model_name: str, m: int, repeats: int, threads: int) -> dict:
@@ -108,6 +142,8 @@ def measure_in_child(model_name: str, m: int, repeats: int, threads: int) -> dic
     child.start()
     row = queue.get()
     child.join()
+    if "error" in row:
+        raise RuntimeError(f"measuring {model_name} with m = {m} failed:\n{row['error']}")
     return row
 
 
@@ -121,25 +157,31 @@ COLUMNS = [
     ("throughput_vs_memcpy", "vs memcpy", ".2f"),
     ("peak_delta_bytes", "peak +B", "d"),
     ("peak_over_soup", "peak/soup", ".2f"),
+    ("crc_ms", "crc32 ms", ".2f"),
 ]
 
 
 def main() -> None:
     p = parser(__doc__, "results/aggregation.json", repeats=5)
-    p.add_argument("--model", default="tv:resnet18")
+    p.add_argument("--model", nargs="+", default=["tv:resnet18", "tv:resnet50"])
     p.add_argument("--clients", nargs="+", type=int, default=[4, 16, 64])
     # One thread by default: on a shared, oversubscribed CPU torch's OpenMP team of 2 spins
     # waiting for a descheduled partner and runs elementwise ops ~10x slower than 1 thread.
     p.add_argument("--threads", type=int, default=1, help="torch threads in the measuring process (default 1)")
     args = p.parse_args()
-    model, clients = ("cnn", [2, 4]) if args.tiny else (args.model, args.clients)
-    rows = [measure_in_child(model, m, args.repeats, args.threads) for m in clients]
+    models, clients = (["cnn"], [2, 4]) if args.tiny else (args.model, args.clients)
+    rows = [measure_in_child(model, m, args.repeats, args.threads) for model in models for m in clients]
+    for row in rows:
+        print(
+            f"{row['model']} m={row['clients']}: one reply's stages (ms): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in row["checks_ms"].items())
+        )
     report(
         args.out,
         rows,
-        COLUMNS,
-        model=model,
-        target="peak memory independent of m and <= 3x the soup; throughput >= 0.5x memcpy of the same bytes",
+        [("model", "model", "s"), *COLUMNS],
+        models=models,
+        target="peak memory independent of m and <= 2x the soup plus one reply; throughput >= 0.5x memcpy of the same bytes",
         memory="peak RSS (VmHWM after clear_refs) of the child process minus its RSS before aggregating",
         holds="one encoded update; each reply is a fresh copy of it made just before decoding (copy time excluded)",
     )

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedsms import FedSMSError
+from fedsms import FedSMSError, codec
 from fedsms.codec import state_from_values
 from fedsms.data import DatasetSplits
 from fedsms.evaluate import evaluate
@@ -36,7 +36,7 @@ from fedsms.masks import Mask, mask_digest, prune_state, sparsity
 from fedsms.norms import norm_layers, recalibrate_norms
 from fedsms.schedule import PruneStep, prune_seed
 from fedsms.schema import MERGE_RULES
-from fedsms.soup import RunningAverage, SoupError, greedy_soup
+from fedsms.soup import FlatSum, RunningAverage, SoupError, greedy_soup
 
 State = dict[str, torch.Tensor]
 
@@ -214,11 +214,29 @@ class Merge:
         self._robust = rule in ROBUST_RULES or self.max_weight < 1 or norm_bound > 0
         self._keep = keep_candidates or self._robust
         self._screened = False
+        self._flat = FlatSum()
 
     @property
     def count(self) -> int:
         """Candidates added so far (less those the norm bound dropped)."""
-        return self.average.count - len(self.dropped)
+        return self.average.count + self._flat.count - len(self.dropped)
+
+    def add_reply(self, reply: codec.FlatReply, num_examples: int) -> None:
+        """Add one candidate read in place (``codec.UpdateReader``): straight into a flat
+        running sum when the rule streams; merges that keep candidates take a copy.
+
+        Parameters
+        ----------
+        reply : codec.FlatReply
+            The validated reply.
+        num_examples : int
+            Examples it trained on (the weight under ``weighted``).
+        """
+        if self._keep:
+            self.add(reply.to_values(), num_examples)
+            return
+        self._flat.add(reply, float(num_examples) if self.rule == "weighted" else 1.0)
+        self.examples.append(num_examples)
 
     def add(self, values: Mapping[str, torch.Tensor], num_examples: int) -> None:
         """Add one candidate, in the compact form of ``values_under_mask``.
@@ -254,6 +272,8 @@ class Merge:
             If no candidate is left, or the merge is not finite.
         """
         self._screen()
+        self.average.absorb(self._flat)  # replies read in place join the average once, here
+        self._flat = FlatSum()
         if not self._robust or (
             self.rule in ("uniform", "weighted", "greedy", "best") and self.max_weight >= 1 and not self.dropped
         ):

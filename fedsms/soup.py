@@ -7,6 +7,7 @@ state dicts on one machine, or just the values under the mask on the server.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -78,6 +79,20 @@ class RunningAverage:
         self.total_weight += weight
         self.count += 1
 
+    def absorb(self, flat: FlatSum) -> None:
+        """Fold a ``FlatSum``'s candidates into this average (same tensors, any order)."""
+        if not flat.count:
+            return
+        for name, total in flat.sums().items():
+            if name not in self._sums:
+                self._sums[name] = total.clone()
+            elif total.is_floating_point():
+                self._sums[name].add_(total)
+            else:
+                torch.maximum(self._sums[name], total, out=self._sums[name])
+        self.total_weight += flat.total_weight
+        self.count += flat.count
+
     def _check_like(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if list(tensors) != list(self._sums):
             missing = sorted(set(self._sums) - set(tensors))
@@ -112,6 +127,62 @@ class RunningAverage:
             name: (total / self.total_weight) if total.is_floating_point() else total.clone()
             for name, total in self._sums.items()
         }
+
+
+class FlatSum:
+    """Streaming (weighted) sum of replies read in place (``codec.FlatReply``): one running
+    sum for all masked values and one per run of dense extras, so adding a reply is a few
+    whole-block ``add_`` calls (floats, weighted) or ``maximum`` (integers), whatever the
+    number of tensors. The reply was fully checked when it was read, so nothing here can
+    fail halfway: a rejected reply never reaches the sum.
+
+    Attributes
+    ----------
+    total_weight : float
+        Sum of the weights added so far.
+    count : int
+        Replies added so far.
+    """
+
+    def __init__(self) -> None:
+        self.layout = None
+        self._values: torch.Tensor | None = None
+        self._dense: list[torch.Tensor] = []
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, reply, weight: float = 1.0) -> None:
+        """Add one ``codec.FlatReply`` with ``weight`` (> 0, finite)."""
+        if not 0 < weight < float("inf"):
+            raise ValueError(f"weight must be a positive finite number, got {weight}")
+        if self.layout is None:
+            self.layout = reply.layout
+            self._values = torch.mul(reply.values, weight).to(torch.float32)
+            self._dense = [
+                torch.mul(run, weight).to(torch.promote_types(run.dtype, torch.float32))
+                if run.is_floating_point()
+                else run.clone()
+                for run in reply.dense
+            ]
+        else:
+            if reply.layout is not self.layout:
+                raise SoupError("replies of another layout (another reader) cannot join this sum")
+            self._values.add_(reply.values, alpha=weight)
+            for total, run in zip(self._dense, reply.dense):
+                if run.is_floating_point():
+                    total.add_(run, alpha=weight)
+                else:
+                    torch.maximum(total, run, out=total)
+        self.total_weight += weight
+        self.count += 1
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The running sums per tensor (views): masked values 1-D, dense extras in their shape."""
+        out = dict(zip(self.layout.masked, self._values.split(self.layout.counts)))
+        for (names, shapes, _), total in zip(self.layout.runs, self._dense):
+            for name, shape, part in zip(names, shapes, total.split([math.prod(s) for s in shapes])):
+                out[name] = part.view(shape)
+        return out
 
 
 def check_shares_mask(state: Mapping[str, torch.Tensor], mask: Mask, label: str = "candidate") -> None:

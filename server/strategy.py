@@ -593,16 +593,21 @@ class SparseSoupStrategy(Strategy):
         metrics: dict[str, RunningAverage] = {}
         added: list[int] = []  # the nodes of the merged candidates, in order
         log = self.current
+        reader = codec.UpdateReader(self.mask, self.soup, digest=self.digest, phase=step.phase, round=server_round)
         for update in updates:
             try:
-                decoded = self._decode_update(update, step.phase, server_round)
+                decoded = self._decode_update(update, reader)
             except codec.PayloadError as error:
                 reason = gate.short(error)
                 log.rejected[update.node] = reason
                 self.log(f"round {server_round}: rejected reply from node {update.node}: {reason}")
                 continue
             log.bytes_up += update.nbytes
-            merge.add(*decoded)
+            if isinstance(decoded[0], codec.FlatReply):  # read in place: summed without a copy
+                merge.add_reply(*decoded)
+            else:
+                merge.add(*decoded)
+            decoded = None  # the payload's memory may go once it is summed
             added.append(update.node)
             for key, value in update.metrics.items():  # each key over the replies that report it
                 metrics.setdefault(key, RunningAverage()).add({key: torch.tensor(float(value))})
@@ -1108,23 +1113,21 @@ class SparseSoupStrategy(Strategy):
         )
         return [nodes[i] for i in sorted(draw[:count].tolist())]
 
-    def _decode_update(self, update: Update, phase: int, server_round: int) -> tuple[dict[str, torch.Tensor], int]:
-        """The update's values under the mask (and dense extras) and its example count."""
+    def _decode_update(
+        self, update: Update, reader: codec.UpdateReader
+    ) -> tuple[dict[str, torch.Tensor] | codec.FlatReply, int]:
+        """The update's values under the mask (and dense extras), or the reply read in place,
+        and its example count."""
         if update.error is not None:
             raise codec.PayloadError(update.error)
         if update.arrays is not None:  # Flower's standard layout: the gate checked num-examples in the metrics
             values, examples = read_update(update.arrays, self.soup, self.mask), int(update.metrics["num-examples"])
         else:
-            decoded = codec.decode(
-                update.payload,
-                expected_mask=self.mask,
-                expected_digest=self.digest,
-                template=self.soup,
-                expected_phase=phase,
-                expected_round=server_round,
-                expected_kind="update",
-            )
-            values, examples = {**decoded.values, **decoded.dense}, decoded.num_examples
+            decoded = reader.read(update.payload)
+            if isinstance(decoded, codec.FlatReply):
+                values, examples = decoded, decoded.num_examples
+            else:
+                values, examples = {**decoded.values, **decoded.dense}, decoded.num_examples
         if not 0 < examples <= MAX_EXAMPLES:
             raise codec.PayloadError(f"the reply claims {examples} training examples")
         return values, examples

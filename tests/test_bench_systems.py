@@ -91,3 +91,10 @@ def test_scaling(tmp_path):
     for r in rows:
         assert positive(r["round_s"], r["client_train_s"], r["server_peak_rss"])
         assert all(math.isfinite(r[k]) for k in ("encode_s", "aggregate_s", "recalibrate_s", "evaluate_s", "rest_s"))
+
+
+def test_client_codec(tmp_path):
+    (row,) = run_bench("client_codec", tmp_path)["rows"]
+    assert row["model"] == "cnn"
+    assert positive(row["decode_ms"], row["encode_ms"], row["decode_MBps"], row["epoch_s"], row["codec_over_epoch"])
+    assert row["reply_bytes"] < row["soup_bytes"]  # the reply carries no mask bits

@@ -72,6 +72,25 @@ def reseal(message: pb.SparsePayload) -> bytes:
     return codec._seal(message)
 
 
+def masked_span(message: pb.SparsePayload, index: int, itemsize: int = 4) -> slice:
+    """Where masked entry ``index``'s values lie in the values block (codec version 3)."""
+    start = sum(e.nnz for e in message.masked[:index]) * itemsize
+    return slice(start, start + message.masked[index].nnz * itemsize)
+
+
+DENSE_ITEMSIZE = {pb.DENSE_DTYPE_FLOAT32: 4, pb.DENSE_DTYPE_FLOAT64: 8, pb.DENSE_DTYPE_INT64: 8}
+
+
+def dense_span(message: pb.SparsePayload, index: int) -> slice:
+    """Where dense entry ``index``'s elements lie in the dense-data block (float32/64, int64 models)."""
+    sizes = [math.prod(e.shape) * DENSE_ITEMSIZE[e.dtype] for e in message.dense]
+    return slice(sum(sizes[:index]), sum(sizes[: index + 1]))
+
+
+def splice(block: bytes, where: slice, new: bytes) -> bytes:
+    return block[: where.start] + new + block[where.stop :]
+
+
 def wire_names(message: pb.SparsePayload) -> list[str]:
     """All entry names in wire order (masked, then dense), read from the name table."""
     masked, dense = codec._names(message)
@@ -103,7 +122,7 @@ def test_fp32_round_trip_is_exact(example):
     state, mask = example
     data = soup_bytes(state, mask, num_examples=123)
     decoded = decode_soup(data, state)
-    assert decoded.codec_version == codec.CODEC_VERSION == 2 and decoded.kind == "soup"
+    assert decoded.codec_version == codec.CODEC_VERSION == 3 and decoded.kind == "soup"
     assert (decoded.phase, decoded.round, decoded.value_dtype) == (2, 7, "fp32")
     assert decoded.mask_digest == mask_digest(mask) and decoded.mask_included
     assert decoded.num_examples == 123 and decoded.nbytes == len(data)
@@ -270,12 +289,22 @@ def test_not_bytes_is_refused(example):
 
 def test_other_codec_versions_are_refused(example):
     state, mask = example
-    data = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 3))
-    refuse(data, state, "codec version 3 .* reads version 2")
+    data = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 4))
+    refuse(data, state, "codec version 4 .* reads version 3")
     old = edited(soup_bytes(state, mask), lambda m: setattr(m.header, "codec_version", 1))
     assert "run the same fedsms release on the server and every client" in refuse(
-        old, state, "codec version 1 .* reads version 2"
+        old, state, "codec version 1 .* reads version 3"
     )
+    # a version-2 payload: plain protobuf field order (header first), no blocks up front
+    message = pb.SparsePayload.FromString(soup_bytes(state, mask))
+    message.header.codec_version = 2
+    message.ClearField("padding")
+    body = message.SerializeToString()
+    v2 = body + bytes([0x7D]) + struct.pack("<I", zlib.crc32(body))
+    assert "run the same fedsms release" in refuse(v2, state, "codec version 2 .* reads version 3")
+    message.header.codec_version = 3  # this version's header in another layout: named as such
+    body = message.SerializeToString()
+    refuse(body + bytes([0x7D]) + struct.pack("<I", zlib.crc32(body)), state, "does not open with its values")
 
 
 def test_wrong_kind_phase_round_are_refused(example):
@@ -320,19 +349,22 @@ def test_non_finite_values_are_refused(example):
     nan = struct.pack("<f", float("nan"))
 
     def poison_masked(message):
-        message.masked[1].values = nan + message.masked[1].values[4:]
+        where = masked_span(message, 1)
+        message.values = splice(message.values, slice(where.start, where.start + 4), nan)
 
     refuse(edited(data, poison_masked), state, "'net.features.3.weight' has NaN or Inf")
 
     def poison_dense(message):
-        entry = message.dense[codec._names(message)[1].index("net.features.4.running_var")]
-        entry.data = entry.data[:-4] + struct.pack("<f", float("inf"))
+        where = dense_span(message, codec._names(message)[1].index("net.features.4.running_var"))
+        message.dense_data = splice(
+            message.dense_data, slice(where.stop - 4, where.stop), struct.pack("<f", float("inf"))
+        )
 
     refuse(edited(data, poison_dense), state, "'net.features.4.running_var' has NaN or Inf")
 
     half = soup_bytes(state, mask, value_dtype="fp16")
     refuse(
-        edited(half, lambda m: setattr(m.masked[0], "values", b"\x00\x7c" + m.masked[0].values[2:])),
+        edited(half, lambda m: setattr(m, "values", b"\x00\x7c" + m.values[2:])),
         state,
         "NaN or Inf",
     )  # 0x7c00 is fp16 +Inf
@@ -411,18 +443,21 @@ def test_counts_lengths_and_dtypes_that_do_not_add_up_are_refused(example):
     data = soup_bytes(state, mask)
     refuse(edited(data, lambda m: setattr(m.masked[0], "nnz", m.masked[0].nnz + 1)), state, "claims .* the mask keeps")
     refuse(
-        edited(data, lambda m: setattr(m.masked[2], "values", m.masked[2].values[:-4])),
+        edited(data, lambda m: setattr(m, "values", m.values[:-4])),
         state,
         "bytes of values but .* need",
     )
 
     def dense_dtype(message):
-        message.dense[0].dtype = "float64"
-        message.dense[0].data = message.dense[0].data * 2
+        index = next(i for i, e in enumerate(message.dense) if e.dtype == pb.DENSE_DTYPE_FLOAT32)
+        where = dense_span(message, index)
+        message.dense[index].dtype = pb.DENSE_DTYPE_FLOAT64
+        message.dense_data = splice(message.dense_data, where, message.dense_data[where] * 2)
 
     refuse(edited(data, dense_dtype), state, "dtype 'float64' in the payload but 'float32'")
-    refuse(edited(data, lambda m: setattr(m.dense[1], "data", m.dense[1].data[:-1])), state, "bytes but shape")
-    refuse(edited(data, lambda m: setattr(m.dense[1], "dtype", "complex64")), state, "dtype 'complex64'")
+    refuse(edited(data, lambda m: setattr(m, "dense_data", m.dense_data[:-1])), state, "bytes of dense data but")
+    refuse(edited(data, lambda m: setattr(m.dense[1], "dtype", 99)), state, r"unknown dtype \(99\)")
+    refuse(edited(data, lambda m: setattr(m.dense[1], "dtype", 0)), state, r"unknown dtype \(0\)")
 
 
 def test_encode_refuses_bad_arguments(example):
@@ -457,17 +492,23 @@ def test_wire_layout_matches_the_schema(example):
     assert message.header.value_dtype == pb.VALUE_DTYPE_BF16 and message.header.kind == pb.PAYLOAD_KIND_SOUP
     assert message.mask_bits == pack_mask(mask)
     names = zlib.decompress(message.names).decode().split("\n")
-    assert names == [*mask, *(n for n in state if n not in mask)]  # masked in mask order, then dense
+    dense_order = sorted((n for n in state if n not in mask), key=lambda n: -state[n].element_size())
+    assert names == [*mask, *dense_order]  # masked in mask order, then dense by element size (stable)
+    for block in ("values", "dense_data"):  # each block starts 16-aligned, in the payload's first fields
+        start = data.index(getattr(message, block))
+        assert start % 16 == 0 and start < 64 + len(message.values)
+    assert len(message.padding) == 2 and all(p == bytes(len(p)) and len(p) < 16 for p in message.padding)
     assert "name" not in pb.MaskedTensor.DESCRIPTOR.fields_by_name  # names travel only in the table
     assert "name" not in pb.DenseTensor.DESCRIPTOR.fields_by_name
     masked_names, dense_names = names[: len(message.masked)], names[len(message.masked) :]
     assert masked_names == list(mask)
-    first = message.masked[0]
-    raw = np.frombuffer(first.values, dtype="<u2").astype(np.uint32) << 16  # bf16 = top half of fp32
+    raw = np.frombuffer(message.values[masked_span(message, 0, 2)], dtype="<u2").astype(np.uint32) << 16  # bf16
     want = state[masked_names[0]][mask[masked_names[0]]].to(torch.bfloat16).float().numpy()
     assert np.array_equal(raw.view("<f4"), want)
-    tracked = next(e for e, n in zip(message.dense, dense_names) if n.endswith("num_batches_tracked"))
-    assert tracked.dtype == "int64" and list(tracked.shape) == [] and tracked.data == struct.pack("<q", 17)
+    index = next(i for i, n in enumerate(dense_names) if n.endswith("num_batches_tracked"))
+    tracked = message.dense[index]
+    assert tracked.dtype == pb.DENSE_DTYPE_INT64 and list(tracked.shape) == []
+    assert message.dense_data[dense_span(message, index)] == struct.pack("<q", 17)
 
 
 def test_the_kind_alone_decides_whether_the_mask_travels(example):
@@ -502,9 +543,9 @@ def test_the_version_1_layout_with_self_named_entries_is_refused(example):
             entry_named(entry, name)
         message.ClearField("names")
 
-    refuse(edited(data, names_in_entries), state, "fields that codec version 2 does not declare")
+    refuse(edited(data, names_in_entries), state, "fields that codec version 3 does not declare")
     old = edited(data, lambda m: (names_in_entries(m), setattr(m.header, "codec_version", 1)))
-    refuse(old, state, "codec version 1 .* reads version 2")
+    refuse(old, state, "codec version 1 .* reads version 3")
     refuse(edited(data, lambda m: m.ClearField("names")), state, "no name table")
 
 
@@ -514,7 +555,7 @@ def test_a_name_table_that_does_not_fit_is_refused(example):
     refuse(edited(data, lambda m: setattr(m, "names", b"not zlib")), state, "name table cannot be read")
     refuse(edited(data, lambda m: renamed(m, wire_names(m)[:-1])), state, "lists .* tensors but the payload carries")
     refuse(
-        edited(data, lambda m: entry_named(m.dense[0], "net.x")), state, "fields that codec version 2 does not declare"
+        edited(data, lambda m: entry_named(m.dense[0], "net.x")), state, "fields that codec version 3 does not declare"
     )
     refuse(
         edited(data, lambda m: setattr(m, "names", zlib.compress(b"a" * (codec._MAX_NAME_TABLE + 1)))),
@@ -546,3 +587,51 @@ def test_checked_in_payload_pb2_is_what_protoc_generates(tmp_path):
         "fedsms/wire/payload_pb2.py is out of date with proto/fedsms/v1/payload.proto; run proto/generate.sh "
         "(with the grpcio-tools release named in its header) and check the result in"
     )
+
+
+# ---- the server's in-place reader ----------------------------------------------------
+
+
+def test_update_reader_reads_in_place_and_a_bad_reply_never_reaches_the_sum(example):
+    """UpdateReader + FlatSum (the server's fast path): a canonical reply is read as views of
+    its own bytes and summed by blocks; the sum equals the per-tensor path's; a reply with a
+    NaN, an Inf or a value beyond ±1e20 (masked or dense) is refused and leaves the sum as it was."""
+    from fedsms.soup import FlatSum, RunningAverage
+
+    state, mask = example
+    digest = codec.mask_digest(mask)
+    reader = codec.UpdateReader(mask, state, digest=digest, phase=2, round=7)
+    good = codec.encode(state, mask, phase=2, round=7, kind="update", num_examples=3)
+    reply = reader.read(good)
+    assert isinstance(reply, codec.FlatReply) and reply.num_examples == 3
+    assert np.shares_memory(reply.values.numpy(), np.frombuffer(good, np.uint8))  # no copy of the values
+    total, reference = FlatSum(), RunningAverage()
+    total.add(reply, 2.0)
+    decoded = codec.decode(good, expected_mask=mask, expected_digest=digest, template=state, expected_kind="update")
+    reference.add({**decoded.values, **decoded.dense}, 2.0)
+    before = {n: t.clone() for n, t in total.sums().items()}
+    message = pb.SparsePayload.FromString(good)
+    for number in (float("nan"), float("inf"), -1e30):
+        raw = struct.pack("<f", number)
+        for block in ("values", "dense_data"):
+            first_float = next(i for i, e in enumerate(message.dense) if e.dtype == pb.DENSE_DTYPE_FLOAT32)
+            at = len(message.values) - 4 if block == "values" else dense_span(message, first_float).start
+            bad = edited(good, lambda m, b=block, a=at, r=raw: setattr(m, b, splice(getattr(m, b), slice(a, a + 4), r)))
+            with pytest.raises(codec.PayloadError, match="NaN or Inf"):
+                total.add(reader.read(bad))
+    for name, value in total.sums().items():  # untouched, bit for bit
+        assert torch.equal(value, before[name]), name
+    total.add(reader.read(good), 1.0)
+    reference.add({**decoded.values, **decoded.dense}, 1.0)
+    merged = reference.mean()
+    for name, value in total.sums().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, merged[name] * reference.total_weight), name
+        else:  # integers keep their maximum
+            assert torch.equal(value, merged[name]), name
+    # a valid but non-canonical reply (dense extras in another order) goes the general way, still read
+    swapped = edited(good, lambda m: None)
+    assert isinstance(reader.read(swapped), codec.FlatReply)
+    other = codec.encode(state, mask, phase=2, round=8, kind="update", num_examples=3)
+    with pytest.raises(codec.PayloadError, match="from round 8 but round 7"):
+        reader.read(other)

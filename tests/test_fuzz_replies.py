@@ -96,6 +96,18 @@ def _set_header(field):
     return edit
 
 
+def _edit_block(field):
+    """Bytes of a block (``values`` or ``dense_data``) from some offset on replaced by others."""
+
+    def edit(message, value):
+        index, raw = value
+        block = getattr(message, field)
+        at = (4 * index) % (len(block) + 1)
+        setattr(message, field, block[:at] + raw)
+
+    return edit
+
+
 def _edit_entry(group, field):
     def edit(message, value):
         entries = getattr(message, group)
@@ -147,17 +159,26 @@ def _name_entry(message, value):
 
 def _poison_value(message, value):
     index, number = value
-    entry = message.masked[index % len(message.masked)]
-    entry.values = torch.tensor([number], dtype=torch.float32).numpy().tobytes() + entry.values[4:]
+    masked = list(message.masked)
+    at = 4 * sum(e.nnz for e in masked[: index % len(masked)])  # fp32 values in one block, in mask order
+    raw = torch.tensor([number], dtype=torch.float32).numpy().tobytes()
+    message.values = message.values[:at] + raw + message.values[at + 4 :]
 
 
 def _poison_dense(message, value):
     """A non-finite (or huge) number at the start of a float32 dense extra (a bias, a norm statistic)."""
     index, number = value
-    floats = [e for e in message.dense if e.dtype == "float32" and e.data]
-    if floats:
-        entry = floats[index % len(floats)]
-        entry.data = torch.tensor([number], dtype=torch.float32).numpy().tobytes() + entry.data[4:]
+    sizes = {pb.DENSE_DTYPE_FLOAT32: 4, pb.DENSE_DTYPE_FLOAT64: 8, pb.DENSE_DTYPE_INT64: 8}
+    starts, at = [], 0
+    for entry in message.dense:
+        count = math.prod(entry.shape)
+        if entry.dtype == pb.DENSE_DTYPE_FLOAT32 and count:
+            starts.append(at)
+        at += count * sizes.get(entry.dtype, 4)
+    if starts:
+        start = starts[index % len(starts)]
+        raw = torch.tensor([number], dtype=torch.float32).numpy().tobytes()
+        message.dense_data = message.dense_data[:start] + raw + message.dense_data[start + 4 :]
 
 
 u32 = st.integers(0, 2**32 - 1)
@@ -175,12 +196,9 @@ FIELD_EDITS = st.one_of(
     st.tuples(st.just(lambda message, table: setattr(message, "names", table)), st.binary(max_size=32)),
     st.tuples(st.just(_edit_entry("masked", "shape")), st.tuples(which, st.lists(st.integers(0, 2**20), max_size=5))),
     st.tuples(st.just(_edit_entry("masked", "nnz")), st.tuples(which, u64)),
-    st.tuples(st.just(_edit_entry("masked", "values")), st.tuples(which, st.binary(max_size=64))),
-    st.tuples(
-        st.just(_edit_entry("dense", "dtype")),
-        st.tuples(which, st.sampled_from(["float32", "float16", "int64", "x", ""])),
-    ),
-    st.tuples(st.just(_edit_entry("dense", "data")), st.tuples(which, st.binary(max_size=64))),
+    st.tuples(st.just(_edit_block("values")), st.tuples(which, st.binary(max_size=64))),
+    st.tuples(st.just(_edit_entry("dense", "dtype")), st.tuples(which, st.sampled_from([1, 2, 5, 0, 11, 99]))),
+    st.tuples(st.just(_edit_block("dense_data")), st.tuples(which, st.binary(max_size=64))),
     st.tuples(st.just(_drop_entry("masked")), which),
     st.tuples(st.just(_drop_entry("dense")), which),
     st.tuples(st.just(_duplicate_entry("masked")), which),
@@ -254,6 +272,10 @@ def _swap_dense(message, _):
     (state-dict order) but each entry is still named right."""
     dense = list(message.dense)
     masked, names = codec._names(message)
+    sizes = {pb.DENSE_DTYPE_FLOAT32: 4, pb.DENSE_DTYPE_FLOAT64: 8, pb.DENSE_DTYPE_INT64: 8}
+    one, two = (math.prod(e.shape) * sizes.get(e.dtype, 4) for e in dense[:2])
+    data = message.dense_data
+    message.dense_data = data[one : one + two] + data[:one] + data[one + two :]  # their bytes swap too
     first, second = dense[0].SerializeToString(), dense[1].SerializeToString()
     message.dense[0].ParseFromString(second)
     message.dense[1].ParseFromString(first)
@@ -264,7 +286,8 @@ def _swap_dense(message, _):
 # Every kind of edit once, so each rule is held against the reference whatever the fuzzer draws.
 SINGLE_EDITS = {
     "version 1": (_set_header("codec_version"), 1),
-    "version 3": (_set_header("codec_version"), 3),
+    "version 2": (_set_header("codec_version"), 2),
+    "version 4": (_set_header("codec_version"), 4),
     "phase": (_set_header("phase"), 2),
     "round": (_set_header("round"), 3),
     "digest": (_set_header("mask_digest"), "0" * 64),
@@ -282,10 +305,11 @@ SINGLE_EDITS = {
     "no name table": (lambda m, v: setattr(m, "names", v), b""),
     "masked shape": (_edit_entry("masked", "shape"), (0, [5])),
     "nnz": (_edit_entry("masked", "nnz"), (0, 1)),
-    "values short": (_edit_entry("masked", "values"), (0, b"abcd")),
-    "dense dtype": (_edit_entry("dense", "dtype"), (0, "float16")),
-    "dense int": (_edit_entry("dense", "dtype"), (0, "int64")),
-    "dense data": (_edit_entry("dense", "data"), (0, b"")),
+    "values short": (_edit_block("values"), (0, b"abcd")),
+    "dense dtype": (_edit_entry("dense", "dtype"), (0, pb.DENSE_DTYPE_FLOAT16)),
+    "dense int": (_edit_entry("dense", "dtype"), (0, pb.DENSE_DTYPE_INT64)),
+    "dense dtype unknown": (_edit_entry("dense", "dtype"), (0, 11)),
+    "dense data": (_edit_block("dense_data"), (0, b"")),
     "drop masked": (_drop_entry("masked"), 0),
     "drop dense": (_drop_entry("dense"), 0),
     "duplicate masked": (_duplicate_entry("masked"), 0),

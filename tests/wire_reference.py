@@ -7,7 +7,7 @@ against it instead of against itself.
 Where the schema leaves the reader a choice, this reader takes the one ``fedsms.codec``
 documents: the dense extras may come in any order (each exactly once), ``num_examples`` is
 returned unjudged, and a floating value beyond ±1e20 is refused like NaN and Inf (so that a
-float32 sum of many replies stays finite; the .proto file does not state this limit yet).
+float32 sum of many replies stays finite; the .proto file states this limit since version 3).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 import torch
 
-VERSION = 2
+VERSION = 3
 KINDS = {1: "soup", 2: "update", 3: "norm_stats"}
 VALUE_TYPES = {1: ("fp32", 4), 2: ("fp16", 2), 3: ("bf16", 2)}
 DENSE_TYPES = {
@@ -44,6 +44,18 @@ TORCH_NAMES = {
     torch.int8: "int8",
     torch.uint8: "uint8",
     torch.bool: "bool",
+}
+DENSE_ENUMS = {
+    1: "float32",
+    2: "float16",
+    3: "bfloat16",
+    4: "float64",
+    5: "int64",
+    6: "int32",
+    7: "int16",
+    8: "int8",
+    9: "uint8",
+    10: "bool",
 }
 MAX_NAMES = 1 << 24
 MAX_MAGNITUDE = 1e20
@@ -134,6 +146,9 @@ PAYLOAD = {
     4: ("dense", "repeated"),
     5: ("num_examples", "uint"),
     6: ("names", "bytes"),
+    7: ("values", "bytes"),
+    8: ("dense_data", "bytes"),
+    9: ("padding", "repeated"),
     15: ("crc32", "fixed32"),
 }
 HEADER = {
@@ -144,8 +159,8 @@ HEADER = {
     5: ("value_dtype", "uint"),
     6: ("kind", "uint"),
 }
-MASKED = {2: ("shape", "packed"), 3: ("nnz", "uint"), 4: ("values", "bytes")}
-DENSE = {2: ("shape", "packed"), 3: ("dtype", "bytes"), 4: ("data", "bytes")}
+MASKED = {2: ("shape", "packed"), 3: ("nnz", "uint")}
+DENSE = {2: ("shape", "packed"), 5: ("dtype", "uint")}
 
 
 # ---- values -----------------------------------------------------------------------------
@@ -185,6 +200,13 @@ def read(data: bytes, *, mask: dict, template: dict, kind: str, phase: int, roun
         raise Refused("no trailer")
     if zlib.crc32(data[:-5]) != struct.unpack("<I", data[-4:])[0]:
         raise Refused("checksum")
+    layout = fields(data[:-5])
+    if [(number, wire) for number, wire, _ in layout[:4]] != [(9, 2), (7, 2), (9, 2), (8, 2)]:
+        raise Refused("layout: padding, values, padding, dense data must come first")
+    if any(number in (7, 8, 9) for number, _, _ in layout[4:]):
+        raise Refused("layout: a block or padding field after the blocks")
+    if any(len(pad) >= 16 or any(pad) for _, _, pad in (layout[0], layout[2])):
+        raise Refused("padding")
     top = message(data, PAYLOAD)
     if "header" not in top:
         raise Refused("no header")
@@ -220,33 +242,41 @@ def read(data: bytes, *, mask: dict, template: dict, kind: str, phase: int, roun
     if masked_names != list(mask):
         raise Refused("masked names")
     value_name, itemsize = value_type
-    values = {}
+    values, block, at = {}, top.get("values", b""), 0
+    if len(block) != sum(int(mask[n].sum()) for n in masked_names) * itemsize:
+        raise Refused("values block size")
     for name, entry in zip(masked_names, masked):
         keep = mask[name]
         if entry.get("shape", []) != list(keep.shape):
             raise Refused("masked shape")
         nnz = int(keep.sum())
-        if entry.get("nnz", 0) != nnz or len(entry.get("values", b"")) != nnz * itemsize:
+        if entry.get("nnz", 0) != nnz:
             raise Refused("nnz")
-        tensor = floats(entry.get("values", b""), value_name).to(torch.float32)
+        tensor = floats(block[at : at + nnz * itemsize], value_name).to(torch.float32)
+        at += nnz * itemsize
         if not bool((tensor.double().abs() <= MAX_MAGNITUDE).all()):  # NaN compares false
             raise Refused("not finite")
         values[name] = tensor
     wanted = [n for n in template if n not in mask]
     if sorted(dense_names) != sorted(wanted):
         raise Refused("dense names")
-    extras = {}
+    extras, block, at = {}, top.get("dense_data", b""), 0
+    sizes = []
     for name, entry in zip(dense_names, dense):
         like = template[name]
-        try:
-            dtype = entry.get("dtype", b"").decode("utf-8")
-        except UnicodeDecodeError:
-            raise Refused("dense dtype") from None
+        dtype = DENSE_ENUMS.get(entry.get("dtype", 0))
+        if dtype is None:
+            raise Refused("dense dtype")
         if entry.get("shape", []) != list(like.shape) or dtype != TORCH_NAMES.get(like.dtype):
             raise Refused("dense shape or dtype")
-        if len(entry.get("data", b"")) != like.numel() * DENSE_TYPES[dtype]:
-            raise Refused("dense size")
-        tensor = floats(entry.get("data", b""), dtype).reshape(like.shape)
+        sizes.append(like.numel() * DENSE_TYPES[dtype])
+    if len(block) != sum(sizes):
+        raise Refused("dense size")
+    for name, entry, size in zip(dense_names, dense, sizes):
+        like = template[name]
+        dtype = DENSE_ENUMS[entry["dtype"]]
+        tensor = floats(block[at : at + size], dtype).reshape(like.shape)
+        at += size
         if tensor.is_floating_point() and not bool((tensor.double().abs() <= MAX_MAGNITUDE).all()):
             raise Refused("dense not finite")
         extras[name] = tensor

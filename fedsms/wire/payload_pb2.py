@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64sms/v1/payload.proto\x12\tfedsms.v1\"\xa4\x01\n\x06Header\x12\x15\n\rcodec_version\x18\x01 \x01(\r\x12\r\n\x05phase\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\r\x12\x13\n\x0bmask_digest\x18\x04 \x01(\t\x12*\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x15.fedsms.v1.ValueDtype\x12$\n\x04kind\x18\x06 \x01(\x0e\x32\x16.fedsms.v1.PayloadKind\"F\n\x0cMaskedTensor\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0b\n\x03nnz\x18\x03 \x01(\x04\x12\x0e\n\x06values\x18\x04 \x01(\x0cJ\x04\x08\x01\x10\x02R\x04name\"E\n\x0b\x44\x65nseTensor\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0cJ\x04\x08\x01\x10\x02R\x04name\"\xc9\x01\n\rSparsePayload\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.fedsms.v1.Header\x12\'\n\x06masked\x18\x02 \x03(\x0b\x32\x17.fedsms.v1.MaskedTensor\x12\x11\n\tmask_bits\x18\x03 \x01(\x0c\x12%\n\x05\x64\x65nse\x18\x04 \x03(\x0b\x32\x16.fedsms.v1.DenseTensor\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\r\n\x05names\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x0f \x01(\x07*k\n\nValueDtype\x12\x1b\n\x17VALUE_DTYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10VALUE_DTYPE_FP32\x10\x01\x12\x14\n\x10VALUE_DTYPE_FP16\x10\x02\x12\x14\n\x10VALUE_DTYPE_BF16\x10\x03*x\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11PAYLOAD_KIND_SOUP\x10\x01\x12\x17\n\x13PAYLOAD_KIND_UPDATE\x10\x02\x12\x1b\n\x17PAYLOAD_KIND_NORM_STATS\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64sms/v1/payload.proto\x12\tfedsms.v1\"\xa4\x01\n\x06Header\x12\x15\n\rcodec_version\x18\x01 \x01(\r\x12\r\n\x05phase\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\r\x12\x13\n\x0bmask_digest\x18\x04 \x01(\t\x12*\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x15.fedsms.v1.ValueDtype\x12$\n\x04kind\x18\x06 \x01(\x0e\x32\x16.fedsms.v1.PayloadKind\"D\n\x0cMaskedTensor\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0b\n\x03nnz\x18\x03 \x01(\x04J\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05R\x04nameR\x06values\"`\n\x0b\x44\x65nseTensor\x12\r\n\x05shape\x18\x02 \x03(\x04\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.fedsms.v1.DenseDtypeJ\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x04nameR\x04\x64\x61ta\"\xfe\x01\n\rSparsePayload\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.fedsms.v1.Header\x12\'\n\x06masked\x18\x02 \x03(\x0b\x32\x17.fedsms.v1.MaskedTensor\x12\x11\n\tmask_bits\x18\x03 \x01(\x0c\x12%\n\x05\x64\x65nse\x18\x04 \x03(\x0b\x32\x16.fedsms.v1.DenseTensor\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\r\n\x05names\x18\x06 \x01(\x0c\x12\x0e\n\x06values\x18\x07 \x01(\x0c\x12\x12\n\ndense_data\x18\x08 \x01(\x0c\x12\x0f\n\x07padding\x18\t \x03(\x0c\x12\r\n\x05\x63rc32\x18\x0f \x01(\x07*k\n\nValueDtype\x12\x1b\n\x17VALUE_DTYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10VALUE_DTYPE_FP32\x10\x01\x12\x14\n\x10VALUE_DTYPE_FP16\x10\x02\x12\x14\n\x10VALUE_DTYPE_BF16\x10\x03*\x96\x02\n\nDenseDtype\x12\x1b\n\x17\x44\x45NSE_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44\x45NSE_DTYPE_FLOAT32\x10\x01\x12\x17\n\x13\x44\x45NSE_DTYPE_FLOAT16\x10\x02\x12\x18\n\x14\x44\x45NSE_DTYPE_BFLOAT16\x10\x03\x12\x17\n\x13\x44\x45NSE_DTYPE_FLOAT64\x10\x04\x12\x15\n\x11\x44\x45NSE_DTYPE_INT64\x10\x05\x12\x15\n\x11\x44\x45NSE_DTYPE_INT32\x10\x06\x12\x15\n\x11\x44\x45NSE_DTYPE_INT16\x10\x07\x12\x14\n\x10\x44\x45NSE_DTYPE_INT8\x10\x08\x12\x15\n\x11\x44\x45NSE_DTYPE_UINT8\x10\t\x12\x14\n\x10\x44\x45NSE_DTYPE_BOOL\x10\n*x\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11PAYLOAD_KIND_SOUP\x10\x01\x12\x17\n\x13PAYLOAD_KIND_UPDATE\x10\x02\x12\x1b\n\x17PAYLOAD_KIND_NORM_STATS\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsms.v1.payload_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VALUEDTYPE']._serialized_start=552
-  _globals['_VALUEDTYPE']._serialized_end=659
-  _globals['_PAYLOADKIND']._serialized_start=661
-  _globals['_PAYLOADKIND']._serialized_end=781
+  _globals['_VALUEDTYPE']._serialized_start=630
+  _globals['_VALUEDTYPE']._serialized_end=737
+  _globals['_DENSEDTYPE']._serialized_start=740
+  _globals['_DENSEDTYPE']._serialized_end=1018
+  _globals['_PAYLOADKIND']._serialized_start=1020
+  _globals['_PAYLOADKIND']._serialized_end=1140
   _globals['_HEADER']._serialized_start=39
   _globals['_HEADER']._serialized_end=203
   _globals['_MASKEDTENSOR']._serialized_start=205
-  _globals['_MASKEDTENSOR']._serialized_end=275
-  _globals['_DENSETENSOR']._serialized_start=277
-  _globals['_DENSETENSOR']._serialized_end=346
-  _globals['_SPARSEPAYLOAD']._serialized_start=349
-  _globals['_SPARSEPAYLOAD']._serialized_end=550
+  _globals['_MASKEDTENSOR']._serialized_end=273
+  _globals['_DENSETENSOR']._serialized_start=275
+  _globals['_DENSETENSOR']._serialized_end=371
+  _globals['_SPARSEPAYLOAD']._serialized_start=374
+  _globals['_SPARSEPAYLOAD']._serialized_end=628
 # @@protoc_insertion_point(module_scope)

@@ -38,10 +38,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The systems benchmarks at full size (10-20 minutes on 2 CPU cores); tables print, results
+# The systems benchmarks at full size (25-40 minutes on 2 CPU cores); tables print, results
 # go to results/*.json, and BENCHMARKS.md holds the figures.
 bench-systems: setup
-	for b in wire_bytes aggregation client_codec masked_step federation_overhead scaling; do \
+	for b in wire_bytes aggregation client_codec masked_step federation_overhead scaling many_clients parallel_candidates; do \
 	    FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/$$b.py --out results/$$b.json || exit 1; done
 
 # The quality benchmarks of BENCHMARKS.md: the paper table on MNIST-1D (about 1.5 hours on 2

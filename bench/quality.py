@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "torch": torch.__version__,
             "table": table,
             "checks": checks(rows),
+            "diagnostics": diagnostics_table(rows),
             "rows": rows,
         }
         (out / "partial.json").write_text(json.dumps(result, indent=2))
@@ -184,6 +185,7 @@ def merge(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "table": table,
         "checks": checks(rows),
+        "diagnostics": diagnostics_table(rows),
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +236,45 @@ def checks(rows: list[dict]) -> dict:
         met = all(g["mean"] >= 0 for k, g in gaps.items() if not k.startswith("ood-"))
         out[f"{target:g}"] = {"gaps": gaps, "target_met": met}
     return out
+
+
+DIAGNOSED = {
+    "gain": lambda d: d["gain"],
+    "best_candidate": lambda d: 100 * d["best_candidate"],
+    "soup": lambda d: 100 * d["soup"]["test_accuracy"],
+    "ensemble": lambda d: 100 * d["ensemble"]["accuracy"],
+    "barrier": lambda d: d["lines"]["soup"]["barrier"],
+    "candidate_barrier": lambda d: d["lines"]["candidates"]["barrier"],
+    "spread": lambda d: d["spread"],
+}
+
+
+def diagnostics_table(rows: list[dict]) -> list[dict]:
+    """Per (target sparsity, soup method, phase): the soup diagnostics, mean ± std over seeds
+    (accuracies and the gain in points)."""
+    diagnosed = [r for r in rows if "diagnostics" in r]
+    table = []
+    for key in sorted({(r["target_sparsity"], r["method"], r["phase"]) for r in diagnosed}):
+        mine = [r["diagnostics"] for r in diagnosed if (r["target_sparsity"], r["method"], r["phase"]) == key]
+        entry = {"target_sparsity": key[0], "method": key[1], "phase": key[2], "seeds": len(mine)}
+        for name, read in DIAGNOSED.items():
+            values = [read(d) for d in mine]
+            entry[name] = round(statistics.fmean(values), 3)
+            entry[f"{name}_std"] = round(statistics.stdev(values), 3) if len(values) > 1 else 0.0
+        table.append(entry)
+    return table
+
+
+def format_diagnostics(table: list[dict]) -> str:
+    if not table:
+        return "no soup diagnostics (diagnostics off)"
+    names = list(DIAGNOSED)
+    header = f"{'target':>6}  {'method':>10}  {'phase':>5}  " + "  ".join(f"{n:>17}" for n in names)
+    lines = ["Soup diagnostics per phase (test accuracy and gain in points; mean ± std over seeds):", header]
+    for r in table:
+        cells = "  ".join(f"{r[n]:>9.2f} ± {r[n + '_std']:<5.2f}" for n in names)
+        lines.append(f"{r['target_sparsity']:>6.0%}  {r['method']:>10}  {r['phase']:>5}  {cells}")
+    return "\n".join(lines)
 
 
 def plot_rows(rows: list[dict], sparsities: list[float]) -> list[dict]:
@@ -290,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result["table"]))
     print()
     print(format_checks(result["checks"]))
+    print()
+    print(format_diagnostics(result["diagnostics"]))
     print(f"\nresults: {Path(args.out) / 'quality.json'}; plots: {', '.join(result['plots'])}")
     return 0
 

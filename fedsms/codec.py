@@ -30,6 +30,7 @@ instead of using the name table; a payload of any other version is refused.
 
 from __future__ import annotations
 
+import copy
 import math
 import struct
 import warnings
@@ -37,6 +38,7 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as _field
 
 import numpy as np
 import torch
@@ -999,17 +1001,88 @@ class FlatReply:
 @dataclass
 class FlatLayout:
     """Where a canonical reply's tensors lie: ``masked`` names with their value ``counts``,
-    and ``runs`` of dense extras (names, shapes, dtype) each contiguous in the dense block."""
+    and ``runs`` of dense extras (names, shapes, dtype) each contiguous in the dense block.
+
+    It also rebuilds a full state from flat blocks (:meth:`state`): made once per mask (with
+    its reader), it keeps the flat positions of the kept entries, so that a round's soup is
+    one allocation per dtype, one scatter of every masked value and one copy per dense run,
+    whatever the number of tensors."""
 
     masked: list[str]
     counts: list[int]
     runs: list[tuple[list[str], list[tuple[int, ...]], torch.dtype]]
+    digest: str = ""
+    template: list[tuple[str, tuple[int, ...], torch.dtype]] = _field(default_factory=list, repr=False)
+    mask: Mask | None = _field(default=None, repr=False)
+    _plan: tuple | None = _field(default=None, repr=False)
+
+    def state(self, values: torch.Tensor, dense: list[torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """A full state dict (template order, template dtypes, zero outside the mask) from
+        ``values`` (every masked value, 1-D, mask order) and ``dense`` (one 1-D tensor per
+        run). Its tensors are views of one new buffer per dtype. None where the masked
+        tensors do not share one dtype (the caller then builds it tensor by tensor)."""
+        plan = self._plan if self._plan is not None else self._make_plan()
+        if not plan:
+            return None
+        sizes, masked_dtype, positions, run_at, views = plan
+        buffers = {dtype: _zeros(size, dtype) for dtype, size in sizes.items()}
+        if positions is not None:
+            buffers[masked_dtype].index_copy_(0, positions, values.to(masked_dtype))
+        for (_, _, dtype), (start, count), run in zip(self.runs, run_at, dense):
+            buffers[dtype][start : start + count].copy_(run)
+        return {name: buffers[dtype][start : start + count].view(shape) for name, dtype, start, count, shape in views}
+
+    def _make_plan(self) -> tuple | None:
+        dtypes = {self._dtypes[name] for name in self.masked}
+        if len(dtypes) > 1 or self.mask is None:
+            self._plan = ()
+            return self._plan
+        masked_dtype = dtypes.pop() if dtypes else None
+        sizes: dict[torch.dtype, int] = {}
+        at: dict[str, tuple[torch.dtype, int]] = {}
+        chunks = []
+        for name in self.masked:  # the masked tensors first, in mask order, in one buffer
+            start = sizes.get(masked_dtype, 0)
+            at[name] = (masked_dtype, start)
+            keep = self.mask[name].to("cpu", torch.bool).reshape(-1).numpy()
+            chunks.append(np.flatnonzero(keep) + start)
+            sizes[masked_dtype] = start + keep.size
+        run_at = []
+        for names, shapes, dtype in self.runs:  # each run contiguous, as on the wire: one copy per run
+            start = sizes.get(dtype, 0)
+            run_at.append((start, sum(math.prod(s) for s in shapes)))
+            for name, shape in zip(names, shapes):
+                at[name] = (dtype, sizes.get(dtype, 0))
+                sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+        positions = torch.from_numpy(np.concatenate(chunks).astype(np.int64)) if chunks else None
+        views = [(name, at[name][0], at[name][1], math.prod(shape), shape) for name, shape, _ in self.template]
+        self._plan = (sizes, masked_dtype, positions, run_at, views)
+        return self._plan
+
+    @property
+    def _dtypes(self) -> dict[str, torch.dtype]:
+        return {name: dtype for name, _, dtype in self.template}
+
+
+def _zeros(count: int, dtype: torch.dtype) -> torch.Tensor:
+    """A new zeroed 1-D CPU tensor; through numpy where it can (calloc: the kernel hands over
+    zeroed pages, about 2.5x faster than torch.zeros writing zeros into fresh ones)."""
+    if dtype in _WIRE_NUMPY and dtype != torch.bool:
+        return torch.from_numpy(np.zeros(count, dtype=_WIRE_NUMPY[dtype].newbyteorder("=")))
+    return torch.zeros(count, dtype=dtype)
+
+
+def _shape_only(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor of ``tensor``'s shape and dtype holding one element (zero strides): what
+    a reader kept across rounds needs of its template, without keeping the old state alive."""
+    return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
 
 
 class UpdateReader:
     """Reads one round's ``update`` replies in place, for a streaming sum.
 
-    Built once per round from the receiver's mask and template, it knows the exact metadata a
+    Built once per mask from the receiver's mask and template (:meth:`at` gives it for each
+    round; the template's values are not kept), it knows the exact metadata a
     reply must carry (shapes, counts, dtypes, name table: the bytes :func:`encode` writes for
     this mask and template). A reply whose metadata is byte-for-byte that is checked with O(1)
     Python work: checksum, layout, header (version, kind, phase, round, value dtype, digest),
@@ -1030,7 +1103,8 @@ class UpdateReader:
     """
 
     def __init__(self, mask: Mask, template: Mapping[str, torch.Tensor], *, digest: str, phase: int, round: int):
-        self.mask, self.template, self.digest = mask, dict(template), digest
+        self.mask, self.digest = mask, digest
+        self.template = {name: _shape_only(like) for name, like in template.items()}  # never the values
         self.phase, self.round = phase, round
         counts = _kept_counts(mask, digest)
         masked = list(mask)
@@ -1053,10 +1127,25 @@ class UpdateReader:
             runs[-1][1].append(tuple(like.shape))
         meta.names = _name_table([*masked, *(n for n, _ in extras)])
         self._signature = meta.SerializeToString()
-        self.layout = FlatLayout(masked, [counts[n] for n in masked], runs)
+        self.layout = FlatLayout(
+            masked,
+            [counts[n] for n in masked],
+            runs,
+            digest,
+            [(name, tuple(like.shape), like.dtype) for name, like in self.template.items()],
+            mask,
+        )
         self._total = sum(self.layout.counts)
         self._runs = [(sum(math.prod(s) for s in shapes), dtype, _itemsize(dtype)) for _, shapes, dtype in runs]
         self._dense_bytes = sum(n * size for n, _, size in self._runs)
+
+    def at(self, *, phase: int, round: int) -> UpdateReader:
+        """This reader for another round (same mask and template): shares the layout, so
+        the per-mask work (metadata signature, counts, the soup's scatter plan) is done once
+        per mask, not once per round."""
+        reader = copy.copy(self)
+        reader.phase, reader.round = phase, round
+        return reader
 
     def read(self, data: bytes) -> FlatReply | Decoded:
         """The reply, validated; raises :class:`PayloadError` with the reason otherwise."""

@@ -176,6 +176,21 @@ class FlatSum:
         self.total_weight += weight
         self.count += 1
 
+    def mean_blocks(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The weighted mean as flat blocks (new tensors): every masked value (float32), and
+        per dense run its mean (floating runs) or maximum (integer runs).
+
+        Raises
+        ------
+        SoupError
+            If nothing was added.
+        """
+        if not self.count:
+            raise SoupError("nothing to average: no candidate was added")
+        return torch.div(self._values, self.total_weight), [
+            torch.div(total, self.total_weight) if total.is_floating_point() else total.clone() for total in self._dense
+        ]
+
     def sums(self) -> dict[str, torch.Tensor]:
         """The running sums per tensor (views): masked values 1-D, dense extras in their shape."""
         out = dict(zip(self.layout.masked, self._values.split(self.layout.counts)))

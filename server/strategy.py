@@ -200,6 +200,7 @@ class SparseSoupStrategy(Strategy):
         self._started = time.perf_counter()
         self._good: tuple | None = None  # the soup, mask and digest of the last completed round
         self._stopped = ""
+        self._reader_cache: codec.UpdateReader | None = None  # the current mask's reply reader, built once per mask
 
     # ---- the job's shape ---------------------------------------------------------------
 
@@ -593,7 +594,7 @@ class SparseSoupStrategy(Strategy):
         metrics: dict[str, RunningAverage] = {}
         added: list[int] = []  # the nodes of the merged candidates, in order
         log = self.current
-        reader = codec.UpdateReader(self.mask, self.soup, digest=self.digest, phase=step.phase, round=server_round)
+        reader = self._reader(step.phase, server_round)
         for update in updates:
             try:
                 decoded = self._decode_update(update, reader)
@@ -1112,6 +1113,19 @@ class SparseSoupStrategy(Strategy):
             len(nodes), generator=torch.Generator().manual_seed(self.run.seed * 100_003 + server_round)
         )
         return [nodes[i] for i in sorted(draw[:count].tolist())]
+
+    def _reader(self, phase: int, server_round: int) -> codec.UpdateReader:
+        """The reply reader for this round: built once per mask (its metadata signature and
+        the soup's scatter plan), then only re-stamped with the phase and round."""
+        if (
+            self._reader_cache is None
+            or self._reader_cache.digest != self.digest
+            or self._reader_cache.mask is not self.mask
+        ):
+            self._reader_cache = codec.UpdateReader(
+                self.mask, self.soup, digest=self.digest, phase=phase, round=server_round
+            )
+        return self._reader_cache.at(phase=phase, round=server_round)
 
     def _decode_update(
         self, update: Update, reader: codec.UpdateReader

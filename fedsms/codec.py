@@ -1027,11 +1027,14 @@ class FlatLayout:
     mask: Mask | None = _field(default=None, repr=False)
     _positions: torch.Tensor | None = _field(default=None, repr=False)
 
-    def state(self, values: torch.Tensor, dense: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def state(
+        self, values: torch.Tensor, dense: list[torch.Tensor], *, divisor: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         """A full state dict (template order and dtypes, zero outside the mask) from
-        ``values`` (every masked value, 1-D, mask order) and ``dense`` (one 1-D tensor per
-        run): per masked tensor one zeroed tensor and one ``index_copy_`` of its values at
-        the kept positions (computed once per mask, kept as int64: 8 bytes per kept value),
+        ``values`` (every masked value, 1-D, mask order; each tensor's divided by
+        ``divisor``, e.g. a sum's total weight) and ``dense`` (one 1-D tensor per run): per
+        masked tensor one zeroed tensor and one ``index_copy_`` of its values at
+        the kept positions (computed once per mask, kept as int32: 4 bytes per kept value),
         per dense tensor one copy. New tensors, one allocation each: the allocator reuses
         the memory of the soup two rounds back (one flat buffer would be a fresh mapping,
         its pages faulted in anew, every round)."""
@@ -1041,20 +1044,22 @@ class FlatLayout:
         for name, part, at in zip(self.masked, values.split(self.counts), positions.split(self.counts)):
             keep = self.mask[name]  # a CPU bool tensor (the engine's mask)
             full = torch.zeros(keep.numel(), dtype=dtypes[name])
-            out[name] = full.index_copy_(0, at, part.to(dtypes[name])).view(keep.shape)
+            part = torch.div(part, divisor) if divisor != 1.0 else part
+            out[name] = full.index_copy_(0, at.long(), part.to(dtypes[name])).view(keep.shape)
         for (names, shapes, dtype), run in zip(self.runs, dense):
             for name, shape, part in zip(names, shapes, run.split([math.prod(s) for s in shapes])):
                 out[name] = part.to(dtype, copy=True).view(shape)
         return {name: out[name] for name, _, _ in self.template}
 
     def _make_positions(self) -> torch.Tensor:
-        """The flat index of every kept entry, per masked tensor in mask order (local to it)."""
-        positions = torch.empty(sum(self.counts), dtype=torch.int64)
+        """The flat index of every kept entry, per masked tensor in mask order (local to it),
+        as int32 (half the memory of int64; ``index_copy_`` takes each tensor's as int64)."""
+        wide = any(self.mask[name].numel() > 2**31 - 1 for name in self.masked)
+        positions = torch.empty(sum(self.counts), dtype=torch.int64 if wide else torch.int32)
         at = 0
         for name, count in zip(self.masked, self.counts):
-            positions[at : at + count] = torch.from_numpy(
-                np.flatnonzero(self.mask[name].to("cpu", torch.bool).reshape(-1).numpy())
-            )
+            keep = self.mask[name].to("cpu", torch.bool).reshape(-1).numpy()
+            positions[at : at + count] = torch.from_numpy(np.flatnonzero(keep))
             at += count
         self._positions = positions
         return positions

@@ -299,12 +299,17 @@ class Merge:
         flat = self._flat
         if self._robust or self.average.count or not flat.count or flat.layout.digest != mask_digest:
             return None
-        values, dense = flat.mean_blocks()
-        blocks = [values, *(run for run in dense if run.is_floating_point())]
-        if not all(_finite(block) for block in blocks):
+        dense = flat.dense_means()
+        # The masked means are made tensor by tensor as the soup is rebuilt (no block-sized
+        # temporary); they are finite when the sum is and its largest magnitude over the
+        # total weight stays within float32.
+        low, high = torch.aminmax(flat.values_sum) if flat.values_sum.numel() else (torch.zeros(()),) * 2
+        largest = max(abs(float(low)), abs(float(high)))
+        finite = math.isfinite(largest) and largest / flat.total_weight < _FLOAT32_MAX
+        if not (finite and all(_finite(run) for run in dense if run.is_floating_point())):
             self.result()  # raises, naming the tensor
             raise SoupError("the merge is not finite; a candidate has absurd values")
-        return flat.layout.state(values, dense)
+        return flat.layout.state(flat.values_sum, dense, divisor=flat.total_weight)
 
     def _screen(self) -> None:
         """Drop (once) candidates farther from the soup than norm_bound × the median distance."""
@@ -387,6 +392,9 @@ def capped_shares(weights: list[float], cap: float) -> list[float]:
             shares[i] = cap
             free.discard(i)
             left -= cap
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _finite(block: torch.Tensor) -> bool:

@@ -176,9 +176,13 @@ class FlatSum:
         self.total_weight += weight
         self.count += 1
 
-    def mean_blocks(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The weighted mean as flat blocks (new tensors): every masked value (float32), and
-        per dense run its mean (floating runs) or maximum (integer runs).
+    @property
+    def values_sum(self) -> torch.Tensor:
+        """The running weighted sum of every masked value (float32, 1-D; read-only)."""
+        return self._values
+
+    def dense_means(self) -> list[torch.Tensor]:
+        """Per dense run its weighted mean (floating runs) or maximum (integer runs); new tensors.
 
         Raises
         ------
@@ -187,7 +191,7 @@ class FlatSum:
         """
         if not self.count:
             raise SoupError("nothing to average: no candidate was added")
-        return torch.div(self._values, self.total_weight), [
+        return [
             torch.div(total, self.total_weight) if total.is_floating_point() else total.clone() for total in self._dense
         ]
 

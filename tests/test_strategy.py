@@ -3,6 +3,8 @@ a round is exactly the masked average of the clients' decoded replies, federated
 is the example-weighted mean of the clients' metrics, bad replies never count, and the
 greedy soup is the one held-out accuracy computed here picks."""
 
+import sys
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -258,3 +260,24 @@ def test_the_reply_reader_is_built_once_per_mask_and_anew_when_the_mask_changes(
         readers.append(strategy._reader_cache)
     assert readers[0] is readers[1]  # same mask: built once
     assert readers[2] is not readers[1] and readers[2].digest == strategy.digest  # pruned: built anew
+
+
+def test_aggregation_holds_one_reply_at_a_time(tmp_path):
+    # The strategy lets go of each reply (accepted or refused) before it asks for the next,
+    # so a generator that unpacks replies one by one keeps a single payload copy alive.
+    strategy = make_strategy(tmp_path, rounds_per_phase=2)
+    strategy.begin_round(2)
+    payloads_ = [u.payload for u in made_replies(strategy, 2, count=2)]
+    payloads_.insert(1, b"junk")
+    still_held = []
+
+    def one_by_one():
+        for i, payload in enumerate(payloads_):
+            update = Update(i, payload, {"train_loss": 0.5})
+            yield update
+            still_held.append(sys.getrefcount(update) - 2)  # less this frame's name and the call's argument
+
+    metrics = strategy.aggregate_updates(2, one_by_one())
+    assert strategy.current.accepted == 2 and list(strategy.current.rejected) == [1]
+    assert still_held == [0, 0, 0]
+    assert metrics == {"train_loss": 0.5}

@@ -285,6 +285,32 @@ class Merge:
                 raise SoupError(f"the merge of tensor {name!r} is not finite; a candidate has absurd values")
         return merged
 
+    def flat_state(self, mask_digest: str) -> State | None:
+        """The merged full state straight from the flat running sum (``codec.FlatLayout.state``:
+        one scatter, views of one buffer per dtype), when every candidate was read in place
+        under the mask of ``mask_digest`` and the rule is a plain running mean; else None
+        (``result`` then merges tensor by tensor). Checked finite, as ``result`` is.
+
+        Raises
+        ------
+        SoupError
+            If the merge is not finite.
+        """
+        flat = self._flat
+        if self._robust or self.average.count or not flat.count or flat.layout.digest != mask_digest:
+            return None
+        dense = flat.dense_means()
+        # The masked means are made tensor by tensor as the soup is rebuilt (no block-sized
+        # temporary); they are finite when the sum is and its largest magnitude over the
+        # total weight stays within float32.
+        low, high = torch.aminmax(flat.values_sum) if flat.values_sum.numel() else (torch.zeros(()),) * 2
+        largest = max(abs(float(low)), abs(float(high)))
+        finite = math.isfinite(largest) and largest / flat.total_weight < _FLOAT32_MAX
+        if not (finite and all(_finite(run) for run in dense if run.is_floating_point())):
+            self.result()  # raises, naming the tensor
+            raise SoupError("the merge is not finite; a candidate has absurd values")
+        return flat.layout.state(flat.values_sum, dense, divisor=flat.total_weight)
+
     def _screen(self) -> None:
         """Drop (once) candidates farther from the soup than norm_bound × the median distance."""
         if self._screened or not self.norm_bound or len(self.distances) < 3:
@@ -366,6 +392,17 @@ def capped_shares(weights: list[float], cap: float) -> list[float]:
             shares[i] = cap
             free.discard(i)
             left -= cap
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _finite(block: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating block: one aminmax pass (NaN propagates into both)."""
+    if not block.numel():
+        return True
+    low, high = torch.aminmax(block)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _distance(values: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
@@ -518,7 +555,8 @@ class SoupEngine:
         PayloadError
             If the merge's values do not fit the current mask and state.
         """
-        self.state = state_from_values(merge.result(), self.mask, self.state)
+        state = merge.flat_state(self.digest)
+        self.state = state if state is not None else state_from_values(merge.result(), self.mask, self.state)
 
     def end_phase(self, step_index: int, merge: Merge, *, recalibrate: bool = True) -> list[int]:
         """Finish a phase after its last ``end_round``: choose (greedy, best) and, unless

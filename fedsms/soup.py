@@ -176,6 +176,25 @@ class FlatSum:
         self.total_weight += weight
         self.count += 1
 
+    @property
+    def values_sum(self) -> torch.Tensor:
+        """The running weighted sum of every masked value (float32, 1-D; read-only)."""
+        return self._values
+
+    def dense_means(self) -> list[torch.Tensor]:
+        """Per dense run its weighted mean (floating runs) or maximum (integer runs); new tensors.
+
+        Raises
+        ------
+        SoupError
+            If nothing was added.
+        """
+        if not self.count:
+            raise SoupError("nothing to average: no candidate was added")
+        return [
+            torch.div(total, self.total_weight) if total.is_floating_point() else total.clone() for total in self._dense
+        ]
+
     def sums(self) -> dict[str, torch.Tensor]:
         """The running sums per tensor (views): masked values 1-D, dense extras in their shape."""
         out = dict(zip(self.layout.masked, self._values.split(self.layout.counts)))

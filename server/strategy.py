@@ -47,7 +47,6 @@ from fedsms.plots import plot_diagnostics, plot_results
 from fedsms.recipe import CandidateConfig, for_phase
 from fedsms.report import final_table, phase_table
 from fedsms.schedule import Round, federated_rounds
-from fedsms.soup import RunningAverage
 from fedsms_flower.records import JOB_KEY, record_of
 from fedsms_server import gate
 from fedsms_server.flower_layout import ARRAYS_KEY, read_update, record_bytes, soup_record
@@ -200,6 +199,7 @@ class SparseSoupStrategy(Strategy):
         self._started = time.perf_counter()
         self._good: tuple | None = None  # the soup, mask and digest of the last completed round
         self._stopped = ""
+        self._reader_cache: codec.UpdateReader | None = None  # the current mask's reply reader, built once per mask
 
     # ---- the job's shape ---------------------------------------------------------------
 
@@ -590,27 +590,32 @@ class SparseSoupStrategy(Strategy):
             max_weight=self.run.max_client_weight,
             norm_bound=self.run.update_norm_bound,
         )
-        metrics: dict[str, RunningAverage] = {}
+        metrics: dict[str, list] = {}  # key -> [sum, count] over the replies that report it
         added: list[int] = []  # the nodes of the merged candidates, in order
         log = self.current
-        reader = codec.UpdateReader(self.mask, self.soup, digest=self.digest, phase=step.phase, round=server_round)
+        reader = self._reader(step.phase, server_round)
         for update in updates:
+            node, nbytes, reply_metrics = update.node, update.nbytes, update.metrics
             try:
-                decoded = self._decode_update(update, reader)
+                decoded, reason = self._decode_update(update, reader), ""
             except codec.PayloadError as error:
-                reason = gate.short(error)
-                log.rejected[update.node] = reason
-                self.log(f"round {server_round}: rejected reply from node {update.node}: {reason}")
+                decoded, reason = None, gate.short(error)
+            update = None  # the payload may go before the next reply is unpacked (one reply held, not two)
+            if decoded is None:
+                log.rejected[node] = reason
+                self.log(f"round {server_round}: rejected reply from node {node}: {reason}")
                 continue
-            log.bytes_up += update.nbytes
+            log.bytes_up += nbytes
             if isinstance(decoded[0], codec.FlatReply):  # read in place: summed without a copy
                 merge.add_reply(*decoded)
             else:
                 merge.add(*decoded)
             decoded = None  # the payload's memory may go once it is summed
-            added.append(update.node)
-            for key, value in update.metrics.items():  # each key over the replies that report it
-                metrics.setdefault(key, RunningAverage()).add({key: torch.tensor(float(value))})
+            added.append(node)
+            for key, value in reply_metrics.items():  # each key over the replies that report it
+                total = metrics.setdefault(key, [0.0, 0])
+                total[0] += float(value)
+                total[1] += 1
         log.accepted = merge.count
         if merge.count < self.fed.min_train_clients:
             self.log(
@@ -624,7 +629,7 @@ class SparseSoupStrategy(Strategy):
             log.rejected[added[i]] = "its update is far larger than the round's median (update-norm-bound)"
         log.accepted = merge.count
         self._merge = merge
-        log.train = {k: float(average.mean()[k]) for k, average in metrics.items()}
+        log.train = {key: total / count for key, (total, count) in metrics.items()}
         return log.train
 
     def finish_phase(self, server_round: int, grid: Grid | None = None, timeout: float | None = None) -> None:
@@ -1112,6 +1117,19 @@ class SparseSoupStrategy(Strategy):
             len(nodes), generator=torch.Generator().manual_seed(self.run.seed * 100_003 + server_round)
         )
         return [nodes[i] for i in sorted(draw[:count].tolist())]
+
+    def _reader(self, phase: int, server_round: int) -> codec.UpdateReader:
+        """The reply reader for this round: built once per mask (its metadata signature and
+        the soup's scatter plan), then only re-stamped with the phase and round."""
+        if (
+            self._reader_cache is None
+            or self._reader_cache.digest != self.digest
+            or self._reader_cache.mask is not self.mask
+        ):
+            self._reader_cache = codec.UpdateReader(
+                self.mask, self.soup, digest=self.digest, phase=phase, round=server_round
+            )
+        return self._reader_cache.at(phase=phase, round=server_round)
 
     def _decode_update(
         self, update: Update, reader: codec.UpdateReader

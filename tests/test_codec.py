@@ -635,3 +635,65 @@ def test_update_reader_reads_in_place_and_a_bad_reply_never_reaches_the_sum(exam
     other = codec.encode(state, mask, phase=2, round=8, kind="update", num_examples=3)
     with pytest.raises(codec.PayloadError, match="from round 8 but round 7"):
         reader.read(other)
+
+
+def test_a_reader_is_reused_across_rounds_without_keeping_the_old_state(example):
+    """``UpdateReader.at``: the same layout (built once per mask), the new round checked; the
+    reader keeps only shapes and dtypes of its template, never the soup's values."""
+    state, mask = example
+    reader = codec.UpdateReader(mask, state, digest=codec.mask_digest(mask), phase=2, round=7)
+    later = reader.at(phase=2, round=8)
+    assert later.layout is reader.layout and (reader.phase, reader.round) == (2, 7)
+    round_8 = codec.encode(state, mask, phase=2, round=8, kind="update", num_examples=3)
+    assert isinstance(later.read(round_8), codec.FlatReply)
+    with pytest.raises(codec.PayloadError, match="from round 8 but round 7"):
+        reader.read(round_8)
+    for name, like in reader.template.items():
+        assert like.shape == state[name].shape and like.dtype == state[name].dtype
+        assert like.untyped_storage().nbytes() <= like.element_size(), name  # one element, not the tensor
+
+
+def test_the_flat_merge_rebuilds_exactly_the_state_of_the_per_tensor_merge(example):
+    """Merge.flat_state (the scatter at positions kept per mask) against the per-tensor path
+    (``RunningAverage`` + ``state_from_values``): same names, order, dtypes, bits."""
+    from fedsms.engine import Merge
+    from fedsms.soup import SoupError
+
+    state, mask = example
+    digest = codec.mask_digest(mask)
+    reader = codec.UpdateReader(mask, state, digest=digest, phase=2, round=7)
+    flat, reference = Merge("weighted", False), Merge("weighted", False)
+    for scale, examples in ((1.0, 3), (-2.5, 5), (0.75, 2)):
+        other = {k: v * scale if v.is_floating_point() else v + examples for k, v in state.items()}
+        payload = codec.encode(other, mask, phase=2, round=7, kind="update", num_examples=examples)
+        flat.add_reply(reader.read(payload), examples)
+        decoded = codec.decode(payload, expected_mask=mask, expected_digest=digest, template=state)
+        reference.add({**decoded.values, **decoded.dense}, examples)
+    assert flat.flat_state("another digest") is None  # replies of another mask: the general path
+    rebuilt = flat.flat_state(digest)
+    expected = codec.state_from_values(reference.result(), mask, state)
+    assert list(rebuilt) == list(expected) == list(state)
+    for name, value in expected.items():
+        assert rebuilt[name].dtype == value.dtype and torch.equal(rebuilt[name], value), name
+    for name, keep in mask.items():
+        assert not rebuilt[name][~keep].any(), name
+    # a merge that is not finite is refused, naming the tensor (replies are checked, so only
+    # a hand-made reply can carry an Inf here)
+    good = reader.read(codec.encode(state, mask, phase=2, round=7, kind="update", num_examples=3))
+    bad = codec.FlatReply(good.layout, torch.full_like(good.values, float("inf")), good.dense, 3, good.nbytes)
+    broken = Merge("uniform", False)
+    broken.add_reply(bad, 3)
+    with pytest.raises(SoupError, match="merge of tensor .* is not finite"):
+        broken.flat_state(digest)
+
+
+def test_the_checksum_is_zlibs_crc32_whichever_implementation_computes_it():
+    """The trailer is zlib's CRC-32 of the body (the wire does not depend on the optional
+    ISA-L implementation), computed over any buffer the reader is handed."""
+    data = os.urandom(3 * (1 << 20) + 13)
+    for start in (0, 1, 7):
+        assert codec._crc32(memoryview(data)[start:]) == zlib.crc32(data[start:])
+    state, mask = sparse_state(0.5)
+    payload = codec.encode(state, mask, phase=2, round=7, kind="update", num_examples=3)
+    assert struct.unpack("<I", payload[-4:])[0] == zlib.crc32(payload[:-5])
+    assert codec.CRC32_IMPLEMENTATION in ("isal", "zlib")

@@ -3,6 +3,8 @@ a round is exactly the masked average of the clients' decoded replies, federated
 is the example-weighted mean of the clients' metrics, bad replies never count, and the
 greedy soup is the one held-out accuracy computed here picks."""
 
+import sys
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -230,3 +232,52 @@ def test_greedy_merge_is_the_soup_that_heldout_accuracy_picks_with_recalibrated_
     averaged = mean_of([states[i] for i in chosen])
     assert any(not torch.allclose(strategy.soup[n], averaged[n], atol=1e-3) for n in stats if "running" in n)
     assert heldout(strategy.soup) >= max(heldout(s) for s in states)
+
+
+def made_replies(strategy, server_round: int, count: int = 2) -> list[Update]:
+    """``count`` valid update replies for ``server_round``: the soup with its kept values scaled."""
+    phase, _ = strategy.phase_at(server_round)
+    replies = []
+    for i in range(count):
+        state = {k: v * (1.5 + i) if v.is_floating_point() else v + i for k, v in strategy.soup.items()}
+        payload = codec.encode(state, strategy.mask, phase=phase, round=server_round, kind="update", num_examples=10)
+        replies.append(Update(i, payload, {}))
+    return replies
+
+
+def test_the_reply_reader_is_built_once_per_mask_and_anew_when_the_mask_changes(tmp_path):
+    # rounds 2 and 3 share phase 1's mask; round 4 opens phase 2 (a new mask)
+    strategy = make_strategy(tmp_path, rounds_per_phase=2)
+    readers = []
+    for server_round in (2, 3, 4):
+        strategy.begin_round(server_round)
+        before = {k: v.clone() for k, v in strategy.soup.items()}
+        strategy.aggregate_updates(server_round, made_replies(strategy, server_round))
+        assert strategy.current.accepted == 2 and not strategy.current.rejected, strategy.current.rejected
+        for name, value in strategy.soup.items():  # the mean of x1.5 and x2.5 (integers: the maximum)
+            expected = before[name] * 2 if value.is_floating_point() else before[name] + 1
+            torch.testing.assert_close(value, expected, msg=name)
+        readers.append(strategy._reader_cache)
+    assert readers[0] is readers[1]  # same mask: built once
+    assert readers[2] is not readers[1] and readers[2].digest == strategy.digest  # pruned: built anew
+
+
+def test_aggregation_holds_one_reply_at_a_time(tmp_path):
+    # The strategy lets go of each reply (accepted or refused) before it asks for the next,
+    # so a generator that unpacks replies one by one keeps a single payload copy alive.
+    strategy = make_strategy(tmp_path, rounds_per_phase=2)
+    strategy.begin_round(2)
+    payloads_ = [u.payload for u in made_replies(strategy, 2, count=2)]
+    payloads_.insert(1, b"junk")
+    still_held = []
+
+    def one_by_one():
+        for i, payload in enumerate(payloads_):
+            update = Update(i, payload, {"train_loss": 0.5})
+            yield update
+            still_held.append(sys.getrefcount(update) - 2)  # less this frame's name and the call's argument
+
+    metrics = strategy.aggregate_updates(2, one_by_one())
+    assert strategy.current.accepted == 2 and list(strategy.current.rejected) == [1]
+    assert still_held == [0, 0, 0]
+    assert metrics == {"train_loss": 0.5}

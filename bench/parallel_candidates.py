@@ -5,7 +5,8 @@
 
 A hyperparameter soup of m candidates (the digits cnn, every candidate on the whole train
 split, 90 % sparsity over ``--phases`` phases of one round, ``--epochs`` epochs per
-candidate), timed three ways, alternating, each run in a child process of its own, one
+candidate, ``diagnostics = false``: the server does not keep the m candidates for the
+phase-end analysis), timed three ways, alternating, each run in a child process of its own, one
 torch thread in every process:
 
 - *federated, m processes*: the real federated path, short of the network: fedsms's
@@ -93,6 +94,7 @@ def fedsms_config(out_dir: str, job: dict) -> dict:
         "pretrain-lr": 0.05,
         "batch-size": 64,
         "ood": False,
+        "diagnostics": False,  # analysis, not training: see the docstring
         "fraction-evaluate": 0.0,
         "min-train-clients": job["m"],
         "min-available-clients": job["m"],

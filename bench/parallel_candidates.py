@@ -5,7 +5,8 @@
 
 A hyperparameter soup of m candidates (the digits cnn, every candidate on the whole train
 split, 90 % sparsity over ``--phases`` phases of one round, ``--epochs`` epochs per
-candidate), timed three ways, alternating, each run in a child process of its own, one
+candidate, ``diagnostics = false``: the server does not keep the m candidates for the
+phase-end analysis), timed three ways, alternating, each run in a child process of its own, one
 torch thread in every process:
 
 - *federated, m processes*: the real federated path, short of the network: fedsms's
@@ -35,6 +36,17 @@ imports (seconds) would be timed as part of the phase; ``ProcessGrid`` keeps the
 processes warm and leaves only Flower's network transport out. Not
 ``CandidateTrainer(workers=m)`` either: it would skip the encode, the wire and the
 checked decode of the federated path.
+
+*CPU seconds.* Wall times on a shared 2-core machine move by tens of percent from run to
+run; the CPU time of the candidates does not. ``candidates cpu s`` is the sum over the
+m candidates of the CPU seconds of their work (federated: ``time.process_time`` of each
+ClientApp call in its client process, from ``ProcessGrid.worker``; sequential: of each
+``train_one`` call). Equal figures in the three arms mean the federated client adds no
+work per message; a wall-time gap with equal CPU is the machine's load, not the code. (The
+first such gap, 0.7 s per phase between federated_1 and sequential in a 1-repeat check at
+load 8-9, was that: in one process the ClientApp's own work around ``train_candidate``,
+i.e. job settings, data look-up, model, soup decode and reply encode, is about 6 ms per
+message against about 1 s of training, see BENCHMARKS.md.)
 
 Headline: speed-up = sequential / federated-m (target >= 1.6x for m = 2 on 2 cores).
 Sanity in the JSON: the m client processes' training intervals of each phase overlap in
@@ -82,6 +94,7 @@ def fedsms_config(out_dir: str, job: dict) -> dict:
         "pretrain-lr": 0.05,
         "batch-size": 64,
         "ood": False,
+        "diagnostics": False,  # analysis, not training: see the docstring
         "fraction-evaluate": 0.0,
         "min-train-clients": job["m"],
         "min-available-clients": job["m"],
@@ -130,7 +143,7 @@ def run_federated(job: dict, workers: int) -> dict:
             # numpy: torch tensors would leave the child process as shared-memory handles
             start = {k: v.numpy().copy() for k, v in strategy.soup.items()}
             mask = {k: v.numpy().copy() for k, v in strategy.mask.items()}
-            mark = (len(grid.busy), grid.wait_s, grid.bytes_down, grid.bytes_up)
+            mark = (len(grid.busy), grid.wait_s, grid.bytes_down, grid.bytes_up)  # grid.worker: aligned with busy
             began = time.perf_counter()
             messages = configure(server_round, *a, **kw)
             phase = strategy.phase_at(server_round)[0]
@@ -145,10 +158,13 @@ def run_federated(job: dict, workers: int) -> dict:
                 phase = phases[-1]
                 busy_from, wait0, down0, up0 = phase.pop("mark")
                 busy = grid.busy[busy_from:]
+                worker = grid.worker[busy_from:]
                 phase.update(
                     phase_s=ended - phase.pop("began"),
                     busy=busy,
                     clients_s=union_s(busy),
+                    clients_cpu_s=sum(w["app_cpu_s"] for w in worker),
+                    client_serde_s=sum(w["serde_s"] for w in worker),
                     wait_s=grid.wait_s - wait0,
                     bytes_down=grid.bytes_down - down0,
                     bytes_up=grid.bytes_up - up0,
@@ -189,15 +205,17 @@ def run_sequential(job: dict, inputs: list[tuple]) -> dict:
     phases = []
     for start, mask, configs in inputs:
         began = time.perf_counter()
-        trained = []
+        trained, cpu_s = [], 0.0
         for config in configs:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             trained.append((train_one(model, start, mask, splits, config, cpu), time.perf_counter() - t))
+            cpu_s += time.process_time() - c
         average([state for (state, _), _ in trained], mask)
         phases.append(
             {
                 "phase_s": time.perf_counter() - began,
                 "clients_s": sum(seconds for _, seconds in trained),
+                "clients_cpu_s": cpu_s,
                 "examples": [metrics["num_examples"] for (_, metrics), _ in trained],
             }
         )
@@ -254,6 +272,7 @@ def main() -> None:
             "processes": job["m"] if arm == "federated_m" else 1,
             "phase_s": median([p["phase_s"] for p in phases]),
             "clients_s": median([p["clients_s"] for p in phases]),
+            "clients_cpu_s": median([p["clients_cpu_s"] for p in phases]),
             "phases_timed": len(phases),
             "load": f"{min(loads):.1f}-{max(loads):.1f}",
         }
@@ -281,6 +300,7 @@ def main() -> None:
             ("processes", "client procs", "d"),
             ("phase_s", "phase s", ".3f"),
             ("clients_s", "candidates s", ".3f"),
+            ("clients_cpu_s", "candidates cpu s", ".3f"),
             ("rest_s", "rest s", ".3f"),
             ("bytes_down", "down B", ".0f"),
             ("bytes_up", "up B", ".0f"),

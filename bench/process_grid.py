@@ -36,6 +36,7 @@ class ProcessGrid(LocalGrid):
         self.wait_s = self.serde_s = 0.0
         self.bytes_down = self.bytes_up = 0
         self.busy: list[tuple[int, float, float]] = []
+        self.worker: list[dict[str, float]] = []
         ctx = multiprocessing.get_context("spawn")
         self._workers = []
         for _ in range(workers):
@@ -82,7 +83,7 @@ class ProcessGrid(LocalGrid):
             ready = wait(list(busy))
             self.wait_s += time.perf_counter() - start
             for conn in ready:
-                pid, began, ended = conn.recv()
+                pid, began, ended, worker = conn.recv()
                 data = conn.recv_bytes()
                 start = time.perf_counter()
                 reply = message_from_proto(ProtoMessage.FromString(data))
@@ -90,6 +91,7 @@ class ProcessGrid(LocalGrid):
                 self.serde_s += time.perf_counter() - start
                 self.bytes_up += len(data)
                 self.busy.append((pid, began, ended))
+                self.worker.append(worker)
                 replies[busy.pop(conn)] = reply
                 dispatch(conn)
         return [replies[i] for i in sorted(replies)]
@@ -126,17 +128,23 @@ def _grid_worker(app_factory, threads: int, conn, run_config) -> None:
     conn.send("ready")
     while (job := conn.recv()) is not None:
         node, node_config = job
-        message = message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
+        data = conn.recv_bytes()
+        cpu0, parse0 = time.process_time(), time.perf_counter()
+        message = message_from_proto(ProtoMessage.FromString(data))
+        parse_s = time.perf_counter() - parse0
         TaskIdentity.node_id = node
         context = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config=run_config)
-        began = time.perf_counter()
+        began, app_cpu0 = time.perf_counter(), time.process_time()
         try:
             reply = app(message, context)
         except Exception as error:  # what Flower returns for a failing ClientApp
             reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-        ended = time.perf_counter()
-        conn.send((os.getpid(), began, ended))
-        conn.send_bytes(message_to_proto(reply).SerializeToString())
+        ended, app_cpu = time.perf_counter(), time.process_time() - app_cpu0
+        data = message_to_proto(reply).SerializeToString()
+        serde_s = parse_s + time.perf_counter() - ended
+        worker = {"app_cpu_s": app_cpu, "cpu_s": time.process_time() - cpu0, "serde_s": serde_s}
+        conn.send((os.getpid(), began, ended, worker))
+        conn.send_bytes(data)
 
 
 def fedsms_client_app():

@@ -36,24 +36,22 @@ METHODS = "imp,imp-long,imp-best,sms,sms-greedy"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist1d-20000")
-    parser.add_argument("--model", default="mlp-512")
+    parser.add_argument("--dataset", default="mnist1d-5000")
+    parser.add_argument("--model", default="cnn1d")
     parser.add_argument("--data-dir", default="", help="data folder (CIFAR files; MNIST-1D's .npz cache)")
     parser.add_argument("--sparsities", default="0.9,0.95,0.98", help="comma list of target sparsities")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--phases", type=int, default=3)
     parser.add_argument("--candidates", type=int, default=4)
-    parser.add_argument("--pretrain-epochs", type=int, default=40)
-    parser.add_argument("--retrain-epochs", type=int, default=5)
+    parser.add_argument("--pretrain-epochs", type=int, default=60)
+    parser.add_argument("--retrain-epochs", type=int, default=10)
     parser.add_argument("--pretrain-lr", type=float, default=0.05)
-    parser.add_argument("--lr", type=float, default=0.1, help="retraining learning rate (unless the recipe sets it)")
+    parser.add_argument("--lr", type=float, default=0.2, help="retraining learning rate (unless the recipe sets it)")
     parser.add_argument("--batch-size", type=int, default=128)
-    # Seeds alone barely move an MLP's candidates apart (soup = IMP); IMP and IMP-AVG's
-    # single-candidate phases use the recipe's first point (lr 0.1, weight decay 1e-4).
     parser.add_argument(
         "--recipe",
-        default="lr=0.1,0.05;weight_decay=1e-4,1e-3",
-        help="how the m candidates differ (seeds always differ)",
+        default="",
+        help="how the m candidates differ besides their seed (batch order), e.g. 'weight_decay=1e-4,1e-3'",
     )
     parser.add_argument("--methods", default=METHODS, help="local methods to run besides dense")
     parser.add_argument("--ood-examples", type=int, default=1000)
@@ -62,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest for small models on a shared machine)"
     )
     parser.add_argument(
-        "--jobs", type=int, default=1, help="seeds run in this many processes side by side, then one merged table"
+        "--jobs", type=int, default=2, help="seeds run in this many processes side by side, then one merged table"
     )
     parser.add_argument("--out", default="results/quality")
     parser.add_argument(

@@ -81,8 +81,54 @@ def default_model(run: RunConfig, splits: DatasetSplits) -> nn.Module:
     return build_for(run.model, splits)
 
 
+class ModelPool:
+    """Built default models kept between messages of one process, one idle model per shape.
+
+    A warm process (a simulation actor, a ``ProcessGrid`` worker, a user's own loop calling
+    the app) would otherwise build the model for every message. Reuse is exact: every
+    message's soup overwrites the whole state dict (strict load: all parameters and
+    buffers), the optimizer is fresh per message, and the key is everything
+    ``build_for`` reads (model name, classes, input shape, normalisation), so a job with
+    other settings gets another model. A handler checks a model out and returns it only
+    after its reply is built; one that raised is not returned (the next message builds
+    afresh), and two concurrent handlers never share one. A process that handles a
+    single message (a SuperNode's ``flwr-clientapp``) just builds it, as before.
+    """
+
+    def __init__(self, limit: int = 4) -> None:
+        self.limit = limit
+        self.idle: dict[tuple, nn.Module] = {}
+
+    @staticmethod
+    def key(run: RunConfig, splits: DatasetSplits) -> tuple:
+        """What ``default_model`` depends on."""
+        mean = None if splits.mean is None else tuple(splits.mean)
+        std = None if splits.std is None else tuple(splits.std)
+        return (run.model, splits.num_classes, tuple(splits.input_shape), mean, std)
+
+    def checkout(self, run: RunConfig, splits: DatasetSplits) -> nn.Module:
+        """An idle model for ``run`` and ``splits``, or a new one (``default_model``)."""
+        model = self.idle.pop(self.key(run, splits), None)
+        return model if model is not None else default_model(run, splits)
+
+    def give_back(self, run: RunConfig, splits: DatasetSplits, model: nn.Module) -> None:
+        """Keep ``model`` for the next message of the same shape (gradients dropped)."""
+        for parameter in model.parameters():
+            parameter.grad = None
+        if len(self.idle) >= self.limit:
+            self.idle.clear()
+        self.idle[self.key(run, splits)] = model
+
+
+_MODELS = ModelPool()
+
+
 class ClientSide:
-    """Everything a handler needs: the job's settings from the message, the rest from the node."""
+    """Everything a handler needs: the job's settings from the message, the rest from the node.
+
+    With ``model_fn = default_model`` the model comes from the process's ``ModelPool``;
+    ``done()`` returns it there once the reply is built.
+    """
 
     def __init__(self, message: Message, context: Context, model_fn: ModelFn, data_fn: DataFn) -> None:
         self.run, self.fed = split_config(job_settings(message))
@@ -99,9 +145,16 @@ class ClientSide:
                 f"data_fn returned {type(self.splits).__name__}; it must return a "
                 "fedsms.data.DatasetSplits (train, heldout and test data)"
             )
-        self.model = model_fn(self.run, self.splits)
+        self._pooled = model_fn is default_model
+        self.model = _MODELS.checkout(self.run, self.splits) if self._pooled else model_fn(self.run, self.splits)
         if not isinstance(self.model, nn.Module):
             raise FedSMSError(f"model_fn returned {type(self.model).__name__}; it must return a torch.nn.Module")
+
+    def done(self, reply: Message) -> Message:
+        """``reply``, after the model went back to the pool (a pooled model only)."""
+        if self._pooled:
+            _MODELS.give_back(self.run, self.splits, self.model)
+        return reply
 
     def shard(self, data: ArrayData, salt: int) -> ArrayData:
         """This client's partition of ``data`` (IID for test data, the configured scheme for training data).
@@ -215,7 +268,7 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
         metrics = {"train_loss": result["train_loss"], "train_seconds": result["seconds"]}
         if "train_accuracy" in result:
             metrics["train_accuracy"] = result["train_accuracy"]
-        return soup.reply(side.model, result["num_examples"], metrics)
+        return side.done(soup.reply(side.model, result["num_examples"], metrics))
 
     @app.evaluate()
     def evaluate_soup(message: Message, context: Context) -> Message:
@@ -230,7 +283,7 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
             )
             metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
         side.mark(message)
-        return soup.reply(side.model, len(test), metrics)
+        return side.done(soup.reply(side.model, len(test), metrics))
 
     @app.query("norm_stats")
     def norm_statistics(message: Message, context: Context) -> Message:
@@ -243,14 +296,16 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
             device=side.device,
             seed=side.run.seed,
         )
-        return Message(
-            RecordDict(
-                {
-                    "stats": ArrayRecord({k: v.cpu() for k, v in norm_stats(side.model).items()}),
-                    "metrics": MetricRecord({"num-examples": used}),
-                }
-            ),
-            reply_to=message,
+        return side.done(
+            Message(
+                RecordDict(
+                    {
+                        "stats": ArrayRecord({k: v.cpu() for k, v in norm_stats(side.model).items()}),
+                        "metrics": MetricRecord({"num-examples": used}),
+                    }
+                ),
+                reply_to=message,
+            )
         )
 
     return app

@@ -481,3 +481,22 @@ def test_wrong_idx_files_are_named(tmp_path):
 def test_unknown_vision_name(tmp_path):
     with pytest.raises(FedSMSError, match="unknown"):
         load_vision_arrays("svhn", tmp_path, download=False)
+
+
+def test_digits_are_read_without_scikit_learn_and_equal_its_loader(monkeypatch):
+    """The bundled CSV read directly gives exactly ``sklearn.datasets.load_digits``'s images
+    and labels, without importing scikit-learn (about 2 s in a fresh client process); where
+    the file is not found, scikit-learn's loader is used."""
+    import subprocess
+    import sys
+
+    from fedsms.data import digits
+
+    code = "import sys; from fedsms.data.digits import digits_images; digits_images(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    images, labels = digits.digits_images()
+    monkeypatch.setattr(digits, "_bundled_csv", lambda: None)
+    fallback_images, fallback_labels = digits.digits_images()
+    assert images.shape == (1797, 8, 8) and images.dtype == fallback_images.dtype == np.float64
+    assert np.array_equal(images, fallback_images) and np.array_equal(labels, fallback_labels)
+    assert labels.dtype == fallback_labels.dtype == np.int64

@@ -297,3 +297,54 @@ def test_norm_recalibration_on_a_dataset_and_a_loader():
     assert recalibrate_norms(model, DataLoader(dataset, batch_size=50), fraction=1.0) == 200
     expected = model[0](features).detach()
     assert torch.allclose(model[1].running_mean, expected.mean(0), atol=1e-4)
+
+
+def _replayed(app, messages) -> list:
+    """``app`` on each message in turn (one process, as a warm worker), the replies' contents."""
+    from flwr.app import Context
+
+    out = []
+    for message in messages:
+        context = Context(run_id=1, node_id=1000, node_config={}, state=RecordDict(), run_config={})
+        reply = app(message, context)
+        assert not reply.has_error(), reply.error.reason
+        if "update" in reply.content:
+            out.append(payload_of(reply.content["update"]))
+        else:
+            out.append(sorted((k, v) for k, v in reply.content["metrics"].items()))
+    return out
+
+
+def test_pooled_models_reuse_is_exact_and_a_new_job_gets_its_own_model(tmp_path, server_task, one_thread):
+    """The built-in ClientApp keeps its model between messages of a process (``ModelPool``):
+    replies equal those of a model built afresh per message, also after the pooled model
+    was trained, evaluated and recalibrated; a job with another model never gets it."""
+    from helpers import RecordingGrid, make_strategy, partitions
+
+    import fedsms_client.app as client_app
+    from fedsms.models import build_for
+
+    client_app._MODELS.idle.clear()
+    pooled = client_app.make_client_app()
+    fresh = client_app.make_client_app(model_fn=lambda run, splits: build_for(run.model, splits))
+    sent = {}
+    for model in ("cnn", "mlp"):  # cnn: BatchNorm buffers; then a new job of another model
+        grid = RecordingGrid(pooled, partitions(4))
+        strategy = make_strategy(
+            tmp_path / model,
+            model=model,
+            server_data=False,  # norm statistics by the clients
+            run={"candidates": 2, "phases": 1, "batch_size": 128},
+            mode="data",  # a quarter of the data per client
+            clients_per_round=2,
+            min_available_clients=4,
+            fraction_evaluate=0.5,
+        )
+        strategy.start(grid)
+        assert all(r["accepted"] == 2 for r in map(vars, strategy.rounds)), model
+        kinds = {m.metadata.message_type for m in grid.sent}
+        assert kinds == ({"train", "evaluate", "query.norm_stats"} if model == "cnn" else {"train", "evaluate"})
+        sent[model] = [m for m in grid.sent if m.metadata.message_type != "query.norm_stats"]
+    assert len(client_app._MODELS.idle) == 2  # a used model of each job
+    for model, messages in sent.items():
+        assert _replayed(pooled, messages) == _replayed(fresh, messages), model

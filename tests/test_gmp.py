@@ -78,7 +78,7 @@ def test_updates_follow_the_cubic_schedule_and_share_the_imp_epoch_budget():
         ({"pruning-schedule": "cubic"}, "'pruning-schedule' must be one of imp, gmp"),
         (
             {"methods": "gmp,magic"},
-            "'methods' must list some of imp, imp-best, imp-avg, sms, sms-greedy, gmp, gmp-soup",
+            "'methods' must list some of imp, imp-long, imp-best, imp-avg, sms, sms-greedy, gmp, gmp-soup",
         ),
     ],
 )

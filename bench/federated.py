@@ -12,8 +12,10 @@ simulation with the same pruning schedule (P phases to the target sparsity):
 - data soup, IID and Dirichlet(alpha): every client retrains its own shard for E epochs;
   one average per phase.
 - masked FedAvg for each of the three: the same clients, but E rounds per phase of one
-  epoch each (the soup averaged after every epoch), every client with the same
-  configuration (the base candidate; seeds still differ by client).
+  epoch each (the soup averaged after every epoch; E × the soup's bytes), every client with
+  the same configuration (the base candidate; seeds still differ by client);
+- masked FedAvg at the soup's bytes (``-fedavg-eqbytes``): one round per phase of E epochs,
+  every client with the base configuration.
 
 Writes ``OUT/federated.json`` (config, every row, the final-phase table) and each job's
 own folder (rounds, results, plots).
@@ -81,6 +83,8 @@ def jobs(args: argparse.Namespace) -> dict[str, dict]:
         out[f"fed-{name}-soup"] = {**setting, **soup}
         # FedAvg: one configuration for every client, so no recipe in the hyperparameter setting.
         out[f"fed-{name}-fedavg"] = {**setting, "recipe": "", **fedavg}
+        # Masked FedAvg at the soup's bytes: one average per phase of E epochs, one configuration.
+        out[f"fed-{name}-fedavg-eqbytes"] = {**setting, "recipe": "", **soup}
     return out
 
 

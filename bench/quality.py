@@ -1,15 +1,20 @@
-"""The paper table: dense, IMP, IMP best-of-m, IMP-AVG, SMS (uniform and greedy soup) and the
-prediction ensemble of the SMS candidates at several target sparsities over several seeds:
-mean ± std of test accuracy, OOD accuracy (mean over corruptions × severities 1-5) and ECE.
+"""The paper table: dense, IMP, IMP with m × the retraining epochs, IMP best-of-m, SMS
+(uniform and greedy soup) and the prediction ensemble of the SMS candidates at several
+target sparsities over several seeds: mean ± std of test accuracy, OOD accuracy (mean over
+corruptions × severities 1-5) and ECE, SMS minus each baseline (paired per seed), and the
+soup diagnostics of every phase (gain over the best candidate, barriers, spread).
 
-    python bench/quality.py                      # MNIST-1D (20k), MLP-512, 90/95/98 %, 5 seeds
+    python bench/quality.py                      # MNIST-1D (5,000), cnn1d, 90/95/98 %, 5 seeds, 2 processes
     python bench/quality.py --dataset cifar10 --model resnet20 --data-dir D --pretrain-epochs 160
     python bench/quality.py --merge A B --out C  # one table from runs over disjoint seeds
 
 Every method runs through ``fedsms.local`` with the same P, m and retraining epochs per
-candidate. Per seed the dense model is trained once and shared by every target sparsity.
-Writes ``OUT/quality.json`` (config, every row, the final-phase table), per-sparsity
-``results.jsonl`` and checkpoints, and PNG plots (accuracy vs sparsity, ID vs OOD).
+candidate (``imp-long``: m × as many, in one model). Candidates differ by their seed (batch
+order and augmentation draws) unless ``--recipe`` varies more. Per seed the dense model is
+trained once and shared by every target sparsity. ``--jobs N`` runs the seeds in N
+processes (``OUT/jobs/K``) and merges them. Writes ``OUT/quality.json`` (config, every row,
+the final-phase table, the checks, the diagnostics table), per-sparsity ``results.jsonl``
+and checkpoints, and PNG plots (accuracy vs sparsity, ID vs OOD, diagnostics per phase).
 """
 
 from __future__ import annotations
@@ -168,7 +173,8 @@ def merge(args: argparse.Namespace) -> dict:
             raise FedSMSError(f"{folder} holds no quality.json or partial.json; pass the --out folder of a quality run")
         results.append(json.loads(found[0].read_text()))
     settings = [
-        {k: v for k, v in r["config"].items() if k not in ("seeds", "out", "merge", "data_dir")} for r in results
+        {k: v for k, v in r["config"].items() if k not in ("seeds", "out", "merge", "data_dir", "jobs", "merged_from")}
+        for r in results
     ]
     if any(s != settings[0] for s in settings):
         raise FedSMSError("the runs to merge differ in settings other than seeds; merge only runs of one command")

@@ -102,8 +102,12 @@ def test_quality_table_on_mnist1d(mnist1d_run):
     check_quality(out, [0.5, 0.8], seeds=2)
     assert "sms-greedy" in printed and "SMS minus baseline" in printed
     assert (base / "data" / "mnist1d-300.npz").exists()
+    # the two seeds ran as two processes (--jobs 2, the default), each in its own folder
+    assert [
+        sorted({r["seed"] for r in json.loads((out / "jobs" / k / "quality.json").read_text())["rows"]}) for k in "01"
+    ] == [[0], [1]]
     # the dense model is trained once per seed: later sparsities start from its checkpoint
-    dense = [json.loads(line) for line in (out / "s80" / "results.jsonl").read_text().splitlines()]
+    dense = [json.loads(line) for line in (out / "jobs" / "0" / "s80" / "results.jsonl").read_text().splitlines()]
     assert all(r.get("source", "").endswith("-dense") for r in dense if r["method"] == "dense")
 
 
@@ -201,7 +205,7 @@ def test_federated_table(tmp_path, flwr_home):
     )
     table = json.loads((out / "federated.json").read_text())["table"]
     expected = {"local-dense", "local-imp", "local-sms", "local-ensemble"} | {
-        f"fed-{s}-{k}" for s in ("hparam", "dir0.3") for k in ("soup", "fedavg")
+        f"fed-{s}-{k}" for s in ("hparam", "dir0.3") for k in ("soup", "fedavg", "fedavg-eqbytes")
     }
     assert {r["method"] for r in table} == expected
     for row in table:

@@ -274,7 +274,7 @@ class LocalRun:
             chosen = engine.end_phase(step.index, merge)
             extra: dict = {
                 "candidates": len(trained),
-                "epochs": step.epochs,
+                "epochs": configs[0].epochs,
                 "train_loss": sum(m["train_loss"] for _, m in trained) / len(trained),
             }
             if len(trained) > 1:

@@ -34,7 +34,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "run"
-    assert main(["local", *TINY, "--out-dir", str(out), "--seeds", "0,1"]) == 0
+    methods = "imp,imp-long,imp-best,imp-avg,sms"
+    assert main(["local", *TINY, "--methods", methods, "--out-dir", str(out), "--seeds", "0,1"]) == 0
     return out
 
 
@@ -43,7 +44,7 @@ def test_local_writes_rows_for_every_method_phase_and_seed(local_run):
     seen = {(r["method"], r["phase"], r["seed"]) for r in rows}
     for seed in (0, 1):
         assert ("dense", 0, seed) in seen
-        for method in ("imp", "imp-best", "imp-avg", "sms", "ensemble"):
+        for method in ("imp", "imp-long", "imp-best", "imp-avg", "sms", "ensemble"):
             assert {(method, 1, seed), (method, 2, seed)} <= seen
     for r in rows:
         assert r["sparsity"] == pytest.approx(sparsity_after_phase(0.8, 2, r["phase"]), abs=1e-4)
@@ -52,6 +53,9 @@ def test_local_writes_rows_for_every_method_phase_and_seed(local_run):
     assert all(r["candidates"] == 2 for r in sms)
     imp_avg = {r["phase"]: r["candidates"] for r in rows if r["method"] == "imp-avg" and r["seed"] == 0}
     assert imp_avg == {1: 1, 2: 2}  # the one-phase soup averages only in the last phase
+    # IMP with m x the epochs: one model per phase, the compute of the m candidates
+    epochs = {(r["method"], r["candidates"], r["epochs"]) for r in rows if r["method"] in ("imp", "imp-long", "sms")}
+    assert epochs == {("imp", 1, 1), ("imp-long", 1, 2), ("sms", 2, 1)}
     # all methods prune the same schedule; every seed's summary is in summary.json
     summary = json.loads((local_run / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["results"]["sms"]["2"]["accuracy"]["n"] == 2

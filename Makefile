@@ -44,8 +44,8 @@ bench-systems: setup
 	for b in wire_bytes aggregation client_codec masked_step federation_overhead scaling many_clients parallel_candidates; do \
 	    FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/$$b.py --out results/$$b.json || exit 1; done
 
-# The quality benchmarks of BENCHMARKS.md: the paper table on MNIST-1D (about 1.5 hours on 2
-# shared CPU cores), then the federated soups against masked FedAvg (about 35 minutes).
+# The quality benchmarks of BENCHMARKS.md: the paper table on MNIST-1D (about 40 minutes on 2
+# CPU cores, seeds in 2 processes), then the federated soups against masked FedAvg (about 35 minutes).
 bench-quality: setup
 	$(BIN)/python bench/quality.py --data-dir runs/data --out results/quality
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/federated.py --data-dir runs/data --out results/federated

@@ -33,7 +33,7 @@ from common import metric_cells, seed_summary
 from fedsms import FedSMSError
 from fedsms.config import RunConfig
 from fedsms.local import run_local
-from fedsms.plots import plot_results
+from fedsms.plots import plot_diagnostics, plot_results
 from fedsms.report import methods_in
 
 METHODS = "imp,imp-long,imp-best,sms,sms-greedy"
@@ -126,8 +126,18 @@ def run(args: argparse.Namespace, log=print) -> dict:
         }
         (out / "partial.json").write_text(json.dumps(result, indent=2))
     (out / "partial.json").rename(out / "quality.json")
-    result["plots"] = [str(p) for p in plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")]
+    result["plots"] = plots(rows, sparsities, out)
     return result
+
+
+def plots(rows: list[dict], sparsities: list[float], out: Path) -> list[str]:
+    """Accuracy vs sparsity and ID vs OOD over every method, and per target sparsity the
+    diagnostics' interpolation lines (``diagnostics-sNN/diagnostics_<method>.png``)."""
+    paths = plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")
+    for target in sparsities:
+        mine = [r for r in rows if r["target_sparsity"] == target]
+        paths += plot_diagnostics(mine, out / f"diagnostics-s{round(100 * target)}")
+    return [str(p) for p in paths]
 
 
 def run_parallel(args: argparse.Namespace, argv: list[str], log=print) -> dict:
@@ -184,7 +194,12 @@ def merge(args: argparse.Namespace) -> dict:
         raise FedSMSError("the runs to merge share seeds; merge runs over disjoint seeds")
     table = final_rows(rows)
     result = {
-        "config": {**results[0]["config"], "seeds": ",".join(map(str, seeds)), "merged_from": args.merge},
+        "config": {
+            **results[0]["config"],
+            "seeds": ",".join(map(str, seeds)),
+            "out": str(out),
+            "merged_from": args.merge,
+        },
         "seconds": sum(r["seconds"] for r in results),
         "torch": torch.__version__,
         "table": table,
@@ -194,8 +209,7 @@ def merge(args: argparse.Namespace) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=2))
-    sparsities = sorted({r["target_sparsity"] for r in rows})
-    result["plots"] = [str(p) for p in plot_results(plot_rows(rows, sparsities), out, point_label="target sparsity #")]
+    result["plots"] = plots(rows, sorted({r["target_sparsity"] for r in rows}), out)
     return result
 
 

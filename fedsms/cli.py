@@ -110,13 +110,10 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedsms.config import FederationConfig, RunConfig, split_config
+    from fedsms.config import FederationConfig, RunConfig, absolute_paths, split_config
 
     overrides = config_overrides(args, RunConfig()) | config_overrides(args, FederationConfig())
-    # The ServerApp runs in the SuperLink's own folder: paths are made absolute here.
-    overrides["out_dir"] = str(Path(overrides.get("out_dir", "runs/simulate")).resolve())
-    if overrides.get("data_dir"):
-        overrides["data_dir"] = str(Path(overrides["data_dir"]).resolve())
+    overrides = absolute_paths(overrides, "runs/simulate")
     _, fed = split_config(overrides)
     check_out_dir(Path(overrides["out_dir"]), fed.resume)
     # Flower is imported only here: the library itself never needs it.

@@ -190,6 +190,34 @@ def split_config(values: Mapping[str, Any]) -> tuple[RunConfig, FederationConfig
     return run, fed
 
 
+PATH_KEYS = ("out_dir", "data_dir", "init_checkpoint")
+
+
+def absolute_paths(overrides: Mapping[str, Any], default_out_dir: str) -> dict[str, Any]:
+    """``overrides`` with every path key made absolute against this process's folder.
+
+    A launcher's ServerApp runs in the SuperLink's own folder, where a relative path the user
+    typed would name another file (or none).
+
+    Parameters
+    ----------
+    overrides : mapping of str to Any
+        Settings by field name (``out_dir``, ``data_dir``, ``init_checkpoint``, ...).
+    default_out_dir : str
+        The output folder when ``out_dir`` is not set.
+
+    Returns
+    -------
+    dict of str to Any
+        A copy with ``out_dir`` always set and every non-empty path key absolute.
+    """
+    out = {**overrides, "out_dir": overrides.get("out_dir") or default_out_dir}
+    for key in PATH_KEYS:
+        if out.get(key):
+            out[key] = str(Path(out[key]).resolve())
+    return out
+
+
 def soup_shaping_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The soup-shaping keys whose value differs between a checkpoint's config and this job's.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedsms import FedSMSError
 from fedsms.cli import add_config_options, check_out_dir, config_overrides, run_command
-from fedsms.config import FederationConfig, RunConfig, split_config, toml_value
+from fedsms.config import FederationConfig, RunConfig, absolute_paths, split_config, toml_value
 from fedsms_flower.deployment import (
     app_config_keys,
     flower_bin,
@@ -147,11 +147,7 @@ def built_in_job(args: argparse.Namespace) -> Job:
     clients = 2 if args.clients is None else args.clients
     overrides.setdefault("min_available_clients", clients)
     overrides.setdefault("min_train_clients", clients)
-    overrides["out_dir"] = str(
-        Path(overrides.get("out_dir") or "runs/server").resolve()
-    )  # the ServerApp runs elsewhere
-    if overrides.get("data_dir"):
-        overrides["data_dir"] = str(Path(overrides["data_dir"]).resolve())
+    overrides = absolute_paths(overrides, "runs/server")
     _, fed = split_config(overrides)
     check_out_dir(Path(overrides["out_dir"]), fed.resume)
     return Job(None, overrides, Path(overrides["out_dir"]))

@@ -113,3 +113,15 @@ def test_client_survives_a_status_file_caught_mid_rewrite(tmp_path, capsys):
         assert client_launch.watch(RunningNode(), status, "127.0.0.1", port, args) == 0
     out = capsys.readouterr().out
     assert "handled round 4" in out and "handled round 5" in out and "job finished" in out
+
+
+def test_relative_paths_reach_the_server_app_as_the_user_meant_them(tmp_path, monkeypatch):
+    """The ServerApp runs in the SuperLink's own folder, so every path flag is made absolute
+    against the folder the user typed it in (a relative --init-checkpoint once failed there)."""
+    monkeypatch.chdir(tmp_path)
+    args = server_launch.build_parser().parse_args(
+        ["--insecure", "--init-checkpoint", "ck/dense", "--data-dir", "data", "--out-dir", "out"]
+    )
+    job = server_launch.built_in_job(args)
+    for key, name in (("init_checkpoint", "ck/dense"), ("data_dir", "data"), ("out_dir", "out")):
+        assert job.run_config[key] == str(tmp_path / name), key

@@ -13,6 +13,7 @@ import pytest
 from test_data import write_cifar10
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+MNIST1D = ["--dataset", "mnist1d-300", "--model", "mlp-16", "--sparsities", "0.5,0.8"]
 LOCAL_METHODS = {"dense", "imp", "imp-long", "imp-best", "sms", "sms-greedy", "ensemble"}
 TINY = [
     "--phases",
@@ -52,6 +53,7 @@ def check_quality(out: Path, sparsities: list[float], seeds: int) -> dict:
     rows = result["rows"]
     last = max(r["phase"] for r in rows)
     final = {(r["target_sparsity"], r["method"], r["seed"]): r for r in rows if r["phase"] == last}
+    seed_list = sorted({r["seed"] for r in rows})
     for s in sparsities:
         check = result["checks"][f"{s:g}"]
         expected = {
@@ -64,7 +66,6 @@ def check_quality(out: Path, sparsities: list[float], seeds: int) -> dict:
         for key, gap in check["gaps"].items():
             metric = "ood_accuracy" if key.startswith("ood-") else "accuracy"
             a, b = key.removeprefix("ood-").split("-minus-")
-            seed_list = sorted({r["seed"] for r in rows})
             diffs = [100 * (final[(s, a, seed)][metric] - final[(s, b, seed)][metric]) for seed in seed_list]
             assert gap["mean"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-3)
             assert gap["std"] >= 0
@@ -79,12 +80,7 @@ def mnist1d_run(tmp_path_factory):
     out = base / "quality"
     printed = run_bench(
         "quality.py",
-        "--dataset",
-        "mnist1d-300",
-        "--model",
-        "mlp-16",
-        "--sparsities",
-        "0.5,0.8",
+        *MNIST1D,
         "--seeds",
         "0,1",
         "--data-dir",
@@ -117,12 +113,7 @@ def test_quality_runs_over_disjoint_seeds_merge_into_one_table(mnist1d_run, tmp_
     other = tmp_path / "other"
     run_bench(
         "quality.py",
-        "--dataset",
-        "mnist1d-300",
-        "--model",
-        "mlp-16",
-        "--sparsities",
-        "0.5,0.8",
+        *MNIST1D,
         "--seeds",
         "2",
         "--data-dir",

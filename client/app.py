@@ -33,7 +33,19 @@ from fedsms.norms import norm_stats, recalibrate_norms
 from fedsms.recipe import CandidateConfig
 from fedsms.training import resolve_device, train_candidate
 from fedsms_client import toolkit
-from fedsms_flower.records import JOB_KEY
+from fedsms_flower.records import (
+    CONFIG_KEY,
+    FRACTION,
+    JOB_KEY,
+    LAST_ROUND,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    OOD,
+    OOD_EXAMPLES,
+    OUT_DIR,
+    SERVER_ROUND,
+    STATS_KEY,
+)
 
 ModelFn = Callable[[RunConfig, DatasetSplits], nn.Module]
 DataFn = Callable[[RunConfig, str], DatasetSplits]
@@ -196,13 +208,13 @@ class ClientSide:
             The message just handled (its ``config`` record is read).
         """
         if self.status_file:
-            config = message.content["config"]
+            config = message.content[CONFIG_KEY]
             Path(self.status_file).write_text(
                 json.dumps(
                     {
-                        "server-round": int(config["server-round"]),
-                        "last-round": bool(config.get("last-round", False)),
-                        "out-dir": str(config.get("out-dir", "")),
+                        SERVER_ROUND: int(config[SERVER_ROUND]),
+                        LAST_ROUND: bool(config.get(LAST_ROUND, False)),
+                        OUT_DIR: str(config.get(OUT_DIR, "")),
                     }
                 )
             )
@@ -277,9 +289,9 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
         config = soup.hyperparameters
         test = side.shard(side.splits.test, salt=1)
         metrics = evaluate(side.model, test, device=side.device)
-        if bool(config.get("ood", False)):
+        if bool(config.get(OOD, False)):
             ood = evaluate_ood(
-                side.model, test.head(int(config.get("ood-examples", 1000))), device=side.device, seed=side.run.seed
+                side.model, test.head(int(config.get(OOD_EXAMPLES, 1000))), device=side.device, seed=side.run.seed
             )
             metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
         side.mark(message)
@@ -292,7 +304,7 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
         used = recalibrate_norms(
             side.model,
             side.train_data(),
-            fraction=float(soup.hyperparameters["fraction"]),
+            fraction=float(soup.hyperparameters[FRACTION]),
             device=side.device,
             seed=side.run.seed,
         )
@@ -300,8 +312,8 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
             Message(
                 RecordDict(
                     {
-                        "stats": ArrayRecord({k: v.cpu() for k, v in norm_stats(side.model).items()}),
-                        "metrics": MetricRecord({"num-examples": used}),
+                        STATS_KEY: ArrayRecord({k: v.cpu() for k, v in norm_stats(side.model).items()}),
+                        METRICS_KEY: MetricRecord({NUM_EXAMPLES: used}),
                     }
                 ),
                 reply_to=message,

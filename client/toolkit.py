@@ -80,14 +80,20 @@ from torch import nn
 
 from fedsms import FedSMSError, codec
 from fedsms.masks import Mask, MaskHook, enforce_mask
-from fedsms_flower.records import payload_of, record_of
+from fedsms_flower.records import (
+    CANDIDATE,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    PHASE,
+    SERVER_ROUND,
+    SOUP_KEY,
+    UPDATE_KEY,
+    payload_of,
+    record_of,
+)
 
 __all__ = ["ModelMismatch", "Received", "enforce_mask", "hyperparameters", "receive"]
-
-SOUP_KEY = "soup"  # the soup's record in every server message
-CONFIG_KEY = "config"  # the ConfigRecord with phase, round and (train) the candidate's hyperparameters
-UPDATE_KEY = "update"  # the trained model's record in a train reply
-METRICS_KEY = "metrics"
 
 
 class ModelMismatch(FedSMSError):
@@ -161,7 +167,7 @@ class Received:
     @property
     def candidate(self) -> int:
         """This client's candidate index in the round (0 outside train messages)."""
-        return int(self.hyperparameters.get("candidate", 0))
+        return int(self.hyperparameters.get(CANDIDATE, 0))
 
     @property
     def is_train(self) -> bool:
@@ -227,7 +233,7 @@ class Received:
             raise FedSMSError(
                 f"num_examples must be a positive int (the examples this client used), got {num_examples!r}"
             )
-        record = MetricRecord({**_metric_values(metrics or {}), "num-examples": num_examples})
+        record = MetricRecord({**_metric_values(metrics or {}), NUM_EXAMPLES: num_examples})
         message_type = self.message.metadata.message_type
         if message_type == MessageType.EVALUATE:
             return Message(RecordDict({METRICS_KEY: record}), reply_to=self.message)
@@ -292,7 +298,7 @@ def receive(message: Message, model: nn.Module) -> Received:
     """
     config = hyperparameters(message)
     try:
-        phase, server_round = int(config["phase"]), int(config["server-round"])
+        phase, server_round = int(config[PHASE]), int(config[SERVER_ROUND])
     except (KeyError, TypeError, ValueError):
         raise FedSMSError(
             "the message's config lacks 'phase' or 'server-round'; it is not from a fedsms server"

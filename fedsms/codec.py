@@ -59,7 +59,6 @@ __all__ = [
     "encode",
     "decode",
     "payload_size_bound",
-    "state_from_values",
     "UpdateReader",
     "FlatReply",
     "FlatLayout",
@@ -407,66 +406,9 @@ class Decoded:
         PayloadError
             If the template names a tensor the payload lacks or of another shape.
         """
+        from fedsms.merge import state_from_values  # merge imports the codec
+
         return state_from_values({**self.values, **self.dense}, self.mask, template)
-
-
-def state_from_values(
-    entries: Mapping[str, torch.Tensor], mask: Mask, template: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """A full state dict in ``template`` order (CPU, the template's dtypes) from masked
-    values (``entries[name]``: the nnz values of a masked tensor, in mask order) and dense
-    entries (``entries[name]`` of the template's shape, e.g. a running average of them).
-
-    Entries the template does not name are ignored. A floating entry for an integer
-    template tensor (an averaged ``num_batches_tracked``) is rounded.
-
-    Parameters
-    ----------
-    entries : mapping of str to torch.Tensor
-        For each masked tensor its kept values (any shape with exactly nnz elements, in
-        mask order); for every other tensor a tensor of the template's shape.
-    mask : Mask
-        The mask the values were taken under.
-    template : mapping of str to torch.Tensor
-        Names, order, shapes and dtypes of the result (e.g. ``model.state_dict()``).
-
-    Returns
-    -------
-    dict of str to torch.Tensor
-        New CPU tensors; masked tensors are exactly zero outside the mask.
-
-    Raises
-    ------
-    PayloadError
-        If an entry is missing, a mask or dense entry has another shape than the template's,
-        or a masked tensor has another number of values than its mask keeps.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name, like in template.items():
-        if name not in entries:
-            raise PayloadError(f"tensor {name!r} of the model is missing from the values")
-        value = entries[name].detach().to("cpu")
-        if name in mask:
-            keep = mask[name].to("cpu", torch.bool)
-            if tuple(keep.shape) != tuple(like.shape):
-                raise PayloadError(
-                    f"the mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(like.shape)}"
-                )
-            nnz = _kept(keep)
-            if value.numel() != nnz:
-                raise PayloadError(f"tensor {name!r} has {value.numel()} values but its mask keeps {nnz}")
-            full = torch.zeros(like.shape, dtype=like.dtype)
-            full.masked_scatter_(keep, value.reshape(-1).to(like.dtype))
-        else:
-            if tuple(value.shape) != tuple(like.shape):
-                raise PayloadError(
-                    f"tensor {name!r} has shape {tuple(value.shape)} but the model's is {tuple(like.shape)}"
-                )
-            if value.dtype != like.dtype and not like.is_floating_point() and value.is_floating_point():
-                value = value.round()  # e.g. an averaged num_batches_tracked
-            full = value.to(like.dtype).clone()
-        out[name] = full
-    return out
 
 
 def decode(
@@ -1015,9 +957,9 @@ class FlatLayout:
     """Where a canonical reply's tensors lie: ``masked`` names with their value ``counts``,
     and ``runs`` of dense extras (names, shapes, dtype) each contiguous in the dense block.
 
-    It also rebuilds a full state from flat blocks (:meth:`state`): made once per mask (with
-    its reader), it keeps the flat positions of the kept entries, so that a round's soup is
-    one ``index_copy_`` per masked tensor (no ``masked_scatter_`` prefix sum over the mask)."""
+    Made once per mask (with its reader), it keeps the flat positions of the kept entries
+    (:meth:`positions`), so that ``fedsms.merge.flat_state`` rebuilds a round's soup with one
+    ``index_copy_`` per masked tensor (no ``masked_scatter_`` prefix sum over the mask)."""
 
     masked: list[str]
     counts: list[int]
@@ -1027,33 +969,12 @@ class FlatLayout:
     mask: Mask | None = _field(default=None, repr=False)
     _positions: torch.Tensor | None = _field(default=None, repr=False)
 
-    def state(
-        self, values: torch.Tensor, dense: list[torch.Tensor], *, divisor: float = 1.0
-    ) -> dict[str, torch.Tensor]:
-        """A full state dict (template order and dtypes, zero outside the mask) from
-        ``values`` (every masked value, 1-D, mask order; each tensor's divided by
-        ``divisor``, e.g. a sum's total weight) and ``dense`` (one 1-D tensor per run): per
-        masked tensor one zeroed tensor and one ``index_copy_`` of its values at
-        the kept positions (computed once per mask, kept as int32: 4 bytes per kept value),
-        per dense tensor one copy. New tensors, one allocation each: the allocator reuses
-        the memory of the soup two rounds back (one flat buffer would be a fresh mapping,
-        its pages faulted in anew, every round)."""
-        positions = self._positions if self._positions is not None else self._make_positions()
-        dtypes = dict((name, dtype) for name, _, dtype in self.template)
-        out: dict[str, torch.Tensor] = {}
-        for name, part, at in zip(self.masked, values.split(self.counts), positions.split(self.counts)):
-            keep = self.mask[name]  # a CPU bool tensor (the engine's mask)
-            full = torch.zeros(keep.numel(), dtype=dtypes[name])
-            part = torch.div(part, divisor) if divisor != 1.0 else part
-            out[name] = full.index_copy_(0, at.long(), part.to(dtypes[name])).view(keep.shape)
-        for (names, shapes, dtype), run in zip(self.runs, dense):
-            for name, shape, part in zip(names, shapes, run.split([math.prod(s) for s in shapes])):
-                out[name] = part.to(dtype, copy=True).view(shape)
-        return {name: out[name] for name, _, _ in self.template}
-
-    def _make_positions(self) -> torch.Tensor:
+    def positions(self) -> torch.Tensor:
         """The flat index of every kept entry, per masked tensor in mask order (local to it),
-        as int32 (half the memory of int64; ``index_copy_`` takes each tensor's as int64)."""
+        as int32 (half the memory of int64; ``index_copy_`` takes each tensor's as int64).
+        Computed once per layout (per mask), then kept."""
+        if self._positions is not None:
+            return self._positions
         wide = any(self.mask[name].numel() > 2**31 - 1 for name in self.masked)
         positions = torch.empty(sum(self.counts), dtype=torch.int64 if wide else torch.int32)
         at = 0
@@ -1183,3 +1104,12 @@ class UpdateReader:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def __getattr__(name: str):
+    # ``state_from_values`` moved to fedsms.merge (the codec only encodes and decodes).
+    if name == "state_from_values":
+        from fedsms.merge import state_from_values
+
+        return state_from_values
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from typing import Any
 from fedsms import FedSMSError
 from fedsms.schema import LR_SCHEDULES, RunKeys, declared, parse_value
 
-__all__ = ["LR_SCHEDULES", "CandidateConfig", "expand_recipe", "for_phase", "parse_grid"]
+__all__ = ["LR_SCHEDULES", "CandidateConfig", "expand_recipe", "parse_grid"]
 
 
 def _candidate_post_init(self) -> None:
@@ -200,19 +200,10 @@ def _grid_point(grid: Mapping[str, Sequence[Any]], index: int) -> dict[str, Any]
     return {key: point[key] for key in grid}
 
 
-def for_phase(config: CandidateConfig, phase: int) -> CandidateConfig:
-    """The same candidate in another phase draws another batch order.
+def __getattr__(name: str):
+    # ``for_phase`` moved to fedsms.schedule, beside every other seed rule.
+    if name == "for_phase":
+        from fedsms.schedule import for_phase
 
-    Parameters
-    ----------
-    config : CandidateConfig
-        The candidate.
-    phase : int
-        The phase (or prune step index).
-
-    Returns
-    -------
-    CandidateConfig
-        ``config`` with seed ``config.seed + 10007 * phase``.
-    """
-    return replace(config, seed=config.seed + 10_007 * phase)
+        return for_phase
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

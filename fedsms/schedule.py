@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from fedsms import FedSMSError
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.masks import sparsity_after_phase
-from fedsms.recipe import CandidateConfig, for_phase
+from fedsms.recipe import CandidateConfig
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,81 @@ def prune_seed(seed: int, step: int) -> int:
     if not 0 <= seed < 2**32:
         raise FedSMSError(f"seed {seed} is outside 0..2**32-1; prune steps from 1000 on need a seed in that range")
     return seed + step * 2**32
+
+
+def for_phase(config: CandidateConfig, phase: int) -> CandidateConfig:
+    """The same candidate in another phase draws another batch order.
+
+    Parameters
+    ----------
+    config : CandidateConfig
+        The candidate.
+    phase : int
+        The phase (or prune step index).
+
+    Returns
+    -------
+    CandidateConfig
+        ``config`` with seed ``config.seed + 10007 * phase``.
+    """
+    return replace(config, seed=config.seed + 10_007 * phase)
+
+
+def round_candidate(run: RunConfig, mode: str, index: int, phase: int, server_round: int) -> CandidateConfig:
+    """The hyperparameters of the ``index``-th client of a federated ``server_round``.
+
+    In phase 0 every client pretrains (``run.pretrain_candidate()``) with seed
+    ``seed + index``. Later, a hyperparameter soup gives client i the recipe's candidate
+    i mod m; a data soup gives every client the base candidate with seed ``seed + index``.
+    The seed is then shifted per phase (``for_phase``) and by ``101 * server_round``, so
+    every round of a phase draws another batch order.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The run: its recipe, base candidate, pretraining settings and seed.
+    mode : str
+        ``hyperparameter`` or ``data`` (the federation's soup mode).
+    index : int
+        The client's position among the round's clients (its candidate index).
+    phase : int
+        The round's phase.
+    server_round : int
+        The round, from 1.
+
+    Returns
+    -------
+    CandidateConfig
+        What the client trains with.
+    """
+    if phase == 0:
+        base = replace(run.pretrain_candidate(), seed=run.seed + index)
+    elif mode == "hyperparameter":
+        candidates = run.candidate_configs()
+        base = candidates[index % len(candidates)]
+    else:
+        base = replace(run.base_candidate(), seed=run.seed + index)
+    base = for_phase(base, phase)
+    return replace(base, seed=base.seed + 101 * server_round)
+
+
+def sample_seed(seed: int, server_round: int) -> int:
+    """The seed of the client draw of ``server_round``: derived, so a resumed job draws
+    the same clients as the job it continues.
+
+    Parameters
+    ----------
+    seed : int
+        The job's seed.
+    server_round : int
+        The round, from 1.
+
+    Returns
+    -------
+    int
+        ``seed * 100003 + server_round``.
+    """
+    return seed * 100_003 + server_round
 
 
 def step_candidate(config: CandidateConfig, step: PruneStep) -> CandidateConfig:

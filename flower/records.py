@@ -1,20 +1,95 @@
-"""How a fedsms payload rides in a Flower message: one uint8 ``Array`` in an ``ArrayRecord``.
+"""The layout of every fedsms message, declared once for the server, the client and the toolkit.
 
-An ArrayRecord rather than a bytes value in a ConfigRecord because Flower moves the arrays
-of an ArrayRecord in chunks through its object store, so a large soup is not bound by
-the gRPC message size, and the payload stays opaque to everything but ``fedsms.codec``.
-Server and client both import this module, so the layout is defined once.
+A server message holds the soup (``SOUP_KEY``: the compact payload, or ``ARRAYS_KEY``: a
+dense ``ArrayRecord`` for Flower's standard layout), the settings of this message
+(``CONFIG_KEY``: phase, round, and in a train message the candidate's hyperparameters) and
+every other job setting once (``JOB_KEY``). A reply holds the trained model (``UPDATE_KEY``,
+or ``ARRAYS_KEY``), norm statistics (``STATS_KEY``) and its ``METRICS_KEY`` record.
+
+The compact payload rides as one uint8 ``Array`` in an ``ArrayRecord`` rather than as bytes
+in a ConfigRecord because Flower moves the arrays of an ArrayRecord in chunks through its
+object store, so a large soup is not bound by the gRPC message size, and the payload stays
+opaque to everything but ``fedsms.codec``.
+
+A train message's ``group_id`` names its round, candidate and node (:func:`group_id`);
+Flower copies it into the reply (the SuperLink too, when it answers for a client that went
+away), so the server finds each reply's candidate and client from the reply itself
+(:func:`origin_of`), whatever the ClientApp wrote.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
 
 from fedsms.codec import PayloadError
 
-KEY = "payload"
-JOB_KEY = "job"  # the ConfigRecord of every job setting, in every message the server sends
+# Records of a message's content.
+SOUP_KEY = "soup"  # the soup (compact payload) in every server message
+ARRAYS_KEY = "arrays"  # where Flower's strategies and quickstart ClientApps put a dense model
+CONFIG_KEY = "config"  # this message's settings (ConfigRecord)
+JOB_KEY = "job"  # every other job setting, under its run-config name (ConfigRecord)
+UPDATE_KEY = "update"  # the trained model's compact payload in a train reply
+STATS_KEY = "stats"  # norm statistics in a norm-statistics reply
+METRICS_KEY = "metrics"  # a reply's MetricRecord
+KEY = "payload"  # the one Array of a payload record (``record_of``)
+
+# Entries of the CONFIG_KEY record.
+PHASE = "phase"
+SERVER_ROUND = "server-round"
+CANDIDATE = "candidate"  # this client's candidate index in the round
+NUM_CANDIDATES = "num-candidates"
+LAST_ROUND = "last-round"  # true in the job's last round: fedsms-client exits after it
+OUT_DIR = "out-dir"
+FRACTION = "fraction"  # share of the training data a norm-statistics round forwards
+OOD = "ood"
+OOD_EXAMPLES = "ood-examples"
+
+# Entries of a reply's METRICS_KEY record.
+NUM_EXAMPLES = "num-examples"
+
+NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
+
+
+def group_id(server_round: int, candidate: int, node: int) -> str:
+    """The group id of the train message of ``candidate`` in ``server_round``, sent to ``node``.
+
+    Parameters
+    ----------
+    server_round : int
+        The round, from 1.
+    candidate : int
+        The candidate index, from 0.
+    node : int
+        The node the message goes to.
+
+    Returns
+    -------
+    str
+        ``"<round>.<candidate>.<node>"``; Flower copies it into the reply.
+    """
+    return f"{server_round}.{candidate}.{node}"
+
+
+def origin_of(reply: Message, server_round: int) -> tuple[int, int] | None:
+    """The candidate index and node a reply answers for, read from its group id.
+
+    Parameters
+    ----------
+    reply : Message
+        A reply to a train message of ``server_round``.
+    server_round : int
+        The round the reply should belong to.
+
+    Returns
+    -------
+    tuple of (int, int) or None
+        ``(candidate, node)``, or None when the group id is not one of ``server_round``'s.
+    """
+    parts = reply.metadata.group_id.split(".")
+    if len(parts) != 3 or parts[0] != str(server_round) or not all(p.isdecimal() and len(p) < 20 for p in parts[1:]):
+        return None
+    return int(parts[1]), int(parts[2])
 
 
 def record_of(payload: bytes) -> ArrayRecord:

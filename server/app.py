@@ -98,3 +98,13 @@ def make_server_app(defaults: Mapping | None = None) -> ServerApp:
 
 
 app = make_server_app()
+
+
+def __getattr__(name: str):
+    # Removed in an earlier release; a user's app may still import it.
+    if name == "write_outputs":
+        raise AttributeError(
+            "fedsms_server.app.write_outputs was removed: the strategy writes its outputs at the end of start(); "
+            "call SparseSoupStrategy.write_outputs() to write them yourself"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

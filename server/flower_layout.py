@@ -17,10 +17,9 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedsms.codec import PayloadError
-from fedsms.engine import State, values_under_mask
 from fedsms.masks import Mask
-
-ARRAYS_KEY = "arrays"  # where Flower's strategies and quickstart ClientApps put the model
+from fedsms.merge import State, values_under_mask
+from fedsms_flower.records import ARRAYS_KEY
 
 
 def soup_record(soup: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -70,7 +69,7 @@ def read_update(record: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
     Returns
     -------
     dict of str to Tensor
-        The compact form the engine's merge takes (see ``fedsms.engine.values_under_mask``).
+        The compact form the engine's merge takes (see ``fedsms.merge.values_under_mask``).
 
     Raises
     ------

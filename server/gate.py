@@ -20,8 +20,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from numpy.lib import format as npy
 
 from fedsms import FedSMSError, codec
-from fedsms_flower.records import payload_of
-from fedsms_server.flower_layout import ARRAYS_KEY
+from fedsms_flower.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, STATS_KEY, UPDATE_KEY, payload_of
 
 MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
 MAX_METRICS = 64  # metric entries in one reply
@@ -110,7 +109,7 @@ def metrics(reply: Message, *, examples: bool) -> tuple[dict[str, float], int | 
         ``MAX_METRIC``, or (with ``examples``) a missing or unbelievable ``num-examples``.
     """
     try:
-        record = reply.content["metrics"]
+        record = reply.content[METRICS_KEY]
     except (KeyError, TypeError):
         raise Rejected("the reply has no metrics record") from None
     if not isinstance(record, (MetricRecord, Mapping)):
@@ -124,9 +123,9 @@ def metrics(reply: Message, *, examples: bool) -> tuple[dict[str, float], int | 
         out[key] = _number(key, value)
     count = None
     if examples:
-        if "num-examples" not in out:
+        if NUM_EXAMPLES not in out:
             raise Rejected("the reply's metrics lack 'num-examples'")
-        n = out["num-examples"]
+        n = out[NUM_EXAMPLES]
         if n != int(n) or not 0 < n <= MAX_EXAMPLES:
             raise Rejected(f"the reply claims {n!r} examples (1 to {MAX_EXAMPLES:.0e} are believed)")
         count = int(n)
@@ -203,9 +202,9 @@ def train_reply(reply: Message) -> tuple[bytes | ArrayRecord, dict[str, float]]:
     if (reason := client_error(reply)) is not None:
         raise Rejected(reason)
     content = reply.content
-    standard = ARRAYS_KEY in content and "update" not in content
+    standard = ARRAYS_KEY in content and UPDATE_KEY not in content
     try:
-        record = content[ARRAYS_KEY if standard else "update"]
+        record = content[ARRAYS_KEY if standard else UPDATE_KEY]
     except (KeyError, TypeError):
         raise Rejected("the reply has no update") from None
     if isinstance(record, ArrayRecord):
@@ -275,7 +274,7 @@ def norm_stats_reply(reply: Message, template: Mapping[str, torch.Tensor]) -> tu
         raise Rejected(reason)
     _, count = metrics(reply, examples=True)
     try:
-        record = reply.content["stats"]
+        record = reply.content[STATS_KEY]
     except (KeyError, TypeError):
         raise Rejected("the reply has no norm statistics") from None
     if not isinstance(record, ArrayRecord):

@@ -1,0 +1,605 @@
+"""Merging under the mask: every rule that turns candidates into one state, in one place.
+
+A candidate reaches a merge in its compact form, the values under the mask (each masked
+tensor's kept entries, in mask order) and its other tensors whole (``values_under_mask``),
+or read in place from a reply (``fedsms.codec.FlatReply``). ``Merge`` streams the
+candidates into one running sum (``RunningAverage``, ``FlatSum``), never m models, except
+where a rule must see each one (greedy, best-of-m, the robust rules). ``state_from_values``
+and ``flat_state`` rebuild the full state dict, zero outside the mask, from merged values.
+The local driver, the offline ``fedsms soup`` and the Flower strategy all merge here.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from fedsms import FedSMSError
+from fedsms.codec import FlatLayout, FlatReply, PayloadError
+from fedsms.masks import Mask
+from fedsms.schema import MERGE_RULES
+
+State = dict[str, torch.Tensor]
+
+# How a merge turns its candidates into one state: the configurable soups, and "best"
+# (IMP best-of-m: the best candidate on the held-out split, no averaging).
+RULES = (*MERGE_RULES, "best")
+ROBUST_RULES = ("trimmed-mean", "median")
+
+
+class SoupError(FedSMSError):
+    """Candidates that cannot be averaged without breaking the sparsity."""
+
+
+class RunningAverage:
+    """Streaming (weighted) mean of same-named tensors.
+
+    Floating tensors are averaged in float32 (float64 for float64 inputs); integer tensors
+    such as BatchNorm's ``num_batches_tracked`` cannot be averaged and keep their maximum.
+    Every candidate must name the same tensors, in the same order and of the same shapes,
+    as the first one.
+
+    Attributes
+    ----------
+    total_weight : float
+        Sum of the weights added so far.
+    count : int
+        Number of candidates added so far.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        """Add one candidate to the running sum (nothing is kept of it but the sum).
+
+        Parameters
+        ----------
+        tensors : mapping of str to torch.Tensor
+            The candidate's tensors (a whole state dict or the values under a mask). The
+            sums stay on the device of the first candidate's tensors.
+        weight : float, default 1.0
+            The candidate's weight in the mean (for example its number of examples); > 0.
+
+        Raises
+        ------
+        ValueError
+            If ``weight`` is not positive.
+        SoupError
+            If the tensors' names, order or shapes differ from the first candidate's;
+            nothing is added then.
+        """
+        if not 0 < weight < float("inf"):  # NaN fails too
+            raise ValueError(f"weight must be a positive finite number, got {weight}")
+        if self._sums:
+            self._check_like(tensors)
+        for name, value in tensors.items():
+            value = value.detach()
+            if name not in self._sums:
+                self._sums[name] = (
+                    value.to(torch.promote_types(value.dtype, torch.float32), copy=True).mul_(weight)
+                    if value.is_floating_point()
+                    else value.clone()
+                )
+            elif value.is_floating_point():
+                self._sums[name].add_(value.to(self._sums[name].device), alpha=weight)
+            else:
+                torch.maximum(self._sums[name], value.to(self._sums[name].device), out=self._sums[name])
+        self.total_weight += weight
+        self.count += 1
+
+    def absorb(self, flat: FlatSum) -> None:
+        """Fold a ``FlatSum``'s candidates into this average (same tensors, any order)."""
+        if not flat.count:
+            return
+        for name, total in flat.sums().items():
+            if name not in self._sums:
+                self._sums[name] = total.clone()
+            elif total.is_floating_point():
+                self._sums[name].add_(total)
+            else:
+                torch.maximum(self._sums[name], total, out=self._sums[name])
+        self.total_weight += flat.total_weight
+        self.count += flat.count
+
+    def _check_like(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if list(tensors) != list(self._sums):
+            missing = sorted(set(self._sums) - set(tensors))
+            extra = sorted(set(tensors) - set(self._sums))
+            raise SoupError(
+                f"candidate tensors differ (missing {missing}, extra {extra}); average only candidates of the same model"
+            )
+        for name, value in tensors.items():
+            if value.shape != self._sums[name].shape:
+                raise SoupError(
+                    f"tensor {name!r} has shape {tuple(value.shape)} but earlier candidates had "
+                    f"{tuple(self._sums[name].shape)}; average only candidates of the same model"
+                )
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The weighted mean of the candidates added so far.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            New tensors, in the first candidate's order: floating tensors in float32 (float64
+            for float64 inputs), integer tensors the maximum over the candidates.
+
+        Raises
+        ------
+        SoupError
+            If no candidate was added.
+        """
+        if not self.count:
+            raise SoupError("nothing to average: no candidate was added")
+        return {
+            name: (total / self.total_weight) if total.is_floating_point() else total.clone()
+            for name, total in self._sums.items()
+        }
+
+
+class FlatSum:
+    """Streaming (weighted) sum of replies read in place (``codec.FlatReply``): one running
+    sum for all masked values and one per run of dense extras, so adding a reply is a few
+    whole-block ``add_`` calls (floats, weighted) or ``maximum`` (integers), whatever the
+    number of tensors. The reply was fully checked when it was read, so nothing here can
+    fail halfway: a rejected reply never reaches the sum.
+
+    Attributes
+    ----------
+    total_weight : float
+        Sum of the weights added so far.
+    count : int
+        Replies added so far.
+    """
+
+    def __init__(self) -> None:
+        self.layout = None
+        self._values: torch.Tensor | None = None
+        self._dense: list[torch.Tensor] = []
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, reply, weight: float = 1.0) -> None:
+        """Add one ``codec.FlatReply`` with ``weight`` (> 0, finite)."""
+        if not 0 < weight < float("inf"):
+            raise ValueError(f"weight must be a positive finite number, got {weight}")
+        if self.layout is None:
+            self.layout = reply.layout
+            self._values = torch.mul(reply.values, weight).to(torch.float32)
+            self._dense = [
+                torch.mul(run, weight).to(torch.promote_types(run.dtype, torch.float32))
+                if run.is_floating_point()
+                else run.clone()
+                for run in reply.dense
+            ]
+        else:
+            if reply.layout is not self.layout:
+                raise SoupError("replies of another layout (another reader) cannot join this sum")
+            self._values.add_(reply.values, alpha=weight)
+            for total, run in zip(self._dense, reply.dense):
+                if run.is_floating_point():
+                    total.add_(run, alpha=weight)
+                else:
+                    torch.maximum(total, run, out=total)
+        self.total_weight += weight
+        self.count += 1
+
+    @property
+    def values_sum(self) -> torch.Tensor:
+        """The running weighted sum of every masked value (float32, 1-D; read-only)."""
+        return self._values
+
+    def dense_means(self) -> list[torch.Tensor]:
+        """Per dense run its weighted mean (floating runs) or maximum (integer runs); new tensors.
+
+        Raises
+        ------
+        SoupError
+            If nothing was added.
+        """
+        if not self.count:
+            raise SoupError("nothing to average: no candidate was added")
+        return [
+            torch.div(total, self.total_weight) if total.is_floating_point() else total.clone() for total in self._dense
+        ]
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The running sums per tensor (views): masked values 1-D, dense extras in their shape."""
+        out = dict(zip(self.layout.masked, self._values.split(self.layout.counts)))
+        for (names, shapes, _), total in zip(self.layout.runs, self._dense):
+            for name, shape, part in zip(names, shapes, total.split([math.prod(s) for s in shapes])):
+                out[name] = part.view(shape)
+        return out
+
+
+def values_under_mask(state: Mapping[str, torch.Tensor], mask: Mask) -> State:
+    """The compact form a merge holds: each masked tensor's kept values in mask order, the
+    other tensors (biases, norm layers) whole. The wire payload carries the same values.
+
+    Parameters
+    ----------
+    state : mapping of str to Tensor
+        A full state dict (any device).
+    mask : Mask
+        The mask whose kept entries are taken.
+
+    Returns
+    -------
+    dict of str to Tensor
+        CPU tensors in ``state``'s order: 1-D kept values for masked tensors, the others
+        unchanged in shape.
+    """
+    return {k: (v.detach().cpu()[mask[k].cpu()] if k in mask else v.detach().cpu()) for k, v in state.items()}
+
+
+class Merge:
+    """Candidates of one round flowing into their merge.
+
+    Parameters
+    ----------
+    rule : str
+        ``uniform`` or ``weighted`` (by example counts) average, ``greedy`` soup, ``best``,
+        or the robust ``trimmed-mean`` / ``median`` (coordinate-wise, as Flower's
+        ``FedTrimmedAvg`` / ``FedMedian``).
+    keep_candidates : bool
+        Keep every candidate's values besides the running sum (needed by ``greedy`` and
+        ``best``, which score candidates one by one). The robust rules and options keep
+        them too.
+    trim_fraction : float, default 0.2
+        ``trimmed-mean``: fraction of the candidates cut at each end, per value.
+    max_weight : float, default 1.0
+        ``weighted``: the largest share one candidate may have (1: no cap); the excess is
+        shared among the others in proportion to their examples.
+    norm_bound : float, default 0.0
+        Drop candidates whose L2 distance from ``reference`` exceeds ``norm_bound`` times
+        the round's median distance (0: off).
+    reference : mapping of str to Tensor, optional
+        The soup the candidates started from, in the compact form (needed by ``norm_bound``).
+    log : callable, optional
+        Receives a line per dropped candidate.
+
+    Attributes
+    ----------
+    rule : str
+        The merge rule.
+    average : RunningAverage
+        The running (weighted) sum of the candidates' values.
+    candidates : list of dict of str to Tensor
+        The candidates' values, when kept.
+    examples : list of int
+        Each candidate's example count, in the order added.
+    dropped : list of int
+        Indices of candidates the norm bound dropped (after ``result``).
+
+    Raises
+    ------
+    FedSMSError
+        If ``rule`` is not one of ``RULES``.
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        keep_candidates: bool,
+        *,
+        trim_fraction: float = 0.2,
+        max_weight: float = 1.0,
+        norm_bound: float = 0.0,
+        reference: Mapping[str, torch.Tensor] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if rule not in RULES:
+            raise FedSMSError(f"unknown merge rule {rule!r}; use one of {', '.join(RULES)}")
+        if norm_bound and reference is None:
+            raise FedSMSError("an update-norm bound needs the soup the candidates started from")
+        self.rule = rule
+        self.average = RunningAverage()
+        self.candidates: list[State] = []
+        self.examples: list[int] = []
+        self.distances: list[float] = []
+        self.dropped: list[int] = []
+        self.trim_fraction, self.norm_bound, self.reference = trim_fraction, norm_bound, reference
+        self.max_weight = max_weight if rule == "weighted" else 1.0
+        self.log = log or (lambda _: None)
+        self._robust = rule in ROBUST_RULES or self.max_weight < 1 or norm_bound > 0
+        self._keep = keep_candidates or self._robust
+        self._screened = False
+        self._flat = FlatSum()
+
+    @property
+    def count(self) -> int:
+        """Candidates added so far (less those the norm bound dropped)."""
+        return self.average.count + self._flat.count - len(self.dropped)
+
+    def add_reply(self, reply: FlatReply, num_examples: int) -> None:
+        """Add one candidate read in place (``fedsms.codec.UpdateReader``): straight into a flat
+        running sum when the rule streams; merges that keep candidates take a copy.
+
+        Parameters
+        ----------
+        reply : fedsms.codec.FlatReply
+            The validated reply.
+        num_examples : int
+            Examples it trained on (the weight under ``weighted``).
+        """
+        if self._keep:
+            self.add(reply.to_values(), num_examples)
+            return
+        self._flat.add(reply, float(num_examples) if self.rule == "weighted" else 1.0)
+        self.examples.append(num_examples)
+
+    def add(self, values: Mapping[str, torch.Tensor], num_examples: int) -> None:
+        """Add one candidate, in the compact form of ``values_under_mask``.
+
+        Parameters
+        ----------
+        values : mapping of str to Tensor
+            The candidate's values under the mask and its other tensors.
+        num_examples : int
+            Examples it trained on: its weight under ``weighted``, recorded for every rule.
+
+        Raises
+        ------
+        SoupError
+            If the values' names or shapes differ from the earlier candidates'.
+        ValueError
+            If the weight is not a positive finite number (``weighted``).
+        """
+        self.average.add(values, float(num_examples) if self.rule == "weighted" else 1.0)
+        self.examples.append(num_examples)
+        if self._keep:
+            self.candidates.append(dict(values))
+        if self.norm_bound:
+            self.distances.append(_distance(values, self.reference))
+
+    def result(self) -> State:
+        """The merged values (compact form): the running mean, or for the robust rules and
+        options a merge of the kept candidates. The result is checked to be finite.
+
+        Raises
+        ------
+        SoupError
+            If no candidate is left, or the merge is not finite.
+        """
+        self._screen()
+        self.average.absorb(self._flat)  # replies read in place join the average once, here
+        self._flat = FlatSum()
+        if not self._robust or (
+            self.rule in ("uniform", "weighted", "greedy", "best") and self.max_weight >= 1 and not self.dropped
+        ):
+            merged = self.average.mean()
+        else:
+            merged = self._robust_merge()
+        for name, value in merged.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise SoupError(f"the merge of tensor {name!r} is not finite; a candidate has absurd values")
+        return merged
+
+    def flat_state(self, mask_digest: str) -> State | None:
+        """The merged full state straight from the flat running sum (``flat_state``:
+        one scatter, views of one buffer per dtype), when every candidate was read in place
+        under the mask of ``mask_digest`` and the rule is a plain running mean; else None
+        (``result`` then merges tensor by tensor). Checked finite, as ``result`` is.
+
+        Raises
+        ------
+        SoupError
+            If the merge is not finite.
+        """
+        flat = self._flat
+        if self._robust or self.average.count or not flat.count or flat.layout.digest != mask_digest:
+            return None
+        dense = flat.dense_means()
+        # The masked means are made tensor by tensor as the soup is rebuilt (no block-sized
+        # temporary); they are finite when the sum is and its largest magnitude over the
+        # total weight stays within float32.
+        low, high = torch.aminmax(flat.values_sum) if flat.values_sum.numel() else (torch.zeros(()),) * 2
+        largest = max(abs(float(low)), abs(float(high)))
+        finite = math.isfinite(largest) and largest / flat.total_weight < _FLOAT32_MAX
+        if not (finite and all(_finite(run) for run in dense if run.is_floating_point())):
+            self.result()  # raises, naming the tensor
+            raise SoupError("the merge is not finite; a candidate has absurd values")
+        return flat_state(flat.layout, flat.values_sum, dense, divisor=flat.total_weight)
+
+    def _screen(self) -> None:
+        """Drop (once) candidates farther from the soup than norm_bound × the median distance."""
+        if self._screened or not self.norm_bound or len(self.distances) < 3:
+            self._screened = True
+            return
+        self._screened = True
+        median = statistics.median(self.distances)
+        limit = self.norm_bound * median
+        self.dropped = [i for i, d in enumerate(self.distances) if d > limit]
+        for i in self.dropped:
+            self.log(
+                f"merge: dropped candidate {i}: its distance from the soup {self.distances[i]:.4g} exceeds "
+                f"update-norm-bound {self.norm_bound:g} x the round's median {median:.4g}"
+            )
+        if self.dropped:
+            keep = [i for i in range(len(self.candidates)) if i not in set(self.dropped)]
+            self.candidates = [self.candidates[i] for i in keep]
+            self.examples = [self.examples[i] for i in keep]
+
+    def _robust_merge(self) -> State:
+        n = len(self.candidates)
+        if not n:
+            raise SoupError("nothing to merge: every candidate was dropped")
+        if self.rule == "weighted":
+            shares = capped_shares([float(e) for e in self.examples], self.max_weight)
+        else:
+            shares = [1.0 / n] * n
+        out = {}
+        for name, first in self.candidates[0].items():
+            if not first.is_floating_point():
+                out[name] = torch.stack([c[name] for c in self.candidates]).max(0).values
+                continue
+            stacked = torch.stack([c[name].double() for c in self.candidates])
+            if self.rule == "median":
+                ordered = stacked.sort(0).values
+                value = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+            elif self.rule == "trimmed-mean":
+                cut = min(int(self.trim_fraction * n), (n - 1) // 2)
+                value = stacked.sort(0).values[cut : n - cut].mean(0)
+            else:
+                weights = torch.tensor(shares, dtype=torch.float64).view(-1, *[1] * first.dim())
+                value = (stacked * weights).sum(0)
+            out[name] = value.to(torch.promote_types(first.dtype, torch.float32))
+        return out
+
+
+def capped_shares(weights: list[float], cap: float) -> list[float]:
+    """Shares proportional to ``weights``, none above ``cap``; the excess of capped ones
+    is shared among the others in proportion (equal shares when ``cap`` × n ≤ 1).
+
+    Parameters
+    ----------
+    weights : list of float
+        Positive weights (e.g. example counts), at least one.
+    cap : float
+        The largest share any weight may get.
+
+    Returns
+    -------
+    list of float
+        One share per weight, summing to 1.
+    """
+    n = len(weights)
+    if cap * n <= 1:
+        return [1.0 / n] * n
+    shares: list[float] = [0.0] * n
+    free, left = set(range(n)), 1.0
+    while True:
+        total = sum(weights[i] for i in free)
+        over = [i for i in free if weights[i] / total * left > cap]
+        if not over:
+            for i in free:
+                shares[i] = weights[i] / total * left
+            return shares
+        for i in over:
+            shares[i] = cap
+            free.discard(i)
+            left -= cap
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _finite(block: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating block: one aminmax pass (NaN propagates into both)."""
+    if not block.numel():
+        return True
+    low, high = torch.aminmax(block)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def _distance(values: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
+    """L2 distance over the floating tensors, accumulated in float64."""
+    total = 0.0
+    for name, value in values.items():
+        if value.is_floating_point() and name in reference:
+            total += float(torch.sum((value.double() - reference[name].double()) ** 2))
+    return math.sqrt(total)
+
+
+def state_from_values(
+    entries: Mapping[str, torch.Tensor], mask: Mask, template: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A full state dict in ``template`` order (CPU, the template's dtypes) from masked
+    values (``entries[name]``: the nnz values of a masked tensor, in mask order) and dense
+    entries (``entries[name]`` of the template's shape, e.g. a running average of them).
+
+    Entries the template does not name are ignored. A floating entry for an integer
+    template tensor (an averaged ``num_batches_tracked``) is rounded.
+
+    Parameters
+    ----------
+    entries : mapping of str to torch.Tensor
+        For each masked tensor its kept values (any shape with exactly nnz elements, in
+        mask order); for every other tensor a tensor of the template's shape.
+    mask : Mask
+        The mask the values were taken under.
+    template : mapping of str to torch.Tensor
+        Names, order, shapes and dtypes of the result (e.g. ``model.state_dict()``).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        New CPU tensors; masked tensors are exactly zero outside the mask.
+
+    Raises
+    ------
+    PayloadError
+        If an entry is missing, a mask or dense entry has another shape than the template's,
+        or a masked tensor has another number of values than its mask keeps.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, like in template.items():
+        if name not in entries:
+            raise PayloadError(f"tensor {name!r} of the model is missing from the values")
+        value = entries[name].detach().to("cpu")
+        if name in mask:
+            keep = mask[name].to("cpu", torch.bool)
+            if tuple(keep.shape) != tuple(like.shape):
+                raise PayloadError(
+                    f"the mask of {name!r} has shape {tuple(keep.shape)} but the model's is {tuple(like.shape)}"
+                )
+            nnz = int(np.count_nonzero(keep.numpy()))
+            if value.numel() != nnz:
+                raise PayloadError(f"tensor {name!r} has {value.numel()} values but its mask keeps {nnz}")
+            full = torch.zeros(like.shape, dtype=like.dtype)
+            full.masked_scatter_(keep, value.reshape(-1).to(like.dtype))
+        else:
+            if tuple(value.shape) != tuple(like.shape):
+                raise PayloadError(
+                    f"tensor {name!r} has shape {tuple(value.shape)} but the model's is {tuple(like.shape)}"
+                )
+            if value.dtype != like.dtype and not like.is_floating_point() and value.is_floating_point():
+                value = value.round()  # e.g. an averaged num_batches_tracked
+            full = value.to(like.dtype).clone()
+        out[name] = full
+    return out
+
+
+def flat_state(layout: FlatLayout, values: torch.Tensor, dense: list[torch.Tensor], *, divisor: float = 1.0) -> State:
+    """A full state dict (``layout``'s template order and dtypes, zero outside the mask)
+    from flat blocks, as a ``FlatSum`` holds them.
+
+    Per masked tensor one zeroed tensor and one ``index_copy_`` of its values at the kept
+    positions (``layout.positions()``, computed once per mask), per dense tensor one copy.
+    New tensors, one allocation each: the allocator reuses the memory of the soup two rounds
+    back (one flat buffer would be a fresh mapping, its pages faulted in anew, every round).
+
+    Parameters
+    ----------
+    layout : fedsms.codec.FlatLayout
+        Where each tensor lies in the blocks (and the mask and template they come from).
+    values : torch.Tensor
+        Every masked value, 1-D, in mask order.
+    dense : list of torch.Tensor
+        One 1-D tensor per run of ``layout.runs``.
+    divisor : float, default 1.0
+        Each value is divided by it (e.g. a sum's total weight).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        New CPU tensors in template order.
+    """
+    dtypes = {name: dtype for name, _, dtype in layout.template}
+    out: State = {}
+    for name, part, at in zip(layout.masked, values.split(layout.counts), layout.positions().split(layout.counts)):
+        keep = layout.mask[name]  # a CPU bool tensor (the engine's mask)
+        full = torch.zeros(keep.numel(), dtype=dtypes[name])
+        part = torch.div(part, divisor) if divisor != 1.0 else part
+        out[name] = full.index_copy_(0, at.long(), part.to(dtypes[name])).view(keep.shape)
+    for (names, shapes, dtype), run in zip(layout.runs, dense):
+        for name, shape, part in zip(names, shapes, run.split([math.prod(s) for s in shapes])):
+            out[name] = part.to(dtype, copy=True).view(shape)
+    return {name: out[name] for name, _, _ in layout.template}

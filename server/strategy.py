@@ -171,6 +171,11 @@ class SparseSoupStrategy(Strategy):
         return self.engine.mask
 
     @property
+    def digest(self) -> str:
+        """Digest of the current mask; every reply must name it."""
+        return self.engine.digest
+
+    @property
     def out_dir(self) -> Path:
         """Where the job's files go."""
         return self.recorder.out_dir
@@ -447,22 +452,24 @@ class SparseSoupStrategy(Strategy):
         totals: dict[str, list] = {}  # metric -> [sum, count] over the replies that report it
         added: list[int] = []  # the nodes of the merged candidates, in order
         for update in self._updates(server_round, replies):
+            node, nbytes, metrics = update.node, update.nbytes, update.metrics
             try:
-                decoded = self._decoder.decode(
-                    update, self.soup, self.mask, self.engine.digest, step.phase, server_round
-                )
+                decoded = self._decoder.decode(update, self.soup, self.mask, self.digest, step.phase, server_round)
             except codec.PayloadError as error:
-                log.rejected[update.node] = reason = gate.short(error)
-                self.log(f"round {server_round}: rejected reply from node {update.node}: {reason}")
+                decoded, reason = None, gate.short(error)
+            update = None  # the payload may go before the next reply is unpacked (one reply held, not two)
+            if decoded is None:
+                log.rejected[node] = reason
+                self.log(f"round {server_round}: rejected reply from node {node}: {reason}")
                 continue
-            log.bytes_up += update.nbytes
+            log.bytes_up += nbytes
             if isinstance(decoded[0], codec.FlatReply):  # read in place: summed without a copy
                 merge.add_reply(*decoded)
             else:
                 merge.add(*decoded)
             decoded = None  # the payload's memory may go once it is summed
-            added.append(update.node)
-            for key, value in update.metrics.items():
+            added.append(node)
+            for key, value in metrics.items():
                 total = totals.setdefault(key, [0.0, 0])
                 total[0] += float(value)
                 total[1] += 1

@@ -10,7 +10,16 @@ from flwr.app import Message
 from fedsms.data import DatasetSplits, load_dataset
 from fedsms_flower.local_grid import LocalGrid, partitions
 
-__all__ = ["LocalGrid", "RecordingGrid", "digits", "make_strategy", "partitions", "payloads", "train_replies"]
+__all__ = [
+    "LocalGrid",
+    "RecordingGrid",
+    "digits",
+    "make_strategy",
+    "partitions",
+    "payloads",
+    "reply_of",
+    "train_replies",
+]
 
 
 @lru_cache(maxsize=1)
@@ -96,3 +105,22 @@ def payloads(replies: Iterable[Message]) -> list[bytes]:
     from fedsms_flower.records import payload_of
 
     return [payload_of(r.content["update"]) for r in replies]
+
+
+def reply_of(server_round: int, candidate: int, node: int, payload: bytes | None = None, *, error: str = "", **metrics):
+    """A train reply as node ``node`` would send it for ``candidate`` of ``server_round``:
+    the compact ``payload`` (with ``metrics``), or an error reply when ``error`` is given."""
+    import uuid
+
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.common import Error
+
+    from fedsms_flower.records import group_id, record_of
+
+    request = Message(
+        RecordDict(), dst_node_id=node, message_type="train", group_id=group_id(server_round, candidate, node)
+    )
+    request.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    if error:
+        return Message(Error(code=0, reason=error), reply_to=request)
+    return Message(RecordDict({"update": record_of(payload), "metrics": MetricRecord(metrics)}), reply_to=request)

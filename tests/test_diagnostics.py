@@ -196,8 +196,11 @@ def test_a_federated_hyperparameter_soup_writes_diagnostics_rows(tmp_path):
 @pytest.mark.parametrize(("server_data", "diagnostics"), [(False, True), (True, False)])
 def test_candidates_are_kept_only_for_diagnostics_on_a_server_with_data(tmp_path, server_data, diagnostics):
     strategy = make_strategy(tmp_path, server_data=server_data, run={"diagnostics": diagnostics})
+    merges, new_merge = [], strategy.engine.merge
+    strategy.engine.merge = lambda *args, **kwargs: merges.append(new_merge(*args, **kwargs)) or merges[-1]
     strategy.start(LocalGrid(make_client_app(), partitions(2)), num_rounds=2)
-    assert strategy._merge.candidates == [] and strategy.rounds[-1].diagnostics == {}
+    assert len(merges) == 2 and all(m.candidates == [] for m in merges)
+    assert strategy.rounds[-1].diagnostics == {}
 
 
 def test_readme_example_runs_as_written(setting, capsys):

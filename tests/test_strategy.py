@@ -1,14 +1,16 @@
 """SparseSoupStrategy's Flower hooks with the real ClientApp in the fast tier: the soup after
 a round is exactly the masked average of the clients' decoded replies, federated evaluation
 is the example-weighted mean of the clients' metrics, bad replies never count, and the
-greedy soup is the one held-out accuracy computed here picks."""
+greedy soup is the one held-out accuracy computed here picks. Each hook is called as
+Flower's loop calls it, with nothing set up beforehand."""
 
-import sys
+import gc
+import weakref
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
-from helpers import LocalGrid, RecordingGrid, digits, make_strategy, partitions, payloads, train_replies
+from helpers import LocalGrid, RecordingGrid, digits, make_strategy, partitions, payloads, reply_of, train_replies
 
 from fedsms import codec
 from fedsms.evaluate import evaluate
@@ -18,7 +20,7 @@ from fedsms.recipe import CandidateConfig
 from fedsms.training import train_candidate
 from fedsms_client.app import make_client_app
 from fedsms_flower.records import JOB_KEY
-from fedsms_server.strategy import Update
+from fedsms_server import strategy as strategy_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,10 +30,17 @@ def decoded_state(payload: bytes, strategy) -> codec.Decoded:
 
 
 def replies_of_round(strategy, server_round: int, clients: int = 2) -> list[bytes]:
-    """``server_round``'s train messages handled by real ClientApps; the update payloads."""
+    """``server_round``'s train messages (the hook prunes when the round opens a phase),
+    handled by real ClientApps; the update payloads."""
     grid = LocalGrid(make_client_app(), partitions(clients))
     messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
     return payloads(grid.send_and_receive(messages))
+
+
+def closed(strategy, server_round: int):
+    """Close the round as Flower's loop does (``aggregate_evaluate``); its record."""
+    strategy.aggregate_evaluate(server_round, [])
+    return strategy.rounds[-1]
 
 
 def assert_masked_average(strategy, states: list[dict], weights: list[float]) -> None:
@@ -89,8 +98,7 @@ def test_a_round_through_the_flower_hooks_gives_the_masked_average_of_the_replie
 
 def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp_path):
     strategy = make_strategy(tmp_path)
-    strategy.begin_round(2)  # round 2 opens phase 1: the strategy prunes first
-    good = replies_of_round(strategy, 2)
+    good = replies_of_round(strategy, 2)  # round 2 opens phase 1: the strategy prunes first
     decoded = decoded_state(good[0], strategy)
     state, mask = decoded.to_state_dict(strategy.soup), strategy.mask
     other_round = codec.encode(state, mask, phase=1, round=3, kind="update", num_examples=150)
@@ -103,54 +111,57 @@ def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp
     wrong_mask = codec.encode(other_state, other_mask, phase=1, round=2, kind="update", num_examples=150)
     absurd = codec.encode(state, mask, phase=1, round=2, kind="update", num_examples=10**12)
     bad = {
-        10: Update(10, other_round, {}),
-        11: Update(11, nan_payload, {}),
-        12: Update(12, wrong_mask, {}),
-        13: Update(13, good[0][: len(good[0]) // 2], {}),
-        14: Update(14, b"\x00garbage" * 10, {}),
-        15: Update(15, absurd, {}),
-        16: Update(16, error="the client failed: out of memory"),
+        10: reply_of(2, 2, 10, other_round),
+        11: reply_of(2, 3, 11, nan_payload),
+        12: reply_of(2, 4, 12, wrong_mask),
+        13: reply_of(2, 5, 13, good[0][: len(good[0]) // 2]),
+        14: reply_of(2, 6, 14, b"\x00garbage" * 10),
+        15: reply_of(2, 7, 15, absurd),
+        16: reply_of(2, 8, 16, error="out of memory"),
     }
-    strategy.aggregate_updates(2, [Update(0, good[0], {}), *bad.values(), Update(1, good[1], {})])
+    arrays, _ = strategy.aggregate_train(2, [reply_of(2, 0, 0, good[0]), *bad.values(), reply_of(2, 1, 1, good[1])])
 
     expected = [decoded_state(g, strategy).to_state_dict(strategy.soup) for g in good]
     assert_masked_average(strategy, expected, [1, 1])
-    assert set(strategy.current.rejected) == set(bad)
-    reasons = strategy.current.rejected
+    assert all(torch.equal(t, strategy.soup[k]) for k, t in arrays.to_torch_state_dict().items())  # the soup, as Flower gets it
+    log = closed(strategy, 2)
+    assert set(log.rejected) == set(bad)
+    reasons = log.rejected
     assert "round" in reasons[10]
     assert "finite" in reasons[11].lower() or "nan" in reasons[11].lower()
     assert "digest" in reasons[12] or "mask" in reasons[12]
     assert "training examples" in reasons[15] and "out of memory" in reasons[16]
-    assert strategy.current.accepted == 2
+    assert log.accepted == 2
 
 
 def test_too_few_valid_replies_leave_the_soup_unchanged(tmp_path):
     strategy = make_strategy(tmp_path)
-    strategy.begin_round(2)
-    before = {k: v.clone() for k, v in strategy.soup.items()}
     (reply, _) = replies_of_round(strategy, 2)
-    strategy.aggregate_updates(2, [Update(0, reply, {}), Update(1, b"junk", {})])
+    before = {k: v.clone() for k, v in strategy.soup.items()}
+    assert strategy.aggregate_train(2, [reply_of(2, 0, 0, reply), reply_of(2, 1, 1, b"junk")]) == (None, None)
     assert all(torch.equal(before[k], strategy.soup[k]) for k in before)
-    assert strategy.current.accepted == 1
+    assert closed(strategy, 2).accepted == 1
 
 
 def test_each_phase_prunes_to_its_exact_sparsity_and_nests(tmp_path):
     strategy = make_strategy(tmp_path, model="cnn", rounds_per_phase=2)
     assert strategy.num_rounds == 1 + 2 * 2
-    assert [strategy.phase_at(r) for r in range(1, 6)] == [(0, 1), (1, 1), (1, 2), (2, 1), (2, 2)]
-    assert [strategy.ends_phase(r) for r in range(1, 6)] == [True, False, True, False, True]
+    assert [(r.phase, r.round_in_phase) for r in strategy.schedule] == [(0, 1), (1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [r.ends_phase for r in strategy.schedule] == [True, False, True, False, True]
     total = sum(m.numel() for m in strategy.mask.values())
     previous = strategy.mask
+    grid = LocalGrid(make_client_app(), partitions(2))
     for server_round, phase in ((2, 1), (4, 2)):
-        strategy.begin_round(server_round)
+        strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
         kept = sum(int(m.sum()) for m in strategy.mask.values())
         assert kept == kept_count(total, sparsity_after_phase(0.8, 2, phase))
         assert all(bool((strategy.mask[n] <= previous[n]).all()) for n in previous)
         assert strategy.digest == mask_digest(strategy.mask)
         previous = strategy.mask
-    # the round after a phase's first keeps the mask
+    # a retry of the round, and the round after a phase's first, keep the mask
     digest = strategy.digest
-    strategy.begin_round(5)
+    strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid)
+    strategy.configure_train(5, ArrayRecord(), ConfigRecord(), grid)
     assert strategy.digest == digest
 
 
@@ -194,9 +205,10 @@ def test_greedy_merge_is_the_soup_that_heldout_accuracy_picks_with_recalibrated_
     model = strategy.model
     torch.manual_seed(0)
     train_candidate(model, strategy.mask, data.train, CandidateConfig(epochs=2, lr=0.05, batch_size=64))
-    strategy.engine.restore({k: v.clone() for k, v in model.state_dict().items()}, strategy.mask)
-    strategy.begin_round(1)  # prunes the trained dense model; round 1 ends phase 1
-    good = replies_of_round(strategy, 1, clients=3)
+    trained = ArrayRecord({k: v.clone() for k, v in model.state_dict().items()})
+    grid = LocalGrid(make_client_app(), partitions(3))
+    # the trained dense model as Flower's loop hands it to round 1, which prunes it and ends phase 1
+    good = payloads(grid.send_and_receive(strategy.configure_train(1, trained, ConfigRecord(), grid)))
     spoiled = decoded_state(good[0], strategy).to_state_dict(strategy.soup)
     generator = torch.Generator().manual_seed(0)
     for name, keep in strategy.mask.items():  # a candidate that lowers held-out accuracy
@@ -205,8 +217,7 @@ def test_greedy_merge_is_the_soup_that_heldout_accuracy_picks_with_recalibrated_
     payloads_ = [bad, *good]  # unsorted: the worst candidate comes first
     states = [decoded_state(p, strategy).to_state_dict(strategy.soup) for p in payloads_]
 
-    strategy.aggregate_updates(1, [Update(n, p, {}) for n, p in enumerate(payloads_)])
-    strategy.finish_phase(1)
+    strategy.aggregate_train(1, [reply_of(1, n, n, p) for n, p in enumerate(payloads_)])  # ends the phase
 
     phase_seed = strategy.run.seed + 1  # the recalibration subset of phase 1
     scratch = model  # the strategy's own model is scratch space here: the soup lives in the engine
@@ -234,50 +245,61 @@ def test_greedy_merge_is_the_soup_that_heldout_accuracy_picks_with_recalibrated_
     assert heldout(strategy.soup) >= max(heldout(s) for s in states)
 
 
-def made_replies(strategy, server_round: int, count: int = 2) -> list[Update]:
-    """``count`` valid update replies for ``server_round``: the soup with its kept values scaled."""
-    phase, _ = strategy.phase_at(server_round)
+def made_replies(strategy, server_round: int, count: int = 2) -> list:
+    """``count`` valid train replies for ``server_round``: the soup with its kept values scaled."""
+    phase = strategy.schedule[server_round - 1].phase
     replies = []
     for i in range(count):
         state = {k: v * (1.5 + i) if v.is_floating_point() else v + i for k, v in strategy.soup.items()}
         payload = codec.encode(state, strategy.mask, phase=phase, round=server_round, kind="update", num_examples=10)
-        replies.append(Update(i, payload, {}))
+        replies.append(reply_of(server_round, i, i, payload, train_loss=0.5))
     return replies
 
 
-def test_the_reply_reader_is_built_once_per_mask_and_anew_when_the_mask_changes(tmp_path):
+def test_the_reply_reader_is_built_once_per_mask_and_anew_when_the_mask_changes(tmp_path, monkeypatch):
     # rounds 2 and 3 share phase 1's mask; round 4 opens phase 2 (a new mask)
+    built = []
+    original = codec.UpdateReader.__init__
+
+    def counted(self, mask, *args, **kwargs):
+        built.append(mask_digest(mask))
+        original(self, mask, *args, **kwargs)
+
+    monkeypatch.setattr(codec.UpdateReader, "__init__", counted)
     strategy = make_strategy(tmp_path, rounds_per_phase=2)
-    readers = []
+    grid = LocalGrid(make_client_app(), partitions(2))
     for server_round in (2, 3, 4):
-        strategy.begin_round(server_round)
+        strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)  # prunes in rounds 2 and 4
         before = {k: v.clone() for k, v in strategy.soup.items()}
-        strategy.aggregate_updates(server_round, made_replies(strategy, server_round))
-        assert strategy.current.accepted == 2 and not strategy.current.rejected, strategy.current.rejected
+        strategy.aggregate_train(server_round, made_replies(strategy, server_round))
         for name, value in strategy.soup.items():  # the mean of x1.5 and x2.5 (integers: the maximum)
             expected = before[name] * 2 if value.is_floating_point() else before[name] + 1
             torch.testing.assert_close(value, expected, msg=name)
-        readers.append(strategy._reader_cache)
-    assert readers[0] is readers[1]  # same mask: built once
-    assert readers[2] is not readers[1] and readers[2].digest == strategy.digest  # pruned: built anew
+        log = closed(strategy, server_round)
+        assert log.accepted == 2 and not log.rejected, log.rejected
+    assert len(built) == 2 and built[1] == strategy.digest  # once for phase 1's mask, once for phase 2's
 
 
-def test_aggregation_holds_one_reply_at_a_time(tmp_path):
-    # The strategy lets go of each reply (accepted or refused) before it asks for the next,
-    # so a generator that unpacks replies one by one keeps a single payload copy alive.
+def test_aggregation_holds_one_reply_at_a_time(tmp_path, monkeypatch):
+    # The strategy lets go of each unpacked reply (accepted or refused) before it unpacks
+    # the next, so one payload copy is alive at a time.
     strategy = make_strategy(tmp_path, rounds_per_phase=2)
-    strategy.begin_round(2)
-    payloads_ = [u.payload for u in made_replies(strategy, 2, count=2)]
-    payloads_.insert(1, b"junk")
-    still_held = []
+    strategy.configure_train(2, ArrayRecord(), ConfigRecord(), LocalGrid(make_client_app(), partitions(2)))
+    replies = made_replies(strategy, 2, count=2)
+    replies.insert(1, reply_of(2, 5, 7, b"junk"))
+    alive, unpacked = [], []
+    original = strategy_module.unpack_reply
 
-    def one_by_one():
-        for i, payload in enumerate(payloads_):
-            update = Update(i, payload, {"train_loss": 0.5})
-            yield update
-            still_held.append(sys.getrefcount(update) - 2)  # less this frame's name and the call's argument
+    def watched(*args):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in unpacked))
+        update = original(*args)
+        unpacked.append(weakref.ref(update))
+        return update
 
-    metrics = strategy.aggregate_updates(2, one_by_one())
-    assert strategy.current.accepted == 2 and list(strategy.current.rejected) == [1]
-    assert still_held == [0, 0, 0]
-    assert metrics == {"train_loss": 0.5}
+    monkeypatch.setattr(strategy_module, "unpack_reply", watched)
+    _, metrics = strategy.aggregate_train(2, replies)
+    log = closed(strategy, 2)
+    assert log.accepted == 2 and list(log.rejected) == [7]
+    assert alive == [0, 0, 0]
+    assert dict(metrics) == {"train_loss": 0.5}

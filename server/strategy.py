@@ -307,12 +307,11 @@ class SparseSoupStrategy(Strategy):
                 raise RoundFailed(str(error)) from None
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             self._record_missing(server_round, messages, replies)
-            arrays, _ = self.aggregate_train(server_round, replies)
-            if arrays is not None:
+            if self.merge_replies(server_round, replies) is not None:
                 break
         else:
             raise RoundFailed(self._failure(server_round))
-        messages = self.configure_evaluate(server_round, arrays, evaluate_config or ConfigRecord(), grid)
+        messages = self.configure_evaluate(server_round, ArrayRecord(), evaluate_config or ConfigRecord(), grid)
         self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout) if messages else [])
 
     def _result(self) -> Result:
@@ -415,7 +414,33 @@ class SparseSoupStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Merge the valid replies under the mask, in candidate order, into the new soup.
+        """Merge the valid replies under the mask into the new soup (``merge_replies``) and
+        return it as Flower's loop carries it.
+
+        Parameters
+        ----------
+        server_round : int
+            The round, from 1.
+        replies : iterable of Message
+            The replies to the round's train messages.
+
+        Returns
+        -------
+        tuple of (ArrayRecord or None, MetricRecord or None)
+            The new soup (dense, zero outside the mask) and each training metric's mean
+            over the valid replies that report it; ``(None, None)`` when fewer than
+            ``min-train-clients`` were valid (the soup is then the one the round started from).
+        """
+        metrics = self.merge_replies(server_round, replies)
+        if metrics is None:
+            return None, None
+        self._returned = ArrayRecord(self.soup)
+        return self._returned, MetricRecord(metrics)
+
+    def merge_replies(self, server_round: int, replies: Iterable[Message]) -> dict[str, float] | None:
+        """``aggregate_train`` without the dense ``ArrayRecord`` copy of the soup that
+        Flower's loop carries between hooks (``start`` needs none: 40 ms a round for a
+        ResNet-18): merge the valid replies under the mask, in candidate order.
 
         Each reply's candidate and client come from the reply itself (its group id); the
         float sum, hence the soup, is the same whatever order the replies arrived in. An
@@ -433,10 +458,10 @@ class SparseSoupStrategy(Strategy):
 
         Returns
         -------
-        tuple of (ArrayRecord or None, MetricRecord or None)
-            The new soup and each training metric's mean over the valid replies that report
-            it; ``(None, None)`` when fewer than ``min-train-clients`` were valid (the soup
-            is then the one the round started from).
+        dict of str to float or None
+            Each training metric's mean over the valid replies that report it; None when
+            fewer than ``min-train-clients`` were valid (the soup is then the one the round
+            started from).
         """
         step = self._step(server_round)
         log = self._log(server_round)
@@ -485,13 +510,12 @@ class SparseSoupStrategy(Strategy):
                 f"round {server_round}: only {merge.count} valid replies (min-train-clients is "
                 f"{self.fed.min_train_clients}); the soup stays as it was"
             )
-            return None, None
+            return None
         log.train = {key: total / count for key, (total, count) in totals.items()}
         if step.ends_phase:
             self.phase_end.begin(server_round, step.phase, merge, start)
             self._complete_phase(None)
-        self._returned = ArrayRecord(self.soup)
-        return self._returned, MetricRecord(log.train)
+        return log.train
 
     def _updates(self, server_round: int, replies: Iterable[Message]) -> Iterable[Update]:
         """The replies' updates in candidate order, unpacked one at a time (each payload

@@ -74,24 +74,27 @@ def round_seconds(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-# What fedsms's server does in a round: SparseSoupStrategy's hooks, timed per server round.
-# end_round includes save_checkpoint, which is also shown on its own.
+# What fedsms's server does in a round: SparseSoupStrategy's steps, timed per server round.
+# The phase end (greedy choice, recalibration) runs inside merge_replies and is taken out of
+# aggregate_s; the round's record (line + checkpoint) inside aggregate_evaluate is also shown
+# on its own.
 HOOKS = {
-    "configure_train": "encode_s",
-    "aggregate_train": "aggregate_s",
-    "finish_phase": "recalibrate_s",
-    "end_round": "evaluate_s",
-    "save_checkpoint": "checkpoint_s",
+    ("SparseSoupStrategy", "configure_train"): "encode_s",
+    ("SparseSoupStrategy", "merge_replies"): "aggregate_s",
+    ("PhaseEnd", "begin"): "recalibrate_s",
+    ("SparseSoupStrategy", "aggregate_evaluate"): "evaluate_s",
+    ("JobRecorder", "end_round"): "checkpoint_s",
 }
 SERVER_PARTS = ("encode_s", "aggregate_s", "recalibrate_s", "evaluate_s")  # disjoint: they sum to the server's time
 
 
 def timed(method: Callable, totals: dict, key: str) -> Callable:
-    def wrapper(self, server_round, *args, **kwargs):
+    def wrapper(self, first, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return method(self, server_round, *args, **kwargs)
+            return method(self, first, *args, **kwargs)
         finally:
+            server_round = first if isinstance(first, int) else first.server_round  # a round, or its RoundLog
             per_round = totals.setdefault(server_round, {})
             per_round[key] = per_round.get(key, 0.0) + time.perf_counter() - start
 
@@ -99,20 +102,25 @@ def timed(method: Callable, totals: dict, key: str) -> Callable:
 
 
 def instrument() -> tuple[dict[int, dict[str, float]], list[float]]:
-    """Time the strategy's hooks per server round, and stamp the job's start and the end of every round."""
+    """Time the strategy's steps per server round, and stamp the job's start and the end of every round."""
+    from fedsms_server.phase_end import PhaseEnd
+    from fedsms_server.recorder import JobRecorder
     from fedsms_server.strategy import SparseSoupStrategy
 
+    classes = {"SparseSoupStrategy": SparseSoupStrategy, "PhaseEnd": PhaseEnd, "JobRecorder": JobRecorder}
     totals: dict[int, dict[str, float]] = {}
-    for hook, key in HOOKS.items():
-        setattr(SparseSoupStrategy, hook, timed(getattr(SparseSoupStrategy, hook), totals, key))
+    for (owner, name), key in HOOKS.items():
+        setattr(classes[owner], name, timed(getattr(classes[owner], name), totals, key))
     stamps: list[float] = []
     SparseSoupStrategy.summary = stamped(SparseSoupStrategy.summary, stamps)  # start() calls it first
-    SparseSoupStrategy.end_round = stamped(SparseSoupStrategy.end_round, stamps)
+    JobRecorder.end_round = stamped(JobRecorder.end_round, stamps)
     return totals, stamps
 
 
 def server_split(totals: dict[int, dict[str, float]], server_round: int) -> dict[str, float]:
-    return {key: totals.get(server_round, {}).get(key, 0.0) for key in HOOKS.values()}
+    split = {key: totals.get(server_round, {}).get(key, 0.0) for key in HOOKS.values()}
+    split["aggregate_s"] -= split["recalibrate_s"]  # the phase end runs inside merge_replies
+    return split
 
 
 def run_fedsms(clients: int, epochs: int) -> dict:

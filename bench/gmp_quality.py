@@ -29,16 +29,15 @@ from pathlib import Path
 
 import torch
 
-from fedsms import codec
 from fedsms.checkpoint import load_checkpoint
 from fedsms.config import FederationConfig, RunConfig
-from fedsms.data.partition import partition
 from fedsms.local import LocalRun
 from fedsms.models import build_for
 from fedsms.report import mean_std
 from fedsms.schedule import gmp_steps, num_updates
-from fedsms.training import train_candidate
-from fedsms_server.strategy import SparseSoupStrategy, Update
+from fedsms_client.app import make_client_app
+from fedsms_flower.local_grid import LocalGrid, partitions
+from fedsms_server.strategy import SparseSoupStrategy
 
 LOCAL_METHODS = ("imp", "sms", "gmp", "gmp-soup")
 FEDAVG = "fedavg-gmp"
@@ -51,49 +50,19 @@ def masked_fedavg(run: LocalRun, clients: int, out_dir: Path) -> dict:
     epochs = gmp_steps(config)[0].epochs  # one round per update; main() made the intervals equal
     # One phase per update and one round per phase, so each round opens with the server's prune.
     fed_run = RunConfig.from_mapping({"phases": updates, "retrain_epochs": epochs, "gmp_updates": 0}, base=config)
-    fed = FederationConfig(mode="data", pruning_schedule="gmp", pretrain_rounds=0, min_train_clients=clients)
+    fed = FederationConfig(
+        mode="data", pruning_schedule="gmp", pretrain_rounds=0, min_train_clients=clients, fraction_evaluate=0.0
+    )
     model = build_for(config.model, run.splits)
     model.load_state_dict(load_checkpoint(out_dir / "checkpoints" / f"seed{config.seed}-dense").state)
     strategy = SparseSoupStrategy(
         fed_run, fed, model, server_data=run.splits, out_dir=out_dir / "fedavg", log=lambda _: None
     )
-    shards = [run.splits.train.subset(i) for i in partition(run.splits.train.labels, "iid", clients, seed=config.seed)]
-    client_model = build_for(config.model, run.splits)
-    for server_round in range(1, strategy.num_rounds + 1):
-        payload = strategy.begin_round(server_round)
-        phase, _ = strategy.phase_at(server_round)
-        replies = []
-        for i, shard in enumerate(shards):
-            template = client_model.state_dict()
-            soup = codec.decode(
-                payload, expected_mask=None, expected_digest=None, template=template, expected_kind="soup"
-            )
-            client_model.load_state_dict(soup.to_state_dict(template))
-            train_candidate(
-                client_model,
-                soup.mask,
-                shard,
-                strategy.candidate_for(i, phase, server_round),
-                augmentation=run.splits.augmentation,
-            )
-            replies.append(
-                Update(
-                    i,
-                    codec.encode(
-                        client_model.state_dict(),
-                        soup.mask,
-                        phase=phase,
-                        round=server_round,
-                        kind="update",
-                        num_examples=len(shard),
-                    ),
-                    {},
-                )
-            )
-        strategy.aggregate_updates(server_round, replies)
-        strategy.finish_phase(server_round)  # recalibration on the server's data
-        strategy.end_round(server_round)
-    return {**strategy.phase_rows()[-1], "method": FEDAVG}
+    # The built-in ClientApp on IID shards (its partition is seeded by the job's seed, as the
+    # local methods' data is), through the strategy's own loop in this process.
+    client_app = make_client_app(data_fn=lambda *_: run.splits)
+    strategy.start(LocalGrid(client_app, partitions(clients)))
+    return {**strategy.recorder.phase_rows()[-1], "method": FEDAVG}
 
 
 def final_rows(rows: list[dict]) -> list[dict]:

@@ -33,7 +33,7 @@ is neither Flower's Ray simulation engine (whose daemons compete for 2 cores, se
 serialisation and would count the clients' training memory as the server's).
 
 *What is timed.* A round is the time between two ends of the server's per-round evaluation
-(FedAvg's ``evaluate_fn``, fedsms's ``end_round``); round 1 carries the clients' first
+(FedAvg's ``evaluate_fn``, fedsms's ``aggregate_evaluate``); round 1 carries the clients' first
 data load and is left out: figures are medians over rounds 2-7 of all runs of an arm.
 Because identical training can hide the server's share, each round is also split:
 *server* = round time minus the time the server blocked waiting for replies (everything
@@ -255,14 +255,15 @@ def run_fedsms(grid, args: dict, out_dir: str, stamp: Callable, hooks: dict) -> 
     from fedsms_server.strategy import SparseSoupStrategy
 
     strategy = build_strategy(*split_config(fedsms_config(out_dir, args)), log=lambda line: None)
-    strategy.aggregate_train = timed(SparseSoupStrategy.aggregate_train, hooks, "aggregate_s").__get__(strategy)
-    end_round = strategy.end_round
+    strategy.merge_replies = timed(SparseSoupStrategy.merge_replies, hooks, "aggregate_s").__get__(strategy)
+    aggregate_evaluate = strategy.aggregate_evaluate
 
-    def ending(server_round: int) -> None:
-        end_round(server_round)
+    def ending(server_round: int, replies):  # the round's last step: its record and checkpoint
+        result = aggregate_evaluate(server_round, replies)
         stamp()
+        return result
 
-    strategy.end_round = ending
+    strategy.aggregate_evaluate = ending
     before = {k: v.clone() for k, v in strategy.soup.items()}
     _reset_memory(args)
     stamp()

@@ -22,9 +22,8 @@ torch thread in every process:
   from the last federated run), then ``fedsms.soup.average`` — what a single machine does.
 
 *What is timed.* A phase's time runs from the start of ``configure_train`` of its round
-(the mask is pruned just before, in ``begin_round``, so pruning is out; the soup payload
-and the m messages are in) to the end of ``aggregate_train`` (every reply decoded, checked
-and averaged into the soup): send, train, reply, merge. The sequential arm times training
+(the server's prune that opens the phase, the soup payload and the m messages are in) to
+the end of ``merge_replies`` (every reply decoded, checked and averaged into the soup): send, train, reply, merge. The sequential arm times training
 the m candidates and averaging them. Excluded everywhere: process start-up (spawn, imports,
 the ClientApp build), the first round (dense pretraining, which also loads each client's
 data and warms it up; the sequential arm trains one untimed epoch instead), and what
@@ -124,6 +123,7 @@ def run_federated(job: dict, workers: int) -> dict:
     import torch
 
     from fedsms.config import split_config
+    from fedsms.schedule import round_candidate
     from fedsms_flower.local_grid import partitions
     from fedsms_server.app import build_strategy
 
@@ -135,10 +135,11 @@ def run_federated(job: dict, workers: int) -> dict:
         tempfile.TemporaryDirectory() as out_dir,
     ):
         strategy = build_strategy(*split_config(fedsms_config(out_dir, job)), log=lambda line: None)
-        configure, aggregate = strategy.configure_train, strategy.aggregate_train
+        configure, aggregate = strategy.configure_train, strategy.merge_replies
+        phase_of = lambda server_round: strategy.schedule[server_round - 1].phase  # noqa: E731
 
         def configure_train(server_round, *a, **kw):
-            if strategy.phase_at(server_round)[0] == 0:
+            if phase_of(server_round) == 0:
                 return configure(server_round, *a, **kw)
             # numpy: torch tensors would leave the child process as shared-memory handles
             start = {k: v.numpy().copy() for k, v in strategy.soup.items()}
@@ -146,14 +147,16 @@ def run_federated(job: dict, workers: int) -> dict:
             mark = (len(grid.busy), grid.wait_s, grid.bytes_down, grid.bytes_up)  # grid.worker: aligned with busy
             began = time.perf_counter()
             messages = configure(server_round, *a, **kw)
-            phase = strategy.phase_at(server_round)[0]
-            configs = [strategy.candidate_for(i, phase, server_round) for i in range(len(messages))]
+            phase = phase_of(server_round)
+            configs = [
+                round_candidate(strategy.run, strategy.fed.mode, i, phase, server_round) for i in range(len(messages))
+            ]
             phases.append({"began": began, "mark": mark, "inputs": (start, mask, configs)})
             return messages
 
-        def aggregate_train(server_round, *a, **kw):
+        def merge_replies(server_round, *a, **kw):
             result = aggregate(server_round, *a, **kw)
-            if strategy.phase_at(server_round)[0] > 0:
+            if phase_of(server_round) > 0:
                 ended = time.perf_counter()
                 phase = phases[-1]
                 busy_from, wait0, down0, up0 = phase.pop("mark")
@@ -168,14 +171,17 @@ def run_federated(job: dict, workers: int) -> dict:
                     wait_s=grid.wait_s - wait0,
                     bytes_down=grid.bytes_down - down0,
                     bytes_up=grid.bytes_up - up0,
-                    accepted=strategy.current.accepted,
+                    server_round=server_round,  # its accepted count is read from the round's record below
                     overlap=overlapping(busy),
                     processes=len({pid for pid, _, _ in busy}),
                 )
             return result
 
-        strategy.configure_train, strategy.aggregate_train = configure_train, aggregate_train
+        strategy.configure_train, strategy.merge_replies = configure_train, merge_replies
         strategy.start(grid)
+        accepted = {log.server_round: log.accepted for log in strategy.rounds}
+        for phase in phases:
+            phase["accepted"] = accepted[phase.pop("server_round")]
     return {"phases": phases, "load": os.getloadavg()[0]}
 
 

@@ -14,10 +14,11 @@ measured by timing the strategy's hooks in the server process and by the clients
 ``train_seconds``:
 
 - server encode: ``configure_train`` (pruning where a phase opens, the soup payload, messages);
-- server aggregate: ``aggregate_train`` (``codec.decode`` of every reply + streaming average);
-- server recalibrate: ``finish_phase`` (greedy choice and BatchNorm recalibration at a phase end);
-- server evaluate: ``end_round`` (test-set evaluation, the round's JSON line, and the
-  checkpoint, also shown on its own: ``save_checkpoint``);
+- server aggregate: ``merge_replies`` (what ``aggregate_train`` runs: every reply unpacked,
+  decoded and streamed into the average), less the phase end inside it;
+- server recalibrate: ``PhaseEnd.begin`` (greedy choice and BatchNorm recalibration at a phase end);
+- server evaluate: ``aggregate_evaluate`` (test-set evaluation, the round's JSON line, and
+  the checkpoint, also shown on its own: ``JobRecorder.end_round``);
 - client training: sum of the clients' ``train_candidate`` seconds / 2 parallel workers;
 - rest: Flower's transport and scheduling, and client-side work outside training (app
   start-up per message, data shard, model build, decode of the soup, encode of the reply).

@@ -10,9 +10,11 @@ import uuid
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Message, RecordDict
-from flwr.common import Error
+from flwr.common import Error, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedsms_flower.records import group_id
 
 
 class LocalGrid(Grid):
@@ -148,3 +150,35 @@ def partitions(count: int) -> list[dict]:
         ``{"partition-id": i, "num-partitions": count}`` for i in ``range(count)``.
     """
     return [{"partition-id": i, "num-partitions": count} for i in range(count)]
+
+
+def train_reply(server_round: int, candidate: int, node: int, content: RecordDict | None = None, error: str = ""):
+    """A reply to the train message of ``candidate`` in ``server_round`` sent to ``node``, as
+    that client would send it: ``content``, or an error reply when ``error`` is given. For
+    tests and benchmarks that hand a strategy replies of their own making.
+
+    Parameters
+    ----------
+    server_round : int
+        The round, from 1.
+    candidate : int
+        The candidate index the train message named.
+    node : int
+        The node it was sent to.
+    content : RecordDict, optional
+        The reply's content (e.g. ``{"update": record_of(payload), "metrics": MetricRecord(...)}``).
+    error : str, optional
+        The reason of an error reply (then ``content`` is ignored).
+
+    Returns
+    -------
+    Message
+        The reply; its group id names the round, candidate and node.
+    """
+    request = Message(
+        RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN, group_id=group_id(server_round, candidate, node)
+    )
+    request.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    if error:
+        return Message(Error(code=0, reason=error), reply_to=request)
+    return Message(content if content is not None else RecordDict(), reply_to=request)

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ArrayRecord
 
+from fedsms import FedSMSError
 from fedsms.codec import PayloadError
-from fedsms.masks import Mask
+from fedsms.masks import Mask, outside_mask_nonzeros
 from fedsms.merge import State, values_under_mask
 from fedsms_flower.records import ARRAYS_KEY
 
@@ -97,3 +98,52 @@ def read_update(record: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
             raise PayloadError(f"tensor {name!r} holds NaN or Inf")
         state[name] = value.to(like.dtype)
     return values_under_mask(state, mask)
+
+
+def read_arrays(arrays: ArrayRecord, template: Mapping[str, torch.Tensor], mask: Mask, model_name: str) -> State:
+    """A global model handed to the strategy (``initial_arrays``, or ``arrays`` in Flower's
+    loop), checked to fit the soup: the same names, shapes and dtypes, zero where the mask prunes.
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+        The model, e.g. ``ArrayRecord(model.state_dict())``.
+    template : mapping of str to Tensor
+        The soup.
+    mask : Mask
+        The job's mask.
+    model_name : str
+        The model's class name, for the message.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The state dict, in the template's order.
+
+    Raises
+    ------
+    FedSMSError
+        The arrays cannot be read as tensors, do not fit the template, or are nonzero where
+        the mask prunes; one sentence naming the fix.
+    """
+    try:
+        state = arrays.to_torch_state_dict()
+    except Exception as error:  # a record that is not a model
+        raise FedSMSError(f"the arrays given to the strategy cannot be read as tensors ({error})") from None
+
+    def fits(name: str) -> bool:
+        return name in state and state[name].shape == template[name].shape and state[name].dtype == template[name].dtype
+
+    misfit = next((k for k in template if not fits(k)), None) or next((k for k in state if k not in template), None)
+    if misfit is not None:
+        raise FedSMSError(
+            f"the arrays given to the strategy do not fit its model ({model_name}): tensor {misfit!r} is missing, "
+            "extra, or of another shape or dtype; pass ArrayRecord(model.state_dict()) of the strategy's architecture"
+        )
+    outside = outside_mask_nonzeros(state, mask)
+    if outside:
+        raise FedSMSError(
+            f"the arrays given to the strategy have {sum(outside.values())} nonzero weights the job's mask "
+            "prunes; pass the ArrayRecord aggregate_train returned"
+        )
+    return {name: state[name] for name in template}  # the model's order, in which payloads list tensors

@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterable
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log as flower_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -39,31 +38,17 @@ from fedsms.config import FederationConfig, RunConfig
 from fedsms.data import DatasetSplits
 from fedsms.engine import PhaseHooks, SoupEngine, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
-from fedsms.masks import Mask, dense_mask, outside_mask_nonzeros, prunable_names, sparsity
+from fedsms.masks import Mask, dense_mask, prunable_names, sparsity
 from fedsms.merge import State
-from fedsms.schedule import Round, federated_rounds, round_candidate
-from fedsms.schema import declared
+from fedsms.schedule import Round, federated_rounds
 from fedsms_flower.records import (
-    ARRAYS_KEY,
-    CANDIDATE,
-    CONFIG_KEY,
-    JOB_KEY,
-    LAST_ROUND,
     NORM_STATS,
-    NUM_CANDIDATES,
     NUM_EXAMPLES,
-    OOD,
-    OOD_EXAMPLES,
-    OUT_DIR,
-    PHASE,
-    SERVER_ROUND,
-    SOUP_KEY,
-    group_id,
     origin_of,
-    record_of,
 )
 from fedsms_server import gate
-from fedsms_server.flower_layout import record_bytes, soup_record
+from fedsms_server.flower_layout import read_arrays
+from fedsms_server.messages import Outbox
 from fedsms_server.phase_end import PhaseEnd
 from fedsms_server.recorder import JobRecorder, RoundLog, model_metadata
 from fedsms_server.sampling import ClientSampler, NotEnoughClients
@@ -151,7 +136,16 @@ class SparseSoupStrategy(Strategy):
             self.log,
         )
         self.sampler = ClientSampler(federation, run.candidates, run.seed, self.log)
-        self.phase_end = PhaseEnd(self.engine, self.model, run, federation, server_data, self._soup_content, self.log)
+        self.outbox = Outbox(run, federation, self.recorder.settings, self.schedule, str(self.recorder.out_dir))
+        self.phase_end = PhaseEnd(
+            self.engine,
+            self.model,
+            run,
+            federation,
+            server_data,
+            lambda server_round: self.outbox.soup_content(self.soup, self.mask, server_round),
+            self.log,
+        )
         self._decoder = UpdateDecoder()
         self._open: dict[int, RoundLog] = {}  # rounds configured but not yet closed
         self._opened = 0  # the last round whose prune was applied
@@ -393,23 +387,10 @@ class SparseSoupStrategy(Strategy):
             )
         log = self._log(server_round)
         nodes = self.sampler.train_nodes(grid, server_round)
-        soup, nbytes = self._soup_entry(server_round)
+        soup, nbytes = self.outbox.soup_entry(self.soup, self.mask, server_round)
         log.clients = len(nodes)
         log.bytes_down += nbytes * len(nodes)
-        job = self._job_record(without_candidate_keys=True)
-        flags = self._job_flags(server_round)
-        messages = []
-        for i, node in enumerate(nodes):
-            candidate = round_candidate(self.run, self.fed.mode, i, step.phase, server_round)
-            settings = {**dict(config), **candidate.to_dict(), PHASE: step.phase, SERVER_ROUND: server_round}
-            settings.update({CANDIDATE: i, NUM_CANDIDATES: len(nodes), **flags})
-            content = RecordDict({**soup, CONFIG_KEY: ConfigRecord(settings), JOB_KEY: job})
-            messages.append(
-                Message(
-                    content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=group_id(server_round, i, node)
-                )
-            )
-        return messages
+        return self.outbox.train(soup, nodes, server_round, config)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -556,17 +537,14 @@ class SparseSoupStrategy(Strategy):
         list of Message
             One evaluate message per chosen client; empty when ``fraction-evaluate`` is 0.
         """
-        step = self._step(server_round)
+        self._step(server_round)
         self._complete_phase(grid)
         nodes = self.sampler.evaluate_nodes(grid)
         if not nodes:
             return []
-        soup, nbytes = self._soup_entry(server_round)
+        soup, nbytes = self.outbox.soup_entry(self.soup, self.mask, server_round)
         self._log(server_round).bytes_down += nbytes * len(nodes)
-        settings = {**dict(config), PHASE: step.phase, SERVER_ROUND: server_round, OOD: self.run.ood}
-        settings.update({OOD_EXAMPLES: self.run.ood_examples, **self._job_flags(server_round)})
-        content = RecordDict({**soup, CONFIG_KEY: ConfigRecord(settings), JOB_KEY: self._job_record()})
-        return [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE) for node in nodes]
+        return self.outbox.evaluate(soup, nodes, server_round, config)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' evaluation metrics; then the round closes:
@@ -715,27 +693,7 @@ class SparseSoupStrategy(Strategy):
         """Take ``arrays`` as the soup unless it is empty or the soup this strategy returned."""
         if arrays is None or not len(arrays) or arrays is self._returned:
             return
-        try:
-            state = arrays.to_torch_state_dict()
-        except Exception as error:  # a record that is not a model
-            raise FedSMSError(f"the arrays given to the strategy cannot be read as tensors ({error})") from None
-        mine = self.engine.state
-        fits = lambda k: k in state and state[k].shape == mine[k].shape and state[k].dtype == mine[k].dtype  # noqa: E731
-        misfit = next((k for k in mine if not fits(k)), None) or next((k for k in state if k not in mine), None)
-        if misfit is not None:
-            raise FedSMSError(
-                f"the arrays given to the strategy do not fit its model ({type(self.model).__name__}): tensor "
-                f"{misfit!r} is missing, extra, or of another shape or dtype; pass ArrayRecord(model.state_dict()) "
-                "of the strategy's architecture"
-            )
-        state = {k: state[k] for k in mine}  # the model's order, in which payloads list tensors
-        outside = outside_mask_nonzeros(state, self.mask)
-        if outside:
-            raise FedSMSError(
-                f"the arrays given to the strategy have {sum(outside.values())} nonzero weights the job's mask "
-                "prunes; pass the ArrayRecord aggregate_train returned"
-            )
-        self.engine.state = state
+        self.engine.state = read_arrays(arrays, self.engine.state, self.mask, type(self.model).__name__)
         self._returned = arrays
 
     def _record_missing(self, server_round: int, messages: list[Message], replies: list[Message]) -> None:
@@ -747,44 +705,6 @@ class SparseSoupStrategy(Strategy):
                 reason = f"no reply within round-timeout ({self.fed.round_timeout:g} s)"
                 log.rejected[message.metadata.dst_node_id] = reason
                 self.log(f"round {server_round}: node {message.metadata.dst_node_id}: {reason}")
-
-    def _soup_content(self, server_round: int) -> dict:
-        """The compact soup and the job's settings, as every server message carries them."""
-        payload = self._payload(server_round)
-        return {SOUP_KEY: record_of(payload), JOB_KEY: self._job_record()}
-
-    def _payload(self, server_round: int) -> bytes:
-        return codec.encode(
-            self.soup,
-            self.mask,
-            phase=self.schedule[server_round - 1].phase,
-            round=server_round,
-            kind="soup",
-            value_dtype=self.fed.value_dtype,
-        )
-
-    def _soup_entry(self, server_round: int) -> tuple[dict, int]:
-        """The soup under its record key and its bytes: the compact payload (values under
-        the mask and the mask bits), or for unchanged Flower ClientApps
-        (``client-protocol = flower``) the dense ``ArrayRecord``."""
-        if self.fed.client_protocol == "flower":
-            record = soup_record(self.soup)
-            return {ARRAYS_KEY: record}, record_bytes(record)
-        payload = self._payload(server_round)
-        return {SOUP_KEY: record_of(payload)}, len(payload)
-
-    def _job_record(self, without_candidate_keys: bool = False) -> ConfigRecord:
-        """Every job setting under its run-config name: what shapes a client's work travels
-        with the message, so a client is correct with an empty run config. A train
-        message's candidate hyperparameters travel once, in its config record."""
-        settings = self.recorder.settings
-        if without_candidate_keys:
-            settings = {k: v for k, v in settings.items() if k not in _CANDIDATE_KEYS}
-        return ConfigRecord({k.replace("_", "-"): v for k, v in settings.items()})
-
-    def _job_flags(self, server_round: int) -> dict:
-        """Lets clients tell when the job is over (``fedsms-client`` exits then)."""
-        return {LAST_ROUND: server_round == self.num_rounds, OUT_DIR: str(self.out_dir)}
 
     def _model_metadata(self) -> dict:
         return model_metadata(self.run.model, self.model, self.mask)
@@ -804,13 +724,3 @@ class SparseSoupStrategy(Strategy):
             f"retries, fewer than min-train-clients={self.fed.min_train_clients}{said}; {advice}, then rerun with "
             "--resume to continue from the last completed round"
         )
-
-
-def _candidate_keys() -> frozenset[str]:
-    """Run keys a candidate's hyperparameters carry (the job's base ``seed`` stays: clients
-    shard data with it), and the pretraining keys that set phase 0's candidates."""
-    keys = {f.name for f, spec in declared(RunConfig) if spec.candidate and f.name != "seed"}
-    return frozenset(keys | {"pretrain_lr", "pretrain_epochs"})
-
-
-_CANDIDATE_KEYS = _candidate_keys()

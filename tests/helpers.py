@@ -110,17 +110,13 @@ def payloads(replies: Iterable[Message]) -> list[bytes]:
 def reply_of(server_round: int, candidate: int, node: int, payload: bytes | None = None, *, error: str = "", **metrics):
     """A train reply as node ``node`` would send it for ``candidate`` of ``server_round``:
     the compact ``payload`` (with ``metrics``), or an error reply when ``error`` is given."""
-    import uuid
-
     from flwr.app import MetricRecord, RecordDict
-    from flwr.common import Error
 
-    from fedsms_flower.records import group_id, record_of
+    from fedsms_flower.local_grid import train_reply
+    from fedsms_flower.records import record_of
 
-    request = Message(
-        RecordDict(), dst_node_id=node, message_type="train", group_id=group_id(server_round, candidate, node)
-    )
-    request.metadata.__dict__["_message_id"] = uuid.uuid4().hex
     if error:
-        return Message(Error(code=0, reason=error), reply_to=request)
-    return Message(RecordDict({"update": record_of(payload), "metrics": MetricRecord(metrics)}), reply_to=request)
+        return train_reply(server_round, candidate, node, error=error)
+    return train_reply(
+        server_round, candidate, node, RecordDict({"update": record_of(payload), "metrics": MetricRecord(metrics)})
+    )

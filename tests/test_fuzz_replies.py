@@ -4,23 +4,31 @@ exactly the payloads that an independent reference reader written from the schem
 averages exactly the replies the reference reader accepts and logs the rest.
 
 Nothing is built at import time: the world (a pruned cnn soup and two replies, made by
-perturbing the soup rather than by training) is built on first use."""
+perturbing the soup rather than by training) is built on first use. The aggregator is
+driven through the strategy's Flower hooks: ``configure_train`` opens (or reopens) round 2
+from the world's soup, ``aggregate_train`` takes the replies as Messages, and
+``aggregate_evaluate`` closes the round, whose record is then ``strategy.rounds[-1]``."""
 
+import atexit
 import math
+import shutil
+import tempfile
 import zlib
 from functools import lru_cache
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import wire_reference as ref
-from helpers import make_strategy
+from flwr.app import ArrayRecord, ConfigRecord
+from helpers import LocalGrid, make_strategy, partitions, reply_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsms import codec
 from fedsms.wire import payload_pb2 as pb
-from fedsms_server.strategy import RoundLog, Update
+from fedsms_client.app import make_client_app
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -28,9 +36,14 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 @lru_cache(maxsize=1)
 def world() -> SimpleNamespace:
     """A cnn strategy in round 2 (phase 1: pruned, the mask is sparse) and two valid replies.
-    The strategy writes nothing before a round ends, so its out_dir is never created."""
-    strategy = make_strategy("/nonexistent/fedsms-fuzz", model="cnn")
-    strategy.begin_round(2)
+    Two rounds a phase, so round 2 only merges (its phase does not end there). Closing a
+    round writes its line and checkpoint to a private folder, removed at exit."""
+    out = Path(tempfile.mkdtemp(prefix="fedsms-fuzz-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    strategy = make_strategy(out, model="cnn", rounds_per_phase=2)
+    grid = LocalGrid(make_client_app(), partitions(2))
+    assert not strategy.schedule[1].ends_phase and strategy.schedule[1].prune is not None
+    strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)  # opens phase 1: prunes
     base = {k: v.clone() for k, v in strategy.soup.items()}
     good = []
     for seed in range(2):
@@ -41,7 +54,20 @@ def world() -> SimpleNamespace:
         }
         state = {k: v * strategy.mask[k] if k in strategy.mask else v for k, v in state.items()}
         good.append(codec.encode(state, strategy.mask, phase=1, round=2, kind="update", num_examples=120))
-    return SimpleNamespace(strategy=strategy, base=base, good=good)
+    return SimpleNamespace(strategy=strategy, base=base, good=good, grid=grid)
+
+
+def aggregated(replies: list):
+    """Round 2 merged from the world's starting soup, as Flower's loop runs it: the soup
+    handed to ``configure_train`` (a retry of the round: no second prune), the replies to
+    ``aggregate_train``, then ``aggregate_evaluate`` closes the round. Its record."""
+    w = world()
+    strategy = w.strategy
+    strategy.configure_train(2, ArrayRecord(w.base), ConfigRecord(), w.grid)
+    assert all(torch.equal(strategy.soup[k], w.base[k]) for k in w.base)  # the round starts from the world's soup
+    strategy.aggregate_train(2, replies)
+    strategy.aggregate_evaluate(2, [])
+    return strategy.rounds[-1]
 
 
 def good_payload() -> st.SearchStrategy[bytes]:
@@ -362,19 +388,17 @@ def test_aggregator_averages_exactly_the_replies_the_reference_accepts(mutants, 
     w = world()
     strategy = w.strategy
     payloads = [*w.good, *mutants]
-    updates = [Update(node, payloads[node], {}) for node in order if node < len(payloads)]
+    nodes = [node for node in order if node < len(payloads)]  # the order the replies arrive in
     accepted = {}
-    for update in updates:
-        read = reference_read(update.payload)
+    for node in nodes:
+        read = reference_read(payloads[node])
         if read is not None and 0 < read["num_examples"] <= 10**9:
-            accepted[update.node] = reference_state(read)
+            accepted[node] = reference_state(read)
 
-    strategy.engine.state = {k: v.clone() for k, v in w.base.items()}
-    strategy.current = RoundLog(2, 1, 1, 0.0)
-    strategy.aggregate_updates(2, updates)
+    log = aggregated([reply_of(2, node, node, payloads[node]) for node in nodes])
 
-    log = strategy.current
-    assert set(log.rejected) == {u.node for u in updates} - set(accepted)
+    assert (log.server_round, log.phase) == (2, 1)
+    assert set(log.rejected) == set(nodes) - set(accepted)
     assert all(isinstance(reason, str) and reason for reason in log.rejected.values())
     assert log.accepted == len(accepted) >= 2
     for name, value in strategy.soup.items():
@@ -391,8 +415,14 @@ def test_a_reply_with_an_absurd_finite_value_never_reaches_the_soup():
     w = world()
     strategy = w.strategy
     poisoned = field_mutant(w.good[1], [(_poison_value, (0, 1e30))])
-    strategy.engine.state = {k: v.clone() for k, v in w.base.items()}
-    strategy.current = RoundLog(2, 1, 1, 0.0)
-    strategy.aggregate_updates(2, [Update(0, w.good[0], {}), Update(1, poisoned, {}), Update(2, w.good[0], {})])
-    assert set(strategy.current.rejected) == {1} and strategy.current.accepted == 2
+    log = aggregated([reply_of(2, i, i, p) for i, p in enumerate([w.good[0], poisoned, w.good[0]])])
+    assert set(log.rejected) == {1} and log.accepted == 2
     assert all(float(v.abs().max()) < 1e6 for v in strategy.soup.values() if v.is_floating_point())
+
+
+def test_a_reply_claiming_absurdly_many_examples_never_reaches_the_soup():
+    w = world()
+    many = field_mutant(w.good[1], [(lambda message, n: setattr(message, "num_examples", n), 10**9 + 1)])
+    assert reference_read(many) is not None  # the schema allows any count: plausibility is the server's call
+    log = aggregated([reply_of(2, i, i, p) for i, p in enumerate([w.good[0], many, w.good[1]])])
+    assert set(log.rejected) == {1} and "training examples" in log.rejected[1] and log.accepted == 2

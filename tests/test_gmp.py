@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import torch
 from conftest import venv_bin
-from helpers import digits
+from flwr.app import ArrayRecord, ConfigRecord
+from helpers import LocalGrid, digits, partitions, reply_of
 
 from fedsms import FedSMSError, codec
 from fedsms.cli import main
@@ -18,7 +19,9 @@ from fedsms.masks import kept_count, mask_digest, outside_mask_nonzeros
 from fedsms.models import build_for
 from fedsms.report import by_schedule, final_table, phase_table
 from fedsms.schedule import cubic_sparsity, gmp_steps, split_evenly
-from fedsms_server.strategy import SparseSoupStrategy, Update
+from fedsms_client.app import make_client_app
+from fedsms_flower.records import payload_of
+from fedsms_server.strategy import SparseSoupStrategy
 
 
 def update_targets(run: RunConfig) -> list[float]:
@@ -210,6 +213,16 @@ def gmp_strategy(tmp_path, run: RunConfig, state=None, **federation) -> SparseSo
     return SparseSoupStrategy(run, fed, model, server_data=digits(), out_dir=tmp_path, log=lambda _: None)
 
 
+def two_clients() -> LocalGrid:
+    return LocalGrid(make_client_app(), partitions(2))
+
+
+def closed(strategy, server_round: int):
+    """Close the round as Flower's loop does (``aggregate_evaluate``); its record."""
+    strategy.aggregate_evaluate(server_round, [])
+    return strategy.rounds[-1]
+
+
 def test_federated_gmp_prunes_at_round_boundaries_exactly_and_nested(tmp_path):
     run = RunConfig(**{**TINY, "phases": 2, "retrain_epochs": 3, "gmp_updates": 3})
     strategy = gmp_strategy(tmp_path, run, rounds_per_phase=2)
@@ -218,8 +231,10 @@ def test_federated_gmp_prunes_at_round_boundaries_exactly_and_nested(tmp_path):
     assert opens == [1, 2, 3, None]
     total = sum(m.numel() for m in strategy.mask.values())
     previous, digests = strategy.mask, []
+    grid = two_clients()
     for server_round, target in zip(range(1, 5), update_targets(run) + [update_targets(run)[-1]]):
-        strategy.begin_round(server_round)
+        # the hook prunes when the round opens an update
+        strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
         assert sum(int(m.sum()) for m in strategy.mask.values()) == kept_count(total, target)
         assert all(bool((strategy.mask[n] <= previous[n]).all()) for n in previous)
         assert not outside_mask_nonzeros(strategy.soup, strategy.mask)
@@ -243,25 +258,31 @@ def test_federated_and_local_gmp_soups_agree_on_the_same_candidates(tmp_path):
     local_soups = [s for s in recorder.saved if s["method"] == "gmp-soup"]
     strategy = gmp_strategy(tmp_path / "fed", run.config, state=dense)
     assert strategy.num_rounds == 3
+    grid = two_clients()
     for server_round, (step, soup) in enumerate(zip(local_updates, local_soups), 1):
-        payload = strategy.begin_round(server_round)
+        messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+        assert len(messages) == 2
+        payload = payload_of(messages[0].content["soup"])  # the soup as the clients receive it
+        assert all(payload_of(m.content["soup"]) == payload for m in messages)
         sent = codec.decode(
             payload, expected_mask=None, expected_digest=None, template=strategy.soup, expected_kind="soup"
         )
         assert mask_digest(sent.mask) == mask_digest(step["mask"]) == mask_digest(soup["mask"])
         for name, value in sent.to_state_dict(strategy.soup).items():
             torch.testing.assert_close(value, step["start"][name])  # the clients start where the local candidates did
-        updates = [
-            Update(
+        replies = [
+            reply_of(
+                server_round,
+                i,
                 i,
                 codec.encode(state, sent.mask, phase=server_round, round=server_round, kind="update", num_examples=n),
-                {},
             )
             for i, (state, n) in enumerate(zip(step["states"], step["examples"]))
         ]
-        strategy.aggregate_updates(server_round, updates)
-        assert strategy.current.accepted == 2
-        strategy.finish_phase(server_round)  # server-held data; the mlp has no norm layers
+        # each round ends a phase: the merge, then the phase's end (server-held data; the mlp has no norm layers)
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert arrays is not None
+        assert closed(strategy, server_round).accepted == 2
         for name, value in soup["state"].items():
             torch.testing.assert_close(strategy.soup[name], value, rtol=1e-6, atol=1e-7)
 

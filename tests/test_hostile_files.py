@@ -69,6 +69,18 @@ def test_a_good_mnist1d_cache_loads(tmp_path):
     assert len(train) == 160 and len(test) == 40
 
 
+def opened(strategy, server_round: int = 1):
+    """Open ``server_round`` as Flower's loop does (``configure_train``); its train messages."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from helpers import LocalGrid, partitions
+
+    from fedsms_client.app import make_client_app
+
+    return strategy.configure_train(
+        server_round, ArrayRecord(), ConfigRecord(), LocalGrid(make_client_app(), partitions(2))
+    )
+
+
 def test_planted_symlinks_in_the_output_folder_are_not_followed(tmp_path):
     import torch
     from helpers import digits
@@ -93,9 +105,9 @@ def test_planted_symlinks_in_the_output_folder_are_not_followed(tmp_path):
         out_dir=out,
         log=lambda _: None,
     )
-    strategy.begin_round(1)
+    opened(strategy)
     with pytest.raises(FedSMSError, match="symbolic link"):
-        strategy.end_round(1)
+        strategy.aggregate_evaluate(1, [])  # closes the round: its line goes to rounds.jsonl
     strategy.write_outputs()  # summary.json and results.jsonl replace the links
     assert target.read_text() == "keep me\n"
     assert not (out / "summary.json").is_symlink() and not (out / "results.jsonl").is_symlink()
@@ -159,8 +171,8 @@ def test_a_damaged_round_checkpoint_is_refused_on_resume(tmp_path, damage):
         out_dir=tmp_path,
         log=lambda _: None,
     )
-    strategy.begin_round(1)
-    strategy.end_round(1)
+    opened(strategy)
+    strategy.aggregate_evaluate(1, [])  # closes the round: its checkpoint
     from fedsms.checkpoint import load_checkpoint
 
     saved = load_checkpoint(tmp_path / "checkpoints" / "soup")

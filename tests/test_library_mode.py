@@ -35,7 +35,10 @@ def readme_snippet() -> str:
 def test_readme_server_snippet_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
-    namespace = {"MyNet": MyNet, "my_splits": digits}
+    def my_score(model) -> float:  # a user's own metric: the weights' L1 norm
+        return float(sum(p.detach().abs().sum() for p in model.parameters()))
+
+    namespace = {"MyNet": MyNet, "my_splits": digits, "my_score": my_score}
     code = readme_snippet().replace(
         "RunConfig(target_sparsity=0.9, phases=3,",
         "RunConfig(target_sparsity=0.9, phases=3, pretrain_epochs=10, retrain_epochs=4, ood=False,",
@@ -53,3 +56,5 @@ def test_readme_server_snippet_runs_as_written(tmp_path, monkeypatch):
     MyNet().load_state_dict(load_file(out / "final_model.safetensors"), strict=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["model_class"] == "MyNet" and summary["stopped"] == ""
+    # the user's evaluate_fn ran at round 0 and after every round, recorded beside the strategy's own
+    assert summary["initial_eval"]["my_score"] > 0 and all(r["evaluate_fn"]["my_score"] > 0 for r in rounds)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from helpers import digits
+from helpers import LocalGrid, digits, partitions, reply_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -21,9 +21,12 @@ from fedsms.checkpoint import load_checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.models import build_for
 from fedsms.norms import NormStatsAverage, NormStatsError, norm_stats
+from fedsms_client.app import make_client_app
+from fedsms_flower.local_grid import train_reply
 from fedsms_flower.records import record_of
 from fedsms_server import gate
-from fedsms_server.strategy import JobStopped, SparseSoupStrategy, unpack_reply
+from fedsms_server.strategy import JobStopped, SparseSoupStrategy
+from fedsms_server.updates import unpack_reply
 
 SPLITS = digits()
 
@@ -50,8 +53,21 @@ def make_strategy(tmp_path, model="mlp", **federation):
     )
 
 
+def opened(strategy, server_round: int = 1):
+    """Open ``server_round`` as Flower's loop does (``configure_train``); its train messages."""
+    return strategy.configure_train(
+        server_round, ArrayRecord(), ConfigRecord(), LocalGrid(make_client_app(), partitions(2))
+    )
+
+
+def closed(strategy, server_round: int = 1):
+    """Close the round as Flower's loop does (``aggregate_evaluate``); its record."""
+    strategy.aggregate_evaluate(server_round, [])
+    return strategy.rounds[-1]
+
+
 def update_payload(strategy, server_round, examples=100, scale=1.0, seed=0):
-    phase, _ = strategy.phase_at(server_round)
+    phase = strategy.schedule[server_round - 1].phase
     g = torch.Generator().manual_seed(seed)
     state = {
         k: (v + scale * torch.randn(v.shape, generator=g) * strategy.mask.get(k, 1)) if v.is_floating_point() else v
@@ -62,6 +78,11 @@ def update_payload(strategy, server_round, examples=100, scale=1.0, seed=0):
 
 def reply(content: dict) -> Message:
     return Message(RecordDict(content), dst_node_id=0, message_type="train")
+
+
+def train_reply_of(node: int, content: dict, server_round: int = 1) -> Message:
+    """The reply of ``node`` (candidate ``node``) to its train message of ``server_round``, holding ``content``."""
+    return train_reply(server_round, node, node, RecordDict(content))
 
 
 BAD_TRAIN_METRICS = [
@@ -76,25 +97,26 @@ BAD_TRAIN_METRICS = [
 
 def test_train_replies_with_bad_metrics_are_rejected_and_the_round_checkpoints(tmp_path):
     strategy = make_strategy(tmp_path)
-    strategy.begin_round(1)
+    opened(strategy)
     payload = update_payload(strategy, 1)
     good = [
-        unpack_reply(reply({"update": record_of(payload), "metrics": MetricRecord(m)}), node)
+        train_reply_of(node, {"update": record_of(payload), "metrics": MetricRecord(m)})
         for node, m in enumerate([{"train_loss": 0.5}, {}, {"train_loss": 0.7, "extra": 1.0}])
     ]
-    bad = [
-        unpack_reply(reply({"update": record_of(payload), "metrics": MetricRecord(m)}), 10 + i)
+    bad = {
+        10 + i: train_reply_of(10 + i, {"update": record_of(payload), "metrics": MetricRecord(m)})
         for i, m in enumerate(BAD_TRAIN_METRICS)
-    ]
-    as_string = reply({"update": record_of(payload), "metrics": ConfigRecord({"train_loss": "low"})})
-    no_metrics = reply({"update": record_of(payload)})
-    bad += [unpack_reply(as_string, 20), unpack_reply(no_metrics, 21)]
-    metrics = strategy.aggregate_updates(1, [*good, *bad])
+    }
+    bad[20] = train_reply_of(20, {"update": record_of(payload), "metrics": ConfigRecord({"train_loss": "low"})})
+    bad[21] = train_reply_of(21, {"update": record_of(payload)})  # no metrics
+    arrays, metrics = strategy.aggregate_train(1, [*good, *bad.values()])
 
-    assert strategy.current.accepted == 3
-    assert set(strategy.current.rejected) == {u.node for u in bad}
-    assert metrics == {"train_loss": pytest.approx(0.6), "extra": 1.0}  # each key over the replies carrying it
-    strategy.end_round(1)
+    assert arrays is not None
+    assert dict(metrics) == {"train_loss": pytest.approx(0.6), "extra": 1.0}  # each key over the replies carrying it
+    log = closed(strategy)
+    assert log.accepted == 3
+    assert set(log.rejected) == set(bad)
+    assert log.train == {"train_loss": pytest.approx(0.6), "extra": 1.0}
     assert load_checkpoint(tmp_path / "checkpoints" / "soup").metadata["server_round"] == 1
 
 
@@ -119,14 +141,14 @@ def eval_reply(metrics) -> Message:
 )
 def test_bad_evaluation_replies_are_rejected(tmp_path, metrics):
     strategy = make_strategy(tmp_path)
-    strategy.begin_round(1)
+    opened(strategy)
     good = eval_reply({"accuracy": 0.9, "num-examples": 100})
     assert dict(strategy.aggregate_evaluate(1, [good, eval_reply(metrics)])) == {"accuracy": pytest.approx(0.9)}
 
 
 def test_an_evaluation_round_of_only_bad_replies_reports_nothing(tmp_path):
     strategy = make_strategy(tmp_path)
-    strategy.begin_round(1)
+    opened(strategy)
     assert strategy.aggregate_evaluate(1, [eval_reply({"accuracy": 1.0, "num-examples": -5})]) is None
 
 
@@ -183,14 +205,21 @@ def test_norm_stats_average_checks_before_adding_and_refuses_to_pool_nothing():
     pooled = NormStatsAverage(model)
     with pytest.raises(NormStatsError, match="nothing to pool"):
         pooled.result()
-    stats = norm_stats(model)
+    g = torch.Generator().manual_seed(0)  # statistics unlike the template's, so a stray sum shows
+    stats = {
+        k: v + torch.rand(v.shape, generator=g) if v.is_floating_point() else v for k, v in norm_stats(model).items()
+    }
+    alone = NormStatsAverage(model)
+    alone.add(stats, 10)
     last = list(stats)[-2]  # a late tensor of the wrong shape: nothing before it may be summed
     with pytest.raises(NormStatsError, match="shape"):
         pooled.add({**stats, last: torch.zeros(1, 2, 3)}, 10)
-    assert pooled.count == 0 and not pooled._sums
+    assert pooled.count == 0 and pooled.examples == 0
     with pytest.raises(NormStatsError, match="NaN"):
         pooled.add({**stats, last: torch.full_like(stats[last], float("nan"))}, 10)
-    assert not pooled._sums
+    assert pooled.count == 0 and pooled.examples == 0
+    pooled.add(stats, 10)  # the refused adds left nothing behind: the pool is that one client's
+    assert all(torch.equal(value, alone.result()[name]) for name, value in pooled.result().items())
 
 
 def test_reasons_are_short_and_escaped(tmp_path):
@@ -201,13 +230,15 @@ def test_reasons_are_short_and_escaped(tmp_path):
     update = unpack_reply(error_reply, 4)
     assert len(update.error) <= gate.MAX_REASON and "\n" not in update.error and "\x1b" not in update.error
     strategy = make_strategy(tmp_path)
-    strategy.begin_round(1)
+    opened(strategy)
     dense = next(k for k in strategy.soup if k not in strategy.mask)
     state = {("w" * (4 << 20) if k == dense else k): v for k, v in strategy.soup.items()}
     payload = codec.encode(state, strategy.mask, phase=0, round=1, kind="update", num_examples=10)
-    update = unpack_reply(reply({"update": record_of(payload), "metrics": MetricRecord({})}), 5)
-    strategy.aggregate_updates(1, [update])
-    assert len(strategy.current.rejected[5]) <= gate.MAX_REASON
+    long_name = train_reply_of(5, {"update": record_of(payload), "metrics": MetricRecord({})})
+    assert strategy.aggregate_train(1, [long_name, reply_of(1, 4, 4, error=forged)]) == (None, None)
+    log = closed(strategy)
+    assert set(log.rejected) == {4, 5}
+    assert all(len(r) <= gate.MAX_REASON and "\n" not in r and "\x1b" not in r for r in log.rejected.values())
 
 
 # ---- property: whatever the fields, the gate returns checked values or rejects ------------

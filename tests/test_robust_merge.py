@@ -7,14 +7,15 @@ import time
 
 import pytest
 import torch
-from helpers import digits
+from flwr.app import ArrayRecord, ConfigRecord
+from helpers import LocalGrid, digits, partitions, reply_of
 
 from fedsms import FedSMSError, codec
 from fedsms.config import FederationConfig, RunConfig
-from fedsms.engine import Merge, capped_shares
+from fedsms.merge import Merge, RunningAverage, SoupError, capped_shares
 from fedsms.models import build_for
-from fedsms.soup import RunningAverage, SoupError
-from fedsms_server.strategy import SparseSoupStrategy, Update
+from fedsms_client.app import make_client_app
+from fedsms_server.strategy import SparseSoupStrategy
 
 SPLITS = digits()
 
@@ -32,6 +33,24 @@ def make_strategy(tmp_path, log=lambda _: None, **run):
         out_dir=tmp_path,
         log=log,
     )
+
+
+def opened(strategy, server_round: int = 1):
+    """Open ``server_round`` as Flower's loop does (``configure_train``); its train messages."""
+    return strategy.configure_train(
+        server_round, ArrayRecord(), ConfigRecord(), LocalGrid(make_client_app(), partitions(2))
+    )
+
+
+def closed(strategy, server_round: int = 1):
+    """Close the round as Flower's loop does (``aggregate_evaluate``); its record."""
+    strategy.aggregate_evaluate(server_round, [])
+    return strategy.rounds[-1]
+
+
+def replies(payloads: list[bytes], server_round: int = 1) -> list:
+    """Train replies of ``server_round``: candidate and node i sent ``payloads[i]``."""
+    return [reply_of(server_round, i, i, p) for i, p in enumerate(payloads)]
 
 
 def update(strategy, examples=100, scale=0.01, seed=0, fill=None, value_dtype="fp32"):
@@ -59,7 +78,7 @@ def update(strategy, examples=100, scale=0.01, seed=0, fill=None, value_dtype="f
 @pytest.mark.parametrize("case", ["three of 3e38", "1e30 with 1e9 examples", "bf16 near its maximum"])
 def test_enormous_finite_values_are_rejected_and_the_soup_stays_finite(tmp_path, case):
     strategy = make_strategy(tmp_path, merge="weighted")
-    strategy.begin_round(1)
+    opened(strategy)
     if case == "three of 3e38":
         bad = [update(strategy, fill=3e38, seed=i) for i in range(3)]
     elif case == "1e30 with 1e9 examples":
@@ -67,10 +86,11 @@ def test_enormous_finite_values_are_rejected_and_the_soup_stays_finite(tmp_path,
     else:
         bad = [update(strategy, fill=3.3e38, value_dtype="bf16")]
     good = [update(strategy, seed=10 + i, examples=120) for i in range(3)]
-    strategy.aggregate_updates(1, [Update(i, p, {}) for i, p in enumerate([*bad, *good])])
-    assert strategy.current.accepted == 3 and len(strategy.current.rejected) == len(bad)
+    strategy.aggregate_train(1, replies([*bad, *good]))
+    log = closed(strategy)
+    assert log.accepted == 3 and set(log.rejected) == set(range(len(bad)))
     assert all(bool(torch.isfinite(v.double()).all()) for v in strategy.soup.values())
-    assert all("beyond" in reason for reason in strategy.current.rejected.values())
+    assert all("beyond" in reason for reason in log.rejected.values())
 
 
 def test_a_nan_weight_is_refused_and_a_non_finite_merge_raises():
@@ -123,15 +143,17 @@ def test_median_and_trimmed_mean_ignore_one_outlier(rule):
 def test_a_scaled_reply_is_dropped_by_the_update_norm_bound_with_a_log_line(tmp_path):
     lines = []
     strategy = make_strategy(tmp_path, update_norm_bound=3.0, log=lines.append)
-    strategy.begin_round(1)
+    opened(strategy)
     honest = [update(strategy, seed=i, examples=120) for i in range(3)]
     scaled = update(strategy, seed=9, scale=10.0)  # x1000 the honest perturbation
-    strategy.aggregate_updates(1, [Update(i, p, {}) for i, p in enumerate([*honest, scaled])])
-    assert strategy.current.accepted == 3 and "update-norm-bound" in strategy.current.rejected[3]
+    strategy.aggregate_train(1, replies([*honest, scaled]))
+    log = closed(strategy)
+    assert log.accepted == 3 and list(log.rejected) == [3] and "update-norm-bound" in log.rejected[3]
     assert any("dropped candidate 3" in line for line in lines)
     reference = make_strategy(tmp_path / "ref")
-    reference.begin_round(1)
-    reference.aggregate_updates(1, [Update(i, p, {}) for i, p in enumerate(honest)])
+    opened(reference)
+    reference.aggregate_train(1, replies(honest))
+    assert closed(reference).accepted == 3
     for name, value in strategy.soup.items():
         torch.testing.assert_close(value, reference.soup[name])
 

@@ -35,6 +35,7 @@ def readme_snippet() -> str:
 def test_readme_server_snippet_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
+
     def my_score(model) -> float:  # a user's own metric: the weights' L1 norm
         return float(sum(p.detach().abs().sum() for p in model.parameters()))
 

@@ -123,7 +123,9 @@ def test_invalid_replies_are_rejected_with_a_reason_and_never_touch_the_soup(tmp
 
     expected = [decoded_state(g, strategy).to_state_dict(strategy.soup) for g in good]
     assert_masked_average(strategy, expected, [1, 1])
-    assert all(torch.equal(t, strategy.soup[k]) for k, t in arrays.to_torch_state_dict().items())  # the soup, as Flower gets it
+    assert all(
+        torch.equal(t, strategy.soup[k]) for k, t in arrays.to_torch_state_dict().items()
+    )  # the soup, as Flower gets it
     log = closed(strategy, 2)
     assert set(log.rejected) == set(bad)
     reasons = log.rejected

@@ -12,12 +12,12 @@ One child process per m (so memory figures do not mix). In it, a ``SparseSoupStr
 for the model prunes to 90 % (``configure_train`` of round 1), then ``merge_replies`` (what
 ``aggregate_train`` and ``start`` run: the gate unpacking each reply Message,
 ``codec.UpdateReader`` reading it in place with every check, the flat streaming sum, the soup
-rebuilt from it) takes m reply Messages from a generator that makes each one (a fresh copy of
-one encoded update in its record) just before it is read. The bench itself holds one encoded
-update; making the Messages is timed apart and left out of the aggregation time. Until the
-strategy's hooks took Messages, the bench handed the strategy unpacked payloads: the
-``unpack`` stage (the gate's copy of the payload out of its record) was not timed then; the
-``excl. unpack`` column takes it off again, for comparison with those figures.
+rebuilt from it) takes the list of m reply Messages, as Flower's grid hands them over (each
+carrying its own copy of one encoded update; made before the timing and the memory baseline).
+Until the strategy's hooks took Messages, the bench handed the strategy unpacked payloads
+from a generator: the ``unpack`` stage (the gate's copy of the payload out of its record)
+was not timed then; the ``excl. unpack`` column takes it off again, for comparison with
+those figures.
 
 Throughput is set against a plain memory copy (``numpy.copyto`` into a preallocated
 buffer) of the same m·payload bytes, timed interleaved with the aggregation in the same
@@ -25,8 +25,8 @@ process. Each stage's own cost is timed apart on one reply (``checks_ms``: the C
 use and zlib's, the layout walk, the whole checked read, the finiteness pass, the add, a
 memcpy of the reply) and once per round (``soup_rebuild``: the new soup from the flat mean).
 Peak memory is the child's peak RSS (Linux VmHWM, reset through ``/proc/self/clear_refs``
-just before the timed aggregations, so every allocator counts, torch's included) minus its
-RSS at that moment.
+just before the timed aggregations, the m replies already in memory, so every allocator
+counts, torch's included) minus its RSS at that moment: what aggregating adds.
 
 Columns: ``MB/s`` the m replies' bytes over the aggregation time; ``memcpy MB/s`` the same
 bytes copied; ``vs memcpy`` their ratio (target >= 0.5); ``excl. CRC`` the same ratio with
@@ -69,21 +69,12 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), LocalGrid(None, partitions(m)))  # prunes to 90 %
         soup_bytes = sum(t.numel() * t.element_size() for t in strategy.soup.values())
         update = codec.encode(strategy.soup, strategy.mask, phase=1, round=1, kind="update", num_examples=100)
-        copying = [0.0]
-
-        def replies():
-            for node in range(m):
-                start = time.perf_counter()
-                reply = reply_message(node, update)  # made just before it is read
-                copying[0] += time.perf_counter() - start
-                yield reply
-                reply = None  # held here no longer than by the strategy: one reply at a time
+        replies = [reply_message(node, update) for node in range(m)]  # as the grid hands them over
 
         def aggregate() -> float:
-            copying[0] = 0.0
             start = time.perf_counter()
-            metrics = strategy.merge_replies(1, replies())
-            elapsed = time.perf_counter() - start - copying[0]
+            metrics = strategy.merge_replies(1, replies)
+            elapsed = time.perf_counter() - start
             assert metrics is not None, "a reply was rejected"
             return elapsed
 
@@ -231,7 +222,7 @@ def main() -> None:
         crc32=codec.CRC32_IMPLEMENTATION,
         target="peak memory independent of m and <= 2x the soup plus one reply; throughput >= 0.5x memcpy of the same bytes",
         memory="peak RSS (VmHWM after clear_refs) of the child process minus its RSS before aggregating",
-        holds="one encoded update; each reply is a fresh copy of it made just before decoding (copy time excluded)",
+        holds="the m reply Messages (each its own copy of one encoded update), made before the baseline",
     )
 
 

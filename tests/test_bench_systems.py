@@ -69,9 +69,10 @@ def test_aggregation_memory_does_not_grow_with_the_number_of_replies(tmp_path):
         assert r["memory_target"] in ("met", "missed") and r["crc32_implementation"] in ("isal", "zlib")
         assert {"crc32", "crc32_zlib", "read_all_checks", "add", "soup_rebuild"} <= set(r["checks_ms"])
     few, many = rows
-    # Streaming: 62 more replies (each a fresh payload, decoded, averaged) add no memory beyond
-    # allocator noise (~0.25 MB here). Holding them would add at least their 62 payloads (1.6 MB;
-    # with the decoded values, 6 MB measured): the limit is half the payloads alone.
+    # Streaming: 62 more replies (each unpacked from its Message, decoded, averaged) add no
+    # memory beyond allocator noise (~0.25 MB here). Holding what was unpacked would add at
+    # least their 62 payloads (1.6 MB; with the decoded values, 6 MB measured): the limit is
+    # half the payloads alone.
     extra = (many["clients"] - few["clients"]) * few["payload_bytes"]
     assert many["peak_delta_bytes"] - few["peak_delta_bytes"] < extra / 2
 

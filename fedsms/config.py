@@ -124,6 +124,22 @@ class RunConfig(RunKeys):
         """
         return replace(self.base_candidate(), lr=self.pretrain_lr, epochs=self.pretrain_epochs)
 
+    def prune_options(self) -> dict:
+        """The keyword arguments of ``fedsms.masks.prunable_names`` and ``prune_plan`` this
+        run sets: which tensors it prunes.
+
+        Returns
+        -------
+        dict
+            ``keep_first_dense``, ``keep_last_dense``, ``include``, ``exclude``.
+        """
+        return {
+            "keep_first_dense": self.keep_first_dense,
+            "keep_last_dense": self.keep_last_dense,
+            "include": self.prune_include,
+            "exclude": self.prune_exclude,
+        }
+
     def candidate_configs(self) -> list[CandidateConfig]:
         """The m candidates of every phase: the base candidate varied by the recipe.
 

@@ -143,7 +143,7 @@ def prune_checkpoint(
         check_compatible(checkpoint, model)
         mask = dense_mask(
             model,
-            prunable_names(model, keep_first_dense=config.keep_first_dense, keep_last_dense=config.keep_last_dense),
+            prunable_names(model, **config.prune_options()),
         )
     engine = SoupEngine(
         checkpoint.state, mask, pruning=config.pruning, seed=config.seed, log=lambda line: log(f"[prune] {line}")

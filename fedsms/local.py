@@ -143,9 +143,7 @@ class LocalRun:
         self.splits = job_splits(config)
         self.trainer = CandidateTrainer(config.model, self.splits, self.device, config.workers, log)
         self.model = self.trainer.model
-        self.names = prunable_names(
-            self.model, keep_first_dense=config.keep_first_dense, keep_last_dense=config.keep_last_dense
-        )
+        self.names = prunable_names(self.model, **config.prune_options())
         self.hooks = job_hooks(config, self.model, self.splits, self.device)
         self.candidate_configs = config.candidate_configs()
         self.ood_data = self.splits.test.head(config.ood_examples)

@@ -1,15 +1,17 @@
 """Pruning masks: which tensors are prunable, how masks are chosen, enforced and named.
 
 A mask is a ``dict[str, torch.Tensor]`` from parameter name to a ``bool`` tensor of the
-parameter's shape (True = kept). Only the weights of conv and linear layers are prunable;
-biases and norm layers never are. The dict's order is the model's parameter order, and
-that order defines the wire order and the digest.
+parameter's shape (True = kept). Every standard weight matrix is prunable (linear,
+convolution, attention projections, recurrent weights); biases, norm layers and embeddings
+are not unless a name pattern includes them. The dict's order is the model's parameter
+order, and that order defines the wire order and the digest.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
+from fnmatch import fnmatch
 
 import numpy as np
 import torch
@@ -21,14 +23,70 @@ from fedsms.schema import PRUNING_METHODS
 
 Mask = dict[str, torch.Tensor]
 
-PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Every standard weight matrix is prunable: the weights of linear and convolution layers,
+# the attention projections of nn.MultiheadAttention (its out_proj is an nn.Linear) and the
+# input/hidden weights of recurrent layers. Biases, norm layers and embeddings are not,
+# unless a name pattern asks for them.
+PRUNABLE_LAYERS = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_RECURRENT_WEIGHTS = ("weight_ih_l", "weight_hh_l", "weight_hr_l")
 
 
-def prunable_names(model: nn.Module, *, keep_first_dense: bool = False, keep_last_dense: bool = False) -> list[str]:
+def is_weight_matrix(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s own parameter ``name`` is a standard weight matrix (prunable by default).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module that owns the parameter.
+    name : str
+        The parameter's name within the module (e.g. ``"weight"``, ``"in_proj_weight"``).
+
+    Returns
+    -------
+    bool
+        True for the ``weight`` of linear and convolution layers, the projection weights of
+        ``nn.MultiheadAttention`` and the ``weight_ih/hh/hr`` of ``nn.RNN/GRU/LSTM``.
+    """
+    if isinstance(module, PRUNABLE_LAYERS):
+        return name == "weight"
+    if isinstance(module, nn.MultiheadAttention):
+        return name in _ATTENTION_WEIGHTS
+    if isinstance(module, nn.RNNBase):
+        return name.startswith(_RECURRENT_WEIGHTS)
+    return False
+
+
+def _patterns(patterns: str | Iterable[str]) -> list[str]:
+    if isinstance(patterns, str):
+        patterns = patterns.split(",")
+    return [p.strip() for p in patterns if p.strip()]
+
+
+def prunable_names(
+    model: nn.Module,
+    *,
+    keep_first_dense: bool = False,
+    keep_last_dense: bool = False,
+    include: str | Iterable[str] = (),
+    exclude: str | Iterable[str] = (),
+) -> list[str]:
     """Names of the prunable weights, in the model's parameter order.
 
-    A weight is prunable when it is the ``weight`` of an ``nn.Linear`` or ``nn.Conv1d/2d/3d``
-    module; biases and norm layers never are.
+    By default every standard weight matrix (:func:`is_weight_matrix`): linear and
+    convolution weights, attention projections, recurrent weights; never biases, norm
+    layers or embeddings. ``include`` adds parameters whose names match a pattern (of at
+    least 2 dimensions: a vector is never pruned), ``exclude`` removes those that match one;
+    then ``keep_first_dense`` / ``keep_last_dense`` apply.
 
     Parameters
     ----------
@@ -38,24 +96,112 @@ def prunable_names(model: nn.Module, *, keep_first_dense: bool = False, keep_las
         Leave the first prunable weight (in parameter order) out, so it stays dense.
     keep_last_dense : bool, default False
         Leave the last prunable weight out (usually the classifier), so it stays dense.
+    include, exclude : str or iterable of str, optional
+        ``fnmatch`` patterns over parameter names (a string: comma-separated), e.g.
+        ``"embed*"`` or ``"head.*,*.out_proj.weight"``.
 
     Returns
     -------
     list of str
         Parameter names such as ``"features.0.weight"``, in ``model.named_parameters()`` order.
     """
-    names = [
-        f"{module_name}.weight" if module_name else "weight"
-        for module_name, module in model.named_modules()
-        if isinstance(module, PRUNABLE_LAYERS)
+    return [
+        name for name, reason in prune_plan(model, keep_first_dense, keep_last_dense, include, exclude) if not reason
     ]
-    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    names = sorted((n for n in names if n in order), key=order.__getitem__)
-    if keep_first_dense:
-        names = names[1:]
-    if keep_last_dense:
-        names = names[:-1]
-    return names
+
+
+def prune_plan(
+    model: nn.Module,
+    keep_first_dense: bool = False,
+    keep_last_dense: bool = False,
+    include: str | Iterable[str] = (),
+    exclude: str | Iterable[str] = (),
+) -> list[tuple[str, str]]:
+    """Every parameter and why it is not pruned (empty: it is), in parameter order.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    keep_first_dense, keep_last_dense, include, exclude
+        As for :func:`prunable_names`.
+
+    Returns
+    -------
+    list of tuple of (str, str)
+        ``(name, reason)``; the reason is ``""`` for a pruned parameter, else e.g.
+        ``"bias"``, ``"norm layer"``, ``"embedding"``, ``"excluded by 'head.*'"``,
+        ``"keep-first-dense"``.
+    """
+    include, exclude = _patterns(include), _patterns(exclude)
+    owners = {}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{name}" if module_name else name] = (module, name)
+    plan = []
+    for full, param in model.named_parameters():
+        module, name = owners[full]
+        reason = "" if is_weight_matrix(module, name) else _not_a_weight_matrix(module, name, param)
+        if reason and param.dim() >= 2 and any(fnmatch(full, p) for p in include):
+            reason = ""
+        hit = next((p for p in exclude if fnmatch(full, p)), None)
+        if not reason and hit is not None:
+            reason = f"excluded by {hit!r}"
+        plan.append([full, reason])
+    pruned = [entry for entry in plan if not entry[1]]
+    if keep_first_dense and pruned:
+        pruned[0][1] = "keep-first-dense"
+    if keep_last_dense and pruned:
+        pruned[-1][1] = "keep-last-dense"
+    return [(name, reason) for name, reason in plan]
+
+
+def _not_a_weight_matrix(module: nn.Module, name: str, param: torch.Tensor) -> str:
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return "embedding (prune-include to prune it)"
+    if "norm" in type(module).__name__.lower():
+        return "norm layer"
+    if "bias" in name or param.dim() < 2:
+        return "bias or vector"
+    return "not a standard weight matrix (prune-include to prune it)"
+
+
+def prune_table(model: nn.Module, mask: Mapping[str, torch.Tensor], plan: list[tuple[str, str]]) -> str:
+    """A table of every parameter: its shape, whether it is pruned and at what sparsity, or
+    why not; then the sparsity over the pruned tensors and over all parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (its parameters).
+    mask : Mask
+        The job's mask; its tensors are the pruned ones.
+    plan : list of tuple of (str, str)
+        What :func:`prune_plan` returned for the model (why a tensor is not pruned).
+
+    Returns
+    -------
+    str
+        Lines ready to print.
+    """
+    params = dict(model.named_parameters())
+    reasons = dict(plan)
+    width = max(len(n) for n in params)
+    lines = [f"{'tensor':<{width}}  {'shape':<18}  pruned"]
+    for name, param in params.items():
+        if name in mask:
+            said = f"yes, {1 - int(mask[name].sum()) / mask[name].numel():.1%} zero"
+        else:
+            said = f"no: {reasons.get(name) or 'not in the mask'}"
+        lines.append(f"{name:<{width}}  {str(tuple(param.shape)):<18}  {said}")
+    total = sum(p.numel() for p in params.values())
+    pruned = sum(mask[n].numel() for n in mask)
+    zeros = sum(mask[n].numel() - int(mask[n].sum()) for n in mask)
+    lines.append(
+        f"sparsity {zeros / max(pruned, 1):.2%} over the {pruned:,} pruned weights "
+        f"({pruned / total:.1%} of the parameters), {zeros / total:.2%} over all {total:,} parameters"
+    )
+    return "\n".join(lines)
 
 
 def dense_mask(model: nn.Module, names: Iterable[str]) -> Mask:

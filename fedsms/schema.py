@@ -352,6 +352,10 @@ class RunKeys(Settings):
     )
     keep_first_dense: bool = key(False, "never prune the first prunable layer")
     keep_last_dense: bool = key(False, "never prune the last prunable layer")
+    prune_include: str = key(
+        "", "more tensors to prune besides every weight matrix: comma-separated name patterns, e.g. 'embed*'"
+    )
+    prune_exclude: str = key("", "tensors never pruned: comma-separated name patterns, e.g. 'embed*,head.*'")
     pretrain_epochs: int = key(10, "dense pretraining epochs (0 with --init-checkpoint)", at_least=0, cap=10_000)
     pretrain_lr: float = key(0.05, "peak learning rate of dense pretraining", above=0)
     retrain_epochs: int = key(5, "epochs each candidate retrains per phase", at_least=1, cap=10_000, candidate="epochs")

@@ -266,7 +266,8 @@ class JobRecorder:
 
 
 def model_metadata(model_name: str, model: nn.Module, mask: Mask) -> dict:
-    """What the outputs say about the model: its name, class, parameter and prunable counts.
+    """What the outputs say about the model: its name, class, parameter and pruned counts, and
+    its sparsity over the pruned tensors and over all parameters.
 
     Parameters
     ----------
@@ -280,12 +281,19 @@ def model_metadata(model_name: str, model: nn.Module, mask: Mask) -> dict:
     Returns
     -------
     dict
-        ``model``, ``model_class``, ``parameters``, ``prunable``.
+        ``model``, ``model_class``, ``parameters``, ``prunable`` (weights in pruned
+        tensors), ``pruned_tensors``, ``sparsity`` (over the pruned tensors) and
+        ``sparsity_all`` (over all parameters).
     """
-    params = dict(model.named_parameters())
+    parameters = sum(p.numel() for p in model.parameters())
+    prunable = sum(keep.numel() for keep in mask.values())
+    zeros = prunable - sum(int(keep.sum()) for keep in mask.values())
     return {
         "model": model_name,
         "model_class": type(model).__name__,
-        "parameters": sum(p.numel() for p in params.values()),
-        "prunable": sum(params[n].numel() for n in mask if n in params),
+        "parameters": parameters,
+        "prunable": prunable,
+        "pruned_tensors": list(mask),
+        "sparsity": zeros / max(prunable, 1),
+        "sparsity_all": zeros / max(parameters, 1),
     }

@@ -38,7 +38,7 @@ from fedsms.config import FederationConfig, RunConfig
 from fedsms.data import DatasetSplits
 from fedsms.engine import PhaseHooks, SoupEngine, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
-from fedsms.masks import Mask, dense_mask, prunable_names, sparsity
+from fedsms.masks import Mask, dense_mask, prune_plan, prune_table, sparsity
 from fedsms.merge import State
 from fedsms.schedule import Round, federated_rounds
 from fedsms_flower.records import (
@@ -119,7 +119,8 @@ class SparseSoupStrategy(Strategy):
         self.server_data = server_data
         self.evaluate_fn = evaluate_fn
         self.log = log or (lambda line: flower_log(INFO, line))
-        names = prunable_names(model, keep_first_dense=run.keep_first_dense, keep_last_dense=run.keep_last_dense)
+        self._plan = prune_plan(model, **run.prune_options())
+        names = [name for name, reason in self._plan if not reason]
         hooks = PhaseHooks()
         if server_data is not None:
             hooks = data_hooks(self.model, server_data, fraction=run.recalibration_fraction, seed=run.seed)
@@ -190,7 +191,8 @@ class SparseSoupStrategy(Strategy):
         return self.num_rounds - self.recorder.done
 
     def summary(self) -> None:
-        """Log the job's shape (Flower calls this at the start)."""
+        """Log the job's shape and what it prunes, tensor by tensor (Flower calls this at the start)."""
+        self.log("tensors pruned and why others are not:\n" + prune_table(self.model, self.mask, self._plan))
         self.log(
             f"SparseSoupStrategy: {self.fed.mode} soup, {self.run.phases} phases to "
             f"{self.run.target_sparsity:.0%} sparsity ({self.run.pruning} magnitude), "

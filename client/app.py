@@ -14,10 +14,12 @@ it lives in (a user's own keys included) is left alone.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -31,6 +33,7 @@ from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.models import build_for
 from fedsms.norms import norm_stats, recalibrate_norms
 from fedsms.recipe import CandidateConfig
+from fedsms.task import CLASSIFICATION, Task
 from fedsms.training import resolve_device, train_candidate
 from fedsms_client import toolkit
 from fedsms_flower.records import (
@@ -47,8 +50,32 @@ from fedsms_flower.records import (
     STATS_KEY,
 )
 
-ModelFn = Callable[[RunConfig, DatasetSplits], nn.Module]
-DataFn = Callable[[RunConfig, str], DatasetSplits]
+ModelFn = Callable[..., nn.Module]  # (run, splits) or (run, splits, context)
+DataFn = Callable[..., DatasetSplits]  # (run, data_dir) or (run, data_dir, context)
+
+
+def with_context(fn: Callable[..., Any]) -> Callable[[Any, Any, Context], Any]:
+    """``fn`` as a function of three arguments: one that takes a third positional argument
+    (or ``*args``) gets the Flower ``Context`` there; a two-argument one is called without it.
+
+    Parameters
+    ----------
+    fn : callable
+        A ``model_fn`` or ``data_fn``.
+
+    Returns
+    -------
+    callable
+        ``(first, second, context) -> fn(...)``.
+    """
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: assume the two arguments
+        return lambda first, second, context: fn(first, second)
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return fn
+    return lambda first, second, context: fn(first, second)
 
 
 @lru_cache(maxsize=4)
@@ -151,14 +178,16 @@ class ClientSide:
             raise ValueError(f"partition-id {self.partition_id} is not in [0, num-partitions={self.num_partitions})")
         self.device = resolve_device(str(node.get("device", "auto")))  # a machine's own, not the server's
         self.status_file = str(node.get("status-file", ""))
-        self.splits = data_fn(self.run, str(node.get("data-dir", self.run.data_dir)))
+        self.splits = data_fn(self.run, str(node.get("data-dir", self.run.data_dir)), context)
         if not isinstance(self.splits, DatasetSplits):
             raise FedSMSError(
                 f"data_fn returned {type(self.splits).__name__}; it must return a "
                 "fedsms.data.DatasetSplits (train, heldout and test data)"
             )
         self._pooled = model_fn is default_model
-        self.model = _MODELS.checkout(self.run, self.splits) if self._pooled else model_fn(self.run, self.splits)
+        self.model = (
+            _MODELS.checkout(self.run, self.splits) if self._pooled else model_fn(self.run, self.splits, context)
+        )
         if not isinstance(self.model, nn.Module):
             raise FedSMSError(f"model_fn returned {type(self.model).__name__}; it must return a torch.nn.Module")
 
@@ -247,17 +276,24 @@ def job_settings(message: Message) -> dict:
         ) from None
 
 
-def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = default_data) -> ClientApp:
+def make_client_app(
+    *, model_fn: ModelFn = default_model, data_fn: DataFn = default_data, task: Task = CLASSIFICATION
+) -> ClientApp:
     """A fedsms ClientApp that retrains with the built-in trainer.
 
     Parameters
     ----------
     model_fn : callable, optional
-        ``model_fn(run, splits) -> nn.Module``: the model, of the server's architecture
-        (default: ``fedsms.models.build_for(run.model, splits)``).
+        ``model_fn(run, splits) -> nn.Module``, or ``model_fn(run, splits, context)`` to
+        read the Flower ``Context`` (the app's own run-config keys:
+        ``context.run_config["hidden"]``, the node config): the model, of the server's
+        architecture (default: ``fedsms.models.build_for(run.model, splits)``).
     data_fn : callable, optional
-        ``data_fn(run, data_dir) -> DatasetSplits``: this client's data (default: the
-        data set ``run.dataset`` names, from the node's ``data-dir``).
+        ``data_fn(run, data_dir) -> DatasetSplits``, or ``data_fn(run, data_dir,
+        context)``: this client's data (default: the data set ``run.dataset`` names, from
+        the node's ``data-dir``).
+    task : Task, default CLASSIFICATION
+        The loss the client trains on and the metrics it reports (``fedsms.task``).
 
     Returns
     -------
@@ -265,6 +301,9 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
         Handles the server's train, evaluate and norm-statistics messages.
     """
     app = ClientApp()
+    if model_fn is not default_model:
+        model_fn = with_context(model_fn)
+    data_fn = with_context(data_fn)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -274,7 +313,13 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
         candidate = CandidateConfig.from_dict({k: hp[k] for k in CandidateConfig.__dataclass_fields__})
         data = side.train_data()
         result = train_candidate(
-            side.model, soup.mask, data, candidate, augmentation=side.splits.augmentation, device=side.device
+            side.model,
+            soup.mask,
+            data,
+            candidate,
+            augmentation=side.splits.augmentation,
+            device=side.device,
+            loss_fn=task.loss,
         )
         side.mark(message)
         metrics = {"train_loss": result["train_loss"], "train_seconds": result["seconds"]}
@@ -288,14 +333,16 @@ def make_client_app(*, model_fn: ModelFn = default_model, data_fn: DataFn = defa
         soup = toolkit.receive(message, side.model)
         config = soup.hyperparameters
         test = side.shard(side.splits.test, salt=1)
-        metrics = evaluate(side.model, test, device=side.device)
-        if bool(config.get(OOD, False)):
+        metrics = evaluate(side.model, test, device=side.device, task=task)
+        if bool(config.get(OOD, False)) and task.images:
             ood = evaluate_ood(
                 side.model, test.head(int(config.get(OOD_EXAMPLES, 1000))), device=side.device, seed=side.run.seed
             )
             metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
         side.mark(message)
         return side.done(soup.reply(side.model, len(test), metrics))
+
+    app.query("identity")(toolkit.identity)
 
     @app.query("norm_stats")
     def norm_statistics(message: Message, context: Context) -> Message:

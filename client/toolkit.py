@@ -11,9 +11,9 @@ model, the data and the training loop are:
 - :func:`enforce_mask` (or ``Received.enforce``) keeps the pruned weights exactly zero
   through any ``torch.optim.Optimizer`` (an optimizer step post-hook: SGD, Adam, AdamW,
   gradient clipping and ``GradScaler`` all work unchanged);
-- ``Received.hyperparameters`` is the candidate's hyperparameters as a plain dict
-  (``lr``, ``weight_decay``, ``momentum``, ``label_smoothing``, ``epochs``,
-  ``batch_size``, ``seed``, ``lr_schedule``, ``warmup_fraction``, ``augment``, plus
+- ``Received.hyperparameters`` is the candidate's hyperparameters as a dict, in Flower's
+  spelling (``lr``, ``weight-decay``, ``momentum``, ``label-smoothing``, ``local-epochs``,
+  ``batch-size``, ``seed``, ``lr-schedule``, ``warmup-fraction``, ``augment``, plus
   ``phase``, ``server-round`` and ``candidate``): exactly what the server put in the
   message's ``"config"`` record. Use what fits your loop and ignore the rest;
 - ``Received.reply`` builds the reply Message from the trained model, the number of
@@ -32,19 +32,20 @@ A complete ClientApp with its own model, DataLoader, AdamW and loss::
     from my_project import MyNet, my_dataset  # your model (the server's architecture) and data
 
     app = ClientApp()
+    app.query("identity")(toolkit.identity)  # the server draws the same clients in every run
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         model = MyNet()
         soup = toolkit.receive(message, model)  # soup and mask loaded, shapes checked
-        hp = soup.hyperparameters  # {"lr": ..., "weight_decay": ..., "epochs": ..., ...}
+        hp = soup.hyperparameters  # {"lr": ..., "weight-decay": ..., "local-epochs": ..., ...}
         torch.manual_seed(hp["seed"])
-        loader = DataLoader(my_dataset(context, "train"), batch_size=hp["batch_size"], shuffle=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        loader = DataLoader(my_dataset(context, "train"), batch_size=hp["batch-size"], shuffle=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight-decay"])
         soup.enforce(optimizer, model)  # pruned weights stay exactly zero after every step
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=hp["label-smoothing"])
         model.train()
-        for _ in range(hp["epochs"]):
+        for _ in range(hp["local-epochs"]):
             for x, y in loader:
                 optimizer.zero_grad()
                 loss = loss_fn(model(x), y)
@@ -74,7 +75,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 from torch import nn
 
@@ -83,8 +84,10 @@ from fedsms.masks import Mask, MaskHook, enforce_mask
 from fedsms_flower.records import (
     CANDIDATE,
     CONFIG_KEY,
+    LOCAL_EPOCHS,
     METRICS_KEY,
     NUM_EXAMPLES,
+    PARTITION_ID,
     PHASE,
     SERVER_ROUND,
     SOUP_KEY,
@@ -93,14 +96,37 @@ from fedsms_flower.records import (
     record_of,
 )
 
-__all__ = ["ModelMismatch", "Received", "enforce_mask", "hyperparameters", "receive"]
+__all__ = ["Hyperparameters", "ModelMismatch", "Received", "enforce_mask", "hyperparameters", "identity", "receive"]
 
 
 class ModelMismatch(FedSMSError):
     """The client's model does not have the server model's tensors (names and shapes)."""
 
 
-def hyperparameters(message: Message) -> dict[str, Any]:
+class Hyperparameters(dict):
+    """The settings of a server message, under the names the server sent (``-`` spelling,
+    as Flower's run config: ``lr``, ``local-epochs``, ``weight-decay``, ``batch-size``,
+    ``server-round``); a name may also be looked up in ``_`` spelling (``weight_decay``), and
+    ``epochs`` is ``local-epochs``, as earlier fedsms versions sent them."""
+
+    @staticmethod
+    def _name(key: object) -> object:
+        if not isinstance(key, str):
+            return key
+        key = key.replace("_", "-")
+        return LOCAL_EPOCHS if key == "epochs" else key
+
+    def __getitem__(self, key: object) -> Any:
+        return super().__getitem__(self._name(key))
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._name(key))
+
+    def get(self, key: object, default: Any = None) -> Any:
+        return super().get(self._name(key), default)
+
+
+def hyperparameters(message: Message) -> Hyperparameters:
     """The settings the server sent with ``message``, as a plain dict.
 
     Parameters
@@ -110,13 +136,14 @@ def hyperparameters(message: Message) -> dict[str, Any]:
 
     Returns
     -------
-    dict
-        A copy of the message's ``"config"`` ConfigRecord. In a train message: the
-        candidate's ``seed``, ``lr``, ``weight_decay``, ``label_smoothing``, ``epochs``,
-        ``augment``, ``batch_size``, ``momentum``, ``lr_schedule``, ``warmup_fraction``,
-        and ``phase``, ``server-round``, ``candidate`` (this client's candidate index),
-        ``num-candidates``, ``last-round``, ``out-dir``. An evaluate message carries
-        ``phase``, ``server-round``, ``ood`` and ``ood-examples``.
+    Hyperparameters
+        A copy of the message's ``"config"`` ConfigRecord (a ``dict``; ``_`` spellings
+        are looked up too). In a train message: the candidate's ``seed``, ``lr``,
+        ``weight-decay``, ``label-smoothing``, ``local-epochs`` (the epochs to train in this
+        round), ``augment``, ``batch-size``, ``momentum``, ``lr-schedule``,
+        ``warmup-fraction``, and ``phase``, ``server-round``, ``candidate`` (this client's
+        candidate index), ``num-candidates``, ``last-round``, ``out-dir``. An evaluate
+        message carries ``phase``, ``server-round``, ``ood`` and ``ood-examples``.
 
     Raises
     ------
@@ -129,7 +156,39 @@ def hyperparameters(message: Message) -> dict[str, Any]:
         raise FedSMSError(
             f"the {message.metadata.message_type} message carries no {CONFIG_KEY!r} record; it is not from a fedsms server"
         ) from None
-    return {key: _plain(value) for key, value in config.items()}
+    return Hyperparameters({key: _plain(value) for key, value in config.items()})
+
+
+def identity(message: Message, context: Context) -> Message:
+    """Answer a fedsms server's identity query with this node's ``partition-id``, so the
+    server draws the same clients in every run (``fedsms_server.sampling``). Register it in
+    your ClientApp with ``app.query("identity")(toolkit.identity)``.
+
+    Parameters
+    ----------
+    message : flwr.app.Message
+        The server's ``query.identity`` message.
+    context : flwr.app.Context
+        The node's context; its node config's ``partition-id`` is reported.
+
+    Returns
+    -------
+    flwr.app.Message
+        A reply whose ``metrics`` record holds ``partition-id``.
+
+    Raises
+    ------
+    FedSMSError
+        If the node config has no integer ``partition-id``.
+    """
+    try:
+        partition = int(context.node_config[PARTITION_ID])
+    except (KeyError, TypeError, ValueError):
+        raise FedSMSError(
+            f"the node config has no integer {PARTITION_ID!r}; start the SuperNode with "
+            f'--node-config "{PARTITION_ID}=0 num-partitions=N"'
+        ) from None
+    return Message(RecordDict({METRICS_KEY: MetricRecord({PARTITION_ID: partition})}), reply_to=message)
 
 
 def _plain(value: Any) -> Any:
@@ -153,8 +212,8 @@ class Received:
     value_dtype : str
         The dtype of the values on the wire (``"fp32"``, ``"fp16"`` or ``"bf16"``); the
         reply uses the same.
-    hyperparameters : dict
-        The message's ``"config"`` record as a plain dict (see :func:`hyperparameters`).
+    hyperparameters : Hyperparameters
+        The message's ``"config"`` record as a dict (see :func:`hyperparameters`).
     """
 
     message: Message

@@ -15,6 +15,7 @@ table of ``PATH`` (default ``pyproject.toml``) from the declarations.
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import sys
 from collections.abc import Mapping
@@ -172,7 +173,7 @@ class FederationConfig(FederationKeys):
 GROUPS = (RunConfig, FederationConfig)
 
 
-def split_config(values: Mapping[str, Any]) -> tuple[RunConfig, FederationConfig]:
+def split_config(values: Mapping[str, Any], *, strict: bool = True) -> tuple[RunConfig, FederationConfig]:
     """Parse one flat mapping (a Flower run config) into its run and federation parts.
 
     Parameters
@@ -180,6 +181,10 @@ def split_config(values: Mapping[str, Any]) -> tuple[RunConfig, FederationConfig
     values : mapping of str to Any
         Keys of both groups (``-`` or ``_`` spelling) and their values (text accepted);
         keys left out take their defaults.
+    strict : bool, default True
+        Refuse every key that is not fedsms's. False (an app's run config, which holds the
+        app's own keys too): other keys are left to the app, unless one is so close to a
+        fedsms key that it is likely a typo of it.
 
     Returns
     -------
@@ -189,21 +194,65 @@ def split_config(values: Mapping[str, Any]) -> tuple[RunConfig, FederationConfig
     Raises
     ------
     FedSMSError
-        For an unknown key or a bad value, naming it.
+        For an unknown key (with ``strict``), a likely typo of a fedsms key, or a bad
+        value, naming it.
     """
     parts: list[dict[str, Any]] = [{} for _ in GROUPS]
     names = [{f.name for f, _ in declared(cls)} for cls in GROUPS]
-    for key, value in values.items():
+    every = sorted(n.replace("_", "-") for known in names for n in known)
+    for key, value in flower_names(values).items():
         name = key.replace("-", "_")
         for part, known in zip(parts, names):
             if name in known:
                 part[key] = value
                 break
         else:
-            every = sorted(n.replace("_", "-") for known in names for n in known)
-            raise FedSMSError(f"unknown config key {key!r}; known keys: {', '.join(every)}")
+            close = difflib.get_close_matches(key.replace("_", "-"), every, n=1, cutoff=0.85)
+            if strict:
+                raise FedSMSError(f"unknown config key {key!r}; known keys: {', '.join(every)}")
+            if close:
+                raise FedSMSError(
+                    f"config key {key!r} is not fedsms's; did you mean {close[0]!r}? (rename it, or give your "
+                    "app's own key a name further from fedsms's keys)"
+                )
     run, fed = (cls.from_mapping(part) for cls, part in zip(GROUPS, parts))
     return run, fed
+
+
+FLOWER_NAMES = {"local_epochs": ("pretrain_epochs", "retrain_epochs")}  # Flower's quickstart key: every round's epochs
+
+
+def flower_names(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with Flower's quickstart keys turned into fedsms's: ``local-epochs`` (what
+    a quickstart ClientApp reads from the run config and trains every round) sets both
+    ``pretrain-epochs`` and ``retrain-epochs``, so the server means what such clients do.
+
+    Parameters
+    ----------
+    values : mapping of str to Any
+        Run-config values.
+
+    Returns
+    -------
+    dict
+        The same values, Flower's names replaced.
+
+    Raises
+    ------
+    FedSMSError
+        If a Flower name is given beside a fedsms key it sets.
+    """
+    out = dict(values)
+    for key in list(out):
+        targets = FLOWER_NAMES.get(key.replace("-", "_"))
+        if targets is None:
+            continue
+        value = out.pop(key)
+        for target in targets:
+            if any(k.replace("-", "_") == target for k in out):
+                raise FedSMSError(f"{key!r} sets {target.replace('_', '-')!r} too; give one of them, not both")
+            out[target] = value
+    return out
 
 
 PATH_KEYS = ("out_dir", "data_dir", "init_checkpoint")

@@ -3,19 +3,22 @@
 For the m candidates of one phase (all retrained from the same start under the same mask)
 and the soup made of them, :func:`soup_diagnostics` reports in one JSON-able dict:
 
-- each candidate's held-out and test accuracy, their mean, and the best candidate (chosen
-  on held-out accuracy, reported on test accuracy, as a user without test labels would);
-- the soup's accuracy and its **gain**: soup test accuracy − best candidate's, in points;
-- the prediction **ensemble** of the candidates (mean of softmax probabilities): what
-  averaging predictions instead of weights would give, an upper reference;
-- accuracy and loss along two straight lines, candidate 0 → candidate 1 and candidate 0 →
+Every score below is the task's score (``fedsms.task``; accuracy for classification, R² for
+regression), under the keys ``heldout_<score>`` and ``test_<score>``:
+
+- each candidate's held-out and test score, their mean, and the best candidate (chosen
+  on the held-out score, reported on the test score, as a user without test labels would);
+- the soup's score and its **gain**: soup test score − best candidate's, in points (× 100);
+- the prediction **ensemble** of the candidates (classification: mean of softmax
+  probabilities): what averaging predictions instead of weights would give, a reference;
+- the score and loss along two straight lines, candidate 0 → candidate 1 and candidate 0 →
   soup, at ``points`` evenly spaced points including the ends. Norm statistics are
   re-estimated at every point of a line, the ends included, all on the same data subset
   (averaged weights with interpolated statistics would show a barrier that is only a
   calibration artefact, and ends with their own training statistics would not compare
   like with like). The **barrier** of a line is
-  the largest drop of test accuracy below the straight line between its two end
-  accuracies, in points (clipped at 0); the **loss barrier** is the largest rise of test
+  the largest drop of the test score below the straight line between its two end
+  scores, in points (clipped at 0); the **loss barrier** is the largest rise of test
   loss above the straight line between its end losses. A barrier near 0 between
   candidates means they sit in one linearly connected basin, where weight averaging
   works; a large one means their average falls off the ridge;
@@ -39,6 +42,7 @@ from fedsms import FedSMSError
 from fedsms.data.arrays import DataSource
 from fedsms.evaluate import ensemble_metrics, evaluate
 from fedsms.norms import norm_layers, recalibrate_norms
+from fedsms.task import CLASSIFICATION, Task
 
 State = Mapping[str, torch.Tensor]
 Recalibrate = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -156,11 +160,13 @@ def soup_diagnostics(
     points: int = 5,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
+    task: Task = CLASSIFICATION,
 ) -> dict:
     """Diagnostics of one phase's soup: candidates, soup, ensemble, barriers, spread.
 
-    See the module docstring for what each number means. Accuracies are fractions in
-    [0, 1]; ``gain`` and the accuracy barriers are in points of accuracy (× 100).
+    See the module docstring for what each number means. Scores are the task's (accuracy:
+    a fraction in [0, 1]); ``gain`` and the barriers are in points of the score (× 100),
+    signed so that a positive gain is better for a score that is minimised too.
 
     The spread counts the model's parameters (``model.named_parameters()``: masked weights,
     biases, norm-layer scales and shifts), not its buffers (BatchNorm running statistics).
@@ -204,18 +210,20 @@ def soup_diagnostics(
         Where evaluation runs.
     batch_size : int, default 512
         Evaluation batch size.
+    task : Task, default CLASSIFICATION
+        What is scored (``task.score``) and how the ensemble combines outputs.
 
     Returns
     -------
     dict
-        Plain JSON-able values: ``candidates`` (list of ``{"heldout_accuracy",
-        "test_accuracy", "test_loss"}``), ``mean_candidate`` and ``best_candidate`` (test
-        accuracy; ``best_index`` is the held-out choice), ``soup`` (``heldout_accuracy``,
-        ``test_accuracy``, ``test_loss``), ``gain`` (points), ``ensemble`` (test
-        ``accuracy``, ``loss``, ``ece``), ``lines`` with ``candidates`` (0 → 1) and ``soup``
-        (0 → soup), each ``{"t", "heldout_accuracy", "heldout_loss", "test_accuracy",
-        "test_loss", "barrier", "loss_barrier"}``, ``spread``, ``mean_distance``,
-        ``mean_update_norm`` and ``points``.
+        Plain JSON-able values, with ``S`` the task's score (``accuracy`` for
+        classification): ``score`` (its name), ``candidates`` (list of ``{"heldout_S",
+        "test_S", "test_loss"}``), ``mean_candidate`` and ``best_candidate`` (test score;
+        ``best_index`` is the held-out choice), ``soup`` (``heldout_S``, ``test_S``,
+        ``test_loss``), ``gain`` (points), ``ensemble`` (the task's test metrics),
+        ``lines`` with ``candidates`` (0 → 1) and ``soup`` (0 → soup), each ``{"t",
+        "heldout_S", "heldout_loss", "test_S", "test_loss", "barrier", "loss_barrier"}``,
+        ``spread``, ``mean_distance``, ``mean_update_norm`` and ``points``.
 
     Raises
     ------
@@ -229,21 +237,23 @@ def soup_diagnostics(
         recalibrate = None
     model.to(device)
 
+    held_key, test_key = f"heldout_{task.score}", f"test_{task.score}"
+
     def scores(state: State) -> dict[str, float]:
         model.load_state_dict(state)
-        held = evaluate(model, heldout, batch_size, device)
-        tested = evaluate(model, test, batch_size, device)
+        held = evaluate(model, heldout, batch_size, device, task=task)
+        tested = evaluate(model, test, batch_size, device, task=task)
         return {
-            "heldout_accuracy": held["accuracy"],
+            held_key: held[task.score],
             "heldout_loss": held["loss"],
-            "test_accuracy": tested["accuracy"],
+            test_key: tested[task.score],
             "test_loss": tested["loss"],
         }
 
     own = [scores(c) for c in candidates]
     soup_scores = scores(soup)
-    best = max(range(len(own)), key=lambda i: own[i]["heldout_accuracy"])
-    ensemble = ensemble_metrics(_Loaded(model, candidates), test, batch_size, device)
+    best = max(range(len(own)), key=lambda i: task.better(own[i][held_key]))
+    ensemble = ensemble_metrics(_Loaded(model, candidates), test, batch_size, device, task=task)
 
     def point(state: State) -> dict[str, float]:
         return scores(recalibrate(dict(state)) if recalibrate else state)
@@ -258,21 +268,25 @@ def soup_diagnostics(
         rows = [first, *(point(interpolate(candidates[0], b, t)) for t in ts[1:-1])]
         rows.append(point(b) if recalibrate else b_scores)
         out: dict = {"t": ts, **{k: [r[k] for r in rows] for k in rows[0]}}
-        acc, loss = out["test_accuracy"], out["test_loss"]
-        out["barrier"] = 100 * max(0.0, *((1 - t) * acc[0] + t * acc[-1] - a for t, a in zip(ts[1:-1], acc[1:-1])))
+        score = [task.better(v) for v in out[test_key]]
+        loss = out["test_loss"]
+        out["barrier"] = 100 * max(
+            0.0, *((1 - t) * score[0] + t * score[-1] - a for t, a in zip(ts[1:-1], score[1:-1]))
+        )
         out["loss_barrier"] = max(0.0, *(v - (1 - t) * loss[0] - t * loss[-1] for t, v in zip(ts[1:-1], loss[1:-1])))
         return out
 
     spread = update_spread(start, candidates, [name for name, _ in model.named_parameters()])
-    mean_test = sum(s["test_accuracy"] for s in own) / len(own)
+    kept = (held_key, test_key, "test_loss")
     return {
-        "candidates": [{k: s[k] for k in ("heldout_accuracy", "test_accuracy", "test_loss")} for s in own],
-        "mean_candidate": mean_test,
+        "score": task.score,
+        "candidates": [{k: s[k] for k in kept} for s in own],
+        "mean_candidate": sum(s[test_key] for s in own) / len(own),
         "best_index": best,
-        "best_candidate": own[best]["test_accuracy"],
-        "soup": {k: soup_scores[k] for k in ("heldout_accuracy", "test_accuracy", "test_loss")},
-        "gain": 100 * (soup_scores["test_accuracy"] - own[best]["test_accuracy"]),
-        "ensemble": {k: float(ensemble[k]) for k in ("accuracy", "loss", "ece")},
+        "best_candidate": own[best][test_key],
+        "soup": {k: soup_scores[k] for k in kept},
+        "gain": 100 * task.better(soup_scores[test_key] - own[best][test_key]),
+        "ensemble": {k: float(v) for k, v in ensemble.items()},
         "lines": {"candidates": line(candidates[1], own[1]), "soup": line(soup, soup_scores)},
         **spread,
         "points": points,
@@ -297,10 +311,15 @@ def describe(diagnostics: Mapping, label: str) -> str:
         candidate 0 → soup, the one in brackets candidate 0 → candidate 1.
     """
     d = diagnostics
+    score = d.get("score", "accuracy")
+
+    def shown(value: float) -> str:
+        return f"{100 * value:.1f} %" if score == "accuracy" else f"{score} {value:.3f}"
+
     return (
-        f"{label} diagnostics: soup {100 * d['soup']['test_accuracy']:.1f} %, "
-        f"best candidate {100 * d['best_candidate']:.1f} %, gain {d['gain']:+.1f}, "
-        f"ensemble {100 * d['ensemble']['accuracy']:.1f} %, barrier {d['lines']['soup']['barrier']:.1f} "
+        f"{label} diagnostics: soup {shown(d['soup'][f'test_{score}'])}, "
+        f"best candidate {shown(d['best_candidate'])}, gain {d['gain']:+.1f}, "
+        f"ensemble {shown(d['ensemble'][score])}, barrier {d['lines']['soup']['barrier']:.1f} "
         f"(cand-cand {d['lines']['candidates']['barrier']:.1f}), spread {d['spread']:.2f}"
     )
 

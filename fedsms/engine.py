@@ -10,8 +10,8 @@ drive one ``SoupEngine``, so every rule below is written once:
    under the mask, never m models (the greedy and best-of-m rules keep the candidates,
    which they must score one by one).
 3. ``end_round(merge)``: the state becomes the (weighted) mean of the merge.
-4. ``end_phase(step, merge)``: the greedy soup or the best candidate is chosen on held-out
-   accuracy, and the norm statistics of an average of several candidates are recalibrated.
+4. ``end_phase(step, merge)``: the greedy soup or the best candidate is chosen on the
+   task's held-out score, and the norm statistics of an average of several candidates are recalibrated.
 
 Data-dependent parts (recalibration, held-out scores) come in as ``PhaseHooks``, so the
 engine runs the same with data in this process (``data_hooks``), with a federated
@@ -34,6 +34,7 @@ from fedsms.merge import RULES, Merge, State, capped_shares, state_from_values, 
 from fedsms.norms import norm_layers, recalibrate_norms
 from fedsms.schedule import PruneStep, prune_seed
 from fedsms.soup import greedy_soup
+from fedsms.task import CLASSIFICATION, Task
 
 # Moved to fedsms.merge; importable from here as before.
 __all__ = [
@@ -59,8 +60,9 @@ class PhaseHooks:
         ``recalibrate(state, step_index) -> state``: the state with its norm statistics
         re-estimated. None: the model has no norm layers, or there is no data to do it.
     heldout_score : callable or None
-        ``heldout_score(state) -> float``: accuracy on the held-out split (never the test
-        set). None: greedy and best-of-m merges cannot run and are refused.
+        ``heldout_score(state) -> float``: the task's score on the held-out split (never the
+        test set), signed so that larger is better. None: greedy and best-of-m merges cannot
+        run and are refused.
     """
 
     recalibrate: Callable[[State, int], State] | None = None
@@ -90,6 +92,7 @@ def data_hooks(
     fraction: float,
     seed: int,
     device: torch.device | str = "cpu",
+    task: Task = CLASSIFICATION,
 ) -> PhaseHooks:
     """Hooks that recalibrate on a seeded ``fraction`` of ``splits.train`` and score on
     ``splits.heldout``, using ``model`` as scratch space.
@@ -106,12 +109,14 @@ def data_hooks(
         Base seed; step p recalibrates on the subset drawn with ``seed + p``.
     device : torch.device or str
         Where the forward passes run.
+    task : Task, default CLASSIFICATION
+        Whose score ``heldout_score`` is.
 
     Returns
     -------
     PhaseHooks
         ``recalibrate`` (None when ``model`` has no norm layers to recalibrate) and
-        ``heldout_score`` (the held-out accuracy).
+        ``heldout_score`` (the task's held-out score, signed so that larger is better).
     """
 
     def recalibrate(state: State, step: int) -> State:
@@ -121,7 +126,7 @@ def data_hooks(
 
     def heldout_score(state: State) -> float:
         model.load_state_dict(state)
-        return evaluate(model, splits.heldout, device=device)["accuracy"]
+        return task.better(evaluate(model, splits.heldout, device=device, task=task)[task.score])
 
     return PhaseHooks(recalibrate if norm_layers(model) else None, heldout_score)
 

@@ -1,12 +1,12 @@
-"""Accuracy, loss and calibration, clean and under corruptions, for one model or an ensemble.
+"""A task's metrics, and accuracy and calibration under corruptions, for one model or an ensemble.
 
 Everything goes through ``predict``: eval mode, no gradients, batches of any
 :data:`fedsms.data.arrays.DataSource` (an ``ArrayData``, a ``Dataset``, a ``DataLoader`` or a
 callable yielding (x, y) batches), outputs gathered as float32 on the CPU with their labels.
-Accuracy and calibration are classification metrics ((N, classes) outputs, integer labels);
-``evaluate`` takes a ``loss_fn`` for the loss of any other task. The prediction
-ensemble averages the models' softmax probabilities; it is scored through the same
-``metrics_from_logits`` by handing it ``log(mean probabilities)``, which are valid logits.
+Clean metrics are the task's (``fedsms.task``; default classification: accuracy, loss, ECE);
+the prediction ensemble combines the members' outputs as the task says (classification:
+``log(mean probabilities)``, which are valid logits) and is scored by the same metrics.
+Accuracy under corruptions is a classification metric of image data.
 
 Corrupted images are drawn from a generator seeded by (seed, corruption, severity), so the
 same seed (and batch size) gives the same corrupted images for every model and device.
@@ -16,17 +16,18 @@ Corruptions are image operations: out-of-distribution evaluation of non-image da
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedsms import FedSMSError
 from fedsms.corruptions import CORRUPTIONS, SEVERITIES, check_corruption, corrupt
 from fedsms.data.arrays import ArrayData, DataSource, is_image, iterate_batches
+from fedsms.task import CLASSIFICATION, Task, classification_metrics
+
+metrics_from_logits = classification_metrics  # the classification task's metrics, by their old name
 
 
 def corruption_generator(seed: int, name: str, severity: int) -> torch.Generator:
@@ -185,55 +186,15 @@ def predict_logits(
     return predict(model, data, batch_size, device, corruption, seed)[0]
 
 
-def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> dict[str, float]:
-    """accuracy, loss (mean cross-entropy) and ece: expected calibration error over
-    ``num_bins`` equal-width bins of confidence (max softmax probability), bins (i/B, (i+1)/B]:
-    sum over bins of (bin size / N) * |accuracy in bin - mean confidence in bin|.
-
-    Parameters
-    ----------
-    logits : torch.Tensor
-        (N, classes) outputs (logits or log-probabilities; any float dtype).
-    labels : torch.Tensor
-        (N,) integer class labels.
-    num_bins : int, default 15
-        Number of confidence bins of the ECE.
-
-    Returns
-    -------
-    dict of str to float
-        ``{"accuracy", "loss", "ece"}``; accuracy and ece in [0, 1].
-
-    Raises
-    ------
-    FedSMSError
-        If there are no examples.
-    """
-    if logits.shape[0] == 0:
-        raise FedSMSError("there are no examples to evaluate; check the data set or shard size")
-    logits = logits.float()
-    labels = labels.to(logits.device, torch.long)
-    confidence, predicted = logits.softmax(dim=1).max(dim=1)
-    correct = (predicted == labels).float()
-    bins = (confidence * num_bins).ceil().long().sub(1).clamp(0, num_bins - 1)
-    count = torch.bincount(bins, minlength=num_bins).float()
-    gap = torch.bincount(bins, weights=correct - confidence, minlength=num_bins)  # sum(acc - conf) per bin
-    ece = gap.abs().sum() / count.sum()
-    return {
-        "accuracy": correct.mean().item(),
-        "loss": F.cross_entropy(logits, labels).item(),
-        "ece": ece.item(),
-    }
-
-
 def evaluate(
     model: nn.Module,
     data: DataSource,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    task: Task | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``data``.
+    """Metrics of ``model`` on ``data``: the task's metrics (see ``fedsms.task``).
 
     Parameters
     ----------
@@ -247,32 +208,28 @@ def evaluate(
     device : torch.device or str
         Where the batches go.
     loss_fn : callable, optional
-        ``loss_fn(outputs, labels) -> scalar`` over all examples; by default the mean
-        cross-entropy.
+        ``loss_fn(outputs, labels) -> scalar`` over all examples, reported as ``loss`` in
+        place of the task's; without a task, outputs that are not classification outputs
+        get ``{"loss"}`` alone.
+    task : Task, optional
+        What the metrics are (default: ``CLASSIFICATION``: accuracy, loss, ECE).
 
     Returns
     -------
     dict
-        ``{"accuracy", "loss", "ece"}`` for classification outputs ((N, classes), integer
-        labels); ``{"loss"}`` alone otherwise (which needs ``loss_fn``).
+        The task's metrics, e.g. ``{"accuracy", "loss", "ece"}`` for classification.
 
     Raises
     ------
     FedSMSError
-        If there are no examples, or the outputs are not classification outputs and no
-        ``loss_fn`` is given.
+        If there are no examples, or the outputs do not fit the task.
     """
-    logits, labels = predict(model, data, batch_size, device)
-    if not _is_classification(logits, labels):
-        if loss_fn is None:
-            raise FedSMSError(
-                f"accuracy needs (N, classes) outputs and (N,) integer labels, got outputs {tuple(logits.shape)} and "
-                f"labels {tuple(labels.shape)} of {str(labels.dtype).removeprefix('torch.')}; pass loss_fn for other tasks"
-            )
-        return {"loss": float(loss_fn(logits, labels))}
-    metrics = metrics_from_logits(logits, data.labels if isinstance(data, ArrayData) else labels)
+    outputs, labels = predict(model, data, batch_size, device)
+    if task is None and loss_fn is not None and not _is_classification(outputs, labels):
+        return {"loss": float(loss_fn(outputs, labels))}
+    metrics = (task or CLASSIFICATION).evaluate(outputs, labels)
     if loss_fn is not None:
-        metrics["loss"] = float(loss_fn(logits, labels.to(torch.long)))
+        metrics["loss"] = float(loss_fn(outputs, labels if task else labels.to(torch.long)))
     return metrics
 
 
@@ -378,9 +335,11 @@ def ensemble_predict(
     corruption: tuple[str, int] | None = None,
     seed: int = 0,
     max_examples: int | None = None,
+    task: Task = CLASSIFICATION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log of the mean softmax probabilities of ``models``, labels); all models see the
-    same (corrupted) inputs, so ``data`` must give its examples in the same order each pass.
+    """(the ensemble's outputs, labels): the outputs of ``models`` combined as ``task``
+    combines them (classification: log of the mean softmax probabilities); all models see
+    the same (corrupted) inputs, so ``data`` must give its examples in the same order each pass.
 
     Parameters
     ----------
@@ -399,11 +358,14 @@ def ensemble_predict(
         Seed of the corruption draws (the same for every member).
     max_examples : int, optional
         Use only the first ``max_examples`` examples; None: all.
+    task : Task, default CLASSIFICATION
+        How the members' outputs combine (``Task.combine``).
 
     Returns
     -------
     tuple of (torch.Tensor, torch.Tensor)
-        (N, classes) float32 log mean probabilities, usable as logits, and the labels.
+        The combined outputs (classification: (N, classes) float32 log mean probabilities,
+        usable as logits) and the labels.
 
     Raises
     ------
@@ -413,7 +375,7 @@ def ensemble_predict(
     """
     if not models:
         raise FedSMSError("the prediction ensemble needs at least one model")
-    log_probs, labels = [], None
+    outputs, labels = [], None
     for m in models:
         logits, these = predict(
             m, data, batch_size, device, corruption=corruption, seed=seed, max_examples=max_examples
@@ -424,8 +386,8 @@ def ensemble_predict(
                 "data without shuffling"
             )
         labels = these
-        log_probs.append(logits.log_softmax(dim=1))
-    return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(models)), labels
+        outputs.append(logits)
+    return task.combine(outputs), labels
 
 
 def ensemble_logits(
@@ -477,9 +439,11 @@ def ensemble_metrics(
     severities: Sequence[int] = SEVERITIES,
     seed: int = 0,
     max_examples: int | None = None,
+    task: Task = CLASSIFICATION,
 ) -> dict:
-    """The prediction ensemble (mean of softmax probabilities): {"accuracy", "loss", "ece"}
-    on clean ``data``, or with ``ood=True`` the ``evaluate_ood`` dict under corruptions.
+    """The prediction ensemble's metrics (``task``'s; classification: mean of softmax
+    probabilities, {"accuracy", "loss", "ece"}) on clean ``data``, or with ``ood=True`` the
+    ``evaluate_ood`` dict under corruptions (classification only).
 
     Parameters
     ----------
@@ -503,11 +467,13 @@ def ensemble_metrics(
     max_examples : int, optional
         Use only the first ``max_examples`` examples, with ``ood`` (clean evaluation uses
         all of ``data``).
+    task : Task, default CLASSIFICATION
+        How the members' outputs combine and are scored.
 
     Returns
     -------
     dict
-        ``{"accuracy", "loss", "ece"}``, or with ``ood`` the dict :func:`evaluate_ood` returns.
+        The task's metrics, or with ``ood`` the dict :func:`evaluate_ood` returns.
 
     Raises
     ------
@@ -524,5 +490,5 @@ def ensemble_metrics(
             severities,
             max_examples,
         )
-    logits, labels = ensemble_predict(models, data, batch_size, device)
-    return metrics_from_logits(logits, data.labels if isinstance(data, ArrayData) else labels)
+    outputs, labels = ensemble_predict(models, data, batch_size, device, task=task)
+    return task.evaluate(outputs, labels)

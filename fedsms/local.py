@@ -39,6 +39,7 @@ from fedsms.evaluate import ensemble_metrics, evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, sparsity
 from fedsms.safefile import append_line
 from fedsms.schedule import PruneStep, prune_steps, step_candidate
+from fedsms.task import CLASSIFICATION
 from fedsms.training import resolve_device
 
 Log = Callable[[str], None]
@@ -144,6 +145,7 @@ class LocalRun:
         self.trainer = CandidateTrainer(config.model, self.splits, self.device, config.workers, log)
         self.model = self.trainer.model
         self.names = prunable_names(self.model, **config.prune_options())
+        self.task = CLASSIFICATION  # every built-in data set is classified
         self.hooks = job_hooks(config, self.model, self.splits, self.device)
         self.candidate_configs = config.candidate_configs()
         self.ood_data = self.splits.test.head(config.ood_examples)
@@ -161,16 +163,14 @@ class LocalRun:
         Returns
         -------
         dict of str to float
-            ``accuracy``, ``loss``, ``ece`` (test), ``heldout_accuracy``, and with ``ood``
-            also ``ood_accuracy`` and ``ood_ece``.
+            The task's test metrics (``accuracy``, ``loss``, ``ece``), its held-out score
+            (``heldout_accuracy``), and with ``ood`` also ``ood_accuracy`` and ``ood_ece``.
         """
         self.model.load_state_dict(state)
-        test = evaluate(self.model, self.splits.test, device=self.device)
+        score = self.task.score
         row = {
-            "accuracy": test["accuracy"],
-            "loss": test["loss"],
-            "ece": test["ece"],
-            "heldout_accuracy": evaluate(self.model, self.splits.heldout, device=self.device)["accuracy"],
+            **evaluate(self.model, self.splits.test, device=self.device, task=self.task),
+            f"heldout_{score}": evaluate(self.model, self.splits.heldout, device=self.device, task=self.task)[score],
         }
         if self.config.ood:
             ood = evaluate_ood(self.model, self.ood_data, device=self.device, seed=self.config.seed)
@@ -316,6 +316,7 @@ class LocalRun:
             test=self.splits.test,
             recalibrate=(lambda state: recalibrate(state, step.index)) if recalibrate else False,
             device=self.device,
+            task=self.task,
         )
 
     # ---- records -----------------------------------------------------------------------

@@ -38,6 +38,7 @@ KEY = "payload"  # the one Array of a payload record (``record_of``)
 PHASE = "phase"
 SERVER_ROUND = "server-round"
 CANDIDATE = "candidate"  # this client's candidate index in the round
+LOCAL_EPOCHS = "local-epochs"  # epochs a client trains in this round (Flower's quickstart name)
 NUM_CANDIDATES = "num-candidates"
 LAST_ROUND = "last-round"  # true in the job's last round: fedsms-client exits after it
 OUT_DIR = "out-dir"
@@ -49,6 +50,14 @@ OOD_EXAMPLES = "ood-examples"
 NUM_EXAMPLES = "num-examples"
 
 NORM_STATS = "query.norm_stats"  # message type of the federated recalibration round
+IDENTITY = "query.identity"  # message type asking a client for its node config's partition-id
+PARTITION_ID = "partition-id"  # node-config key (Flower's simulation sets it) and identity reply metric
+
+
+def wire_name(field: str) -> str:
+    """The config-record name of a candidate hyperparameter: Flower's ``-`` spelling, and
+    ``local-epochs`` (Flower's quickstart name) for ``epochs``."""
+    return LOCAL_EPOCHS if field == "epochs" else field.replace("_", "-")
 
 
 def group_id(server_round: int, candidate: int, node: int) -> str:

@@ -85,7 +85,9 @@ def make_server_app(defaults: Mapping | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run, fed = split_config({**defaults, **dict(context.run_config)})
+        run, fed = split_config(
+            {**defaults, **dict(context.run_config)}, strict=False
+        )  # the app's own keys are its own
         strategy = build_strategy(run, fed)
         try:
             strategy.start(grid)

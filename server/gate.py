@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 
 import torch
@@ -58,7 +59,7 @@ def short(text: object, limit: int = MAX_REASON) -> str:
 
 
 def client_error(reply: Message) -> str | None:
-    """The reason of an error reply (escaped, truncated), or None.
+    """The reason of an error reply, as the client's own exception (escaped, truncated), or None.
 
     Parameters
     ----------
@@ -68,11 +69,49 @@ def client_error(reply: Message) -> str | None:
     Returns
     -------
     str or None
-        "the client failed: ..." for an error reply; None otherwise.
+        "the client failed: <its exception type>: <its message>" for an error reply (the
+        wrappers Flower and Ray put around it removed; see ``client_exception``); None otherwise.
     """
     if not reply.has_error():
         return None
-    return short(f"the client failed: {reply.error.reason}")
+    return short(f"the client failed: {client_exception(reply.error.reason)}")
+
+
+_FLOWER_REASON = re.compile(r"<class '([^']*)'>:<'(.*)'>", re.S)  # how Flower reports a ClientApp's exception
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)): (.*)$")
+_CAUSE = "The above exception was the direct cause of the following exception"
+
+
+def client_exception(reason: str) -> str:
+    """The client's own exception in an error reply's reason: ``"ValueError: shard 3 is empty"``.
+
+    A SuperNode reports ``<class 'ValueError'>:<'shard 3 is empty'>``; a simulated client's
+    exception arrives inside Ray's ``RayTaskError(ClientAppException)``, whose traceback
+    names the original exception before Flower's wrapper. Other reasons are returned as they are.
+
+    Parameters
+    ----------
+    reason : str
+        ``Message.error.reason`` of an error reply.
+
+    Returns
+    -------
+    str
+        ``"<type>: <message>"`` of the first exception raised, or ``reason`` unchanged.
+    """
+    match = _FLOWER_REASON.fullmatch(reason.strip())
+    if match is None:
+        return reason
+    kind, text = match[1].rsplit(".", 1)[-1], match[2]
+    if "ClientAppException" not in kind and "ClientAppException" not in text:
+        return f"{kind}: {text}"
+    original = text.split(_CAUSE, 1)[0] if _CAUSE in text else ""
+    for line in reversed(original.splitlines()):  # the last exception line before Flower wrapped it
+        found = _EXCEPTION_LINE.match(line.strip())
+        if found and "ClientAppException" not in found[1]:
+            return f"{found[1].rsplit('.', 1)[-1]}: {found[2]}"
+    wrapped = text.rsplit("occurred. Message:", 1)
+    return wrapped[1].strip() if len(wrapped) == 2 else text
 
 
 def _number(key: str, value: object) -> float:

@@ -34,6 +34,7 @@ from fedsms_flower.records import (
     SOUP_KEY,
     group_id,
     record_of,
+    wire_name,
 )
 from fedsms_server.flower_layout import record_bytes, soup_record
 
@@ -131,7 +132,8 @@ class Outbox:
         messages = []
         for i, node in enumerate(nodes):
             candidate = round_candidate(self.run, self.fed.mode, i, phase, server_round)
-            settings = {**dict(config), **candidate.to_dict(), PHASE: phase, SERVER_ROUND: server_round}
+            hyperparameters = {wire_name(k): v for k, v in candidate.to_dict().items()}
+            settings = {**dict(config), **hyperparameters, PHASE: phase, SERVER_ROUND: server_round}
             settings.update({CANDIDATE: i, NUM_CANDIDATES: len(nodes), **self.flags(server_round)})
             content = RecordDict({**soup_entry, CONFIG_KEY: ConfigRecord(settings), JOB_KEY: self.train_job})
             messages.append(

@@ -23,6 +23,7 @@ from fedsms.diagnostics import describe, soup_diagnostics
 from fedsms.engine import SoupEngine
 from fedsms.merge import Merge, State, state_from_values
 from fedsms.norms import NormStatsAverage, NormStatsError, norm_layers
+from fedsms.task import CLASSIFICATION, Task
 from fedsms_flower.records import CONFIG_KEY, FRACTION, NORM_STATS, PHASE, SERVER_ROUND
 from fedsms_server import gate
 
@@ -68,9 +69,10 @@ class PhaseEnd:
         server_data: DatasetSplits | None,
         soup_content: Callable[[int], dict],
         log: Callable[[str], None],
+        task: Task = CLASSIFICATION,
     ) -> None:
         self.engine, self.model, self.run, self.fed = engine, model, run, federation
-        self.server_data, self.soup_content, self.log = server_data, soup_content, log
+        self.server_data, self.soup_content, self.log, self.task = server_data, soup_content, log, task
         self.federated = bool(norm_layers(model)) and (federation.recalibration == "federated" or server_data is None)
         self._pending: _Pending | None = None
 
@@ -173,6 +175,7 @@ class PhaseEnd:
             heldout=self.server_data.heldout,
             test=self.server_data.test,
             recalibrate=(lambda state: recalibrate(state, pending.phase)) if recalibrate else False,
+            task=self.task,
         )
         self.log(describe(result, f"[fed-{self.fed.mode}] phase {pending.phase}"))
         return result

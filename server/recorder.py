@@ -29,6 +29,7 @@ class RoundLog:
     round_in_phase: int
     sparsity: float
     clients: int = 0
+    partitions: list = field(default_factory=list)  # the drawn clients' partition-ids (None: not reported)
     accepted: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
     bytes_down: int = 0  # server → clients, all clients of the round together
@@ -114,7 +115,6 @@ class JobRecorder:
                 "round_in_phase": step.round_in_phase,
                 "server_round": log.server_round,
                 **model,
-                "dataset": self.settings.get("dataset"),
                 "config": self.settings,
                 "metrics": log.central_eval,
                 "initial_eval": self.initial_eval,
@@ -198,7 +198,7 @@ class JobRecorder:
         Returns
         -------
         list of dict
-            Method, seed, phase, sparsity, the central (else federated) metrics, and the
+            Method, seed, phase, sparsity, every central (else federated) metric, and the
             round's ``evaluate_fn`` metrics and diagnostics where there are any.
         """
         rows = []
@@ -211,7 +211,7 @@ class JobRecorder:
                         "seed": self.settings.get("seed"),
                         "phase": log.phase,
                         "sparsity": log.sparsity,
-                        **{k: metrics[k] for k in ("accuracy", "loss", "ece", "ood_accuracy") if k in metrics},
+                        **metrics,
                         **({"evaluate_fn": log.evaluate_fn} if log.evaluate_fn else {}),
                         **({"diagnostics": log.diagnostics} if log.diagnostics else {}),
                     }
@@ -272,7 +272,8 @@ def model_metadata(model_name: str, model: nn.Module, mask: Mask) -> dict:
     Parameters
     ----------
     model_name : str
-        The job's ``model`` setting.
+        The job's ``model`` setting, recorded when ``model`` is that built-in model (a
+        model of your own is named by its class).
     model : nn.Module
         The model.
     mask : Mask
@@ -288,9 +289,11 @@ def model_metadata(model_name: str, model: nn.Module, mask: Mask) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     prunable = sum(keep.numel() for keep in mask.values())
     zeros = prunable - sum(int(keep.sum()) for keep in mask.values())
+    cls = type(model)
+    built_in = cls.__module__.startswith("fedsms.")
     return {
-        "model": model_name,
-        "model_class": type(model).__name__,
+        "model": model_name if built_in else f"{cls.__module__}.{cls.__qualname__}",
+        "model_class": cls.__name__,
         "parameters": parameters,
         "prunable": prunable,
         "pruned_tensors": list(mask),

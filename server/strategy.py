@@ -41,6 +41,7 @@ from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, prune_plan, prune_table, sparsity
 from fedsms.merge import State
 from fedsms.schedule import Round, federated_rounds
+from fedsms.task import CLASSIFICATION, Task
 from fedsms_flower.records import (
     NORM_STATS,
     NUM_EXAMPLES,
@@ -96,6 +97,10 @@ class SparseSoupStrategy(Strategy):
         ``evaluate_fn(server_round, arrays) -> MetricRecord | None``: your own central
         evaluation, called at the end of every round and recorded beside the strategy's
         own (``start(evaluate_fn=...)`` sets it too, and also calls it at round 0).
+    task : Task, default CLASSIFICATION
+        What the model is scored by (``fedsms.task``): the metrics of the central
+        evaluation and the score that the greedy soup, best-of-m and the diagnostics
+        maximise on ``server_data`` (e.g. ``REGRESSION``: MSE, MAE, R²).
     """
 
     def __init__(
@@ -108,7 +113,12 @@ class SparseSoupStrategy(Strategy):
         out_dir: str | Path | None = None,
         log: Callable[[str], None] | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        task: Task = CLASSIFICATION,
     ) -> None:
+        if run.ood and not task.images:
+            raise FedSMSError(
+                f"ood applies image corruptions, but the {task.name} task's inputs are not images; turn ood off"
+            )
         if run.merge == "greedy" and server_data is None:
             raise FedSMSError(
                 "merge 'greedy' needs a held-out split on the server; give the strategy server_data "
@@ -117,13 +127,13 @@ class SparseSoupStrategy(Strategy):
         self.run, self.fed = run, federation
         self.model = model.cpu()
         self.server_data = server_data
-        self.evaluate_fn = evaluate_fn
+        self.evaluate_fn, self.task = evaluate_fn, task
         self.log = log or (lambda line: flower_log(INFO, line))
         self._plan = prune_plan(model, **run.prune_options())
         names = [name for name, reason in self._plan if not reason]
         hooks = PhaseHooks()
         if server_data is not None:
-            hooks = data_hooks(self.model, server_data, fraction=run.recalibration_fraction, seed=run.seed)
+            hooks = data_hooks(self.model, server_data, fraction=run.recalibration_fraction, seed=run.seed, task=task)
         self.engine = SoupEngine(
             model.state_dict(), dense_mask(model, names), pruning=run.pruning, seed=run.seed, hooks=hooks, log=self.log
         )
@@ -146,6 +156,7 @@ class SparseSoupStrategy(Strategy):
             server_data,
             lambda server_round: self.outbox.soup_content(self.soup, self.mask, server_round),
             self.log,
+            task,
         )
         self._decoder = UpdateDecoder()
         self._open: dict[int, RoundLog] = {}  # rounds configured but not yet closed
@@ -305,8 +316,12 @@ class SparseSoupStrategy(Strategy):
             self._record_missing(server_round, messages, replies)
             if self.merge_replies(server_round, replies) is not None:
                 break
+            errors = {gate.client_error(reply) for reply in replies}
+            if len(replies) == len(messages) and len(errors) == 1 and None not in errors:
+                self.log(f"round {server_round}: every client failed with the same error; a retry would too")
+                raise RoundFailed(self._failure(server_round, retried=attempt))
         else:
-            raise RoundFailed(self._failure(server_round))
+            raise RoundFailed(self._failure(server_round, retried=self.fed.round_retries))
         messages = self.configure_evaluate(server_round, ArrayRecord(), evaluate_config or ConfigRecord(), grid)
         self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout) if messages else [])
 
@@ -379,7 +394,8 @@ class SparseSoupStrategy(Strategy):
         step = self._step(server_round)
         self._complete_phase(grid)
         self._adopt(arrays)
-        if server_round != self._opened:
+        retry = server_round == self._opened
+        if not retry:
             if step.prune is not None:
                 self.engine.prune(step.prune)
             self._opened = server_round
@@ -388,9 +404,10 @@ class SparseSoupStrategy(Strategy):
                 f"round {server_round}: phase {step.phase} round {step.round_in_phase}, sparsity {sparsity(self.mask):.2%}"
             )
         log = self._log(server_round)
-        nodes = self.sampler.train_nodes(grid, server_round)
+        nodes = self.sampler.train_nodes(grid, server_round, exclude=log.rejected if retry else ())
         soup, nbytes = self.outbox.soup_entry(self.soup, self.mask, server_round)
         log.clients = len(nodes)
+        log.partitions = [self.sampler.partitions.get(node) for node in nodes]
         log.bytes_down += nbytes * len(nodes)
         return self.outbox.train(soup, nodes, server_round, config)
 
@@ -592,12 +609,13 @@ class SparseSoupStrategy(Strategy):
         Returns
         -------
         dict of str to float
-            Accuracy, loss, ECE and, with ``ood``, accuracy and ECE under corruptions.
+            The task's metrics (classification: accuracy, loss, ECE) and, with ``ood``,
+            accuracy and ECE under corruptions.
         """
         if self.server_data is None:
             return {}
         self.model.load_state_dict(self.soup)
-        metrics = evaluate(self.model, self.server_data.test)
+        metrics = evaluate(self.model, self.server_data.test, task=self.task)
         if self.run.ood:
             ood = evaluate_ood(self.model, self.server_data.test.head(self.run.ood_examples), seed=self.run.seed)
             metrics.update(ood_accuracy=ood["ood_accuracy"], ood_ece=ood["ood_ece"])
@@ -709,10 +727,12 @@ class SparseSoupStrategy(Strategy):
                 self.log(f"round {server_round}: node {message.metadata.dst_node_id}: {reason}")
 
     def _model_metadata(self) -> dict:
-        return model_metadata(self.run.model, self.model, self.mask)
+        dataset = self.server_data.name if self.server_data is not None else self.run.dataset
+        return {**model_metadata(self.run.model, self.model, self.mask), "task": self.task.name, "dataset": dataset}
 
-    def _failure(self, server_round: int) -> str:
-        """Why a round failed, in one sentence: what the clients reported, or that none answered."""
+    def _failure(self, server_round: int, retried: int) -> str:
+        """Why a round failed after ``retried`` retries, in one sentence: what the clients
+        reported, or that none answered."""
         log = self._log(server_round)
         reasons = sorted(set(log.rejected.values()))
         said = f"; clients reported: {' | '.join(reasons[:3])}" if reasons else ""
@@ -722,7 +742,7 @@ class SparseSoupStrategy(Strategy):
             else "start more clients or lower min-train-clients"
         )
         return (
-            f"round {server_round} got {log.accepted} valid replies after {self.fed.round_retries} "
+            f"round {server_round} got {log.accepted} valid replies after {retried} "
             f"retries, fewer than min-train-clients={self.fed.min_train_clients}{said}; {advice}, then rerun with "
             "--resume to continue from the last completed round"
         )

@@ -187,3 +187,39 @@ def write_test_certificates(folder: Path) -> tuple[str, str, str]:
         )
     )
     return tuple(str(p) for p in paths)
+
+
+def stop_local_superlink(flwr_home: Path) -> None:
+    """`flwr run` leaves its managed SuperLink running (in a session of its own); stop it by
+    its process id, found by the log file it was started with, which lies in our FLWR_HOME."""
+    marker = str(flwr_home / "local-superlink")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.decode(errors="replace").startswith(marker) for arg in argv):
+            pid = int(entry.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGTERM)
+
+
+def flwr_run(app: Path, cwd: Path, flwr_home: Path, overrides: str, supernodes: int, timeout: float = 400):
+    """`flwr run APP --stream` in local simulation with ``supernodes`` virtual clients, on
+    free ports, its managed SuperLink stopped afterwards; the finished process."""
+    from fedsms_flower.deployment import free_port
+
+    env = {
+        **os.environ,
+        "PATH": f"{Path(venv_bin('python')).parent}{os.pathsep}{os.environ['PATH']}",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+    command = [venv_bin("flwr"), "run", str(app), "--stream", "--run-config", overrides]
+    command += ["--federation-config", f"num-supernodes={supernodes}"]
+    try:
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        stop_local_superlink(flwr_home)

@@ -1,21 +1,17 @@
 """examples/tokens: a user's own Flower app (token model, own DataLoader, AdamW loop and
 loss through the client toolkit) run with `flwr run` in local simulation."""
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import flwr_run
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from fedsms.masks import prunable_names
-from fedsms_flower.deployment import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -24,52 +20,10 @@ TARGET = 0.8
 CLIENTS = 3
 
 
-def stop_local_superlink(flwr_home: Path) -> None:
-    """`flwr run` leaves its managed SuperLink running (in a session of its own); stop it by
-    its process id, found by the log file it was started with, which lies in our FLWR_HOME."""
-    marker = str(flwr_home / "local-superlink")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(arg.decode(errors="replace").startswith(marker) for arg in argv):
-            pid = int(entry.name)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(pid), signal.SIGTERM)
-
-
 def test_token_example_with_flwr_run(tmp_path, flwr_home):
     out = tmp_path / "out"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }
     overrides = f"target-sparsity={TARGET} phases=2 clients={CLIENTS} out-dir='{out}'"
-    try:
-        result = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "flwr"),
-                "run",
-                str(EXAMPLE),
-                "--stream",
-                "--run-config",
-                overrides,
-                "--federation-config",
-                f"num-supernodes={CLIENTS}",
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
-    finally:
-        stop_local_superlink(flwr_home)
+    result = flwr_run(EXAMPLE, tmp_path, flwr_home, overrides, CLIENTS)
     log = result.stdout[-4000:] + result.stderr[-3000:]
     assert result.returncode == 0, log
     assert "tokens example: sparsity" in result.stdout, log

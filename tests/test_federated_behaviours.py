@@ -19,7 +19,7 @@ from fedsms.models import build_for
 from fedsms.recipe import CandidateConfig
 from fedsms.training import train_candidate
 from fedsms_client.app import make_client_app
-from fedsms_flower.records import payload_of
+from fedsms_flower.records import payload_of, wire_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +47,7 @@ def test_a_straggler_is_left_out_of_the_soup_with_its_reason_and_asked_again(tmp
     strategy = one_round_job(tmp_path, min_available_clients=3)
     grid = RecordingGrid(make_client_app(), partitions(3))
     late = 1002  # alive, but its round-1 reply misses round-timeout
-    grid.drop = lambda m: m.metadata.dst_node_id == late and m.content["config"]["server-round"] == 1
+    grid.drop = lambda m: m.metadata.dst_node_id == late and m.content["config"].get("server-round") == 1
     strategy.start(grid, num_rounds=2)
 
     first, second = strategy.rounds
@@ -66,6 +66,8 @@ def test_after_a_partial_failure_the_round_is_sent_again_and_only_the_new_replie
     attempts = []
 
     def drop(message):  # node 1001 misses the first attempt only
+        if message.metadata.message_type != "train":
+            return False
         attempts.append(message.metadata.dst_node_id)
         return message.metadata.dst_node_id == 1001 and attempts.count(1001) == 1
 
@@ -122,7 +124,7 @@ def test_each_client_retrains_its_own_candidate_of_the_recipe(tmp_path):
 
     sent = [m for m in grid.sent if m.metadata.message_type == "train"]
     configs = [m.content["config"] for m in sent]
-    assert [(c["weight_decay"], c["lr"]) for c in configs] == recipe
+    assert [(c["weight-decay"], c["lr"]) for c in configs] == recipe
     assert len({c["seed"] for c in configs}) == 4
     replies = {r.metadata.reply_to_message_id: r for r in train_replies(grid, 1)}
     fields_ = CandidateConfig.__dataclass_fields__
@@ -132,7 +134,9 @@ def test_each_client_retrains_its_own_candidate_of_the_recipe(tmp_path):
         )
         model = build_for("mlp", digits())
         model.load_state_dict(soup.to_state_dict(model.state_dict()))
-        train_candidate(model, soup.mask, digits().train, CandidateConfig.from_dict({k: config[k] for k in fields_}))
+        train_candidate(
+            model, soup.mask, digits().train, CandidateConfig.from_dict({k: config[wire_name(k)] for k in fields_})
+        )
         got = decoded(strategy, payloads([replies[message.metadata.message_id]])[0])
         assert got.num_examples == len(digits().train)
         for name, keep in soup.mask.items():

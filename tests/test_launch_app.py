@@ -113,10 +113,28 @@ def test_make_splits_checks_the_arrays():
     assert splits.train.labels.dtype == torch.int64 and splits.augmentation.crop_padding == 1
     with pytest.raises(FedSMSError, match=r"labels must be integer class indices in \[0, 3\)"):
         make_splits("mine", ArrayData(images, labels), ArrayData(images, labels), num_classes=3)
-    with pytest.raises(FedSMSError, match="needs train as an ArrayData of images"):
-        make_splits("mine", ArrayData(images.view(20, -1), labels), ArrayData(images, labels), num_classes=4)
+    with pytest.raises(FedSMSError, match="needs train as an ArrayData"):
+        make_splits("mine", (images, labels), ArrayData(images, labels), num_classes=4)
+    with pytest.raises(FedSMSError, match="augmentation translates and flips images"):
+        rows = ArrayData(images.view(20, -1).float(), labels)
+        make_splits("mine", rows, rows, num_classes=4, augmentation=Augmentation(flip=True))
     with pytest.raises(FedSMSError, match="give both the same"):
         make_splits("mine", ArrayData(images, labels), ArrayData(images[:, :1], labels), num_classes=4)
+
+
+def test_make_splits_takes_tabular_rows_and_value_targets():
+    torch.manual_seed(0)
+    rows, values = torch.randn(40, 10), torch.randn(40, 2)  # two float targets per row
+    splits = make_splits("rows", ArrayData(rows, values), ArrayData(rows[:8], values[:8]), heldout_fraction=0.25)
+    assert (len(splits.train), len(splits.heldout), splits.input_shape, splits.num_classes) == (30, 10, (10,), 0)
+    assert splits.mean is None and splits.train.labels.dtype == torch.float32  # targets kept as they are
+    kept = torch.cat([splits.train.labels, splits.heldout.labels])
+    assert torch.equal(kept.sort(dim=0).values, values.sort(dim=0).values)
+    tokens = torch.randint(0, 50, (30, 7))
+    seqs = make_splits(
+        "seqs", ArrayData(tokens, torch.arange(30) % 3), ArrayData(tokens, torch.arange(30) % 3), num_classes=3
+    )
+    assert seqs.input_shape == (7,) and seqs.train.images.dtype == torch.int64
 
 
 def test_vision_example_reads_its_png_folders(tmp_path):

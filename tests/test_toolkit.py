@@ -16,7 +16,7 @@ from fedsms.norms import recalibrate_norms
 from fedsms.recipe import CandidateConfig
 from fedsms.training import train_candidate
 from fedsms_client import toolkit
-from fedsms_flower.records import payload_of, record_of
+from fedsms_flower.records import payload_of, record_of, wire_name
 
 VOCAB, LENGTH, CLASSES = 12, 16, 3
 MARKERS = (1, 2, 3)  # the class is which marker occurs most
@@ -107,8 +107,11 @@ def test_enforce_mask_zeroes_at_once_and_checks_the_mask():
 
 # ---- the toolkit round trip ------------------------------------------------------------
 
-HYPERPARAMETERS = {
-    **CandidateConfig(lr=0.01, weight_decay=0.05, epochs=1, batch_size=16, seed=7).to_dict(),
+HYPERPARAMETERS = {  # as the server sends them: one spelling, Flower's
+    **{
+        wire_name(k): v
+        for k, v in CandidateConfig(lr=0.01, weight_decay=0.05, epochs=1, batch_size=16, seed=7).to_dict().items()
+    },
     "phase": 2,
     "server-round": 5,
     "candidate": 1,
@@ -153,9 +156,12 @@ def test_toolkit_round_trip_through_a_user_loop():
     assert (received.phase, received.server_round, received.candidate) == (2, 5, 1)
     hp = received.hyperparameters
     assert hp == toolkit.hyperparameters(message) == HYPERPARAMETERS
-    assert type(hp) is dict and type(hp["lr"]) is float and type(hp["epochs"]) is int
+    assert isinstance(hp, dict) and type(hp["lr"]) is float and type(hp["local-epochs"]) is int
+    assert {"weight-decay", "batch-size", "local-epochs"} <= set(hp) and "weight_decay" not in dict(hp)
+    # the spellings earlier fedsms versions sent still read the same values
+    assert (hp["weight_decay"], hp.get("batch_size"), hp["epochs"]) == (0.05, 16, 1) and "label_smoothing" in hp
 
-    optimizer = torch.optim.AdamW(client_model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    optimizer = torch.optim.AdamW(client_model.parameters(), lr=hp["lr"], weight_decay=hp["weight-decay"])
     received.enforce(optimizer, client_model)
     _steps(client_model, optimizer, token_data(64, seed=2), steps=3)
     reply = received.reply(client_model, 64, {"train_loss": 0.5})
@@ -343,8 +349,9 @@ def test_pooled_models_reuse_is_exact_and_a_new_job_gets_its_own_model(tmp_path,
         strategy.start(grid)
         assert all(r["accepted"] == 2 for r in map(vars, strategy.rounds)), model
         kinds = {m.metadata.message_type for m in grid.sent}
-        assert kinds == ({"train", "evaluate", "query.norm_stats"} if model == "cnn" else {"train", "evaluate"})
-        sent[model] = [m for m in grid.sent if m.metadata.message_type != "query.norm_stats"]
+        queries = {"query.identity", "query.norm_stats"} if model == "cnn" else {"query.identity"}
+        assert kinds == {"train", "evaluate"} | queries
+        sent[model] = [m for m in grid.sent if m.metadata.message_type not in queries]
     assert len(client_app._MODELS.idle) == 2  # a used model of each job
     for model, messages in sent.items():
         assert _replayed(pooled, messages) == _replayed(fresh, messages), model

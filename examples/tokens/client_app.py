@@ -16,6 +16,7 @@ from fedsms_client import toolkit
 
 torch.set_num_threads(1)  # several simulated clients share the machine's cores
 app = ClientApp()
+app.query("identity")(toolkit.identity)  # the server then draws the same clients in every run
 
 
 @app.train()
@@ -23,16 +24,16 @@ def train(message: Message, context: Context) -> Message:
     cfg = context.run_config
     model = TokenNet(int(cfg["hidden"]))
     soup = toolkit.receive(message, model)
-    hp = soup.hyperparameters  # lr, weight_decay, label_smoothing, epochs, batch_size, seed, ...
+    hp = soup.hyperparameters  # lr, weight-decay, label-smoothing, local-epochs, batch-size, seed, ...
     torch.manual_seed(hp["seed"])
     data = client_data(int(cfg["seed"]), int(context.node_config["partition-id"]), int(cfg["examples-per-client"]))
-    loader = DataLoader(data, batch_size=hp["batch_size"], shuffle=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    loader = DataLoader(data, batch_size=hp["batch-size"], shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight-decay"])
     soup.enforce(optimizer, model)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=hp["label-smoothing"])
     model.train()
     total, correct, loss_sum = 0, 0, 0.0
-    for _ in range(hp["epochs"]):
+    for _ in range(hp["local-epochs"]):
         total, correct, loss_sum = 0, 0, 0.0
         for tokens, labels in loader:
             optimizer.zero_grad()

@@ -18,9 +18,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    # Every key this app declares is a fedsms setting (see pyproject.toml); an app with
-    # keys of its own would pass only the fedsms ones here.
-    run, fed = split_config(context.run_config)
+    # fedsms reads its own keys; any other key of the run config is left to this app.
+    run, fed = split_config(context.run_config, strict=False)
     splits = load_splits(run.data_dir, run.heldout_fraction, run.seed)
     torch.manual_seed(run.seed)
     model = PatternNet(splits.num_classes)

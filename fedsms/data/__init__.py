@@ -106,29 +106,35 @@ def make_splits(
     train: ArrayData,
     test: ArrayData,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     augmentation: Augmentation | None = None,
     heldout_fraction: float = 0.1,
     seed: int = 0,
 ) -> DatasetSplits:
-    """Turn a user's own image arrays into the splits the built-in trainer, the server's
-    central evaluation and norm recalibration use (the same rule as :func:`load_dataset`).
+    """Turn a user's own arrays into the splits the built-in trainer, the server's central
+    evaluation and norm recalibration use (the same rule as :func:`load_dataset`).
+
+    Any inputs work: images (N, C, H, W), tabular features (N, F), token ids (N, L), any
+    (N, ...) tensor; and any targets: integer class labels (give ``num_classes``), float
+    values or multi-dimensional targets (leave ``num_classes`` out, and score them with a
+    ``fedsms.task.Task`` such as ``REGRESSION``).
 
     Parameters
     ----------
     name : str
         A name for the data set (recorded in results).
     train : ArrayData
-        All training images, (N, C, H, W) ``uint8`` in 0..255 (or floating in [0, 1]), and
-        their int64 labels. A seeded ``heldout_fraction`` of it becomes the held-out split.
+        All training inputs (images: ``uint8`` in 0..255 or floating in [0, 1]) and their
+        targets. A seeded ``heldout_fraction`` of it becomes the held-out split.
     test : ArrayData
-        The test images, of the same (C, H, W) as ``train``; never used for training or
-        for choosing between candidates.
-    num_classes : int
-        Number of classes; every label must be in ``[0, num_classes)``.
+        The test inputs, of the same per-example shape as ``train``; never used for
+        training or for choosing between candidates.
+    num_classes : int, optional
+        For class labels: the number of classes, every label an integer in
+        ``[0, num_classes)``. None (default): the targets are values, kept as they are.
     augmentation : Augmentation, optional
         What "augment on" means for these images, e.g. ``Augmentation(crop_padding=2,
-        flip=True)`` (default: ``Augmentation()``, none).
+        flip=True)`` (default: ``Augmentation()``, none); images only.
     heldout_fraction : float, optional
         Fraction of ``train`` held out, in [0, 1) (default 0.1).
     seed : int, optional
@@ -137,13 +143,15 @@ def make_splits(
     Returns
     -------
     DatasetSplits
-        Train, held-out and test data with the input shape and the per-channel mean and
-        std of all of ``train`` (computed before the split, so they do not depend on the seed).
+        Train, held-out and test data with the per-example input shape; for images also the
+        per-channel mean and std of all of ``train`` (computed before the split, so they do
+        not depend on the seed), None for other inputs.
 
     Raises
     ------
     FedSMSError
-        If the inputs are not images of one shape, or a label is out of range.
+        If a split is not an ``ArrayData``, train and test differ in per-example shape, a
+        class label is out of range, or augmentation is asked of inputs that are not images.
 
     Examples
     --------
@@ -153,38 +161,36 @@ def make_splits(
     >>> splits = make_splits("mine", ArrayData(images, labels), ArrayData(images[:10], labels[:10]), num_classes=2)
     >>> len(splits.train), len(splits.heldout), splits.input_shape
     (45, 5, (3, 8, 8))
+    >>> table = make_splits("rows", ArrayData(torch.randn(40, 10), torch.randn(40)), ArrayData(torch.randn(8, 10), torch.randn(8)))
+    >>> table.input_shape, table.num_classes, table.mean
+    ((10,), 0, None)
     """
     for part, data in (("train", train), ("test", test)):
-        if not isinstance(data, ArrayData) or not data.is_image:
-            what = (
-                f"inputs of shape {tuple(data.images.shape)} and dtype {str(data.images.dtype).removeprefix('torch.')}"
-                if isinstance(data, ArrayData)
-                else type(data).__name__
-            )
+        if not isinstance(data, ArrayData):
             raise FedSMSError(
-                f"make_splits needs {part} as an ArrayData of images (N, C, H, W), uint8 or float, "
-                f"but got {what}; convert the images first"
+                f"make_splits needs {part} as an ArrayData(inputs, targets), but got {type(data).__name__}"
             )
-        labels = data.labels
-        integer = labels.ndim == 1 and not labels.dtype.is_floating_point and labels.dtype != torch.bool
-        if not integer or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes):
-            raise FedSMSError(
-                f"the {part} labels must be integer class indices in [0, {num_classes}); "
-                "check num_classes and the labels"
-            )
-    train, test = (ArrayData(d.images, d.labels.long()) for d in (train, test))  # what cross-entropy takes
+        if num_classes is not None:
+            _check_labels(part, data.labels, num_classes)
+    if num_classes is not None:
+        train, test = (ArrayData(d.images, d.labels.long()) for d in (train, test))  # what cross-entropy takes
     if train.images.shape[1:] != test.images.shape[1:]:
         raise FedSMSError(
-            f"train images are {tuple(train.images.shape[1:])} but test images are "
-            f"{tuple(test.images.shape[1:])}; give both the same (C, H, W)"
+            f"train inputs are {tuple(train.images.shape[1:])} per example but test inputs are "
+            f"{tuple(test.images.shape[1:])}; give both the same shape"
+        )
+    images = train.is_image and test.is_image
+    if augmentation is not None and (augmentation.crop_padding or augmentation.flip) and not images:
+        raise FedSMSError(
+            f"augmentation translates and flips images (N, C, H, W), but the inputs are "
+            f"{tuple(train.images.shape[1:])} per example; leave augmentation out for other inputs"
         )
     train_part, heldout = split_heldout(train, heldout_fraction, seed)
-    mean, std = channel_stats(train)  # before the seeded split: same model for every seed
-    c, h, w = train.images.shape[1:]
+    mean, std = channel_stats(train) if images else (None, None)  # before the seeded split: same for every seed
     return DatasetSplits(
         name=name,
-        num_classes=num_classes,
-        input_shape=(c, h, w),
+        num_classes=num_classes or 0,
+        input_shape=tuple(train.images.shape[1:]),
         mean=mean,
         std=std,
         augmentation=augmentation or Augmentation(),
@@ -192,6 +198,15 @@ def make_splits(
         heldout=heldout,
         test=test,
     )
+
+
+def _check_labels(part: str, labels: torch.Tensor, num_classes: int) -> None:
+    integer = labels.ndim == 1 and not labels.dtype.is_floating_point and labels.dtype != torch.bool
+    if not integer or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes):
+        raise FedSMSError(
+            f"the {part} labels must be integer class indices in [0, {num_classes}); check num_classes and the "
+            "labels, or leave num_classes out for value targets"
+        )
 
 
 __all__ = [

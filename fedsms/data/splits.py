@@ -19,11 +19,12 @@ class DatasetSplits:
     name : str
         The data set's name, e.g. ``"digits"`` or ``"cifar10"``.
     num_classes : int
-        Number of classes (the model's output width).
+        Number of classes (the model's output width); 0 for targets that are not classes.
     input_shape : tuple of int
-        (C, H, W) of one input.
-    mean, std : tuple of float
-        Per-channel mean and std of the [0, 1] training images (see :func:`channel_stats`).
+        The shape of one input: (C, H, W) for images, (F,) for tabular features, (L,) for tokens.
+    mean, std : tuple of float or None
+        Per-channel mean and std of the [0, 1] training images (see :func:`channel_stats`);
+        None for inputs that are not images.
     augmentation : Augmentation
         What ``augment`` means for this data (translation, flips).
     train : ArrayData
@@ -36,9 +37,9 @@ class DatasetSplits:
 
     name: str
     num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    mean: tuple[float, ...]  # per channel, of the [0, 1] training images
-    std: tuple[float, ...]
+    input_shape: tuple[int, ...]  # (C, H, W) for images
+    mean: tuple[float, ...] | None  # per channel, of the [0, 1] training images; None for other inputs
+    std: tuple[float, ...] | None
     augmentation: Augmentation  # what "augment on" means for this data
     train: ArrayData
     heldout: ArrayData  # seeded slice of the training data; never the test set

@@ -10,7 +10,7 @@ dense extras and about 2-4 KB (``compact_bound`` is the raw content).
 
 :func:`load_compact` rebuilds the dense-equivalent state dict: every kept value and every
 dense tensor bit for bit, pruned entries as +0.0 (a -0.0 that mask multiplication left
-becomes +0.0). It reads bytes only (no unpickling) and refuses a damaged file in one
+becomes +0.0, as it does for a derived mask). It reads bytes only (no unpickling) and refuses a damaged file in one
 sentence.
 """
 
@@ -63,8 +63,8 @@ def derive_mask(state: Mapping[str, torch.Tensor]) -> Mask:
 
     A float32/float16/bfloat16 tensor of two or more dimensions (a weight matrix or kernel)
     is masked when its values plus one bit per entry take fewer bytes than the dense tensor
-    (more than 1/(8·itemsize) of it is zero). An entry is kept when any bit of it is set, so
-    a -0.0 is kept and the round trip stays bit for bit.
+    (more than 1/(8·itemsize) of it is zero). Both +0.0 and -0.0 count as zero (mask
+    multiplication leaves -0.0 where a negative weight was pruned); they load back as +0.0.
 
     Parameters
     ----------
@@ -79,8 +79,8 @@ def derive_mask(state: Mapping[str, torch.Tensor]) -> Mask:
     mask = {}
     for name, tensor in state.items():
         if tensor.dtype in _VALUE_DTYPE_OF and tensor.dim() >= 2:
+            keep = tensor.detach().cpu() != 0
             size = tensor.element_size()
-            keep = tensor.detach().cpu().contiguous().view(torch.int32 if size == 4 else torch.int16) != 0
             if int(keep.sum()) * size + tensor.numel() / 8 < tensor.numel() * size:
                 mask[name] = keep
     return mask
@@ -188,18 +188,23 @@ def save_compact(
     return path
 
 
-def export_compact(source: str | Path, path: str | Path, *, value_dtype: str | None = None) -> Path:
+def export_compact(
+    source: str | Path | Checkpoint, path: str | Path, *, value_dtype: str | None = None, plan: dict | None = None
+) -> Path:
     """The compact file of any model fedsms writes: a checkpoint (its mask), ``final_model``
     or a plain ``.safetensors`` state dict (the mask derived from its zeros).
 
     Parameters
     ----------
-    source : str or pathlib.Path
-        A checkpoint ``X`` (or one of its files) or a ``.safetensors`` state dict.
+    source : str, pathlib.Path or Checkpoint
+        A checkpoint ``X`` (or one of its files), a ``.safetensors`` state dict, or what
+        ``load_checkpoint(..., dense_ok=True)`` read from one.
     path : str or pathlib.Path
         The compact file to write.
     value_dtype : str, optional
         As :func:`compact_bytes`.
+    plan : dict, optional
+        A sparse-inference plan (``SparsePlan.to_dict()``), recorded as ``sparse_plan``.
 
     Returns
     -------
@@ -211,8 +216,10 @@ def export_compact(source: str | Path, path: str | Path, *, value_dtype: str | N
     FedSMSError
         If the source is missing or damaged, or as :func:`compact_bytes`.
     """
-    checkpoint = load_checkpoint(source, dense_ok=True)
-    metadata = {k: v for k, v in checkpoint.metadata.items() if k != "files"}
+    checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source, dense_ok=True)
+    metadata = {k: v for k, v in checkpoint.metadata.items() if k not in ("files", "mask_tensors")}
+    if plan is not None:
+        metadata["sparse_plan"] = plan
     return save_compact(path, checkpoint.state, checkpoint.mask or None, value_dtype=value_dtype, metadata=metadata)
 
 
@@ -248,7 +255,7 @@ def _template(path: Path, record: dict) -> dict[str, torch.Tensor]:
             str(name): torch.empty(tuple(int(d) for d in shape), dtype=getattr(torch, dtype), device="meta")
             for name, shape, dtype in layout
         }
-    except Exception:  # noqa: BLE001 - base64, zlib, JSON and the layout's fields fail in their own ways
+    except Exception:  # base64, zlib, JSON and the layout's fields fail in their own ways
         raise _damaged(path, "its tensor list is unreadable") from None
 
 

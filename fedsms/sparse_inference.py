@@ -580,7 +580,7 @@ def apply_plan(model: nn.Module, plan: SparsePlan | dict) -> nn.Module:
         kind = None if module is None else _kind(module)
         if kind != choice.kind:
             raise FedSMSError(
-                f"the plan's layer {choice.name!r} is not a {choice.kind} layer of this model; use its own plan"
+                f"the plan's layer {choice.name!r} ({choice.kind}) does not fit this model; measure its own plan"
             )
         if choice.kernel != "csr":
             continue

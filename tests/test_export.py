@@ -121,7 +121,12 @@ def test_every_checkpoint_fedsms_writes_exports(tmp_path):
 
 def test_derived_mask_skips_dense_and_one_dimensional_tensors():
     weight = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 8)
-    state = {"w": weight, "dense": torch.ones(4, 4), "bias": torch.zeros(4), "idx": torch.zeros(4, 4, dtype=torch.int64)}
+    state = {
+        "w": weight,
+        "dense": torch.ones(4, 4),
+        "bias": torch.zeros(4),
+        "idx": torch.zeros(4, 4, dtype=torch.int64),
+    }
     mask = derive_mask(state)
     assert list(mask) == ["w"] and torch.equal(mask["w"], weight != 0)
 

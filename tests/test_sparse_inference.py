@@ -39,7 +39,7 @@ def prune(model: nn.Module, sparsity: float = 0.9, seed: int = 0) -> nn.Module:
     """Zero a random ``sparsity`` of every weight matrix and kernel (attention projections too)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() >= 2:
                 param.masked_fill_(torch.rand(param.shape, generator=generator) < sparsity, 0.0)
     return model.eval()
@@ -147,7 +147,7 @@ def test_a_recorded_plan_replays_without_measuring(one_thread):
     assert isinstance(model.layers[1].linear2, SparseLinear) and isinstance(model.layers[1].linear1, nn.Linear)
     assert re.search(r"^layers\.1\.linear2 +linear +\d+\.\d+% +csr ", format_plan(record), re.M)
     assert SparsePlan.from_dict(record) == plan
-    with pytest.raises(FedSMSError, match="is not a linear layer of this model; use its own plan"):
+    with pytest.raises(FedSMSError, match=r"\(attention\) does not fit this model; measure its own plan"):
         apply_plan(build_model("mlp", 10, (1, 8, 8)), record)
 
 

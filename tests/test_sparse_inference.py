@@ -137,16 +137,20 @@ def test_a_recorded_plan_replays_without_measuring(one_thread):
     model = prune(encoder())
     measured = copy.deepcopy(model)
     x = torch.randn(2, 5, 32)
-    plan = sparsify(measured, x, margin=ALWAYS, repeats=1, only=["layers.0.self_attn", "layers.1.linear2"])
+    only = ["layers.0.self_attn", "layers.1.linear1", "layers.1.linear2"]
+    plan = sparsify(measured, x, margin=ALWAYS, repeats=1, only=only)
     record = json.loads(json.dumps(plan.to_dict()))
+    assert SparsePlan.from_dict(record) == plan
+    record["layers"][1]["kernel"] = "dense"  # as if dense had won for layers.1.linear1
+    record["layers"][0]["detail"]["out_proj"]["kernel"] = "dense"
     with torch.no_grad():
         dense = model(x)
         apply_plan(model, record)
         assert close(model(x), dense)
-    assert isinstance(model.layers[0].self_attn.in_proj, SparseLinear)
+    attention = model.layers[0].self_attn
+    assert isinstance(attention.in_proj, SparseLinear) and isinstance(attention.out_proj, nn.Linear)
     assert isinstance(model.layers[1].linear2, SparseLinear) and isinstance(model.layers[1].linear1, nn.Linear)
     assert re.search(r"^layers\.1\.linear2 +linear +\d+\.\d+% +csr ", format_plan(record), re.M)
-    assert SparsePlan.from_dict(record) == plan
     with pytest.raises(FedSMSError, match=r"\(attention\) does not fit this model; measure its own plan"):
         apply_plan(build_model("mlp", 10, (1, 8, 8)), record)
 

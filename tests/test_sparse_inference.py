@@ -161,3 +161,20 @@ def test_bad_arguments_are_refused():
         sparsify(model, torch.rand(1, 1, 8, 8), only=["net.9"])
     with pytest.raises(FedSMSError, match="margin must be > 0"):
         sparsify(model, torch.rand(1, 1, 8, 8), margin=0)
+
+
+def test_a_layer_replaced_beside_a_dense_attention_turns_the_fused_paths_off(one_thread):
+    # torch's fused encoder paths read linear1.weight, which a SparseLinear has not: they must be off
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = prune(nn.TransformerEncoder(layer, 2))  # nested tensors enabled, as torch's default
+    x = torch.randn(3, 7, 32)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    with torch.no_grad():
+        dense, dense_padded = model(x), model(x, src_key_padding_mask=padding)
+        sparsify(model, x, margin=ALWAYS, repeats=1, only=["layers.0.linear1"])
+        sparse, sparse_padded = model(x), model(x, src_key_padding_mask=padding)
+    assert isinstance(model.layers[0].linear1, SparseLinear) and not model.use_nested_tensor
+    keep = ~padding.unsqueeze(-1)
+    assert close(sparse, dense) and close(sparse_padded * keep, dense_padded * keep)

@@ -1,4 +1,4 @@
-"""The ``fedsms`` command: ``local``, ``simulate``, ``prune``, ``retrain``, ``soup`` and ``inspect``."""
+"""The ``fedsms`` command: ``local``, ``simulate``, ``prune``, ``retrain``, ``soup``, ``inspect`` and ``export``."""
 
 from __future__ import annotations
 
@@ -221,13 +221,56 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from fedsms.checkpoint import load_checkpoint
+    from fedsms.compact import inspect_lines, is_compact
     from fedsms.masks import format_report, sparsity_report
 
+    if is_compact(args.checkpoint):  # a compact file tells its own story
+        print("\n".join(inspect_lines(args.checkpoint)))
+        return 0
     checkpoint = load_checkpoint(args.checkpoint)
     print(format_report(sparsity_report(checkpoint.mask)))
+    print("\n".join(inspect_lines(args.checkpoint, checkpoint)))
     print()
     print(json.dumps({k: v for k, v in checkpoint.metadata.items() if k != "config"}, indent=2, default=str))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedsms.checkpoint import load_checkpoint
+    from fedsms.compact import compact_bound, export_compact, load_compact
+
+    checkpoint = load_checkpoint(args.checkpoint, dense_ok=True)
+    plan = measure_plan(checkpoint, args.plan_batch, args.device) if args.plan_batch else None
+    path = export_compact(checkpoint, args.output, value_dtype=args.value_dtype, plan=plan)
+    written = load_compact(path)
+    size, dense = path.stat().st_size, sum(t.numel() * t.element_size() for t in checkpoint.state.values())
+    print(
+        f"compact model ({written.metadata['compact']['value_dtype']} values, sparsity {written.metadata['sparsity']:.2%}) "
+        f"written to {path}: {size:,} bytes, {size / dense:.3f} x the dense {dense:,}; "
+        f"raw content {compact_bound(written.state, written.mask, args.value_dtype):,}"
+    )
+    return 0
+
+
+def measure_plan(checkpoint, batch_size: int, device: str) -> dict:
+    """The sparse-inference plan of a checkpoint's model, measured here at ``batch_size``."""
+    import torch
+
+    from fedsms.checkpoint import check_compatible
+    from fedsms.decentral import job_config
+    from fedsms.local import job_splits
+    from fedsms.models import build_for
+    from fedsms.sparse_inference import format_plan, sparsify
+
+    config = job_config(checkpoint.metadata, {})
+    splits = job_splits(config)
+    model = build_for(config.model, splits)
+    check_compatible(checkpoint, model)
+    model.load_state_dict(checkpoint.state, strict=True)
+    model.to(device)
+    plan = sparsify(model, torch.rand(batch_size, *splits.input_shape, device=device))
+    print(format_plan(plan))
+    return plan.to_dict()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +368,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("checkpoint")
     inspect.set_defaults(func=cmd_inspect)
+
+    export = commands.add_parser(
+        "export",
+        help="write the compact model file: values under the mask + mask bits",
+        description="Write a checkpoint, final_model or plain .safetensors state dict as a compact "
+        "file (values under the mask, packed mask bits, dense extras, metadata); "
+        "fedsms.compact.load_compact_into restores it bit for bit.",
+    )
+    export.add_argument("checkpoint", help="a checkpoint X, final_model.safetensors or a .safetensors state dict")
+    export.add_argument("-o", "--output", required=True, help="the compact file (e.g. model.sparse.safetensors)")
+    export.add_argument(
+        "--value-dtype",
+        choices=("fp32", "fp16", "bf16"),
+        help="store the values in this dtype (default: exact, in the tensors' own dtype)",
+    )
+    export.add_argument(
+        "--plan-batch",
+        type=int,
+        metavar="B",
+        help="also measure which layers run faster sparse at batch size B here and record the plan "
+        "(needs the checkpoint's model and data set)",
+    )
+    export.add_argument("--device", default="cpu", help="device the plan is measured on (default: cpu)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -50,5 +50,8 @@ bench-quality: setup
 	$(BIN)/python bench/quality.py --data-dir runs/data --out results/quality
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/federated.py --data-dir runs/data --out results/federated
 
+# Everything the install, the demo, the tests and lint create (results/ holds benchmark
+# outputs you asked for; remove it yourself).
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

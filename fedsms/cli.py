@@ -254,13 +254,9 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fedsms.checkpoint import load_checkpoint
-    from fedsms.masks import format_report, sparsity_report
+    from fedsms.inspection import describe
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    print(format_report(sparsity_report(checkpoint.mask)))
-    print()
-    print(json.dumps({k: v for k, v in checkpoint.metadata.items() if k != "config"}, indent=2, default=str))
+    print(describe(args.checkpoint))
     return 0
 
 
@@ -354,10 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser(
         "inspect",
-        help="per-layer sparsity and metadata of a checkpoint",
-        description="Print per-layer sparsity and the metadata of a checkpoint.",
+        help="per-layer sparsity and metadata of a checkpoint or model; tables of a results file; a folder's contents",
+        description="Print per-layer sparsity and the metadata of a checkpoint or of a model without a mask "
+        "(final_model: the mask is read off its zeros), the tables of a results.jsonl, the rounds of a "
+        "rounds.jsonl, or the checkpoints, models and results files in a folder.",
     )
-    inspect.add_argument("checkpoint")
+    inspect.add_argument("checkpoint", help="a checkpoint, model, results.jsonl, rounds.jsonl or folder")
     inspect.set_defaults(func=cmd_inspect)
     return parser
 

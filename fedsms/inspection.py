@@ -58,6 +58,8 @@ def describe(path: str | Path) -> str:
         return _tensor_report(checkpoint.mask, checkpoint.metadata)
     if path.name == "summary.json" and (path.parent / "results.jsonl").is_file():
         return describe_lines(path.parent / "results.jsonl")  # the summary's numbers, as tables
+    if not path.exists() and not _model_file(path).is_file():
+        raise FedSMSError(f"{path} is missing; pass a checkpoint, a model, a results file or a run's folder")
     if not _model_file(path).is_file():
         raise FedSMSError(
             f"{path} is not a checkpoint, a model or a results file; pass one of those, or a folder to list them"

@@ -10,7 +10,16 @@ from flwr.app import Message
 from fedsms.data import DatasetSplits, load_dataset
 from fedsms_flower.local_grid import LocalGrid, partitions
 
-__all__ = ["LocalGrid", "RecordingGrid", "digits", "make_strategy", "partitions", "payloads", "train_replies"]
+__all__ = [
+    "LocalGrid",
+    "RecordingGrid",
+    "digits",
+    "in_process_simulation",
+    "make_strategy",
+    "partitions",
+    "payloads",
+    "train_replies",
+]
 
 
 @lru_cache(maxsize=1)
@@ -96,3 +105,18 @@ def payloads(replies: Iterable[Message]) -> list[bytes]:
     from fedsms_flower.records import payload_of
 
     return [payload_of(r.content["update"]) for r in replies]
+
+
+def in_process_simulation(config, num_clients, *, started: dict | None = None, **resources) -> None:
+    """A stand-in for ``fedsms_flower.simulation.simulate`` that runs the same strategy and
+    ClientApp in this process (the transport is the slow tests' business); ``started``
+    receives the soup the job starts from."""
+    from fedsms.config import split_config
+    from fedsms_client.app import make_client_app
+    from fedsms_server.app import build_strategy
+
+    run, fed = split_config(config)
+    strategy = build_strategy(run, fed, log=lambda _: None)
+    if started is not None:
+        started.update(strategy.soup)
+    strategy.start(RecordingGrid(make_client_app(), partitions(num_clients)))

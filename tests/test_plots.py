@@ -122,3 +122,13 @@ def test_every_known_method_has_a_look_of_its_own():
 def test_write_plots_writes_every_plot_of_a_run(tmp_path):
     paths = write_plots(small_run(), tmp_path)
     assert sorted(p.name for p in paths) == ["accuracy_vs_sparsity.png", "diagnostics_sms.png", "id_vs_ood.png"]
+
+
+def test_coinciding_points_stay_visible_side_by_side(rendered):
+    ax, fig = rendered[0].axes[0], rendered[0]
+    lines = method_lines(ax)
+    phase1 = [lines[m].get_transform().transform(lines[m].get_xydata()[0]) for m in ("imp", "imp-best", "sms")]
+    apart = 2 * fig.dpi / 72  # two points on the page
+    xs = [x for x, _ in phase1]
+    for i, x in enumerate(xs):
+        assert all(abs(x - other) >= apart for other in xs[i + 1 :])

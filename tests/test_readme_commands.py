@@ -1,12 +1,14 @@
 """Every ``fedsms`` command in README.md that can run on this machine runs as written, in the
 order a newcomer meets them, in one folder, after a small demo-like run (``runs/demo-latest``).
 
-Tiny epochs and one seed are appended to ``fedsms local`` and ``fedsms simulate`` (argparse:
-the last value of an option wins) so the test stays short; nothing else is changed. Lines
+One epoch, one seed, two candidates and no OOD or diagnostics evaluation are appended to
+``fedsms local`` and ``fedsms simulate`` (argparse: the last value of an option wins) so the
+test stays short; nothing else is changed. No simulation may leave a temporary folder behind. Lines
 with placeholders (``SOUP_OR_DENSE``, ``[--merge ...]``, ``...``) are a template, not a
 command, and are left out; so are other programs (``fedsms-server``, ``flwr``, ``make``).
 """
 
+import os
 import re
 import shlex
 import shutil
@@ -19,10 +21,10 @@ from helpers import in_process_simulation
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PLACEHOLDER = re.compile(r"\.\.\.|\[|\b[A-Z][A-Z_]{3,}\b|\*")
-QUICK = {
-    "local": ["--pretrain-epochs", "1", "--retrain-epochs", "1", "--ood-examples", "50", "--seeds", "0"],
-    "simulate": ["--pretrain-epochs", "1", "--retrain-epochs", "1", "--ood-examples", "50"],
-}
+# One epoch, one seed, two candidates and no evaluation extras: the README's commands in seconds.
+QUICK = ["--pretrain-epochs", "1", "--retrain-epochs", "1", "--candidates", "2", "--batch-size", "256"]
+QUICK += ["--ood", "false", "--diagnostics", "false"]
+QUICK_FOR = {"local": [*QUICK, "--seeds", "0"], "simulate": QUICK}
 # The README's soup line merges "your candidates": three copies of one checkpoint stand in.
 USER_FILES = ("a", "b", "c")
 
@@ -68,8 +70,12 @@ def test_every_readme_command_runs_as_written_after_the_demo(tmp_path, monkeypat
     for name in USER_FILES:
         for suffix in (".safetensors", ".mask.safetensors", ".json"):
             shutil.copyfile(f"{sms}{suffix}", tmp_path / f"{name}{suffix}")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
     for command in readme_commands():
         argv = shlex.split(command)
-        argv = [venv_bin("fedsms"), *argv[1:], *QUICK.get(argv[1], [])]
-        result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        argv = [venv_bin("fedsms"), *argv[1:], *QUICK_FOR.get(argv[1], [])]
+        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert not list(temp.glob("fedsms-simulation-*"))

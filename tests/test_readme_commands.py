@@ -1,7 +1,7 @@
 """Every ``fedsms`` command in README.md that can run on this machine runs as written, in the
 order a newcomer meets them, in one folder, after a small demo-like run (``runs/demo-latest``).
 
-One epoch, one seed, two candidates and no OOD or diagnostics evaluation are appended to
+Short training, one seed, two candidates and no OOD or diagnostics evaluation are appended to
 ``fedsms local`` and ``fedsms simulate`` (argparse: the last value of an option wins) so the
 test stays short; nothing else is changed. No simulation may leave a temporary folder behind. Lines
 with placeholders (``SOUP_OR_DENSE``, ``[--merge ...]``, ``...``) are a template, not a
@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ from helpers import in_process_simulation
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PLACEHOLDER = re.compile(r"\.\.\.|\[|\b[A-Z][A-Z_]{3,}\b|\*")
-# One epoch, one seed, two candidates and no evaluation extras: the README's commands in seconds.
-QUICK = ["--pretrain-epochs", "1", "--retrain-epochs", "1", "--candidates", "2", "--batch-size", "256"]
+# Short training (two retraining epochs: the GMP line's 6 mask updates need phases x epochs >= 6),
+# one seed, two candidates and no evaluation extras: the README's commands in seconds.
+QUICK = ["--pretrain-epochs", "1", "--retrain-epochs", "2", "--candidates", "2", "--batch-size", "256"]
 QUICK += ["--ood", "false", "--diagnostics", "false"]
 QUICK_FOR = {"local": [*QUICK, "--seeds", "0"], "simulate": QUICK}
 # The README's soup line merges "your candidates": three copies of one checkpoint stand in.
@@ -70,12 +72,15 @@ def test_every_readme_command_runs_as_written_after_the_demo(tmp_path, monkeypat
     for name in USER_FILES:
         for suffix in (".safetensors", ".mask.safetensors", ".json"):
             shutil.copyfile(f"{sms}{suffix}", tmp_path / f"{name}{suffix}")
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    # A temporary folder of our own, with a short path: Ray's sockets live under it (107 bytes at most).
+    temp = Path(tempfile.mkdtemp(prefix="fsr-"))
     env = {**os.environ, "TMPDIR": str(temp)}
-    for command in readme_commands():
-        argv = shlex.split(command)
-        argv = [venv_bin("fedsms"), *argv[1:], *QUICK_FOR.get(argv[1], [])]
-        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    assert not list(temp.glob("fedsms-simulation-*"))
+    try:
+        for command in readme_commands():
+            argv = shlex.split(command)
+            argv = [venv_bin("fedsms"), *argv[1:], *QUICK_FOR.get(argv[1], [])]
+            result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        assert not list(temp.glob("fedsms-simulation-*"))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

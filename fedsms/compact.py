@@ -59,7 +59,8 @@ _VALUE_DTYPE_OF = {v[1]: k for k, v in VALUE_DTYPES.items()}  # torch dtype -> c
 
 
 def derive_mask(state: Mapping[str, torch.Tensor]) -> Mask:
-    """The mask of a plain state dict with zeros: its exact zeros, where storing them so pays.
+    """The mask of a plain state dict with zeros: its exact zeros, where storing them so pays
+    (what ``fedsms export`` stores and ``fedsms inspect`` shows for a model without a mask file).
 
     A float32/float16/bfloat16 tensor of two or more dimensions (a weight matrix or kernel)
     is masked when its values plus one bit per entry take fewer bytes than the dense tensor

@@ -14,12 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,bench,fast]'
 	touch $@
 
-# The main job: a federated hyperparameter soup (4 virtual Flower clients, 3 phases) on the
-# embedded digits data, printed beside the local IMP, IMP best-of-m and SMS baselines.
+# The main job: the local IMP, IMP best-of-m and SMS baselines on the embedded digits data,
+# then a federated hyperparameter soup (4 virtual Flower clients, 3 phases) from the same
+# dense model, printed side by side. runs/demo-latest points to the newest demo's folder.
 demo: setup
+	out=demo-$$(date +%Y%m%d-%H%M%S) && \
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/fedsms simulate --num-clients 4 --phases 3 \
-	    --min-train-clients 4 --min-available-clients 4 --baselines imp,imp-best,sms \
-	    --out-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	    --min-train-clients 4 --min-available-clients 4 --baselines imp,imp-best,sms --out-dir runs/$$out && \
+	ln -sfn $$out runs/demo-latest
 
 # Sparse Model Soups and every baseline on one machine, 3 seeds (mean ± std).
 demo-local: setup
@@ -50,5 +52,8 @@ bench-quality: setup
 	$(BIN)/python bench/quality.py --data-dir runs/data --out results/quality
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python bench/federated.py --data-dir runs/data --out results/federated
 
+# Everything the install, the demo, the tests and lint create (results/ holds benchmark
+# outputs you asked for; remove it yourself).
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

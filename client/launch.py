@@ -11,7 +11,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fedsms_flower.deployment import (
     free_port,
     reachable,
     refused_admission,
+    scratch_home,
     split_address,
     stop,
     toml_value,
@@ -101,9 +101,13 @@ def read_status(path: Path) -> dict:
 
 
 def join(args: argparse.Namespace) -> int:
+    return scratch_home(f"fedsms-client{args.partition_id}-", lambda home: join_from(home, args), args.flwr_home)
+
+
+def join_from(home: Path, args: argparse.Namespace) -> int:
+    """Run this client's SuperNode with its files in ``home`` until the job ends; the exit code."""
     host, port = split_address(args.server)
     flags = security_flags(args)
-    home = Path(args.flwr_home or tempfile.mkdtemp(prefix=f"fedsms-client{args.partition_id}-"))
     home.mkdir(parents=True, exist_ok=True)
     status_file, log_path = home / "status.json", home / "supernode.log"
     config = node_config(args, status_file)

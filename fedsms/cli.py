@@ -1,4 +1,4 @@
-"""The ``fedsms`` command: ``local``, ``simulate``, ``prune``, ``retrain``, ``soup`` and ``inspect``."""
+"""The ``fedsms`` command: ``local``, ``simulate``, ``prune``, ``retrain``, ``soup``, ``inspect`` and ``export``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import textwrap
 import threading
 from dataclasses import fields
 from pathlib import Path
@@ -86,7 +87,7 @@ def config_overrides(args: argparse.Namespace, defaults) -> dict:
 def cmd_local(args: argparse.Namespace) -> int:
     from fedsms.config import RunConfig
     from fedsms.local import run_local
-    from fedsms.plots import plot_diagnostics, plot_results
+    from fedsms.plots import write_plots
     from fedsms.report import by_schedule, final_table, phase_table, summary
 
     config = RunConfig.from_mapping(config_overrides(args, RunConfig()))
@@ -98,7 +99,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(
         json.dumps({"config": config.to_dict(), "seeds": seeds or [config.seed], "results": summary(rows)}, indent=2)
     )
-    plots = plot_results(rows, out) + plot_diagnostics(rows, out)
+    plots = write_plots(rows, out)
     for part in by_schedule(rows):
         print()
         print(phase_table(part))
@@ -116,6 +117,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     overrides = absolute_paths(overrides, "runs/simulate")
     _, fed = split_config(overrides)
     check_out_dir(Path(overrides["out_dir"]), fed.resume)
+    baselines = run_baselines(overrides, args.baselines) if args.baselines else None
+    if baselines is not None:
+        overrides = same_start(overrides)
     # Flower is imported only here: the library itself never needs it.
     from fedsms_flower.simulation import simulate
 
@@ -126,8 +130,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     stopped = json.loads(summary.read_text()).get("stopped")
     if stopped:
         raise FedSMSError(f"the job stopped early: {stopped}")
-    if args.baselines:
-        compare_with_local(overrides, args.baselines)
+    if baselines is not None:
+        print_comparison(Path(overrides["out_dir"]), baselines)
     return 0
 
 
@@ -141,25 +145,55 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise FedSMSError(f"{out / 'rounds.jsonl'} already exists; pass another --out-dir, remove it, or add --resume")
 
 
-def compare_with_local(overrides: dict, methods: str) -> None:
-    """Run the local baselines with the same config and print them beside the federated job."""
+def run_baselines(overrides: dict, methods: str) -> list[dict]:
+    """Run the local ``methods`` with the federated job's config, before it, into ``OUT/local``.
+
+    Their dense model becomes the federated job's start (``same_start``), so every method of
+    the comparison prunes the same model. Returns the rows of the dense model and of the
+    methods asked for (not the ensemble ``sms`` also reports).
+    """
     from fedsms.config import RunConfig, split_config
     from fedsms.local import run_local
-    from fedsms.plots import plot_results
-    from fedsms.report import by_schedule, final_table, phase_table, read_rows
+    from fedsms.plots import write_plots
 
-    out = Path(overrides["out_dir"])
+    if "pretrain_rounds" in overrides:
+        raise FedSMSError(
+            "--baselines starts the federated job from the baselines' dense model, so it runs no dense "
+            "rounds; drop --pretrain-rounds or --baselines"
+        )
     run, _ = split_config(overrides)
-    local = RunConfig.from_mapping({"methods": methods, "out_dir": str(out / "local")}, base=run)
-    print(f"\nlocal baselines ({methods}) with the same config:")
-    rows = read_rows(out / "results.jsonl") + run_local(local)
-    plot_results(rows, out / "comparison")
+    local = RunConfig.from_mapping({"methods": methods, "out_dir": str(Path(run.out_dir) / "local")}, base=run)
+    print(f"local baselines ({methods}) first; the federated job then starts from their dense model")
+    rows = run_local(local)
+    write_plots(rows, local.out_dir)
+    return [r for r in rows if r["method"] in {"dense", *local.method_list()}]
+
+
+def same_start(overrides: dict) -> dict:
+    """``overrides`` for a federated job that starts from the local baselines' dense model."""
+    from fedsms.config import split_config
+    from fedsms.local import checkpoint_path
+
+    run, _ = split_config(overrides)
+    dense = checkpoint_path(Path(run.out_dir) / "local", run.seed, "dense")
+    return {**overrides, "init_checkpoint": str(dense), "pretrain_rounds": 0}
+
+
+def print_comparison(out: Path, baselines: list[dict]) -> None:
+    """Print the federated job beside the local baselines, plot them together and say how to read it."""
+    from fedsms.plots import plot_results
+    from fedsms.report import by_schedule, comparison_note, final_table, phase_table, read_rows
+
+    rows = baselines + read_rows(out / "results.jsonl")
+    plots = plot_results(rows, out / "comparison")
     for part in by_schedule(rows):
         print()
         print(phase_table(part))
     print()
     print(final_table(rows))
-    print(f"\nfederated results: {out}; local baselines: {out / 'local'}; plots: {out / 'comparison'}")
+    print()
+    print(textwrap.fill(comparison_note(rows), 100))
+    print(f"\nfederated results: {out}; local baselines: {out / 'local'}; plots: {', '.join(map(str, plots))}")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -220,14 +254,48 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fedsms.checkpoint import load_checkpoint
-    from fedsms.masks import format_report, sparsity_report
+    from fedsms.inspection import describe
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    print(format_report(sparsity_report(checkpoint.mask)))
-    print()
-    print(json.dumps({k: v for k, v in checkpoint.metadata.items() if k != "config"}, indent=2, default=str))
+    print(describe(args.checkpoint))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedsms.checkpoint import load_checkpoint
+    from fedsms.compact import compact_bound, export_compact, load_compact
+
+    checkpoint = load_checkpoint(args.checkpoint, dense_ok=True)
+    plan = measure_plan(checkpoint, args.plan_batch, args.device) if args.plan_batch else None
+    path = export_compact(checkpoint, args.output, value_dtype=args.value_dtype, plan=plan)
+    written = load_compact(path)
+    size, dense = path.stat().st_size, sum(t.numel() * t.element_size() for t in checkpoint.state.values())
+    print(
+        f"compact model ({written.metadata['compact']['value_dtype']} values, sparsity {written.metadata['sparsity']:.2%}) "
+        f"written to {path}: {size:,} bytes, {size / dense:.3f} x the dense {dense:,}; "
+        f"raw content {compact_bound(written.state, written.mask, args.value_dtype):,}"
+    )
+    return 0
+
+
+def measure_plan(checkpoint, batch_size: int, device: str) -> dict:
+    """The sparse-inference plan of a checkpoint's model, measured here at ``batch_size``."""
+    import torch
+
+    from fedsms.checkpoint import check_compatible
+    from fedsms.decentral import job_config
+    from fedsms.local import job_splits
+    from fedsms.models import build_for
+    from fedsms.sparse_inference import format_plan, sparsify
+
+    config = job_config(checkpoint.metadata, {})
+    splits = job_splits(config)
+    model = build_for(config.model, splits)
+    check_compatible(checkpoint, model)
+    model.load_state_dict(checkpoint.state, strict=True)
+    model.to(device)
+    plan = sparsify(model, torch.rand(batch_size, *splits.input_shape, device=device))
+    print(format_plan(plan))
+    return plan.to_dict()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,11 +388,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser(
         "inspect",
-        help="per-layer sparsity and metadata of a checkpoint",
-        description="Print per-layer sparsity and the metadata of a checkpoint.",
+        help="per-layer sparsity and metadata of a checkpoint or model; tables of a results file; a folder's contents",
+        description="Print per-layer sparsity and the metadata of a checkpoint or of a model without a mask "
+        "(final_model: the mask is read off its zeros), the tables of a results.jsonl, the rounds of a "
+        "rounds.jsonl, or the checkpoints, models and results files in a folder.",
     )
-    inspect.add_argument("checkpoint")
+    inspect.add_argument("checkpoint", help="a checkpoint, model, results.jsonl, rounds.jsonl or folder")
     inspect.set_defaults(func=cmd_inspect)
+
+    export = commands.add_parser(
+        "export",
+        help="write the compact model file: values under the mask + mask bits",
+        description="Write a checkpoint, final_model or plain .safetensors state dict as a compact "
+        "file (values under the mask, packed mask bits, dense extras, metadata); "
+        "fedsms.compact.load_compact_into restores it bit for bit.",
+    )
+    export.add_argument("checkpoint", help="a checkpoint X, final_model.safetensors or a .safetensors state dict")
+    export.add_argument("-o", "--output", required=True, help="the compact file (e.g. model.sparse.safetensors)")
+    export.add_argument(
+        "--value-dtype",
+        choices=("fp32", "fp16", "bf16"),
+        help="store the values in this dtype (default: exact, in the tensors' own dtype)",
+    )
+    export.add_argument(
+        "--plan-batch",
+        type=int,
+        metavar="B",
+        help="also measure which layers run faster sparse at batch size B here and record the plan "
+        "(needs the checkpoint's model and data set)",
+    )
+    export.add_argument("--device", default="cpu", help="device the plan is measured on (default: cpu)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -365,6 +365,7 @@ class LocalRun:
             "phase": phase,
             "sparsity": sparsity(mask),
             "mask_digest": mask_digest(mask),
+            "test_examples": len(self.splits.test),  # how fine a difference of accuracies can be read
             **metrics,
             **extra,
             "seconds": round(time.perf_counter() - started, 3),
@@ -391,9 +392,8 @@ class LocalRun:
             The state's result row; its numeric fields become the checkpoint's metrics.
         """
         # Only the state of the last phase is worth keeping per method; earlier ones are replaced.
-        path = self.out_dir / "checkpoints" / f"seed{self.config.seed}-{method}"
         save_checkpoint(
-            path,
+            checkpoint_path(self.out_dir, self.config.seed, method),
             state,
             mask,
             {
@@ -409,6 +409,26 @@ class LocalRun:
     def close(self) -> None:
         """Stop the trainer's worker processes (``CandidateTrainer.close``)."""
         self.trainer.close()
+
+
+def checkpoint_path(out_dir: str | Path, seed: int, method: str) -> Path:
+    """Where a local run keeps a method's last checkpoint: ``OUT/checkpoints/seed<seed>-<method>``.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The run's output folder.
+    seed : int
+        The seed of the run.
+    method : str
+        The method (``dense`` for the dense model every method starts from).
+
+    Returns
+    -------
+    Path
+        The checkpoint's base path (``load_checkpoint`` takes it as it is).
+    """
+    return Path(out_dir) / "checkpoints" / f"seed{seed}-{method}"
 
 
 def _model_with(template: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:

@@ -11,6 +11,7 @@ carries a ``diagnostics`` dict (``fedsms.diagnostics``); the tables here ignore 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -83,8 +84,26 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _fmt(values: list[float], scale: float = 100.0) -> str:
+    # One value has no spread: "± 0.00" would claim a precision a single run cannot give.
     mean, std = mean_std([v * scale for v in values])
-    return f"{mean:6.2f} ± {std:4.2f}"
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+
+
+def spread_note(rows: list[dict]) -> str:
+    """What the ``±`` of a table over ``rows`` means: the std over seeds, or none for one seed.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Result rows as ``read_rows`` returns them; each has ``seed``.
+
+    Returns
+    -------
+    str
+        ``"mean ± std over 3 seeds"`` or ``"n = 1 (one seed: no spread to show)"``.
+    """
+    seeds = len({r["seed"] for r in rows})
+    return f"mean ± std over {seeds} seeds" if seeds > 1 else "n = 1 (one seed: no spread to show)"
 
 
 def methods_in(rows: list[dict]) -> list[str]:
@@ -151,8 +170,11 @@ def by_schedule(rows: list[dict]) -> list[list[dict]]:
     return [dense + part for part in parts if part] or [dense]
 
 
-def phase_table(rows: list[dict], key: str = "accuracy") -> str:
-    """One line per phase, one column per method: ``key`` in % as mean ± std over seeds.
+def phase_table(rows: list[dict], key: str = "accuracy", width: int = 100) -> str:
+    """One line per method, one column per phase: ``key`` in % (mean ± std over seeds).
+
+    Columns that would make a line wider than ``width`` go to a further block below, which
+    repeats the method names, so the table never wraps on a terminal that wide.
 
     Parameters
     ----------
@@ -160,22 +182,33 @@ def phase_table(rows: list[dict], key: str = "accuracy") -> str:
         Result rows as ``read_rows`` returns them; each has ``method`` and ``phase``.
     key : str, default "accuracy"
         The metric shown (a fraction, shown in %).
+    width : int, default 100
+        The widest line allowed (at least one phase column is always shown).
 
     Returns
     -------
     str
-        A title line, a header, a rule and one line per phase with its mean sparsity.
+        A title line, then per block a header of phases, a line of their mean sparsity, a
+        rule and one line per method.
     """
-    methods = methods_in(rows)
-    values = grouped(rows, key)
-    sparsities = grouped(rows, "sparsity")
-    phases = sorted({r["phase"] for r in rows})
-    header = f"{'phase':>5}  {'sparsity':>8}  " + "  ".join(f"{m:>15}" for m in methods)
-    lines = [f"test {key} (%), mean ± std over {len({r['seed'] for r in rows})} seed(s)", header, "-" * len(header)]
-    for phase in phases:
-        spars = next(v for (m, p), v in sparsities.items() if p == phase)
-        cells = [_fmt(values[(m, phase)]) if (m, phase) in values else f"{'':>15}" for m in methods]
-        lines.append(f"{phase:>5}  {100 * statistics.fmean(spars):7.2f}%  " + "  ".join(f"{c:>15}" for c in cells))
+    methods, phases = methods_in(rows), sorted({r["phase"] for r in rows})
+    cells = {k: _fmt(v) for k, v in grouped(rows, key).items()}
+    spars = grouped(rows, "sparsity")
+    mean_sparsity = {p: statistics.fmean(v for (_, q), vs in spars.items() if q == p for v in vs) for p in phases}
+    columns = {p: (f"phase {p}", f"{100 * mean_sparsity[p]:.2f}%") for p in phases}
+    name_width = max(len(m) for m in [*methods, "sparsity"])
+    cell_width = max(len(c) for c in [*cells.values(), *(h for pair in columns.values() for h in pair)])
+    per_block = max(1, (width - name_width) // (cell_width + 2))
+    blocks = [phases[i : i + per_block] for i in range(0, len(phases), per_block)]
+
+    def line(name: str, texts: list[str]) -> str:
+        return (f"{name:<{name_width}}" + "".join(f"  {t:>{cell_width}}" for t in texts)).rstrip()
+
+    lines = [f"test {key} (%), {spread_note(rows)}"]
+    for i, block in enumerate(blocks):
+        header = line("method", [columns[p][0] for p in block])
+        lines += [""] * (i > 0) + [header, line("sparsity", [columns[p][1] for p in block]), "-" * len(header)]
+        lines += [line(m, [cells.get((m, p), "") for p in block]) for m in methods]
     return "\n".join(lines)
 
 
@@ -191,22 +224,60 @@ def final_table(rows: list[dict]) -> str:
     Returns
     -------
     str
-        A header and one line per method, values in % as mean ± std over seeds, and the
-        number of seeds; ``-`` where there is no OOD accuracy or ECE.
+        A header and one line per method, values in % as mean ± std over seeds (the mean
+        alone for one seed), and the number of seeds; ``-`` where there is no OOD accuracy or ECE.
     """
     width = max(len(m) for m in methods_in(rows))
-    lines = [f"{'method':>{width}}  {'sparsity':>8}  {'test acc %':>15}  {'OOD acc %':>15}  {'ECE %':>15}  seeds"]
+    lines = [f"{'method':<{width}}  {'sparsity':>8}  {'test acc %':>13}  {'OOD acc %':>13}  {'ECE %':>13}  seeds"]
     for method in methods_in(rows):
         last = max(r["phase"] for r in rows if r["method"] == method)
         mine = [r for r in rows if r["method"] == method and r["phase"] == last]
         ood = [r["ood_accuracy"] for r in mine if "ood_accuracy" in r]
         ece = [r["ece"] for r in mine if "ece" in r]  # a user's federated evaluation may not report it
         lines.append(
-            f"{method:>{width}}  {100 * statistics.fmean(r['sparsity'] for r in mine):7.2f}%  "
-            f"{_fmt([r['accuracy'] for r in mine]):>15}  {_fmt(ood) if ood else '-':>15}  "
-            f"{_fmt(ece) if ece else '-':>15}  {len(mine)}"
+            f"{method:<{width}}  {100 * statistics.fmean(r['sparsity'] for r in mine):7.2f}%  "
+            f"{_fmt([r['accuracy'] for r in mine]):>13}  {_fmt(ood) if ood else '-':>13}  "
+            f"{_fmt(ece) if ece else '-':>13}  {len(mine):>5}"
         )
     return "\n".join(lines)
+
+
+def comparison_note(rows: list[dict]) -> str:
+    """What a table of one run's methods shows and what it does not, in a few sentences.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Result rows of methods that all started from the ``dense`` row's model; the dense
+        row carries ``test_examples`` (the size of the test set).
+
+    Returns
+    -------
+    str
+        The note: the shared start, the sparsity reached, how many seeds and test examples
+        stand behind each number, and the smallest difference they can resolve.
+    """
+    dense = [r for r in rows if r["method"] == "dense"]
+    accuracy = statistics.fmean(r["accuracy"] for r in dense)
+    final = max(r["sparsity"] for r in rows)
+    n = dense[0]["test_examples"]
+    # The binomial standard error of one accuracy measured on n test examples.
+    error = 100 * math.sqrt(accuracy * (1 - accuracy) / n)
+    seeds = len({r["seed"] for r in rows})
+    runs = "one seed" if seeds == 1 else f"{seeds} seeds"
+    return (
+        f"Every method started from the same dense model ({100 * accuracy:.2f} %) and was pruned to "
+        f"{100 * final:.2f} % sparsity. Each number is {runs} on {n} test examples: one example is "
+        f"{100 / n:.2f} points and the test set alone makes each accuracy uncertain by about ±{error:.1f} "
+        f"points, so a gap under about {2 * error:.1f} points between two methods is not evidence that one is "
+        "better. "
+        + (
+            "The table does not show how much a method varies from seed to seed; "
+            "`fedsms local --seeds 0,1,2` measures that for the local methods."
+            if seeds == 1
+            else "± is the standard deviation over seeds."
+        )
+    )
 
 
 def summary(rows: list[dict]) -> dict:

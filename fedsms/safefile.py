@@ -62,3 +62,24 @@ def append_line(path: str | Path, line: str) -> None:
         raise
     with os.fdopen(fd, "a") as f:
         f.write(line)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one rename (a symlink at ``path`` is replaced, not followed).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write; its folder must exist.
+    data : bytes
+        The file's whole new content.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fedsms import FedSMSError
@@ -55,12 +58,48 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def scratch_home(prefix: str, work: Callable[[Path], int], given: str | Path | None = None) -> int:
+    """Run ``work(home)`` in a new temporary Flower home, removed when ``work`` returns 0.
+
+    A failed run (nonzero, an error or an interrupt) keeps the folder for its logs and names
+    it on stderr. A folder the user ``given`` is theirs: it is used and never removed.
+
+    Parameters
+    ----------
+    prefix : str
+        Start of the temporary folder's name (e.g. ``"fedsms-simulation-"``).
+    work : callable
+        Receives the folder; returns an exit code.
+    given : str or Path, optional
+        A folder to use instead (e.g. ``--flwr-home``).
+
+    Returns
+    -------
+    int
+        What ``work`` returned.
+    """
+    if given:
+        return work(Path(given))
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    code = 1
+    try:
+        code = work(home)
+        return code
+    finally:
+        if code == 0:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            print(f"Flower's files and logs of this run are kept in {home}", file=sys.stderr)
+
+
 def write_app_dir(folder: Path) -> Path:
     """A Flower app folder whose components are the installed fedsms apps."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
-        '[project]\nname = "fedsms-job"\nversion = "1.0.0"\nlicense = "Apache-2.0"\ndependencies = []\n\n'
+        '[project]\nname = "fedsms-job"\nversion = "1.0.0"\n'
+        'description = "A fedsms job: Sparse Model Soups with the installed fedsms apps"\n'
+        'license = "Apache-2.0"\ndependencies = []\n\n'
         '[tool.flwr.app]\npublisher = "fedsms"\n\n'
         f'[tool.flwr.app.components]\nserverapp = "{SERVER_APP}"\nclientapp = "{CLIENT_APP}"\n\n' + app_config_table()
     )

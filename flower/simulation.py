@@ -9,7 +9,7 @@ connection would leave its managed SuperLink behind).
 from __future__ import annotations
 
 import subprocess
-import tempfile
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,10 +21,20 @@ from fedsms_flower.deployment import (
     flower_env,
     free_port,
     run_config_arg,
+    scratch_home,
     stop,
     wait_until_reachable,
     write_app_dir,
     write_connection,
+)
+
+# Lines of Flower's simulation log that say nothing about a fedsms job: a default that
+# fedsms never uses (it always sets the SuperNode count, which the next line states) and a
+# resize command for Flower's own federations.
+FLOWER_NOISE = (
+    "default simulated SuperNodes changed from",
+    "To change federation size, use the following command",
+    "flwr federation simulation-config",
 )
 
 
@@ -54,11 +64,23 @@ def simulate(
     Raises
     ------
     FedSMSError
-        If the SuperLink does not start or ``flwr run`` fails; the message names the log.
+        If the SuperLink does not start or ``flwr run`` fails; the message names the log,
+        whose temporary folder is then kept (it is removed after a run that succeeds).
     """
     if app_dir is None:
         split_config(config)  # a bad key fails now, in one sentence, not inside the simulation
-    home = Path(tempfile.mkdtemp(prefix="fedsms-simulation-"))
+
+    def run(home: Path) -> int:
+        _run_in(home, config, num_clients, app_dir, cpus_per_client, gpus_per_client)
+        return 0
+
+    scratch_home("fedsms-simulation-", run)
+
+
+def _run_in(
+    home: Path, config: Mapping, num_clients: int, app_dir, cpus_per_client: float, gpus_per_client: float
+) -> None:
+    """Start a simulation SuperLink in ``home``, run the app against it, stop the SuperLink."""
     env = flower_env(home)
     port = free_port()
     write_connection(home, f"127.0.0.1:{port}", None)
@@ -79,21 +101,35 @@ def simulate(
             f"num-supernodes={num_clients} client-resources-num-cpus={cpus_per_client:g} "
             f"client-resources-num-gpus={gpus_per_client:g}"
         )
-        result = subprocess.run(
-            [
-                flower_bin("flwr"),
-                "run",
-                str(app),
-                CONNECTION,
-                "--stream",
-                "--run-config",
-                run_config_arg(dict(config)),
-                "--federation-config",
-                federation,
-            ],
-            env=env,
-        )
-        if result.returncode != 0:
-            raise FedSMSError(f"flwr run failed (exit code {result.returncode}); see the SuperLink log {log_path}")
+        command = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream"]
+        command += ["--run-config", run_config_arg(dict(config)), "--federation-config", federation]
+        code = stream_without_noise(command, env)
+        if code != 0:
+            raise FedSMSError(f"flwr run failed (exit code {code}); see the SuperLink log {log_path}")
     finally:
         stop(superlink)
+
+
+def stream_without_noise(command: list[str], env: dict) -> int:
+    """Run ``command``, copying its output here line by line except ``FLOWER_NOISE``.
+
+    Parameters
+    ----------
+    command : list of str
+        The command (``flwr run ... --stream``).
+    env : dict
+        Its environment.
+
+    Returns
+    -------
+    int
+        Its exit code.
+    """
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+    ) as process:
+        for line in process.stdout:
+            if not any(noise in line for noise in FLOWER_NOISE):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    return process.returncode

@@ -93,8 +93,7 @@ def make_server_app(defaults: Mapping | None = None) -> ServerApp:
             strategy.start(grid)
         except JobStopped as error:  # outputs are written; the completed rounds stay checkpointed
             print(f"fedsms: job stopped at the last completed round: {error}")
-            return
-        print(f"fedsms: job finished; results in {strategy.out_dir}")
+        # A finished job needs no line here: the strategy logs "job finished; results in ...".
 
     return app
 

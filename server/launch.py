@@ -11,7 +11,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from fedsms_flower.deployment import (
     parse_run_config,
     register_supernode,
     run_status,
+    scratch_home,
     stop,
     stream_log,
     submit_run,
@@ -186,8 +186,12 @@ def app_job(args: argparse.Namespace) -> Job:
 
 def serve(args: argparse.Namespace) -> int:
     job = app_job(args) if args.app else built_in_job(args)
+    return scratch_home("fedsms-server-", lambda home: serve_in(home, job, args), args.flwr_home)
+
+
+def serve_in(home: Path, job: Job, args: argparse.Namespace) -> int:
+    """Start the SuperLink with its files in ``home``, run ``job`` on it, stop it; the exit code."""
     flags, root_cert = security_flags(args)
-    home = Path(args.flwr_home or tempfile.mkdtemp(prefix="fedsms-server-"))
     if job.app is None:
         job.app = write_app_dir(home / "app")
     env = flower_env(home)

@@ -14,6 +14,7 @@ __all__ = [
     "LocalGrid",
     "RecordingGrid",
     "digits",
+    "in_process_simulation",
     "make_strategy",
     "partitions",
     "payloads",
@@ -120,3 +121,18 @@ def reply_of(server_round: int, candidate: int, node: int, payload: bytes | None
     return train_reply(
         server_round, candidate, node, RecordDict({"update": record_of(payload), "metrics": MetricRecord(metrics)})
     )
+
+
+def in_process_simulation(config, num_clients, *, started: dict | None = None, **resources) -> None:
+    """A stand-in for ``fedsms_flower.simulation.simulate`` that runs the same strategy and
+    ClientApp in this process (the transport is the slow tests' business); ``started``
+    receives the soup the job starts from."""
+    from fedsms.config import split_config
+    from fedsms_client.app import make_client_app
+    from fedsms_server.app import build_strategy
+
+    run, fed = split_config(config)
+    strategy = build_strategy(run, fed, log=lambda _: None)
+    if started is not None:
+        started.update(strategy.soup)
+    strategy.start(RecordingGrid(make_client_app(), partitions(num_clients)))

@@ -139,3 +139,14 @@ def test_parallel_candidates(tmp_path):
     assert by["federated_m"]["accepted"] == by["federated_1"]["accepted"] == [2]
     assert len(by["sequential"]["examples"][0]) == 2
     assert positive(data["speedup"], data["speedup_vs_federated_1"])
+
+
+def test_sparse_inference_bench_reports_sizes_and_ratios(tmp_path):
+    data = run_bench("sparse_inference", tmp_path)
+    rows = data["rows"]
+    assert {r["model"] for r in rows} == {"mlp (digits)", "cnn (digits)", "transformer (2x64, 8 tokens)"}
+    assert data["device"] == "cpu" and data["gpu_has_run"] is False
+    for r in rows:
+        assert positive(r["dense_bytes"], r["b1_t1"], r["b4_t1"], r["b1_t1_dense_ms"], r["peak"], r["peak_dense_mb"])
+        assert r["sparsity"] == 0.9 and r["compact_fp16"] < r["compact_fp32"] <= 0.15  # the file target at 90 %
+    assert next(r for r in rows if r["model"] == "cnn (digits)")["conv_gain"] != "-"

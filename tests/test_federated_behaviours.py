@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from helpers import RecordingGrid, digits, make_strategy, partitions, payloads, train_replies
+from helpers import RecordingGrid, digits, in_process_simulation, make_strategy, partitions, payloads, train_replies
 
 from fedsms import codec
 from fedsms.data.partition import partition
@@ -231,55 +231,43 @@ def test_a_local_sms_soup_is_the_mean_of_its_candidates(tmp_path):
     assert [r["method"] for r in rows] == ["dense", "ensemble", "sms", "ensemble", "sms"]
 
 
-def test_simulate_with_baselines_prints_the_local_methods_beside_the_federated_job(tmp_path, monkeypatch, capsys):
+def test_simulate_with_baselines_compares_like_with_like(tmp_path, monkeypatch, capsys):
+    import functools
+
     import fedsms_flower.simulation
+    from fedsms.checkpoint import load_checkpoint
     from fedsms.cli import main
-    from fedsms.config import split_config
-    from fedsms_server.app import build_strategy
 
-    def in_process(config, num_clients, **resources):  # the transport is the slow tests' business
-        run, fed = split_config(config)
-        build_strategy(run, fed, log=lambda _: None).start(RecordingGrid(make_client_app(), partitions(num_clients)))
-
+    started = {}
+    in_process = functools.partial(in_process_simulation, started=started)
     monkeypatch.setattr(fedsms_flower.simulation, "simulate", in_process)
     out = tmp_path / "job"
-    assert (
-        main(
-            [
-                "simulate",
-                "--model",
-                "mlp",
-                "--phases",
-                "1",
-                "--target-sparsity",
-                "0.5",
-                "--candidates",
-                "2",
-                "--pretrain-epochs",
-                "1",
-                "--retrain-epochs",
-                "1",
-                "--ood",
-                "false",
-                "--device",
-                "cpu",
-                "--num-clients",
-                "2",
-                "--baselines",
-                "imp",
-                "--out-dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    tiny = ["--model", "mlp", "--phases", "1", "--target-sparsity", "0.5", "--candidates", "2"]
+    tiny += ["--pretrain-epochs", "1", "--retrain-epochs", "1", "--ood", "false", "--device", "cpu"]
+    argv = ["simulate", *tiny, "--num-clients", "2", "--baselines", "imp,sms", "--out-dir", str(out)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     local = [json.loads(line) for line in (out / "local" / "results.jsonl").read_text().splitlines()]
-    assert {(r["method"], r["phase"]) for r in local} == {("dense", 0), ("imp", 1)}
-    assert local[-1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert {(r["method"], r["phase"]) for r in local} >= {("dense", 0), ("imp", 1), ("sms", 1)}
+    # the federated job pruned the baselines' dense model: no dense rounds of its own
+    dense = load_checkpoint(out / "local" / "checkpoints" / "seed0-dense").state
+    assert started.keys() == dense.keys() and all(torch.equal(started[k], dense[k]) for k in dense)
     federated = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in federated] == ["fed-dense", "fed-hyperparameter"]
-    assert "local baselines (imp) with the same config" in printed
-    for method in ("imp", "fed-hyperparameter"):
-        assert method in printed.split("local baselines")[1]
-    assert list((out / "comparison").glob("*.png"))
+    assert [r["method"] for r in federated] == ["fed-hyperparameter"]
+    assert "the federated job then starts from their dense model" in printed
+    tables = printed[printed.index("test accuracy (%)") :]
+    for method in ("dense", "imp", "sms", "fed-hyperparameter"):
+        assert f"\n{method} " in tables
+    assert "\nensemble " not in tables  # sms's ensemble was not asked for
+    assert "Every method started from the same dense model" in tables and "± 0.00" not in tables
+    assert max(len(line) for line in tables.splitlines() if not line.startswith("federated results")) <= 100
+    assert list((out / "comparison").glob("*.png")) and (out / "local" / "diagnostics_sms.png").is_file()
+
+
+def test_simulate_with_baselines_refuses_dense_rounds_of_its_own(tmp_path, capsys):
+    from fedsms.cli import main
+
+    argv = ["simulate", "--baselines", "imp", "--pretrain-rounds", "2", "--out-dir", str(tmp_path / "job")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "drop --pretrain-rounds or --baselines" in err and err.count("\n") == 1

@@ -1,6 +1,7 @@
 """The single-machine pipeline and the `fedsms` command, end to end on digits at tiny size."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from fedsms.cli import main
 from fedsms.masks import kept_count, mask_digest, prunable_names, sparsity_after_phase
 from fedsms.models import build_model
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--model",
     "mlp",
@@ -113,6 +115,8 @@ def test_inspect_prints_per_layer_sparsity_and_metadata(local_run, capsys):
         (["local", "--dataset", "cifar10", "--pretrain-epochs", "1"], "--data-dir"),
         (["local", "--recipe", "lr"], "recipe part 'lr' is not KEY=V1,V2"),
         (["inspect", "/nonexistent/ckpt"], "is missing"),
+        (["inspect", str(ROOT / "README.md")], "is not a checkpoint, a model or a results file"),
+        (["inspect", str(ROOT / "fedsms" / "wire")], "holds no fedsms checkpoint, model or results file"),
     ],
 )
 def test_bad_input_gives_one_clear_sentence(argv, message, capsys, tmp_path):

@@ -262,7 +262,8 @@ def plot_diagnostics(rows: list[dict], out_dir: str | Path) -> list[Path]:
 
 
 def diagnostics_figure(rows: list[dict], method: str) -> Figure:
-    """One panel per phase of ``method``'s rows: test accuracy along candidate 0 → candidate 1
+    """One panel per phase of ``method``'s rows: the test score (accuracy, or the task's
+    score) along candidate 0 → candidate 1
     (grey) and candidate 0 → soup (the method's colour), one pair of curves per seed.
 
     Parameters
@@ -288,11 +289,15 @@ def diagnostics_figure(rows: list[dict], method: str) -> Figure:
     for ax, phase in zip(axes[0], phases):
         for row in (r for r in rows if r["phase"] == phase):
             seed = f" s{row['seed']}" if several_seeds else ""
+            score = row["diagnostics"].get("score", "accuracy")
             for key, label, look in looks:
                 line = row["diagnostics"]["lines"][key]
-                ys = [100 * a for a in line["test_accuracy"]]
+                ys = [100 * a for a in line[f"test_{score}"]]
                 ax.plot(line["t"], ys, mfc="none", label=f"{label}{seed} (barrier {line['barrier']:.1f})", **look)
-        ax.set(xlabel="t (0 = cand 0, 1 = end of the line)", ylabel="test accuracy (%)")
+        ax.set(
+            xlabel="t (0 = cand 0, 1 = end of the line)",
+            ylabel=f"test {score} (× 100)" if score != "accuracy" else "test accuracy (%)",
+        )
         _flat_range(ax)
         ax.set_title(f"{method} phase {phase}")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)

@@ -83,10 +83,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _fmt(values: list[float], scale: float = 100.0) -> str:
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     # One value has no spread: "± 0.00" would claim a precision a single run cannot give.
     mean, std = mean_std([v * scale for v in values])
-    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def spread_note(rows: list[dict]) -> str:
@@ -170,8 +170,8 @@ def by_schedule(rows: list[dict]) -> list[list[dict]]:
     return [dense + part for part in parts if part] or [dense]
 
 
-def phase_table(rows: list[dict], key: str = "accuracy", width: int = 100) -> str:
-    """One line per method, one column per phase: ``key`` in % (mean ± std over seeds).
+def phase_table(rows: list[dict], key: str = "accuracy", width: int = 100, percent: bool = True) -> str:
+    """One line per method, one column per phase: ``key`` (mean ± std over seeds).
 
     Columns that would make a line wider than ``width`` go to a further block below, which
     repeats the method names, so the table never wraps on a terminal that wide.
@@ -181,9 +181,11 @@ def phase_table(rows: list[dict], key: str = "accuracy", width: int = 100) -> st
     rows : list of dict
         Result rows as ``read_rows`` returns them; each has ``method`` and ``phase``.
     key : str, default "accuracy"
-        The metric shown (a fraction, shown in %).
+        The metric shown.
     width : int, default 100
         The widest line allowed (at least one phase column is always shown).
+    percent : bool, default True
+        Show the metric (a fraction) in %; False: as it is, to four decimals.
 
     Returns
     -------
@@ -192,7 +194,7 @@ def phase_table(rows: list[dict], key: str = "accuracy", width: int = 100) -> st
         rule and one line per method.
     """
     methods, phases = methods_in(rows), sorted({r["phase"] for r in rows})
-    cells = {k: _fmt(v) for k, v in grouped(rows, key).items()}
+    cells = {k: _fmt(v) if percent else _fmt(v, 1.0, 4) for k, v in grouped(rows, key).items()}
     spars = grouped(rows, "sparsity")
     mean_sparsity = {p: statistics.fmean(v for (_, q), vs in spars.items() if q == p for v in vs) for p in phases}
     columns = {p: (f"phase {p}", f"{100 * mean_sparsity[p]:.2f}%") for p in phases}
@@ -204,7 +206,7 @@ def phase_table(rows: list[dict], key: str = "accuracy", width: int = 100) -> st
     def line(name: str, texts: list[str]) -> str:
         return (f"{name:<{name_width}}" + "".join(f"  {t:>{cell_width}}" for t in texts)).rstrip()
 
-    lines = [f"test {key} (%), {spread_note(rows)}"]
+    lines = [f"test {key}{' (%)' if percent else ''}, {spread_note(rows)}"]
     for i, block in enumerate(blocks):
         header = line("method", [columns[p][0] for p in block])
         lines += [""] * (i > 0) + [header, line("sparsity", [columns[p][1] for p in block]), "-" * len(header)]

@@ -222,7 +222,9 @@ class JobRecorder:
         """``final_model``, ``results.jsonl``, plots and ``summary.json`` in ``out_dir``;
         ``stopped`` says why the job ended early (empty when every round ran).
 
-        Plots and the result tables are made only when every phase row has an accuracy.
+        Classification jobs (every phase row has an accuracy) get the accuracy plots and
+        tables; any other task gets a per-phase table of each of its metrics; both get the
+        diagnostics plots.
 
         Parameters
         ----------
@@ -250,6 +252,12 @@ class JobRecorder:
             plot_results(rows, out)
             plot_diagnostics(rows, out)
             self.log("\n" + phase_table(rows) + "\n" + final_table(rows))
+        elif rows:  # another task: one table per metric every phase row has, and the diagnostics
+            plot_diagnostics(rows, out)
+            shared = [
+                k for k, v in rows[0].items() if isinstance(v, float) and k != "sparsity" and all(k in r for r in rows)
+            ]
+            self.log("\n" + "\n\n".join(phase_table(rows, key, percent=False) for key in shared))
         summary = {
             "config": self.settings,
             "model": metadata,

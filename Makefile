@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,bench,fast]'
+	$(BIN)/python -m pip install -q -e '.[test,bench,fast,datasets]'
 	touch $@
 
 # The main job: the local IMP, IMP best-of-m and SMS baselines on the embedded digits data,

@@ -169,8 +169,11 @@ class ClientSide:
     ``done()`` returns it there once the reply is built.
     """
 
-    def __init__(self, message: Message, context: Context, model_fn: ModelFn, data_fn: DataFn) -> None:
+    def __init__(
+        self, message: Message, context: Context, model_fn: ModelFn, data_fn: DataFn, partitioned: bool = False
+    ) -> None:
         self.run, self.fed = split_config(job_settings(message))
+        self.partitioned = partitioned  # data_fn gives this client's own partition: never shard it again
         node = context.node_config
         self.partition_id = int(node.get("partition-id", 0))
         self.num_partitions = int(node.get("num-partitions", 1))
@@ -211,9 +214,10 @@ class ClientSide:
         Returns
         -------
         ArrayData
-            The ``partition-id``-th part (all of ``data`` with a single partition).
+            The ``partition-id``-th part (all of ``data`` with a single partition, or when
+            ``data_fn`` already gave this client's own partition).
         """
-        if self.num_partitions == 1:
+        if self.num_partitions == 1 or self.partitioned:
             return data
         scheme = self.fed.partitioning if salt == 0 else "iid"
         parts = partition(
@@ -277,7 +281,11 @@ def job_settings(message: Message) -> dict:
 
 
 def make_client_app(
-    *, model_fn: ModelFn = default_model, data_fn: DataFn = default_data, task: Task = CLASSIFICATION
+    *,
+    model_fn: ModelFn = default_model,
+    data_fn: DataFn = default_data,
+    task: Task = CLASSIFICATION,
+    partitioned: bool = False,
 ) -> ClientApp:
     """A fedsms ClientApp that retrains with the built-in trainer.
 
@@ -294,6 +302,10 @@ def make_client_app(
         the node's ``data-dir``).
     task : Task, default CLASSIFICATION
         The loss the client trains on and the metrics it reports (``fedsms.task``).
+    partitioned : bool, default False
+        Whether ``data_fn`` returns this client's own partition (from a flwr-datasets
+        partitioner, say), which is then used whole; by default a data soup shards the
+        data ``data_fn`` returns by the node's ``partition-id`` / ``num-partitions``.
 
     Returns
     -------
@@ -307,7 +319,7 @@ def make_client_app(
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        side = ClientSide(message, context, model_fn, data_fn)
+        side = ClientSide(message, context, model_fn, data_fn, partitioned)
         soup = toolkit.receive(message, side.model)
         hp = soup.hyperparameters
         candidate = CandidateConfig.from_dict({k: hp[k] for k in CandidateConfig.__dataclass_fields__})
@@ -329,7 +341,7 @@ def make_client_app(
 
     @app.evaluate()
     def evaluate_soup(message: Message, context: Context) -> Message:
-        side = ClientSide(message, context, model_fn, data_fn)
+        side = ClientSide(message, context, model_fn, data_fn, partitioned)
         soup = toolkit.receive(message, side.model)
         config = soup.hyperparameters
         test = side.shard(side.splits.test, salt=1)
@@ -346,7 +358,7 @@ def make_client_app(
 
     @app.query("norm_stats")
     def norm_statistics(message: Message, context: Context) -> Message:
-        side = ClientSide(message, context, model_fn, data_fn)
+        side = ClientSide(message, context, model_fn, data_fn, partitioned)
         soup = toolkit.receive(message, side.model)
         used = recalibrate_norms(
             side.model,

@@ -163,6 +163,7 @@ class SparseSoupStrategy(Strategy):
         self._opened = 0  # the last round whose prune was applied
         self._returned: ArrayRecord | None = None  # what aggregate_train last returned: the soup as Flower holds it
         self._started = time.perf_counter()
+        self._clients_cannot_evaluate = False  # set once every evaluation of a round failed alike
 
     # ---- the job's shape ---------------------------------------------------------------
 
@@ -554,11 +555,13 @@ class SparseSoupStrategy(Strategy):
         Returns
         -------
         list of Message
-            One evaluate message per chosen client; empty when ``fraction-evaluate`` is 0.
+            One evaluate message per chosen client; empty when ``fraction-evaluate`` is 0,
+            or once a round's evaluations all failed alike (the clients' app cannot
+            evaluate: a quickstart ClientApp without an evaluate handler, say).
         """
         self._step(server_round)
         self._complete_phase(grid)
-        nodes = self.sampler.evaluate_nodes(grid)
+        nodes = [] if self._clients_cannot_evaluate else self.sampler.evaluate_nodes(grid)
         if not nodes:
             return []
         soup, nbytes = self.outbox.soup_entry(self.soup, self.mask, server_round)
@@ -587,12 +590,13 @@ class SparseSoupStrategy(Strategy):
         self._step(server_round)
         self._complete_phase(None)
         log = self._log(server_round)
-        totals, examples = {}, 0
+        totals, examples, failures = {}, 0, []
         for reply in replies:
             try:
                 metrics, n = gate.evaluate_reply(reply)
             except gate.Rejected as error:
                 self.log(f"round {server_round}: evaluation rejected from node {reply.metadata.src_node_id}: {error}")
+                failures.append(gate.client_error(reply))
                 continue
             examples += n
             for key, value in metrics.items():
@@ -600,6 +604,9 @@ class SparseSoupStrategy(Strategy):
                     totals[key] = totals.get(key, 0.0) + float(value) * n
         if examples:
             log.federated_eval = {k: v / examples for k, v in totals.items()}
+        elif failures and len(set(failures)) == 1 and failures[0] is not None:
+            self._clients_cannot_evaluate = True
+            self.log(f"every client's evaluation failed alike ({failures[0]}); federated evaluation is off from now on")
         self._close_round(log)
         return MetricRecord(log.federated_eval) if log.federated_eval else None
 

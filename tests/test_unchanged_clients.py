@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LocalGrid, partitions
+from flwr.clientapp import ClientApp
+from helpers import LocalGrid, RecordingGrid, partitions
 from safetensors.torch import load_file
 
-from fedsms.config import FederationConfig, RunConfig
+from fedsms.config import FederationConfig, RunConfig, split_config
 from fedsms.masks import kept_count, prunable_names
 from fedsms_server.strategy import SparseSoupStrategy
 
@@ -68,3 +69,36 @@ def test_the_toolkit_version_of_the_same_client_sends_compact_replies(tmp_path, 
     _, task = quickstart(client_module)
     dense_bytes = sum(t.numel() * t.element_size() for t in task.Net().state_dict().values())
     assert rounds[-1]["bytes_up"] < 4 * dense_bytes / 3  # values under a 90 % mask, no indices
+
+
+def test_the_quickstart_client_trains_the_epochs_the_server_means(tmp_path, monkeypatch):
+    """A quickstart ClientApp reads its epochs from the run config's ``local-epochs``: in the
+    same run config, fedsms reads that key as its own epochs, and sends ``lr`` and
+    ``local-epochs`` in every train message; a client that cannot evaluate is asked once."""
+    torch.set_num_threads(1)
+    client, task = quickstart("client_app")
+    trained = []
+
+    def recording_train(model, loader, epochs, optimizer):
+        trained.append(epochs)
+        return task.train(model, loader, epochs, optimizer)
+
+    monkeypatch.setattr(client, "train", recording_train)
+    app_config = {"local-epochs": 2, "target-sparsity": 0.9, "phases": 1, "lr": 0.05, "pretrain-lr": 0.05}
+    run, fed = split_config(
+        {**app_config, "mode": "data", "client-protocol": "flower", "min-train-clients": 2, "min-available-clients": 2}
+    )
+    run = RunConfig.from_mapping({"out_dir": str(tmp_path)}, base=run)
+    torch.manual_seed(0)
+    lines = []
+    strategy = SparseSoupStrategy(run, fed, task.Net(), log=lines.append)
+    no_evaluate = ClientApp()
+    no_evaluate.train()(client.train_fn)  # the same client without its evaluate handler
+    grid = RecordingGrid(no_evaluate, partitions(2), run_config=app_config)
+    strategy.start(grid)
+    assert (run.pretrain_epochs, run.retrain_epochs) == (2, 2) and trained == [2] * 4
+    configs = [m.content["config"] for m in grid.sent if m.metadata.message_type == "train"]
+    assert all(c["local-epochs"] == 2 and c["lr"] == 0.05 for c in configs)
+    evaluations = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(evaluations) == 2  # round 1's two, then no more
+    assert sum("federated evaluation is off" in line for line in lines) == 1

@@ -14,6 +14,7 @@ it lives in (a user's own keys included) is left alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable
@@ -230,10 +231,8 @@ class ClientSide:
         return self.splits.train if self.fed.mode == "hyperparameter" else self.shard(self.splits.train, salt=0)
 
     def mark(self, message: Message) -> None:
-        """Record the last message handled, so ``fedsms-client`` knows when the job is over.
-
-        Writes the message's ``server-round``, ``last-round`` and ``out-dir`` as JSON to the
-        node's ``status-file``; does nothing without one.
+        """Record the last message handled, so ``fedsms-client`` knows when the job is over
+        (``write_status`` to the node's ``status-file``; nothing without one).
 
         Parameters
         ----------
@@ -241,16 +240,46 @@ class ClientSide:
             The message just handled (its ``config`` record is read).
         """
         if self.status_file:
-            config = message.content[CONFIG_KEY]
-            Path(self.status_file).write_text(
-                json.dumps(
-                    {
-                        SERVER_ROUND: int(config[SERVER_ROUND]),
-                        LAST_ROUND: bool(config.get(LAST_ROUND, False)),
-                        OUT_DIR: str(config.get(OUT_DIR, "")),
-                    }
-                )
-            )
+            write_status(self.status_file, message)
+
+
+def write_status(path: str, message: Message, error: str = "") -> None:
+    """The last message handled, as JSON in the node's status file: its ``server-round``,
+    ``last-round`` and ``out-dir``, and the exception that failed it, if one did.
+
+    Parameters
+    ----------
+    path : str
+        The node's ``status-file``.
+    message : Message
+        The message handled.
+    error : str, optional
+        ``"<type>: <message>"`` of the exception its handler raised.
+    """
+    config = message.content.get(CONFIG_KEY, {})
+    status = {
+        SERVER_ROUND: int(config.get(SERVER_ROUND, 0)),
+        LAST_ROUND: bool(config.get(LAST_ROUND, False)),
+        OUT_DIR: str(config.get(OUT_DIR, "")),
+    }
+    Path(path).write_text(json.dumps({**status, **({"error": error} if error else {})}))
+
+
+def reporting(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """``handler``, which also writes an exception it raises to the node's status file (so
+    ``fedsms-client`` prints it on the client's console) before Flower reports it to the server."""
+
+    @functools.wraps(handler)
+    def handle(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as error:
+            path = str(context.node_config.get("status-file", ""))
+            if path:
+                write_status(path, message, error=f"{type(error).__name__}: {error}")
+            raise
+
+    return handle
 
 
 def job_settings(message: Message) -> dict:
@@ -318,6 +347,7 @@ def make_client_app(
     data_fn = with_context(data_fn)
 
     @app.train()
+    @reporting
     def train(message: Message, context: Context) -> Message:
         side = ClientSide(message, context, model_fn, data_fn, partitioned)
         soup = toolkit.receive(message, side.model)
@@ -340,6 +370,7 @@ def make_client_app(
         return side.done(soup.reply(side.model, result["num_examples"], metrics))
 
     @app.evaluate()
+    @reporting
     def evaluate_soup(message: Message, context: Context) -> Message:
         side = ClientSide(message, context, model_fn, data_fn, partitioned)
         soup = toolkit.receive(message, side.model)
@@ -357,6 +388,7 @@ def make_client_app(
     app.query("identity")(toolkit.identity)
 
     @app.query("norm_stats")
+    @reporting
     def norm_statistics(message: Message, context: Context) -> Message:
         side = ClientSide(message, context, model_fn, data_fn, partitioned)
         soup = toolkit.receive(message, side.model)

@@ -164,12 +164,19 @@ def join_from(home: Path, args: argparse.Namespace) -> int:
 def watch(supernode: subprocess.Popen, status_file: Path, host: str, port: int, args: argparse.Namespace) -> int | None:
     """Until the server is gone: then 0 if the last round was handled, else 1. None when
     the SuperNode exited before handling any round."""
-    seen_round, status = 0, {}
+    seen_round, seen_error, status = 0, "", {}
     while True:
         # The ClientApp rewrites the file after every message; a read that catches it
         # mid-write finds no JSON: keep the last status read.
         status = read_status(status_file) or status
-        if status.get("server-round", 0) != seen_round:
+        if status.get("error") and status["error"] != seen_error:
+            seen_error = status["error"]
+            print(
+                f"fedsms-client {args.partition_id}: round {status.get('server-round', 0)} failed on this client: "
+                f"{seen_error}",
+                file=sys.stderr,
+            )
+        elif status.get("server-round", 0) != seen_round and not status.get("error"):
             seen_round = status["server-round"]
             print(f"fedsms-client {args.partition_id}: handled round {seen_round}")
         if not reachable(host, port):

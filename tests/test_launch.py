@@ -125,3 +125,25 @@ def test_relative_paths_reach_the_server_app_as_the_user_meant_them(tmp_path, mo
     job = server_launch.built_in_job(args)
     for key, name in (("init_checkpoint", "ck/dense"), ("data_dir", "data"), ("out_dir", "out")):
         assert job.run_config[key] == str(tmp_path / name), key
+
+
+def test_a_client_prints_its_own_failure_as_the_server_quotes_it(tmp_path, capsys):
+    """The built-in ClientApp writes the exception that failed a round to the node's status
+    file; fedsms-client prints it on the client's console before the server goes away."""
+    from helpers import RecordingGrid, make_strategy
+
+    from fedsms_client.app import make_client_app
+    from fedsms_server.strategy import RoundFailed
+
+    status = tmp_path / "status.json"
+    app = make_client_app(model_fn=lambda run, splits: (_ for _ in ()).throw(ValueError("no GPU on this node")))
+    nodes = [{"partition-id": i, "num-partitions": 2, "status-file": str(status)} for i in range(2)]
+    with pytest.raises(RoundFailed, match="ValueError: no GPU on this node"):
+        make_strategy(tmp_path / "job").start(RecordingGrid(app, nodes))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]  # bound, not listening: the server is gone
+        args = argparse.Namespace(partition_id=0, server=f"127.0.0.1:{port}")
+        assert client_launch.watch(RunningNode(), status, "127.0.0.1", port, args) == 1
+    err = capsys.readouterr().err
+    assert "round 1 failed on this client: ValueError: no GPU on this node" in err and "went away" in err

@@ -25,15 +25,7 @@ def write_text(path: str | Path, text: str) -> None:
     text : str
         The file's whole new content.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(path, text.encode())
 
 
 def append_line(path: str | Path, line: str) -> None:

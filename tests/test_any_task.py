@@ -209,3 +209,21 @@ def test_tasks_check_what_their_metrics_give():
     with pytest.raises(FedSMSError, match=r"without \['f1'\]"):
         bad.evaluate(y, y)
     assert Task("err", None, lambda o, t: {"loss": 1.0, "mse": 2.0}, "mse", maximize=False).better(2.0) == -2.0
+
+
+def test_a_resumed_job_draws_what_the_uninterrupted_job_drew(tmp_path):
+    from fedsms.checkpoint import load_checkpoint
+
+    def nodes(seed):
+        ids = random.Random(seed).sample(range(10**6, 10**7), 4)
+        return {node: {"partition-id": i, "num-partitions": 4} for i, node in enumerate(ids)}
+
+    whole, grid = regression_job(tmp_path / "whole", nodes(0))
+    whole.start(grid)
+    first, grid = regression_job(tmp_path / "resumed", nodes(1))
+    first.start(grid, num_rounds=2)
+    again, grid = regression_job(tmp_path / "resumed", nodes(2), resume=True)  # new node ids after the restart
+    again.restore(load_checkpoint(tmp_path / "resumed" / "checkpoints" / "soup"))
+    again.start(grid)
+    assert [r.partitions for r in again.rounds] == [r.partitions for r in whole.rounds]
+    assert all(torch.equal(again.soup[k], whole.soup[k]) for k in whole.soup)

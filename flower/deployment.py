@@ -45,7 +45,7 @@ def flower_bin(name: str) -> str:
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment every Flower process gets: our venv first on PATH (SuperLink and
     SuperNode spawn ``flower-superexec``/``flwr-*app`` by name), no runtime installs of
-    dependencies (they would download torch again), no telemetry."""
+    dependencies (they would download torch again), no telemetry, no Ray warning."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(
@@ -54,6 +54,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         PYTHONUNBUFFERED="1",
+        # Ray's own choice for CPU-only clients, said so it stops warning that it will change
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
     )
     return env
 

@@ -1001,8 +1001,9 @@ class UpdateReader:
     this mask and template). A reply whose metadata is byte-for-byte that is checked with O(1)
     Python work: checksum, layout, header (version, kind, phase, round, value dtype, digest),
     metadata, block lengths, then one finiteness pass per block. Any other reply goes through
-    :func:`decode` (every check, with its precise message; a valid but differently written
-    payload comes back as a :class:`Decoded`).
+    :func:`decode` (every check, with its precise message); a valid but differently written
+    payload, and a reply read in another layout (:meth:`flat`), come back in the same
+    :class:`FlatReply` layout, so every reply of a round sums alike.
 
     Parameters
     ----------
@@ -1061,7 +1062,7 @@ class UpdateReader:
         reader.phase, reader.round = phase, round
         return reader
 
-    def read(self, data: bytes) -> FlatReply | Decoded:
+    def read(self, data: bytes) -> FlatReply:
         """The reply, validated; raises :class:`PayloadError` with the reason otherwise."""
         message, view, value_span, dense_span = _open(data)
         header = message.header
@@ -1090,8 +1091,34 @@ class UpdateReader:
             at += count * size
         return FlatReply(self.layout, values, dense, num_examples, len(view))
 
-    def _decode(self, data: bytes) -> Decoded:
-        return decode(
+    def flat(self, values: Mapping[str, torch.Tensor], num_examples: int, nbytes: int) -> FlatReply:
+        """A reply already validated in the compact form (a :class:`Decoded`'s values and
+        dense extras, or ``fedsms.merge.values_under_mask`` of a state dict) laid out as the
+        replies this reader reads in place: the same blocks, in the same order.
+
+        Parameters
+        ----------
+        values : mapping of str to torch.Tensor
+            Each masked tensor's kept values (in mask order) and every dense extra, named as
+            this reader's template (any order).
+        num_examples : int
+            The reply's example count.
+        nbytes : int
+            The size of the reply as it travelled.
+
+        Returns
+        -------
+        FlatReply
+            Owned copies (float32 masked values; each dense run in its dtype).
+        """
+        layout = self.layout
+        masked = [values[name].reshape(-1).to(torch.float32) for name in layout.masked]
+        flat = torch.cat(masked) if masked else torch.zeros(0)
+        dense = [torch.cat([values[name].reshape(-1).to(dtype) for name in names]) for names, _, dtype in layout.runs]
+        return FlatReply(layout, flat, dense, num_examples, nbytes)
+
+    def _decode(self, data: bytes) -> FlatReply:
+        decoded = decode(
             data,
             expected_mask=self.mask,
             expected_digest=self.digest,
@@ -1100,6 +1127,7 @@ class UpdateReader:
             expected_round=self.round,
             expected_kind="update",
         )
+        return self.flat({**decoded.values, **decoded.dense}, decoded.num_examples, decoded.nbytes)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -40,8 +40,8 @@ class RunningAverage:
 
     Floating tensors are averaged in float32 (float64 for float64 inputs); integer tensors
     such as BatchNorm's ``num_batches_tracked`` cannot be averaged and keep their maximum.
-    Every candidate must name the same tensors, in the same order and of the same shapes,
-    as the first one.
+    Every candidate must name the same tensors, of the same shapes, as the first one (in
+    any order: tensors are matched by name, the mean keeps the first candidate's order).
 
     Attributes
     ----------
@@ -72,8 +72,8 @@ class RunningAverage:
         ValueError
             If ``weight`` is not positive.
         SoupError
-            If the tensors' names, order or shapes differ from the first candidate's;
-            nothing is added then.
+            If the tensors' names or shapes differ from the first candidate's; nothing is
+            added then.
         """
         if not 0 < weight < float("inf"):  # NaN fails too
             raise ValueError(f"weight must be a positive finite number, got {weight}")
@@ -109,7 +109,7 @@ class RunningAverage:
         self.count += flat.count
 
     def _check_like(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        if list(tensors) != list(self._sums):
+        if len(tensors) != len(self._sums) or any(name not in self._sums for name in tensors):
             missing = sorted(set(self._sums) - set(tensors))
             extra = sorted(set(tensors) - set(self._sums))
             raise SoupError(
@@ -172,9 +172,11 @@ class FlatSum:
             raise ValueError(f"weight must be a positive finite number, got {weight}")
         if self.layout is None:
             self.layout = reply.layout
-            self._values = torch.mul(reply.values, weight).to(torch.float32)
+            # Widened before the weight is applied (a float16 value times an example count
+            # would round, or overflow, in float16), as RunningAverage does.
+            self._values = reply.values.to(torch.float32, copy=True).mul_(weight)
             self._dense = [
-                torch.mul(run, weight).to(torch.promote_types(run.dtype, torch.float32))
+                run.to(torch.promote_types(run.dtype, torch.float32), copy=True).mul_(weight)
                 if run.is_floating_point()
                 else run.clone()
                 for run in reply.dense

@@ -469,10 +469,7 @@ class SparseSoupStrategy(Strategy):
                 self.log(f"round {server_round}: rejected reply from node {node}: {reason}")
                 continue
             log.bytes_up += nbytes
-            if isinstance(decoded[0], codec.FlatReply):  # read in place: summed without a copy
-                merge.add_reply(*decoded)
-            else:
-                merge.add(*decoded)
+            merge.add_reply(*decoded)  # either layout, read into the compact reader's blocks
             decoded = None  # the payload's memory may go once it is summed
             added.append(node)
             for key, value in metrics.items():

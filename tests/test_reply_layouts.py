@@ -17,7 +17,7 @@ from fedsms_flower.local_grid import train_reply
 EXAMPLES = [50, 120, 80, 200]
 
 
-def updates(strategy, count=len(EXAMPLES)):
+def updates(strategy, count):
     """Seeded full state dicts retrained from the soup (noise outside the mask too: the
     server drops it)."""
     out = []
@@ -62,7 +62,9 @@ def soup_after(tmp_path, rule, diagnostics, layouts, model="mlp"):
     grid = LocalGrid(make_client_app(), partitions(len(layouts)))
     strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)  # prunes: phase 1 opens
     states = updates(strategy, len(layouts))
-    _, metrics = strategy.aggregate_train(1, [reply(strategy, i, s, lay) for i, (s, lay) in enumerate(zip(states, layouts))])
+    _, metrics = strategy.aggregate_train(
+        1, [reply(strategy, i, s, lay) for i, (s, lay) in enumerate(zip(states, layouts))]
+    )
     assert metrics is not None, strategy.rounds
     return strategy.soup
 

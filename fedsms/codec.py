@@ -59,6 +59,9 @@ __all__ = [
     "encode",
     "decode",
     "payload_size_bound",
+    "MAX_MAGNITUDE",
+    "in_range",
+    "extent",
     "UpdateReader",
     "FlatReply",
     "FlatLayout",
@@ -239,7 +242,7 @@ def encode(
                 f"encode with the mask of this model"
             )
         values = tensor.to("cpu")[keep.to("cpu", torch.bool)].to(wire_dtype)
-        if check_finite and values.is_floating_point() and not _all_finite(values):
+        if check_finite and values.is_floating_point() and not in_range(values):
             raise PayloadError(
                 f"tensor {name!r} has NaN or Inf values under the mask (as {value_dtype}); "
                 f"the training diverged or the values overflow {value_dtype}"
@@ -262,7 +265,7 @@ def encode(
             raise PayloadError(
                 f"tensor {name!r} has dtype {tensor.dtype} which the codec cannot send; convert it to float32"
             )
-        if check_finite and tensor.is_floating_point() and not _all_finite(tensor):
+        if check_finite and tensor.is_floating_point() and not in_range(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values; the training diverged")
         extras.append((name, tensor))
     # largest elements first, state order within a size: every extra starts aligned in the block
@@ -728,7 +731,7 @@ def _masked_values(
             f"the payload has {span[1]} bytes of values but {total} {value_dtype} values need {total * itemsize}"
         )
     flat = _view(view, span[0], total, wire_dtype)
-    if not _all_finite(flat):
+    if not in_range(flat):
         raise PayloadError(
             f"{_first_bad(flat, names, sizes)} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}"
         )
@@ -738,7 +741,7 @@ def _masked_values(
 def _first_bad(flat: torch.Tensor, names: list[str], sizes: list[int]) -> str:
     """``tensor 'name'`` for the first tensor of a flat block with a value it may not carry."""
     for name, part in zip(names, flat.split(sizes)):
-        if not _all_finite(part):
+        if not in_range(part):
             return f"tensor {name!r}"
     return "a tensor"
 
@@ -781,7 +784,7 @@ def _dense_extras(
     for name, like in layout:
         tensor = _view(view, at, like.numel(), like.dtype).clone().view(like.shape)
         at += like.numel() * like.element_size()
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and not in_range(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}")
         dense[name] = tensor
     return {n: dense[n] for n in wanted}
@@ -809,16 +812,49 @@ def _view(view: memoryview, offset: int, count: int, dtype: torch.dtype) -> torc
 # several times slower in torch than numpy's popcount.
 
 
-MAX_MAGNITUDE = 1e20  # |value| a payload may carry: m candidates x 1e9 examples x 1e20 stays finite in float32
+# The one numeric contract for every value a client's reply brings into the soup (weights,
+# dense extras, norm statistics, metrics), in the value's own dtype before any cast: finite
+# and within ±MAX_MAGNITUDE. Under it the largest running sum the largest allowed job makes
+# (10**6 clients, the schema's cap, x 10**9 examples each, gate.MAX_EXAMPLES, x 1e20) is
+# 1e35, finite in float32 (3.4e38); tests/test_numeric_contract.py checks the arithmetic.
+MAX_MAGNITUDE = 1e20
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf, and no value beyond ±MAX_MAGNITUDE, in a floating CPU tensor (so a
-    running float32 sum of candidates stays finite)."""
+def extent(tensor: torch.Tensor) -> float:
+    """The largest magnitude in a floating CPU tensor (NaN when it holds a NaN; 0 if empty),
+    in one ``aminmax`` pass of its own dtype.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A floating tensor.
+
+    Returns
+    -------
+    float
+        max |value|.
+    """
     if not tensor.numel():
-        return True
-    low, high = torch.aminmax(tensor)  # NaN propagates into both, failing the comparison
-    return bool(float(low) >= -MAX_MAGNITUDE and float(high) <= MAX_MAGNITUDE)
+        return 0.0
+    low, high = torch.aminmax(tensor)  # NaN propagates into both
+    return max(-float(low), float(high)) if not math.isnan(float(low) + float(high)) else math.nan
+
+
+def in_range(tensor: torch.Tensor) -> bool:
+    """Whether a floating CPU tensor keeps the numeric contract: no NaN or Inf, no value
+    beyond ±MAX_MAGNITUDE (so a running float32 sum of candidates stays finite).
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A floating tensor, in the dtype it arrived in.
+
+    Returns
+    -------
+    bool
+        True when every value is finite and within ±MAX_MAGNITUDE.
+    """
+    return extent(tensor) <= MAX_MAGNITUDE  # NaN compares False
 
 
 def _kept(keep: torch.Tensor) -> int:
@@ -934,6 +970,9 @@ class FlatReply:
         The sender's example count, unchecked.
     nbytes : int
         Size of the payload.
+    largest : float
+        The largest magnitude among its floating values (which client's values were the
+        largest, when a soup turns out unusable).
     """
 
     layout: FlatLayout
@@ -941,6 +980,7 @@ class FlatReply:
     dense: list[torch.Tensor]
     num_examples: int
     nbytes: int
+    largest: float = 0.0
 
     def to_values(self) -> dict[str, torch.Tensor]:
         """The reply in the compact form of :meth:`Decoded` (owned float32 masked values,
@@ -1080,16 +1120,20 @@ class UpdateReader:
         ):
             return self._decode(data)  # not the canonical layout: the general reader says why (or reads it)
         values = _view(view, value_span[0], self._total, wire_dtype)
-        if not _all_finite(values):
+        largest = extent(values)
+        if not largest <= MAX_MAGNITUDE:
             return self._decode(data)  # names the tensor
         dense, at = [], dense_span[0]
         for count, dtype, size in self._runs:
             run = _view(view, at, count, dtype)
-            if run.is_floating_point() and not _all_finite(run):
-                return self._decode(data)
+            if run.is_floating_point():
+                peak = extent(run)
+                if not peak <= MAX_MAGNITUDE:  # NaN too
+                    return self._decode(data)
+                largest = max(largest, peak)
             dense.append(run)
             at += count * size
-        return FlatReply(self.layout, values, dense, num_examples, len(view))
+        return FlatReply(self.layout, values, dense, num_examples, len(view), largest)
 
     def flat(self, values: Mapping[str, torch.Tensor], num_examples: int, nbytes: int) -> FlatReply:
         """A reply already validated in the compact form (a :class:`Decoded`'s values and
@@ -1115,7 +1159,8 @@ class UpdateReader:
         masked = [values[name].reshape(-1).to(torch.float32) for name in layout.masked]
         flat = torch.cat(masked) if masked else torch.zeros(0)
         dense = [torch.cat([values[name].reshape(-1).to(dtype) for name in names]) for names, _, dtype in layout.runs]
-        return FlatReply(layout, flat, dense, num_examples, nbytes)
+        largest = max([extent(flat), *(extent(run) for run in dense if run.is_floating_point())])
+        return FlatReply(layout, flat, dense, num_examples, nbytes, largest)
 
     def _decode(self, data: bytes) -> FlatReply:
         decoded = decode(

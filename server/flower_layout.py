@@ -5,7 +5,7 @@ A typical Flower PyTorch ClientApp (the layout of Flower's quickstart) reads the
 ``ArrayRecord(model.state_dict())`` and a ``MetricRecord`` holding ``num-examples``. Under
 ``client-protocol = flower`` the strategy sends the soup in that layout: dense, zeros
 outside the mask. A reply in that layout passes the same checks as a compact one (names,
-shapes, dtypes, finiteness, example count) and only its values under the mask are kept,
+shapes, dtypes, the numeric contract of ``codec.in_range``, example count) and only its values under the mask are kept,
 so the soup stays exactly as sparse whatever the client did to its pruned weights.
 """
 
@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedsms import FedSMSError
-from fedsms.codec import PayloadError
+from fedsms.codec import MAX_MAGNITUDE, PayloadError, in_range
 from fedsms.masks import Mask, outside_mask_nonzeros
 from fedsms.merge import State, values_under_mask
 from fedsms_flower.records import ARRAYS_KEY
@@ -75,7 +75,8 @@ def read_update(record: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
     Raises
     ------
     PayloadError
-        The record is not an ``ArrayRecord`` of the soup's tensors, or a value is not finite.
+        The record is not an ``ArrayRecord`` of the soup's tensors, or a value breaks the
+        numeric contract (NaN, Inf, beyond ``codec.MAX_MAGNITUDE``), checked in its own dtype.
     """
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"the reply's {ARRAYS_KEY!r} is a {type(record).__name__}, not an ArrayRecord")
@@ -94,8 +95,8 @@ def read_update(record: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
             raise PayloadError(f"tensor {name!r} cannot be read ({error})") from None
         if value.is_floating_point() != like.is_floating_point():
             raise PayloadError(f"tensor {name!r} is {value.dtype}, the soup's is {like.dtype}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise PayloadError(f"tensor {name!r} holds NaN or Inf")
+        if value.is_floating_point() and not in_range(value):  # in the reply's own dtype, before the cast
+            raise PayloadError(f"tensor {name!r} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}")
         state[name] = value.to(like.dtype)
     return values_under_mask(state, mask)
 

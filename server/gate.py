@@ -25,7 +25,7 @@ from fedsms_flower.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, STATS_K
 MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
 MAX_METRICS = 64  # metric entries in one reply
 MAX_KEY = 128  # characters of a metric name
-MAX_METRIC = 1e30  # |value| of a metric
+MAX_METRIC = codec.MAX_MAGNITUDE  # |value| of a metric: the one numeric contract of every value
 MAX_REASON = 240  # characters of a logged reason
 MAX_ARRAY_BYTES = 1 << 32  # bytes one Array may declare
 
@@ -294,8 +294,8 @@ def norm_stats_reply(reply: Message, template: Mapping[str, torch.Tensor]) -> tu
         if tensor.dtype != like.dtype:
             raise Rejected(f"norm statistic {name!r} is {tensor.dtype}, not {like.dtype}")
         if tensor.is_floating_point():
-            if not bool(torch.isfinite(tensor).all()) or bool((tensor.abs() > MAX_METRIC).any()):
-                raise Rejected(f"norm statistic {name!r} has NaN, Inf or absurd values")
+            if not codec.in_range(tensor):
+                raise Rejected(f"norm statistic {name!r} has NaN or Inf values or values beyond ±{MAX_METRIC:g}")
             if name.endswith("running_var") and bool((tensor < 0).any()):
                 raise Rejected(f"norm statistic {name!r} has negative variances")
         elif bool((tensor < 0).any()) or bool((tensor > MAX_EXAMPLES * 1000).any()):

@@ -50,11 +50,14 @@ class Checkpoint:
     metadata : dict
         The JSON record: the caller's metadata plus ``format_version``, ``mask_digest``,
         ``sparsity`` and ``mask_tensors``.
+    path : pathlib.Path or None
+        The base path ``X`` it was read from (None when not read from files).
     """
 
     state: dict[str, torch.Tensor]
     mask: Mask
     metadata: dict[str, Any]
+    path: Path | None = None
 
 
 def _base(path: str | Path) -> Path:
@@ -323,7 +326,7 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
             f"{model_path} has {sum(bad.values())} nonzero weights outside its mask (first in {next(iter(bad))!r}); "
             "it was modified after saving, use another checkpoint"
         )
-    return Checkpoint(state, mask, metadata)
+    return Checkpoint(state, mask, metadata, base)
 
 
 def _load_dense(base: Path) -> Checkpoint:
@@ -346,7 +349,7 @@ def _load_dense(base: Path) -> Checkpoint:
         state = load_file(model_path)
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise FedSMSError(f"{model_path} cannot be read ({error}); the file is damaged, use another one") from None
-    return Checkpoint(state, {}, metadata)
+    return Checkpoint(state, {}, metadata, base)
 
 
 def check_compatible(checkpoint: Checkpoint, model: nn.Module) -> None:

@@ -132,6 +132,27 @@ def metrics(reply: Message, *, examples: bool) -> tuple[dict[str, float], int | 
     return out, count
 
 
+def room_for(totals: Mapping[str, object], key: str) -> bool:
+    """Whether a round's metric totals may take ``key``: one already there, or a new one
+    while fewer than ``MAX_METRICS`` names are (each reply's own names are capped in number
+    and length; this caps a round's, so its history line stays bounded however many clients
+    send names of their own).
+
+    Parameters
+    ----------
+    totals : mapping of str to object
+        The round's totals so far, by metric name.
+    key : str
+        A metric name a reply reports.
+
+    Returns
+    -------
+    bool
+        True when the metric joins the totals.
+    """
+    return key in totals or len(totals) < MAX_METRICS
+
+
 def array_fits(name: str, array: object) -> None:
     """An ``Array`` whose header (dtype, shape) and the ``.npy`` header inside its bytes
     agree with the bytes it carries, within bounds, so reading it allocates no more than

@@ -477,9 +477,10 @@ class SparseSoupStrategy(Strategy):
             decoded = None  # the payload's memory may go once it is summed
             added.append(node)
             for key, value in metrics.items():
-                total = totals.setdefault(key, [0.0, 0])
-                total[0] += float(value)
-                total[1] += 1
+                if gate.room_for(totals, key):
+                    total = totals.setdefault(key, [0.0, 0])
+                    total[0] += float(value)
+                    total[1] += 1
         start = self.engine.state  # what the candidates retrained from (replaced, never mutated)
         if merge.count >= self.fed.min_train_clients:
             self.engine.end_round(merge)
@@ -602,7 +603,7 @@ class SparseSoupStrategy(Strategy):
                 continue
             examples += n
             for key, value in metrics.items():
-                if key != NUM_EXAMPLES:
+                if key != NUM_EXAMPLES and gate.room_for(totals, key):
                     totals[key] = totals.get(key, 0.0) + float(value) * n
         if examples:
             log.federated_eval = {k: v / examples for k, v in totals.items()}

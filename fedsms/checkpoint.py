@@ -278,11 +278,17 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
             and all(isinstance(files.get(k), str) and files[k] and "/" not in files[k] for k in ("state", "mask"))
         ):
             raise FedSMSError(f"{json_path} names no valid tensor files; the checkpoint is damaged, use another one")
-        # Another base's generation: the three plain files were copied or renamed, and they are
-        # the checkpoint (checked against the digest below like any other).
-        if files["state"].startswith(base.name + ".") and files["mask"].startswith(base.name + "."):
+        # Another base's generation, or its files left behind: the three plain files were
+        # copied or renamed, and they are the checkpoint (checked against the digest below like any other).
+        state_file, mask_file = base.with_name(files["state"]), base.with_name(files["mask"])
+        if (
+            files["state"].startswith(base.name + ".")
+            and files["mask"].startswith(base.name + ".")
+            and state_file.is_file()
+            and mask_file.is_file()
+        ):
             plain = model_path
-            model_path, mask_path = base.with_name(files["state"]), base.with_name(files["mask"])
+            model_path, mask_path = state_file, mask_file
             if (
                 plain.is_file()
                 and model_path.is_file()

@@ -565,8 +565,8 @@ def _refuse_fields(fields: memoryview, limit: int, expected_kind: str | None) ->
         if header is not None:
             _check_header(header, expected_kind, None, None)
     raise PayloadError(
-        f"the payload has {len(fields)} bytes of fields besides its values, more than one for this model can hold "
-        f"({limit}); it is not a fedsms payload for this model"
+        f"the payload has {len(fields)} bytes of fields besides its values, more than a payload for the model can "
+        f"hold ({limit}); it was written for another model, or it is not a fedsms payload"
     )
 
 

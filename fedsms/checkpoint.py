@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from fedsms import FedSMSError
+from fedsms.codec import MAX_MAGNITUDE, in_range
 from fedsms.masks import Mask, mask_digest, outside_mask_nonzeros, sparsity
 
 FORMAT_VERSION = 1
@@ -300,10 +301,12 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
         if not needed.is_file():
             raise FedSMSError(f"checkpoint file {needed} is missing; pass the path of a complete fedsms checkpoint")
     for key, kind in (("format_version", int), ("mask_digest", str), ("mask_tensors", list)):
-        if not isinstance(metadata.get(key), kind):
+        if not isinstance(metadata.get(key), kind) or isinstance(metadata.get(key), bool):
             raise FedSMSError(
                 f"{json_path} lacks {key!r} ({kind.__name__}); it was not written by fedsms, use another checkpoint"
             )
+    if not all(isinstance(name, str) for name in metadata["mask_tensors"]):
+        raise FedSMSError(f"{json_path} lists 'mask_tensors' that are not all names; the checkpoint is damaged")
     if metadata["format_version"] > FORMAT_VERSION:
         raise FedSMSError(f"{json_path} has format version {metadata['format_version']}; upgrade fedsms to read it")
     try:
@@ -322,9 +325,10 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
         if name not in state or state[name].shape != keep.shape:
             raise FedSMSError(f"mask tensor {name!r} does not fit the state in {model_path}; the checkpoint is damaged")
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not in_range(tensor):  # the contract of every soup value
             raise FedSMSError(
-                f"tensor {name!r} in {model_path} has NaN or Inf values; the checkpoint is damaged, use another one"
+                f"tensor {name!r} in {model_path} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}; "
+                "the checkpoint is damaged, use another one"
             )
     bad = outside_mask_nonzeros(state, mask)
     if bad:

@@ -60,6 +60,7 @@ __all__ = [
     "decode",
     "payload_size_bound",
     "MAX_MAGNITUDE",
+    "MAX_EXAMPLES",
     "in_range",
     "extent",
     "UpdateReader",
@@ -864,6 +865,7 @@ def _view(view: memoryview, offset: int, count: int, dtype: torch.dtype) -> torc
 # (10**6 clients, the schema's cap, x 10**9 examples each, gate.MAX_EXAMPLES, x 1e20) is
 # 1e35, finite in float32 (3.4e38); tests/test_numeric_contract.py checks the arithmetic.
 MAX_MAGNITUDE = 1e20
+MAX_EXAMPLES = 10**9  # examples one candidate may claim: a count above it is not believed
 
 
 def extent(tensor: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ from numpy.lib import format as npy
 from fedsms import FedSMSError, codec
 from fedsms_flower.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, STATS_KEY, UPDATE_KEY, payload_of
 
-MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
+MAX_EXAMPLES = codec.MAX_EXAMPLES  # a reply claiming more is not believed
 MAX_METRICS = 64  # metric entries in one reply
 MAX_KEY = 128  # characters of a metric name
 MAX_METRIC = codec.MAX_MAGNITUDE  # |value| of a metric: the one numeric contract of every value

@@ -55,6 +55,10 @@ def test_the_history_is_appended_not_rewritten_and_a_resume_reads_it(tmp_path):
     resumed.restore(load_checkpoint(tmp_path / "checkpoints" / "soup"))
     assert [log.server_round for log in resumed.rounds] == list(range(1, strategy.num_rounds + 1))
     assert (tmp_path / "rounds.jsonl").read_text().splitlines() == lines  # nothing rewritten
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "soup")
+    checkpoint.metadata["server_round"] = True  # a bool is no round number (it was taken as round 1)
+    with pytest.raises(FedSMSError, match="lacks 'server_round'"):
+        make_strategy(tmp_path).restore(checkpoint)
     (tmp_path / "rounds.jsonl").write_text("\n".join(lines[:1]) + "\n")  # a history that lost rounds
     with pytest.raises(FedSMSError, match="does not hold rounds 1 to 3"):
         make_strategy(tmp_path).restore(load_checkpoint(tmp_path / "checkpoints" / "soup"))

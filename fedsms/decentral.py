@@ -319,16 +319,11 @@ def soup_checkpoints(
     if rule not in MERGE_RULES:
         raise FedSMSError(f"unknown merge rule {rule!r}; use one of {', '.join(MERGE_RULES)}")
     items = [(str(p), load_checkpoint(p)) for p in paths]
-    seen_states: dict[str, str] = {}
     for path, checkpoint in items:
         if checkpoint.metadata.get("stage") == "pruned":
             raise SoupError(
                 f"{path} is a pruned checkpoint (a phase's start), not a retrained candidate; soup only candidates"
             )
-        digest = _state_digest(checkpoint.state)
-        if digest in seen_states:
-            raise SoupError(f"{seen_states[digest]} and {path} hold the same weights; pass each candidate once")
-        seen_states[digest] = path
     first_path, first = items[0]
     digest = mask_digest(first.mask)
     for path, checkpoint in items:
@@ -358,6 +353,12 @@ def soup_checkpoints(
         items = [item for _, item in sorted(zip(indices, items), key=lambda pair: pair[0])]
         indices = sorted(indices)
         first_path, first = items[0]
+    seen_states: dict[str, str] = {}  # a candidate given twice, whatever its metadata says
+    for path, checkpoint in items:
+        digest = _state_digest(checkpoint.state)
+        if digest in seen_states:
+            raise SoupError(f"{seen_states[digest]} and {path} hold the same weights; pass each candidate once")
+        seen_states[digest] = path
     meta = first.metadata
     config = job_config(meta, overrides or {})
     hooks = None

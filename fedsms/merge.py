@@ -266,6 +266,10 @@ class Merge:
         The soup the candidates started from, in the compact form (needed by ``norm_bound``).
     log : callable, optional
         Receives a line per dropped candidate.
+    warn : callable, optional
+        Receives a line when a setting cannot act in this merge (a trim that cuts nothing,
+        a norm bound over fewer than 3 candidates, a weight cap outside ``weighted``);
+        default: ``log``.
 
     Attributes
     ----------
@@ -296,6 +300,7 @@ class Merge:
         norm_bound: float = 0.0,
         reference: Mapping[str, torch.Tensor] | None = None,
         log: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         if rule not in RULES:
             raise FedSMSError(f"unknown merge rule {rule!r}; use one of {', '.join(RULES)}")
@@ -310,6 +315,9 @@ class Merge:
         self.trim_fraction, self.norm_bound, self.reference = trim_fraction, norm_bound, reference
         self.max_weight = max_weight if rule == "weighted" else 1.0
         self.log = log or (lambda _: None)
+        self.warn = warn or self.log
+        if max_weight < 1 and rule != "weighted":
+            self.warn(f"max-client-weight {max_weight:g} acts only under merge 'weighted', not {rule!r}")
         self._robust = rule in ROBUST_RULES or self.max_weight < 1 or norm_bound > 0
         self._keep = keep_candidates or self._robust
         self._screened = False
@@ -413,6 +421,11 @@ class Merge:
     def _screen(self) -> None:
         """Drop (once) candidates farther from the soup than norm_bound × the median distance."""
         if self._screened or not self.norm_bound or len(self.distances) < 3:
+            if not self._screened and self.norm_bound:
+                self.warn(
+                    f"update-norm-bound is off in a merge of {len(self.distances)} candidates: a median of fewer "
+                    "than 3 cannot tell an outlier"
+                )
             self._screened = True
             return
         self._screened = True
@@ -437,6 +450,12 @@ class Merge:
             shares = capped_shares([float(e) for e in self.examples], self.max_weight)
         else:
             shares = [1.0 / n] * n
+        cut = min(int(self.trim_fraction * n), (n - 1) // 2)  # trimmed-mean: cut at each end, per value
+        if self.rule == "trimmed-mean" and not cut:
+            self.warn(
+                f"trimmed-mean trims nothing from {n} candidates at trim-fraction {self.trim_fraction:g} "
+                "(it needs trim-fraction x candidates >= 1 and at least 3 candidates): the merge is their mean"
+            )
         out = {}
         for name, first in self.candidates[0].items():
             if not first.is_floating_point():
@@ -447,7 +466,6 @@ class Merge:
                 ordered = stacked.sort(0).values
                 value = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
             elif self.rule == "trimmed-mean":
-                cut = min(int(self.trim_fraction * n), (n - 1) // 2)
                 value = stacked.sort(0).values[cut : n - cut].mean(0)
             else:
                 weights = torch.tensor(shares, dtype=torch.float64).view(-1, *[1] * first.dim())

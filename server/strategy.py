@@ -442,9 +442,12 @@ class SparseSoupStrategy(Strategy):
         Returns
         -------
         dict of str to float or None
-            Each training metric's mean over the valid replies that report it; None when
-            fewer than ``min-train-clients`` were valid (the soup is then the one the round
-            started from).
+            Each training metric's mean over the valid replies that report it (at most
+            ``gate.MAX_METRICS`` names); None when fewer than ``min-train-clients`` were
+            valid, or when the merged soup is unusable (a value beyond the numeric contract,
+            or a central evaluation that is not finite; the client that sent the largest
+            values is named among the rejected): the soup is then the one the round started
+            from, and the round is sent again.
         """
         step = self._step(server_round)
         log = self._log(server_round)

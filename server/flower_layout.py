@@ -124,8 +124,9 @@ def read_arrays(arrays: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
     Raises
     ------
     FedSMSError
-        The arrays cannot be read as tensors, do not fit the template, or are nonzero where
-        the mask prunes; one sentence naming the fix.
+        The arrays cannot be read as tensors, do not fit the template, break the numeric
+        contract of every soup value (``codec.in_range``), or are nonzero where the mask
+        prunes; one sentence naming the fix.
     """
     try:
         state = arrays.to_torch_state_dict()
@@ -140,6 +141,12 @@ def read_arrays(arrays: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
         raise FedSMSError(
             f"the arrays given to the strategy do not fit its model ({model_name}): tensor {misfit!r} is missing, "
             "extra, or of another shape or dtype; pass ArrayRecord(model.state_dict()) of the strategy's architecture"
+        )
+    beyond = next((k for k, v in state.items() if v.is_floating_point() and not in_range(v)), None)
+    if beyond is not None:
+        raise FedSMSError(
+            f"the arrays given to the strategy have NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g} in tensor "
+            f"{beyond!r}; pass a model whose weights are finite numbers of sensible size"
         )
     outside = outside_mask_nonzeros(state, mask)
     if outside:

@@ -147,3 +147,12 @@ def test_statistics_within_the_bound_that_pool_beyond_it_are_refused():
         pooled.add({**template, mean: torch.full_like(template[mean], sign * 1e20)}, 10)
     with pytest.raises(NormStatsError, match="beyond"):
         pooled.result()
+
+
+def test_a_global_model_beyond_the_bound_is_refused(tmp_path):
+    from fedsms import FedSMSError
+
+    strategy = make_strategy(tmp_path)
+    huge = {k: torch.full_like(v, 1e30) if v.is_floating_point() else v for k, v in strategy.soup.items()}
+    with pytest.raises(FedSMSError, match="beyond ±1e\\+20 in tensor"):
+        strategy.configure_train(1, ArrayRecord(huge), ConfigRecord(), LocalGrid(make_client_app(), partitions(3)))

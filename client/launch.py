@@ -74,6 +74,11 @@ def node_config(args: argparse.Namespace, status_file: Path) -> str:
 def security_flags(args: argparse.Namespace) -> list[str]:
     if args.insecure and args.root_certificates:
         raise FedSMSError("--insecure and --root-certificates exclude each other; pass one")
+    if args.insecure and args.auth_key:
+        raise FedSMSError(
+            "--auth-key needs TLS (Flower authenticates clients only over TLS); pass --root-certificates "
+            "instead of --insecure"
+        )
     if args.insecure:
         print("fedsms-client: WARNING: connecting without TLS (--insecure)", file=sys.stderr)
         flags = ["--insecure"]

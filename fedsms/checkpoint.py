@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from fedsms import FedSMSError
+from fedsms.codec import MAX_MAGNITUDE, in_range
 from fedsms.masks import Mask, mask_digest, outside_mask_nonzeros, sparsity
 
 FORMAT_VERSION = 1
@@ -50,11 +51,14 @@ class Checkpoint:
     metadata : dict
         The JSON record: the caller's metadata plus ``format_version``, ``mask_digest``,
         ``sparsity`` and ``mask_tensors``.
+    path : pathlib.Path or None
+        The base path ``X`` it was read from (None when not read from files).
     """
 
     state: dict[str, torch.Tensor]
     mask: Mask
     metadata: dict[str, Any]
+    path: Path | None = None
 
 
 def _base(path: str | Path) -> Path:
@@ -275,11 +279,17 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
             and all(isinstance(files.get(k), str) and files[k] and "/" not in files[k] for k in ("state", "mask"))
         ):
             raise FedSMSError(f"{json_path} names no valid tensor files; the checkpoint is damaged, use another one")
-        # Another base's generation: the three plain files were copied or renamed, and they are
-        # the checkpoint (checked against the digest below like any other).
-        if files["state"].startswith(base.name + ".") and files["mask"].startswith(base.name + "."):
+        # Another base's generation, or its files left behind: the three plain files were
+        # copied or renamed, and they are the checkpoint (checked against the digest below like any other).
+        state_file, mask_file = base.with_name(files["state"]), base.with_name(files["mask"])
+        if (
+            files["state"].startswith(base.name + ".")
+            and files["mask"].startswith(base.name + ".")
+            and state_file.is_file()
+            and mask_file.is_file()
+        ):
             plain = model_path
-            model_path, mask_path = base.with_name(files["state"]), base.with_name(files["mask"])
+            model_path, mask_path = state_file, mask_file
             if (
                 plain.is_file()
                 and model_path.is_file()
@@ -291,10 +301,12 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
         if not needed.is_file():
             raise FedSMSError(f"checkpoint file {needed} is missing; pass the path of a complete fedsms checkpoint")
     for key, kind in (("format_version", int), ("mask_digest", str), ("mask_tensors", list)):
-        if not isinstance(metadata.get(key), kind):
+        if not isinstance(metadata.get(key), kind) or isinstance(metadata.get(key), bool):
             raise FedSMSError(
                 f"{json_path} lacks {key!r} ({kind.__name__}); it was not written by fedsms, use another checkpoint"
             )
+    if not all(isinstance(name, str) for name in metadata["mask_tensors"]):
+        raise FedSMSError(f"{json_path} lists 'mask_tensors' that are not all names; the checkpoint is damaged")
     if metadata["format_version"] > FORMAT_VERSION:
         raise FedSMSError(f"{json_path} has format version {metadata['format_version']}; upgrade fedsms to read it")
     try:
@@ -313,9 +325,10 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
         if name not in state or state[name].shape != keep.shape:
             raise FedSMSError(f"mask tensor {name!r} does not fit the state in {model_path}; the checkpoint is damaged")
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not in_range(tensor):  # the contract of every soup value
             raise FedSMSError(
-                f"tensor {name!r} in {model_path} has NaN or Inf values; the checkpoint is damaged, use another one"
+                f"tensor {name!r} in {model_path} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}; "
+                "the checkpoint is damaged, use another one"
             )
     bad = outside_mask_nonzeros(state, mask)
     if bad:
@@ -323,7 +336,7 @@ def load_checkpoint(path: str | Path, *, dense_ok: bool = False) -> Checkpoint:
             f"{model_path} has {sum(bad.values())} nonzero weights outside its mask (first in {next(iter(bad))!r}); "
             "it was modified after saving, use another checkpoint"
         )
-    return Checkpoint(state, mask, metadata)
+    return Checkpoint(state, mask, metadata, base)
 
 
 def _load_dense(base: Path) -> Checkpoint:
@@ -346,7 +359,7 @@ def _load_dense(base: Path) -> Checkpoint:
         state = load_file(model_path)
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise FedSMSError(f"{model_path} cannot be read ({error}); the file is damaged, use another one") from None
-    return Checkpoint(state, {}, metadata)
+    return Checkpoint(state, {}, metadata, base)
 
 
 def check_compatible(checkpoint: Checkpoint, model: nn.Module) -> None:

@@ -141,7 +141,7 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise FedSMSError(
             f"--resume needs a round checkpoint in {out / 'checkpoints'}; pass the --out-dir of the interrupted job"
         )
-    if not resume and (out / "rounds.jsonl").exists():
+    if not resume and ((out / "rounds.jsonl").exists() or (out / "rounds.jsonl").is_symlink()):  # dangling too
         raise FedSMSError(f"{out / 'rounds.jsonl'} already exists; pass another --out-dir, remove it, or add --resume")
 
 
@@ -432,6 +432,11 @@ def run_command(prog: str, command, args: argparse.Namespace) -> int:
         return command(args)
     except FedSMSError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the user gave: too long, unreadable, on a full disk
+        name = str(error.filename or "")
+        name = name if len(name) <= 100 else f"{name[:60]}…{name[-30:]} ({len(name)} characters)"
+        print(f"{prog}: error: {error.strerror or error}: {name}; check the path", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; results and checkpoints written so far are kept", file=sys.stderr)

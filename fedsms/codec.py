@@ -59,6 +59,10 @@ __all__ = [
     "encode",
     "decode",
     "payload_size_bound",
+    "MAX_MAGNITUDE",
+    "MAX_EXAMPLES",
+    "in_range",
+    "extent",
     "UpdateReader",
     "FlatReply",
     "FlatLayout",
@@ -239,7 +243,7 @@ def encode(
                 f"encode with the mask of this model"
             )
         values = tensor.to("cpu")[keep.to("cpu", torch.bool)].to(wire_dtype)
-        if check_finite and values.is_floating_point() and not _all_finite(values):
+        if check_finite and values.is_floating_point() and not in_range(values):
             raise PayloadError(
                 f"tensor {name!r} has NaN or Inf values under the mask (as {value_dtype}); "
                 f"the training diverged or the values overflow {value_dtype}"
@@ -262,7 +266,7 @@ def encode(
             raise PayloadError(
                 f"tensor {name!r} has dtype {tensor.dtype} which the codec cannot send; convert it to float32"
             )
-        if check_finite and tensor.is_floating_point() and not _all_finite(tensor):
+        if check_finite and tensor.is_floating_point() and not in_range(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values; the training diverged")
         extras.append((name, tensor))
     # largest elements first, state order within a size: every extra starts aligned in the block
@@ -463,9 +467,9 @@ def decode(
         names, shapes, counts, byte lengths or dtypes differ from the template and mask,
         or a value is NaN or Inf.
     """
-    message, view, value_span, dense_span = _open(data)
-    kind, value_dtype = _check_header(message.header, expected_kind, expected_phase, expected_round)
     template = dict(template)
+    message, view, value_span, dense_span = _open(data, fields_bound(template, expected_kind), expected_kind)
+    kind, value_dtype = _check_header(message.header, expected_kind, expected_phase, expected_round)
     names, dense_names = _names(message)
     mask = _mask(message, kind, names, expected_mask, expected_digest, template)
     values = _masked_values(message, names, mask, template, value_dtype, view, value_span)
@@ -486,9 +490,37 @@ def decode(
     )
 
 
-def _open(data: bytes) -> tuple[pb.SparsePayload, memoryview, tuple[int, int], tuple[int, int]]:
+def fields_bound(template: Mapping[str, torch.Tensor], kind: str | None) -> int:
+    """The most bytes the fields after a payload's two blocks (header, name table, entries,
+    mask bits, example count) can take for ``template``, however they are written: a
+    payload whose other fields are longer is refused before they are parsed (protobuf
+    builds every unknown field as a Python object, about 0.6 s and 30 MiB per MB).
+
+    Parameters
+    ----------
+    template : mapping of str to torch.Tensor
+        The receiver's state (names, shapes).
+    kind : str or None
+        The expected kind; mask bits count only for ``"soup"`` (or an unknown kind).
+
+    Returns
+    -------
+    int
+        The bound in bytes.
+    """
+    names = sum(len(name.encode("utf-8")) + 1 for name in template)
+    entries = sum(32 + 11 * tensor.dim() for tensor in template.values())  # tag, length, shape, nnz, dtype
+    bits = math.ceil(sum(t.numel() for t in template.values()) / 8) + 16 if kind in (None, "soup") else 0
+    return 1024 + names + names // 100 + entries + bits  # 1024: header, example count, framing
+
+
+def _open(
+    data: bytes, limit: int, expected_kind: str | None
+) -> tuple[pb.SparsePayload, memoryview, tuple[int, int], tuple[int, int]]:
     """Stage 1: bytes with an intact CRC-32 trailer, laid out as codec version 3 lays them
-    out (padding, values, padding, dense data, the rest), whose other fields parse as a
+    out (padding, values, padding, dense data, the rest), whose other fields take at most
+    ``limit`` bytes (``fields_bound``, checked before they are parsed; ``expected_kind`` names
+    a mismatch of the header first) and parse as a
     payload of this schema. Returns the parsed other fields, the payload's buffer and the
     (offset, length) of the values and of the dense-data blocks in it: they are read in
     place, never copied here."""
@@ -507,6 +539,8 @@ def _open(data: bytes) -> tuple[pb.SparsePayload, memoryview, tuple[int, int], t
     if split is None:
         _refuse_layout(view)
     values, dense, rest = split
+    if size - _TRAILER_LEN - rest > limit:
+        _refuse_fields(view[rest : size - _TRAILER_LEN], limit, expected_kind)
     try:
         message = pb.SparsePayload.FromString(view[rest : size - _TRAILER_LEN].tobytes())
     except DecodeError as error:
@@ -519,6 +553,22 @@ def _open(data: bytes) -> tuple[pb.SparsePayload, memoryview, tuple[int, int], t
     if not message.HasField("header"):
         raise PayloadError("the payload has no header; it is not a fedsms payload")
     return message, view, values, dense
+
+
+def _refuse_fields(fields: memoryview, limit: int, expected_kind: str | None) -> None:
+    """Fields longer than ``limit``: refused unparsed; when the header (field 1, which
+    ``encode`` writes first) reads on its own, its version or kind mismatch is named first."""
+    if len(fields) > 2 and fields[0] == 0x0A and fields[1] < 0x80:  # field 1, a one-byte length
+        try:
+            header = pb.Header.FromString(fields[2 : 2 + fields[1]].tobytes())
+        except DecodeError:
+            header = None
+        if header is not None:
+            _check_header(header, expected_kind, None, None)
+    raise PayloadError(
+        f"the payload has {len(fields)} bytes of fields besides its values, more than a payload for the model can "
+        f"hold ({limit}); it was written for another model, or it is not a fedsms payload"
+    )
 
 
 def _split(view: memoryview, end: int) -> tuple[tuple[int, int], tuple[int, int], int] | None:
@@ -728,7 +778,7 @@ def _masked_values(
             f"the payload has {span[1]} bytes of values but {total} {value_dtype} values need {total * itemsize}"
         )
     flat = _view(view, span[0], total, wire_dtype)
-    if not _all_finite(flat):
+    if not in_range(flat):
         raise PayloadError(
             f"{_first_bad(flat, names, sizes)} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}"
         )
@@ -738,7 +788,7 @@ def _masked_values(
 def _first_bad(flat: torch.Tensor, names: list[str], sizes: list[int]) -> str:
     """``tensor 'name'`` for the first tensor of a flat block with a value it may not carry."""
     for name, part in zip(names, flat.split(sizes)):
-        if not _all_finite(part):
+        if not in_range(part):
             return f"tensor {name!r}"
     return "a tensor"
 
@@ -781,7 +831,7 @@ def _dense_extras(
     for name, like in layout:
         tensor = _view(view, at, like.numel(), like.dtype).clone().view(like.shape)
         at += like.numel() * like.element_size()
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and not in_range(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}")
         dense[name] = tensor
     return {n: dense[n] for n in wanted}
@@ -809,16 +859,50 @@ def _view(view: memoryview, offset: int, count: int, dtype: torch.dtype) -> torc
 # several times slower in torch than numpy's popcount.
 
 
-MAX_MAGNITUDE = 1e20  # |value| a payload may carry: m candidates x 1e9 examples x 1e20 stays finite in float32
+# The one numeric contract for every value a client's reply brings into the soup (weights,
+# dense extras, norm statistics, metrics), in the value's own dtype before any cast: finite
+# and within ±MAX_MAGNITUDE. Under it the largest running sum the largest allowed job makes
+# (10**6 clients, the schema's cap, x 10**9 examples each, gate.MAX_EXAMPLES, x 1e20) is
+# 1e35, finite in float32 (3.4e38); tests/test_numeric_contract.py checks the arithmetic.
+MAX_MAGNITUDE = 1e20
+MAX_EXAMPLES = 10**9  # examples one candidate may claim: a count above it is not believed
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf, and no value beyond ±MAX_MAGNITUDE, in a floating CPU tensor (so a
-    running float32 sum of candidates stays finite)."""
+def extent(tensor: torch.Tensor) -> float:
+    """The largest magnitude in a floating CPU tensor (NaN when it holds a NaN; 0 if empty),
+    in one ``aminmax`` pass of its own dtype.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A floating tensor.
+
+    Returns
+    -------
+    float
+        max |value|.
+    """
     if not tensor.numel():
-        return True
-    low, high = torch.aminmax(tensor)  # NaN propagates into both, failing the comparison
-    return bool(float(low) >= -MAX_MAGNITUDE and float(high) <= MAX_MAGNITUDE)
+        return 0.0
+    low, high = torch.aminmax(tensor)  # NaN propagates into both
+    return max(-float(low), float(high)) if not math.isnan(float(low) + float(high)) else math.nan
+
+
+def in_range(tensor: torch.Tensor) -> bool:
+    """Whether a floating CPU tensor keeps the numeric contract: no NaN or Inf, no value
+    beyond ±MAX_MAGNITUDE (so a running float32 sum of candidates stays finite).
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        A floating tensor, in the dtype it arrived in.
+
+    Returns
+    -------
+    bool
+        True when every value is finite and within ±MAX_MAGNITUDE.
+    """
+    return extent(tensor) <= MAX_MAGNITUDE  # NaN compares False
 
 
 def _kept(keep: torch.Tensor) -> int:
@@ -934,6 +1018,9 @@ class FlatReply:
         The sender's example count, unchecked.
     nbytes : int
         Size of the payload.
+    largest : float
+        The largest magnitude among its floating values (which client's values were the
+        largest, when a soup turns out unusable).
     """
 
     layout: FlatLayout
@@ -941,6 +1028,7 @@ class FlatReply:
     dense: list[torch.Tensor]
     num_examples: int
     nbytes: int
+    largest: float = 0.0
 
     def to_values(self) -> dict[str, torch.Tensor]:
         """The reply in the compact form of :meth:`Decoded` (owned float32 masked values,
@@ -1001,8 +1089,9 @@ class UpdateReader:
     this mask and template). A reply whose metadata is byte-for-byte that is checked with O(1)
     Python work: checksum, layout, header (version, kind, phase, round, value dtype, digest),
     metadata, block lengths, then one finiteness pass per block. Any other reply goes through
-    :func:`decode` (every check, with its precise message; a valid but differently written
-    payload comes back as a :class:`Decoded`).
+    :func:`decode` (every check, with its precise message); a valid but differently written
+    payload, and a reply read in another layout (:meth:`flat`), come back in the same
+    :class:`FlatReply` layout, so every reply of a round sums alike.
 
     Parameters
     ----------
@@ -1052,6 +1141,7 @@ class UpdateReader:
         self._total = sum(self.layout.counts)
         self._runs = [(sum(math.prod(s) for s in shapes), dtype, _itemsize(dtype)) for _, shapes, dtype in runs]
         self._dense_bytes = sum(n * size for n, _, size in self._runs)
+        self._fields_limit = fields_bound(self.template, "update")
 
     def at(self, *, phase: int, round: int) -> UpdateReader:
         """This reader for another round (same mask and template): shares the layout, so
@@ -1061,9 +1151,9 @@ class UpdateReader:
         reader.phase, reader.round = phase, round
         return reader
 
-    def read(self, data: bytes) -> FlatReply | Decoded:
+    def read(self, data: bytes) -> FlatReply:
         """The reply, validated; raises :class:`PayloadError` with the reason otherwise."""
-        message, view, value_span, dense_span = _open(data)
+        message, view, value_span, dense_span = _open(data, self._fields_limit, "update")
         header = message.header
         kind, value_dtype = _check_header(header, "update", self.phase, self.round)
         if header.mask_digest != self.digest or len(UnknownFieldSet(header)):
@@ -1079,19 +1169,50 @@ class UpdateReader:
         ):
             return self._decode(data)  # not the canonical layout: the general reader says why (or reads it)
         values = _view(view, value_span[0], self._total, wire_dtype)
-        if not _all_finite(values):
+        largest = extent(values)
+        if not largest <= MAX_MAGNITUDE:
             return self._decode(data)  # names the tensor
         dense, at = [], dense_span[0]
         for count, dtype, size in self._runs:
             run = _view(view, at, count, dtype)
-            if run.is_floating_point() and not _all_finite(run):
-                return self._decode(data)
+            if run.is_floating_point():
+                peak = extent(run)
+                if not peak <= MAX_MAGNITUDE:  # NaN too
+                    return self._decode(data)
+                largest = max(largest, peak)
             dense.append(run)
             at += count * size
-        return FlatReply(self.layout, values, dense, num_examples, len(view))
+        return FlatReply(self.layout, values, dense, num_examples, len(view), largest)
 
-    def _decode(self, data: bytes) -> Decoded:
-        return decode(
+    def flat(self, values: Mapping[str, torch.Tensor], num_examples: int, nbytes: int) -> FlatReply:
+        """A reply already validated in the compact form (a :class:`Decoded`'s values and
+        dense extras, or ``fedsms.merge.values_under_mask`` of a state dict) laid out as the
+        replies this reader reads in place: the same blocks, in the same order.
+
+        Parameters
+        ----------
+        values : mapping of str to torch.Tensor
+            Each masked tensor's kept values (in mask order) and every dense extra, named as
+            this reader's template (any order).
+        num_examples : int
+            The reply's example count.
+        nbytes : int
+            The size of the reply as it travelled.
+
+        Returns
+        -------
+        FlatReply
+            Owned copies (float32 masked values; each dense run in its dtype).
+        """
+        layout = self.layout
+        masked = [values[name].reshape(-1).to(torch.float32) for name in layout.masked]
+        flat = torch.cat(masked) if masked else torch.zeros(0)
+        dense = [torch.cat([values[name].reshape(-1).to(dtype) for name in names]) for names, _, dtype in layout.runs]
+        largest = max([extent(flat), *(extent(run) for run in dense if run.is_floating_point())])
+        return FlatReply(layout, flat, dense, num_examples, nbytes, largest)
+
+    def _decode(self, data: bytes) -> FlatReply:
+        decoded = decode(
             data,
             expected_mask=self.mask,
             expected_digest=self.digest,
@@ -1100,6 +1221,7 @@ class UpdateReader:
             expected_round=self.round,
             expected_kind="update",
         )
+        return self.flat({**decoded.values, **decoded.dense}, decoded.num_examples, decoded.nbytes)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -17,14 +17,18 @@ bit on CPU with the same number of threads.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedsms import FedSMSError
 from fedsms.candidates import CandidateTrainer, train_one
 from fedsms.checkpoint import check_compatible, has_mask, load_checkpoint, save_checkpoint
+from fedsms.codec import MAX_EXAMPLES
 from fedsms.config import RunConfig
 from fedsms.engine import SoupEngine, values_under_mask
 from fedsms.local import job_hooks, job_splits
@@ -66,6 +70,16 @@ def job_config(metadata: Mapping[str, Any], overrides: Mapping[str, Any]) -> Run
         if name not in values and isinstance(metadata.get(name), str):
             values[name] = metadata[name]
     return RunConfig.from_mapping({**values, **overrides})
+
+
+def _state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state's names, dtypes, shapes and bytes: the same weights give the same digest."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _int(value: Any) -> int | None:
@@ -305,6 +319,11 @@ def soup_checkpoints(
     if rule not in MERGE_RULES:
         raise FedSMSError(f"unknown merge rule {rule!r}; use one of {', '.join(MERGE_RULES)}")
     items = [(str(p), load_checkpoint(p)) for p in paths]
+    for path, checkpoint in items:
+        if checkpoint.metadata.get("stage") == "pruned":
+            raise SoupError(
+                f"{path} is a pruned checkpoint (a phase's start), not a retrained candidate; soup only candidates"
+            )
     first_path, first = items[0]
     digest = mask_digest(first.mask)
     for path, checkpoint in items:
@@ -334,6 +353,12 @@ def soup_checkpoints(
         items = [item for _, item in sorted(zip(indices, items), key=lambda pair: pair[0])]
         indices = sorted(indices)
         first_path, first = items[0]
+    seen_states: dict[str, str] = {}  # a candidate given twice, whatever its metadata says
+    for path, checkpoint in items:
+        digest = _state_digest(checkpoint.state)
+        if digest in seen_states:
+            raise SoupError(f"{seen_states[digest]} and {path} hold the same weights; pass each candidate once")
+        seen_states[digest] = path
     meta = first.metadata
     config = job_config(meta, overrides or {})
     hooks = None
@@ -351,9 +376,15 @@ def soup_checkpoints(
     for path, checkpoint in items:
         check_shares_mask(checkpoint.state, engine.mask, path)
         examples = checkpoint.metadata.get("num_examples", 1)
-        if rule == "weighted" and not (_int(examples) and examples > 0):
+        if rule == "weighted" and not (_int(examples) and 0 < examples <= MAX_EXAMPLES):
+            shown = (
+                repr(examples)
+                if len(repr(examples)) < 40
+                else f"{repr(examples)[:20]}… ({len(repr(examples))} characters)"
+            )
             raise SoupError(
-                f"{path} has num_examples {examples!r} in its metadata; use another merge rule or fix the metadata"
+                f"{path} has num_examples {shown} in its metadata (1 to {MAX_EXAMPLES:.0e} are believed); "
+                "use another merge rule or fix the metadata"
             )
         merge.add(values_under_mask(checkpoint.state, engine.mask), examples if rule == "weighted" else 1)
     engine.end_round(merge)

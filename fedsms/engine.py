@@ -175,6 +175,7 @@ class SoupEngine:
         self.pruning, self.seed = pruning, seed
         self.hooks = hooks or PhaseHooks()
         self.log = log or (lambda _: None)
+        self._warned: set[str] = set()
 
     @property
     def sparsity(self) -> float:
@@ -253,9 +254,16 @@ class SoupEngine:
             rule,
             keep_candidates=keep or (ends_phase and rule in ("greedy", "best")),
             log=self.log,
+            warn=self._warn_once,
             reference=values_under_mask(self.state, self.mask) if robust.get("norm_bound") else None,
             **robust,
         )
+
+    def _warn_once(self, line: str) -> None:
+        """Log ``line`` the first time only (a setting that cannot act says so once a job)."""
+        if line not in self._warned:
+            self._warned.add(line)
+            self.log(f"warning: {line}")
 
     def end_round(self, merge: Merge) -> None:
         """The state becomes the mean of the merge's candidates (values outside the mask stay zero).

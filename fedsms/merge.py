@@ -40,8 +40,8 @@ class RunningAverage:
 
     Floating tensors are averaged in float32 (float64 for float64 inputs); integer tensors
     such as BatchNorm's ``num_batches_tracked`` cannot be averaged and keep their maximum.
-    Every candidate must name the same tensors, in the same order and of the same shapes,
-    as the first one.
+    Every candidate must name the same tensors, of the same shapes, as the first one (in
+    any order: tensors are matched by name, the mean keeps the first candidate's order).
 
     Attributes
     ----------
@@ -72,8 +72,8 @@ class RunningAverage:
         ValueError
             If ``weight`` is not positive.
         SoupError
-            If the tensors' names, order or shapes differ from the first candidate's;
-            nothing is added then.
+            If the tensors' names or shapes differ from the first candidate's; nothing is
+            added then.
         """
         if not 0 < weight < float("inf"):  # NaN fails too
             raise ValueError(f"weight must be a positive finite number, got {weight}")
@@ -109,7 +109,7 @@ class RunningAverage:
         self.count += flat.count
 
     def _check_like(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        if list(tensors) != list(self._sums):
+        if len(tensors) != len(self._sums) or any(name not in self._sums for name in tensors):
             missing = sorted(set(self._sums) - set(tensors))
             extra = sorted(set(tensors) - set(self._sums))
             raise SoupError(
@@ -172,9 +172,11 @@ class FlatSum:
             raise ValueError(f"weight must be a positive finite number, got {weight}")
         if self.layout is None:
             self.layout = reply.layout
-            self._values = torch.mul(reply.values, weight).to(torch.float32)
+            # Widened before the weight is applied (a float16 value times an example count
+            # would round, or overflow, in float16), as RunningAverage does.
+            self._values = reply.values.to(torch.float32, copy=True).mul_(weight)
             self._dense = [
-                torch.mul(run, weight).to(torch.promote_types(run.dtype, torch.float32))
+                run.to(torch.promote_types(run.dtype, torch.float32), copy=True).mul_(weight)
                 if run.is_floating_point()
                 else run.clone()
                 for run in reply.dense
@@ -264,6 +266,10 @@ class Merge:
         The soup the candidates started from, in the compact form (needed by ``norm_bound``).
     log : callable, optional
         Receives a line per dropped candidate.
+    warn : callable, optional
+        Receives a line when a setting cannot act in this merge (a trim that cuts nothing,
+        a norm bound over fewer than 3 candidates, a weight cap outside ``weighted``);
+        default: ``log``.
 
     Attributes
     ----------
@@ -294,6 +300,7 @@ class Merge:
         norm_bound: float = 0.0,
         reference: Mapping[str, torch.Tensor] | None = None,
         log: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         if rule not in RULES:
             raise FedSMSError(f"unknown merge rule {rule!r}; use one of {', '.join(RULES)}")
@@ -308,6 +315,9 @@ class Merge:
         self.trim_fraction, self.norm_bound, self.reference = trim_fraction, norm_bound, reference
         self.max_weight = max_weight if rule == "weighted" else 1.0
         self.log = log or (lambda _: None)
+        self.warn = warn or self.log
+        if max_weight < 1 and rule != "weighted":
+            self.warn(f"max-client-weight {max_weight:g} acts only under merge 'weighted', not {rule!r}")
         self._robust = rule in ROBUST_RULES or self.max_weight < 1 or norm_bound > 0
         self._keep = keep_candidates or self._robust
         self._screened = False
@@ -411,6 +421,11 @@ class Merge:
     def _screen(self) -> None:
         """Drop (once) candidates farther from the soup than norm_bound × the median distance."""
         if self._screened or not self.norm_bound or len(self.distances) < 3:
+            if not self._screened and self.norm_bound:
+                self.warn(
+                    f"update-norm-bound is off in a merge of {len(self.distances)} candidates: a median of fewer "
+                    "than 3 cannot tell an outlier"
+                )
             self._screened = True
             return
         self._screened = True
@@ -435,6 +450,12 @@ class Merge:
             shares = capped_shares([float(e) for e in self.examples], self.max_weight)
         else:
             shares = [1.0 / n] * n
+        cut = min(int(self.trim_fraction * n), (n - 1) // 2)  # trimmed-mean: cut at each end, per value
+        if self.rule == "trimmed-mean" and not cut:
+            self.warn(
+                f"trimmed-mean trims nothing from {n} candidates at trim-fraction {self.trim_fraction:g} "
+                "(it needs trim-fraction x candidates >= 1 and at least 3 candidates): the merge is their mean"
+            )
         out = {}
         for name, first in self.candidates[0].items():
             if not first.is_floating_point():
@@ -445,7 +466,6 @@ class Merge:
                 ordered = stacked.sort(0).values
                 value = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
             elif self.rule == "trimmed-mean":
-                cut = min(int(self.trim_fraction * n), (n - 1) // 2)
                 value = stacked.sort(0).values[cut : n - cut].mean(0)
             else:
                 weights = torch.tensor(shares, dtype=torch.float64).view(-1, *[1] * first.dim())

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from fedsms import FedSMSError
+from fedsms.codec import MAX_MAGNITUDE, in_range
 from fedsms.data.arrays import ArrayData, DataSource, batches, count_examples, iterate_batches
 
 
@@ -238,17 +239,25 @@ class NormStatsAverage:
         Raises
         ------
         NormStatsError
-            If nothing was added.
+            If nothing was added, or a pooled statistic breaks the numeric contract of every
+            soup value (``fedsms.codec.in_range``: clients' means far apart pool into an
+            enormous variance).
         """
         if not self.count:
             raise NormStatsError("no norm statistics were added; nothing to pool")
         out = {}
         for name, template in self.template.items():
             if name.endswith("running_mean"):
-                out[name] = (self._sums[name] / self.examples).to(template.dtype)
+                value = self._sums[name] / self.examples
             elif name.endswith("running_var"):
                 mean = self._sums[name[: -len("var")] + "mean"] / self.examples
-                out[name] = (self._sums[name] / self.examples - mean**2).clamp_min(0).to(template.dtype)
+                value = (self._sums[name] / self.examples - mean**2).clamp_min(0)
             else:
-                out[name] = self._sums[name].to(template.dtype)
+                value = self._sums[name]
+            if value.is_floating_point() and not in_range(value):  # in float64, before the cast
+                raise NormStatsError(
+                    f"the pooled norm statistic {name!r} is beyond ±{MAX_MAGNITUDE:g} (the clients' statistics are "
+                    "too far apart to pool)"
+                )
+            out[name] = value.to(template.dtype)
         return out

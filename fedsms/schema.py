@@ -386,7 +386,11 @@ class RunKeys(Settings):
         0.2, "fraction of the candidates cut at each end, per value, by merge trimmed-mean", at_least=0, below=0.5
     )
     max_client_weight: float = key(
-        1.0, "largest share one candidate may have in a weighted merge (1: no cap)", above=0, at_most=1
+        1.0,
+        "largest share one candidate may have in a weighted merge (1: no cap); it bounds a candidate's "
+        "weight, not the size of its values (update-norm-bound does)",
+        above=0,
+        at_most=1,
     )
     update_norm_bound: float = key(
         0.0,

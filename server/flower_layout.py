@@ -5,7 +5,7 @@ A typical Flower PyTorch ClientApp (the layout of Flower's quickstart) reads the
 ``ArrayRecord(model.state_dict())`` and a ``MetricRecord`` holding ``num-examples``. Under
 ``client-protocol = flower`` the strategy sends the soup in that layout: dense, zeros
 outside the mask. A reply in that layout passes the same checks as a compact one (names,
-shapes, dtypes, finiteness, example count) and only its values under the mask are kept,
+shapes, dtypes, the numeric contract of ``codec.in_range``, example count) and only its values under the mask are kept,
 so the soup stays exactly as sparse whatever the client did to its pruned weights.
 """
 
@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedsms import FedSMSError
-from fedsms.codec import PayloadError
+from fedsms.codec import MAX_MAGNITUDE, PayloadError, in_range
 from fedsms.masks import Mask, outside_mask_nonzeros
 from fedsms.merge import State, values_under_mask
 from fedsms_flower.records import ARRAYS_KEY
@@ -75,7 +75,8 @@ def read_update(record: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
     Raises
     ------
     PayloadError
-        The record is not an ``ArrayRecord`` of the soup's tensors, or a value is not finite.
+        The record is not an ``ArrayRecord`` of the soup's tensors, or a value breaks the
+        numeric contract (NaN, Inf, beyond ``codec.MAX_MAGNITUDE``), checked in its own dtype.
     """
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"the reply's {ARRAYS_KEY!r} is a {type(record).__name__}, not an ArrayRecord")
@@ -94,8 +95,8 @@ def read_update(record: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
             raise PayloadError(f"tensor {name!r} cannot be read ({error})") from None
         if value.is_floating_point() != like.is_floating_point():
             raise PayloadError(f"tensor {name!r} is {value.dtype}, the soup's is {like.dtype}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise PayloadError(f"tensor {name!r} holds NaN or Inf")
+        if value.is_floating_point() and not in_range(value):  # in the reply's own dtype, before the cast
+            raise PayloadError(f"tensor {name!r} has NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g}")
         state[name] = value.to(like.dtype)
     return values_under_mask(state, mask)
 
@@ -123,8 +124,9 @@ def read_arrays(arrays: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
     Raises
     ------
     FedSMSError
-        The arrays cannot be read as tensors, do not fit the template, or are nonzero where
-        the mask prunes; one sentence naming the fix.
+        The arrays cannot be read as tensors, do not fit the template, break the numeric
+        contract of every soup value (``codec.in_range``), or are nonzero where the mask
+        prunes; one sentence naming the fix.
     """
     try:
         state = arrays.to_torch_state_dict()
@@ -139,6 +141,12 @@ def read_arrays(arrays: ArrayRecord, template: Mapping[str, torch.Tensor], mask:
         raise FedSMSError(
             f"the arrays given to the strategy do not fit its model ({model_name}): tensor {misfit!r} is missing, "
             "extra, or of another shape or dtype; pass ArrayRecord(model.state_dict()) of the strategy's architecture"
+        )
+    beyond = next((k for k, v in state.items() if v.is_floating_point() and not in_range(v)), None)
+    if beyond is not None:
+        raise FedSMSError(
+            f"the arrays given to the strategy have NaN or Inf values or values beyond ±{MAX_MAGNITUDE:g} in tensor "
+            f"{beyond!r}; pass a model whose weights are finite numbers of sensible size"
         )
     outside = outside_mask_nonzeros(state, mask)
     if outside:

@@ -23,10 +23,10 @@ from numpy.lib import format as npy
 from fedsms import FedSMSError, codec
 from fedsms_flower.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, STATS_KEY, UPDATE_KEY, payload_of
 
-MAX_EXAMPLES = 10**9  # a reply claiming more is not believed
+MAX_EXAMPLES = codec.MAX_EXAMPLES  # a reply claiming more is not believed
 MAX_METRICS = 64  # metric entries in one reply
 MAX_KEY = 128  # characters of a metric name
-MAX_METRIC = 1e30  # |value| of a metric
+MAX_METRIC = codec.MAX_MAGNITUDE  # |value| of a metric: the one numeric contract of every value
 MAX_REASON = 240  # characters of a logged reason
 MAX_ARRAY_BYTES = 1 << 32  # bytes one Array may declare
 
@@ -169,6 +169,27 @@ def metrics(reply: Message, *, examples: bool) -> tuple[dict[str, float], int | 
             raise Rejected(f"the reply claims {n!r} examples (1 to {MAX_EXAMPLES:.0e} are believed)")
         count = int(n)
     return out, count
+
+
+def room_for(totals: Mapping[str, object], key: str) -> bool:
+    """Whether a round's metric totals may take ``key``: one already there, or a new one
+    while fewer than ``MAX_METRICS`` names are (each reply's own names are capped in number
+    and length; this caps a round's, so its history line stays bounded however many clients
+    send names of their own).
+
+    Parameters
+    ----------
+    totals : mapping of str to object
+        The round's totals so far, by metric name.
+    key : str
+        A metric name a reply reports.
+
+    Returns
+    -------
+    bool
+        True when the metric joins the totals.
+    """
+    return key in totals or len(totals) < MAX_METRICS
 
 
 def array_fits(name: str, array: object) -> None:
@@ -333,8 +354,8 @@ def norm_stats_reply(reply: Message, template: Mapping[str, torch.Tensor]) -> tu
         if tensor.dtype != like.dtype:
             raise Rejected(f"norm statistic {name!r} is {tensor.dtype}, not {like.dtype}")
         if tensor.is_floating_point():
-            if not bool(torch.isfinite(tensor).all()) or bool((tensor.abs() > MAX_METRIC).any()):
-                raise Rejected(f"norm statistic {name!r} has NaN, Inf or absurd values")
+            if not codec.in_range(tensor):
+                raise Rejected(f"norm statistic {name!r} has NaN or Inf values or values beyond ±{MAX_METRIC:g}")
             if name.endswith("running_var") and bool((tensor < 0).any()):
                 raise Rejected(f"norm statistic {name!r} has negative variances")
         elif bool((tensor < 0).any()) or bool((tensor > MAX_EXAMPLES * 1000).any()):

@@ -137,6 +137,17 @@ class Job:
     out_dir: Path | None
 
 
+def check_out_dir_travels(out_dir: Path) -> None:
+    """Refuse, before anything starts, an output folder whose name cannot travel in Flower's
+    run config (a quote, backslash, newline or other control character)."""
+    bad = next((c for c in str(out_dir) if c in "\"'\\" or not c.isprintable()), None)
+    if bad is not None:
+        raise FedSMSError(
+            f"--out-dir {str(out_dir)[:80]!r} holds {bad!r}, which Flower's run config cannot carry; "
+            "pass a folder name without quotes, backslashes or control characters"
+        )
+
+
 def built_in_job(args: argparse.Namespace) -> Job:
     """The fedsms app, configured by fedsms-server's own flags."""
     if args.run_config:
@@ -149,6 +160,7 @@ def built_in_job(args: argparse.Namespace) -> Job:
     overrides.setdefault("min_train_clients", clients)
     overrides = absolute_paths(overrides, "runs/server")
     _, fed = split_config(overrides)
+    check_out_dir_travels(Path(overrides["out_dir"]))
     check_out_dir(Path(overrides["out_dir"]), fed.resume)
     return Job(None, overrides, Path(overrides["out_dir"]))
 
@@ -177,6 +189,8 @@ def app_job(args: argparse.Namespace) -> Job:
             f"it there (declared: {', '.join(sorted(declared)) or 'none'})"
         )
     out_dir = Path(args.out_dir).resolve() if args.out_dir else None
+    if out_dir is not None:
+        check_out_dir_travels(out_dir)
     if out_dir is not None and "out-dir" in declared:
         if "out-dir" in overrides:
             raise FedSMSError("give the output folder once: --out-dir or out-dir in --run-config")

@@ -106,6 +106,10 @@ class PhaseEnd:
         self.engine.end_phase(phase, merge, recalibrate=not self.federated)
         self._pending = _Pending(server_round, phase, merge, start, self.federated)
 
+    def cancel(self) -> None:
+        """Forget the phase end ``begin`` opened (its round was dropped; it runs again)."""
+        self._pending = None
+
     def complete(self, grid: Grid | None, timeout: float | None = None) -> dict:
         """Finish the phase that ``begin`` opened: the federated recalibration (when the
         clients recalibrate and ``grid`` is given), then the diagnostics.
@@ -157,7 +161,12 @@ class PhaseEnd:
         if pooled.count == 0:
             self.log(f"phase {pending.phase}: no client returned norm statistics; keeping the averaged statistics")
             return
-        self.engine.state = {**self.engine.state, **pooled.result()}
+        try:
+            stats = pooled.result()
+        except NormStatsError as error:
+            self.log(f"phase {pending.phase}: {error}; keeping the averaged statistics")
+            return
+        self.engine.state = {**self.engine.state, **stats}
         self.log(f"phase {pending.phase}: norm statistics recalibrated by {pooled.count} clients")
 
     def _diagnostics(self, pending: _Pending) -> dict:

@@ -19,6 +19,8 @@ from fedsms.config import soup_shaping_changes
 from fedsms.masks import Mask
 from fedsms.schedule import Round
 
+_MAX_LINE = 64 << 20  # bytes of one line of rounds.jsonl a resume reads
+
 
 @dataclass
 class RoundLog:
@@ -117,15 +119,15 @@ class JobRecorder:
                 **model,
                 "config": self.settings,
                 "metrics": log.central_eval,
-                "initial_eval": self.initial_eval,
-                "rounds": [done.__dict__ for done in self.rounds],  # the history a resumed job continues
+                "initial_eval": self.initial_eval,  # the round history is rounds.jsonl, appended
             },
         )
 
     def restore(self, checkpoint: Checkpoint, model: nn.Module) -> int:
-        """Take the round history of a checkpoint written by ``end_round`` under the same
-        settings, and rewrite ``rounds.jsonl`` from it (a line for a round whose checkpoint
-        never landed is dropped; that round reruns).
+        """Continue a job from the checkpoint ``end_round`` wrote under the same settings:
+        the round history is read from ``rounds.jsonl`` up to the checkpoint's round, a line
+        at a time (a line for a round whose checkpoint never landed is dropped; that round
+        reruns), so a resume reads what it needs whatever the job's length.
 
         Settings that do not shape the soup may differ.
 
@@ -145,8 +147,8 @@ class JobRecorder:
         ------
         FedSMSError
             The checkpoint was written under other soup-shaping settings, does not fit the
-            model (names, shapes or dtypes), lacks or has a damaged config or round
-            history, or is of a round outside this job's schedule.
+            model (names, shapes or dtypes), lacks or has a damaged config or round, is of a
+            round outside this job's schedule, or ``rounds.jsonl`` lacks its rounds.
         """
         meta = checkpoint.metadata
         saved = meta.get("config", {})
@@ -168,29 +170,57 @@ class JobRecorder:
                     f"the checkpoint holds {name!r} as {checkpoint.state[name].dtype}, not "
                     f"{tensor.dtype}; it was not written by this job, start a new job in another --out-dir"
                 )
-        done, history = meta.get("server_round"), meta.get("rounds")
-        if not isinstance(done, int) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        done = meta.get("server_round")
+        if isinstance(done, bool) or not isinstance(done, int):
             raise FedSMSError(
-                "the checkpoint lacks 'server_round' (int) or 'rounds' (list of round records); "
-                "it is not a fedsms server checkpoint, start a new job in another --out-dir"
+                "the checkpoint lacks 'server_round' (an int); it is not a fedsms server checkpoint, "
+                "start a new job in another --out-dir"
             )
         if not 1 <= done <= len(self.schedule):
             raise FedSMSError(
                 f"the checkpoint is of round {done}, outside this job's {len(self.schedule)} rounds; start a new job"
             )
-        try:
-            self.rounds = [RoundLog(**log) for log in history]
-        except TypeError as error:
-            raise FedSMSError(
-                f"the checkpoint's round history does not fit this fedsms ({error}); start a new job"
-            ) from None
+        # The history beside the checkpoint (OUT/checkpoints/soup -> OUT/rounds.jsonl), else in out_dir.
+        job = checkpoint.path.parent.parent if checkpoint.path is not None else self.out_dir
+        source = job / "rounds.jsonl" if (job / "rounds.jsonl").is_file() else self.out_dir / "rounds.jsonl"
+        self.rounds, extra = self._history(source, done)
         initial = meta.get("initial_eval", {})
         self.initial_eval = initial if isinstance(initial, dict) else {}
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        safefile.write_text(
-            self.out_dir / "rounds.jsonl", "".join(json.dumps(log.__dict__) + "\n" for log in self.rounds)
-        )
+        if extra or source != self.out_dir / "rounds.jsonl":  # a round whose checkpoint never landed reruns
+            safefile.write_text(
+                self.out_dir / "rounds.jsonl", "".join(json.dumps(log.__dict__) + "\n" for log in self.rounds)
+            )
         return done
+
+    @staticmethod
+    def _history(path: Path, done: int) -> tuple[list[RoundLog], bool]:
+        """Rounds 1..``done`` from ``path`` (a ``rounds.jsonl``), read a line at a time (a line
+        of a round after ``done``, or a torn last line, is dropped), and whether anything was."""
+        rounds: list[RoundLog] = []
+        extra = False
+        try:
+            with path.open("rb") as lines:
+                while line := lines.readline(_MAX_LINE + 1):
+                    if len(rounds) == done:
+                        extra = True
+                        break
+                    try:
+                        rounds.append(RoundLog(**json.loads(line)))
+                    except (ValueError, TypeError):
+                        extra = True  # a torn last line, or a line this fedsms cannot read
+                        break
+        except OSError as error:
+            raise FedSMSError(
+                f"the round history {path} cannot be read ({error.strerror}); it is the job's record of "
+                "its rounds, restore it or start a new job in another --out-dir"
+            ) from None
+        if [log.server_round for log in rounds] != list(range(1, done + 1)):
+            raise FedSMSError(
+                f"the round history {path} does not hold rounds 1 to {done} of the checkpoint in order; it is damaged "
+                "or of another job, restore it or start a new job in another --out-dir"
+            )
+        return rounds, extra
 
     def phase_rows(self) -> list[dict]:
         """The last round of every phase as a result row, in the local driver's format.

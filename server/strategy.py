@@ -21,6 +21,7 @@ and the job's outputs are written at the end.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO
@@ -162,6 +163,7 @@ class SparseSoupStrategy(Strategy):
         self._open: dict[int, RoundLog] = {}  # rounds configured but not yet closed
         self._opened = 0  # the last round whose prune was applied
         self._returned: ArrayRecord | None = None  # what aggregate_train last returned: the soup as Flower holds it
+        self._central: tuple[State | None, dict] = (None, {})  # the central evaluation of a checked soup
         self._started = time.perf_counter()
         self._clients_cannot_evaluate = False  # set once every evaluation of a round failed alike
 
@@ -460,9 +462,12 @@ class SparseSoupStrategy(Strategy):
         Returns
         -------
         dict of str to float or None
-            Each training metric's mean over the valid replies that report it; None when
-            fewer than ``min-train-clients`` were valid (the soup is then the one the round
-            started from).
+            Each training metric's mean over the valid replies that report it (at most
+            ``gate.MAX_METRICS`` names); None when fewer than ``min-train-clients`` were
+            valid, or when the merged soup is unusable (a value beyond the numeric contract,
+            or a central evaluation that is not finite; the client that sent the largest
+            values is named among the rejected): the soup is then the one the round started
+            from, and the round is sent again.
         """
         step = self._step(server_round)
         log = self._log(server_round)
@@ -477,6 +482,7 @@ class SparseSoupStrategy(Strategy):
         )
         totals: dict[str, list] = {}  # metric -> [sum, count] over the replies that report it
         added: list[int] = []  # the nodes of the merged candidates, in order
+        peaks: list[tuple[float, int]] = []  # each merged reply's largest magnitude, and its node
         for update in self._updates(server_round, replies):
             node, nbytes, metrics = update.node, update.nbytes, update.metrics
             try:
@@ -489,16 +495,15 @@ class SparseSoupStrategy(Strategy):
                 self.log(f"round {server_round}: rejected reply from node {node}: {reason}")
                 continue
             log.bytes_up += nbytes
-            if isinstance(decoded[0], codec.FlatReply):  # read in place: summed without a copy
-                merge.add_reply(*decoded)
-            else:
-                merge.add(*decoded)
+            merge.add_reply(*decoded)  # either layout, read into the compact reader's blocks
+            peaks.append((decoded[0].largest, node))
             decoded = None  # the payload's memory may go once it is summed
             added.append(node)
             for key, value in metrics.items():
-                total = totals.setdefault(key, [0.0, 0])
-                total[0] += float(value)
-                total[1] += 1
+                if gate.room_for(totals, key):
+                    total = totals.setdefault(key, [0.0, 0])
+                    total[0] += float(value)
+                    total[1] += 1
         start = self.engine.state  # what the candidates retrained from (replaced, never mutated)
         if merge.count >= self.fed.min_train_clients:
             self.engine.end_round(merge)
@@ -512,11 +517,35 @@ class SparseSoupStrategy(Strategy):
                 f"{self.fed.min_train_clients}); the soup stays as it was"
             )
             return None
-        log.train = {key: total / count for key, (total, count) in totals.items()}
         if step.ends_phase:
             self.phase_end.begin(server_round, step.phase, merge, start)
+        problem = self._unusable_soup()
+        if problem is not None:  # dropped and sent again, never checkpointed
+            value, node = max(peaks)
+            reason = f"{problem}; node {node} sent the largest values (|value| up to {value:.3g})"
+            self.engine.state = start
+            self.phase_end.cancel()
+            log.rejected[node], log.accepted = reason, merge.count - 1
+            self.log(f"round {server_round}: dropped: {reason}; the soup stays as it was")
+            return None
+        log.train = {key: total / count for key, (total, count) in totals.items()}
+        if step.ends_phase:
             self._complete_phase(None)
         return log.train
+
+    def _unusable_soup(self) -> str | None:
+        """Why the round's soup cannot be kept (a value beyond the numeric contract, or a
+        central evaluation that is not finite), or None. The central evaluation made here is
+        the round's when nothing changes the soup before the round closes."""
+        for name, value in self.soup.items():
+            if value.is_floating_point() and not codec.in_range(value):
+                return f"the soup's tensor {name!r} has NaN or Inf values or values beyond ±{codec.MAX_MAGNITUDE:g}"
+        if self.server_data is None:
+            return None
+        metrics = self.central_evaluation()
+        self._central = (self.soup, metrics)
+        bad = sorted(key for key, value in metrics.items() if not math.isfinite(value))
+        return f"the soup's central evaluation is not finite ({', '.join(bad)})" if bad else None
 
     def _updates(self, server_round: int, replies: Iterable[Message]) -> Iterable[Update]:
         """The replies' updates in candidate order, unpacked one at a time (each payload
@@ -600,7 +629,7 @@ class SparseSoupStrategy(Strategy):
                 continue
             examples += n
             for key, value in metrics.items():
-                if key != NUM_EXAMPLES:
+                if key != NUM_EXAMPLES and gate.room_for(totals, key):
                     totals[key] = totals.get(key, 0.0) + float(value) * n
         if examples:
             log.federated_eval = {k: v / examples for k, v in totals.items()}
@@ -695,7 +724,16 @@ class SparseSoupStrategy(Strategy):
         return self._open[server_round]
 
     def _close_round(self, log: RoundLog) -> None:
-        log.central_eval = self.central_evaluation()
+        soup, central = self._central
+        log.central_eval = central if soup is self.soup else self.central_evaluation()
+        self._central = (None, {})
+        bad = sorted(key for key, value in log.central_eval.items() if not math.isfinite(value))
+        if bad:  # the soup changed after its merge was checked (a federated recalibration)
+            raise RoundFailed(
+                f"round {log.server_round}: the soup's central evaluation ({', '.join(bad)}) is not finite after the phase's "
+                "norm statistics were recalibrated; the round is not checkpointed and the job stops at the last "
+                "completed round: rerun with --resume"
+            )
         if self.evaluate_fn is not None:
             log.evaluate_fn = self._evaluate_fn(log.server_round)
         log.seconds = round(time.perf_counter() - self._started, 3)

@@ -2,7 +2,8 @@
 
 ``unpack_reply`` passes the reply through the gate; ``UpdateDecoder`` reads its model in
 either layout (the compact payload, read in place when it is canonical, or Flower's
-standard ``ArrayRecord``) against the round's mask, ready for ``fedsms.merge.Merge``.
+standard ``ArrayRecord``) against the round's mask into one layout (``codec.FlatReply``),
+ready for ``fedsms.merge.Merge.add_reply``.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ class UpdateDecoder:
 
     def decode(
         self, update: Update, soup: Mapping[str, torch.Tensor], mask: Mask, digest: str, phase: int, server_round: int
-    ) -> tuple[dict[str, torch.Tensor] | codec.FlatReply, int]:
-        """The update's values under the mask (and dense extras), or the reply read in
-        place, and its example count.
+    ) -> tuple[codec.FlatReply, int]:
+        """The update read into the round's one layout (``codec.FlatReply``: the compact
+        reader's blocks), whichever layout it travelled in, and its example count: replies
+        of both layouts then merge alike, in any mix.
 
         Parameters
         ----------
@@ -96,8 +98,8 @@ class UpdateDecoder:
 
         Returns
         -------
-        tuple
-            The values (a ``codec.FlatReply`` when read in place) and the example count.
+        tuple of (codec.FlatReply, int)
+            The values (read in place when the payload is canonical) and the example count.
 
         Raises
         ------
@@ -106,14 +108,13 @@ class UpdateDecoder:
         """
         if update.error is not None:
             raise codec.PayloadError(update.error)
+        reader = self._reader_for(soup, mask, digest, phase, server_round)
         if update.arrays is not None:  # Flower's standard layout: the gate checked num-examples in the metrics
-            values, examples = read_update(update.arrays, soup, mask), int(update.metrics[NUM_EXAMPLES])
+            examples = int(update.metrics[NUM_EXAMPLES])
+            values = reader.flat(read_update(update.arrays, soup, mask), examples, update.nbytes)
         else:
-            decoded = self._reader_for(soup, mask, digest, phase, server_round).read(update.payload)
-            if isinstance(decoded, codec.FlatReply):
-                values, examples = decoded, decoded.num_examples
-            else:
-                values, examples = {**decoded.values, **decoded.dense}, decoded.num_examples
+            values = reader.read(update.payload)
+            examples = values.num_examples
         if not 0 < examples <= gate.MAX_EXAMPLES:
             raise codec.PayloadError(f"the reply claims {examples} training examples")
         return values, examples

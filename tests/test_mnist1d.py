@@ -60,7 +60,7 @@ def test_npz_cache_round_trips(tmp_path, splits):
 
 @pytest.mark.parametrize("name", ["mnist1d-", "mnist1d-12", "mnist1d-x"])
 def test_bad_sample_count_is_one_sentence(name):
-    with pytest.raises(FedSMSError, match="mnist1d-N with N >= 100"):
+    with pytest.raises(FedSMSError, match="mnist1d-N with 100 <= N"):
         mnist1d.parse_samples(name)
 
 

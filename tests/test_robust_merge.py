@@ -189,3 +189,26 @@ def test_the_name_check_is_linear():
     reason = codec._name_diff(names, [f"t{i}" for i in range(16000)])
     assert "repeat" in reason and time.perf_counter() - started < 5  # quadratic took minutes
     assert math.isfinite(codec.MAX_MAGNITUDE)
+
+
+def test_a_setting_that_cannot_act_says_so_once(tmp_path):
+    """Issue 27, point 7: a trim that cuts nothing, a norm bound over fewer than 3 replies
+    and a weight cap outside ``weighted`` each log one warning, once a job."""
+    from fedsms.engine import SoupEngine
+
+    lines = []
+    engine = SoupEngine({"w": torch.zeros(3)}, {}, log=lines.append)
+    for _ in range(2):  # two rounds: one warning each
+        merge = engine.merge("trimmed-mean", trim_fraction=0.2, norm_bound=2.0, max_weight=0.5)
+        for value in range(4):
+            merge.add({"w": torch.full((3,), float(value))}, 10)
+        assert torch.equal(merge.result()["w"], torch.full((3,), 1.5, dtype=torch.float64).float())
+        two = engine.merge("uniform", norm_bound=2.0)
+        two.add({"w": torch.ones(3)}, 1)
+        two.add({"w": torch.zeros(3)}, 1)
+        two.result()
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 3, warnings
+    assert any("trims nothing from 4 candidates at trim-fraction 0.2" in w for w in warnings)
+    assert any("update-norm-bound is off in a merge of 2 candidates" in w for w in warnings)
+    assert any("max-client-weight 0.5 acts only under merge 'weighted'" in w for w in warnings)

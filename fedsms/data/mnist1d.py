@@ -23,6 +23,7 @@ from fedsms import FedSMSError
 from fedsms.data.arrays import ArrayData
 
 DEFAULT_SAMPLES = 10_000
+MAX_SAMPLES = 1_000_000  # generated on the fly in memory (about 160 MB of float32 signals at most)
 LOW, HIGH = -6.0, 6.0  # the generated data lies within about ±5.5 standard deviations
 ZERO_LEVEL = (0.0 - LOW) / (HIGH - LOW)  # where a zero of the generator's signal lands in [0, 1]
 SIGNAL_LENGTH = 40
@@ -34,7 +35,7 @@ def parse_samples(name: str) -> int:
     Parameters
     ----------
     name : str
-        ``"mnist1d"`` or ``"mnist1d-N"`` with N >= 100.
+        ``"mnist1d"`` or ``"mnist1d-N"`` with 100 <= N <= ``MAX_SAMPLES``.
 
     Returns
     -------
@@ -44,13 +45,15 @@ def parse_samples(name: str) -> int:
     Raises
     ------
     FedSMSError
-        If ``name`` is neither form or N < 100.
+        If ``name`` is neither form or N is outside [100, ``MAX_SAMPLES``].
     """
     if name == "mnist1d":
         return DEFAULT_SAMPLES
-    match = re.fullmatch(r"mnist1d-(\d+)", name)
-    if not match or int(match[1]) < 100:
-        raise FedSMSError(f"MNIST-1D is named mnist1d or mnist1d-N with N >= 100 samples, got {name!r}")
+    match = re.fullmatch(r"mnist1d-(\d{1,9})", name)
+    if not match or not 100 <= int(match[1]) <= MAX_SAMPLES:
+        raise FedSMSError(
+            f"MNIST-1D is named mnist1d or mnist1d-N with 100 <= N <= {MAX_SAMPLES:,} samples, got {name[:40]!r}"
+        )
     return int(match[1])
 
 

@@ -141,6 +141,21 @@ class RunConfig(RunKeys):
             "exclude": self.prune_exclude,
         }
 
+    def merge_options(self) -> dict:
+        """The robust keyword arguments of ``fedsms.merge.Merge`` this run sets.
+
+        Returns
+        -------
+        dict
+            ``trim_fraction``, ``max_weight``, ``norm_bound``, ``krum_malicious``.
+        """
+        return {
+            "trim_fraction": self.trim_fraction,
+            "max_weight": self.max_client_weight,
+            "norm_bound": self.update_norm_bound,
+            "krum_malicious": self.krum_malicious,
+        }
+
     def candidate_configs(self) -> list[CandidateConfig]:
         """The m candidates of every phase: the base candidate varied by the recipe.
 

@@ -238,7 +238,8 @@ class SoupEngine:
             Keep every candidate whatever the rule (e.g. for soup diagnostics): m times the
             memory of the running sum.
         **robust : float
-            ``trim_fraction``, ``max_weight``, ``norm_bound`` of ``Merge``.
+            ``trim_fraction``, ``max_weight``, ``norm_bound``, ``krum_malicious`` of ``Merge``
+            (``RunConfig.merge_options()``).
 
         Returns
         -------

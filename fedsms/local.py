@@ -262,9 +262,7 @@ class LocalRun:
                 rows.append(self._ensemble_row(step, engine.mask, [s for s, _ in trained], started))
             merge = engine.merge(
                 (spec.rule or config.merge) if many else "uniform",
-                trim_fraction=config.trim_fraction,
-                max_weight=config.max_client_weight,
-                norm_bound=config.update_norm_bound,
+                **config.merge_options(),
             )
             for state, metrics in trained:
                 merge.add(values_under_mask(state, engine.mask), metrics["num_examples"])

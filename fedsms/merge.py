@@ -28,7 +28,7 @@ State = dict[str, torch.Tensor]
 # How a merge turns its candidates into one state: the configurable soups, and "best"
 # (IMP best-of-m: the best candidate on the held-out split, no averaging).
 RULES = (*MERGE_RULES, "best")
-ROBUST_RULES = ("trimmed-mean", "median")
+ROBUST_RULES = ("trimmed-mean", "median", "multi-krum")
 
 
 class SoupError(FedSMSError):
@@ -249,7 +249,8 @@ class Merge:
     rule : str
         ``uniform`` or ``weighted`` (by example counts) average, ``greedy`` soup, ``best``,
         or the robust ``trimmed-mean`` / ``median`` (coordinate-wise, as Flower's
-        ``FedTrimmedAvg`` / ``FedMedian``).
+        ``FedTrimmedAvg`` / ``FedMedian``) and ``multi-krum`` (whole updates under the mask,
+        as Flower's ``MultiKrum``).
     keep_candidates : bool
         Keep every candidate's values besides the running sum (needed by ``greedy`` and
         ``best``, which score candidates one by one). The robust rules and options keep
@@ -262,6 +263,10 @@ class Merge:
     norm_bound : float, default 0.0
         Drop candidates whose L2 distance from ``reference`` exceeds ``norm_bound`` times
         the round's median distance (0: off).
+    krum_malicious : int, default 1
+        ``multi-krum``: the f candidates assumed malicious; each candidate is scored by the
+        squared distances of its values to its n − f − 2 nearest others, and the n − f best
+        scored are averaged (Blanchard et al., 2017).
     reference : mapping of str to Tensor, optional
         The soup the candidates started from, in the compact form (needed by ``norm_bound``).
     log : callable, optional
@@ -298,6 +303,7 @@ class Merge:
         trim_fraction: float = 0.2,
         max_weight: float = 1.0,
         norm_bound: float = 0.0,
+        krum_malicious: int = 1,
         reference: Mapping[str, torch.Tensor] | None = None,
         log: Callable[[str], None] | None = None,
         warn: Callable[[str], None] | None = None,
@@ -313,6 +319,7 @@ class Merge:
         self.distances: list[float] = []
         self.dropped: list[int] = []
         self.trim_fraction, self.norm_bound, self.reference = trim_fraction, norm_bound, reference
+        self.krum_malicious = krum_malicious
         self.max_weight = max_weight if rule == "weighted" else 1.0
         self.log = log or (lambda _: None)
         self.warn = warn or self.log
@@ -443,6 +450,13 @@ class Merge:
             self.examples = [self.examples[i] for i in keep]
 
     def _robust_merge(self) -> State:
+        if self.rule == "multi-krum" and self.candidates:
+            chosen = krum_choice(self.candidates, self.krum_malicious, self.warn)
+            left_out = [i for i in range(len(self.candidates)) if i not in chosen]
+            if left_out:
+                self.log(f"merge: multi-krum left out candidates {left_out}, the farthest from their neighbours")
+            self.candidates = [self.candidates[i] for i in chosen]
+            self.examples = [self.examples[i] for i in chosen]
         n = len(self.candidates)
         if not n:
             raise SoupError("nothing to merge: every candidate was dropped")
@@ -472,6 +486,40 @@ class Merge:
                 value = (stacked * weights).sum(0)
             out[name] = value.to(torch.promote_types(first.dtype, torch.float32))
         return out
+
+
+def krum_choice(candidates: list[State], malicious: int, warn: Callable[[str], None]) -> list[int]:
+    """Multi-Krum's choice among candidates (their values under the mask): the n − f whose
+    squared distances to their n − f − 2 nearest others sum lowest.
+
+    Parameters
+    ----------
+    candidates : list of dict of str to Tensor
+        The candidates' values under the mask, all of the same tensors.
+    malicious : int
+        f, the candidates assumed malicious.
+    warn : callable
+        Receives a line when n ≤ 2f + 2, where Krum's guarantee does not hold (then the
+        nearest-neighbour count is clipped to at least 1).
+
+    Returns
+    -------
+    list of int
+        The chosen candidates' indices, ascending.
+    """
+    n = len(candidates)
+    if n <= 2 * malicious + 2:
+        warn(
+            f"multi-krum with krum-malicious {malicious} needs more than {2 * malicious + 2} candidates for its "
+            f"guarantee, this merge has {n}"
+        )
+    names = [k for k, v in candidates[0].items() if v.is_floating_point()]
+    flat = torch.stack([torch.cat([c[k].double().reshape(-1) for k in names]) for c in candidates])
+    squared = torch.cdist(flat, flat).square()
+    neighbours = max(1, min(n - 1, n - malicious - 2))
+    scores = [float(row[torch.arange(n) != i].sort().values[:neighbours].sum()) for i, row in enumerate(squared)]
+    keep = max(1, n - malicious)
+    return sorted(sorted(range(n), key=lambda i: scores[i])[:keep])
 
 
 def capped_shares(weights: list[float], cap: float) -> list[float]:

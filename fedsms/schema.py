@@ -29,7 +29,7 @@ from fedsms import FedSMSError
 METHODS = ("imp", "imp-long", "imp-best", "imp-avg", "sms", "sms-greedy", "gmp", "gmp-soup")
 PRUNING_METHODS = ("global", "uniform", "random")
 LR_SCHEDULES = ("linear", "cosine", "constant")
-MERGE_RULES = ("uniform", "weighted", "greedy", "trimmed-mean", "median")
+MERGE_RULES = ("uniform", "weighted", "greedy", "trimmed-mean", "median", "multi-krum")
 FEDERATED_MODES = ("hyperparameter", "data")
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 VALUE_DTYPES = ("fp32", "fp16", "bf16")
@@ -378,12 +378,18 @@ class RunKeys(Settings):
     recipe: str = key("", "how candidates differ, e.g. 'weight_decay=1e-4,5e-4;lr=0.05,0.1' (seeds always differ)")
     merge: str = key(
         "uniform",
-        "uniform, weighted (by examples) or greedy (held-out accuracy) soup; "
-        "trimmed-mean or median (coordinate-wise, robust to bad candidates)",
+        "uniform, weighted (by examples) or greedy (held-out score) soup; "
+        "trimmed-mean or median (coordinate-wise), multi-krum (whole updates): robust to bad candidates",
         choices=MERGE_RULES,
     )
     trim_fraction: float = key(
         0.2, "fraction of the candidates cut at each end, per value, by merge trimmed-mean", at_least=0, below=0.5
+    )
+    krum_malicious: int = key(
+        1,
+        "candidates merge multi-krum assumes malicious (f): it averages the n - f closest to their neighbours",
+        at_least=0,
+        cap=1000,
     )
     max_client_weight: float = key(
         1.0,

@@ -476,9 +476,7 @@ class SparseSoupStrategy(Strategy):
             rule,
             ends_phase=step.ends_phase,
             keep=step.ends_phase and self.phase_end.keeps_candidates(step.phase),
-            trim_fraction=self.run.trim_fraction,
-            max_weight=self.run.max_client_weight,
-            norm_bound=self.run.update_norm_bound,
+            **self.run.merge_options(),
         )
         totals: dict[str, list] = {}  # metric -> [sum, count] over the replies that report it
         added: list[int] = []  # the nodes of the merged candidates, in order

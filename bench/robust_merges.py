@@ -2,17 +2,19 @@
 
     python bench/robust_merges.py [--seeds 0] [--out results/robust_merges.json] [--tiny]
 
-A data soup over 5 clients (IID shards of the embedded digits, the `mlp`), 2 dense rounds
+A data soup over 7 clients (IID shards of the embedded digits, the `mlp`), 2 dense rounds
 then one phase to 50 % sparsity of 2 rounds, in this process (``fedsms_flower.local_grid``).
 Attacked clients train honestly, then send ``soup + scale x (trained - soup)`` through the
 client toolkit (a valid compact reply: the gate cannot tell it from an honest one):
 
-- ``sign-flip x3``: 2 of 5 clients, scale -3 (a direction attack with a large norm);
-- ``sign-flip x1``: 2 of 5 clients, scale -1 (the same direction attack at an honest norm);
-- ``scaled x50``: 1 of 5 clients, scale 50 (a magnitude attack).
+- ``sign-flip x3``: 2 of 7 clients, scale -3 (a direction attack with a large norm);
+- ``sign-flip x1``: 2 of 7 clients, scale -1 (the same direction attack at an honest norm);
+- ``scaled x50``: 1 of 7 clients, scale 50 (a magnitude attack).
+
+Seven clients, because Multi-Krum's guarantee needs n > 2f + 2 (f = 2 attackers).
 
 Defences: the plain ``uniform`` merge, ``update-norm-bound 3``, ``median``,
-``trimmed-mean`` (trim-fraction 0.2: one of 5 cut at each end), ``multi-krum``
+``trimmed-mean`` (trim-fraction 0.3: two of 7 cut at each end), ``multi-krum``
 (krum-malicious 2). Accuracy is the central test accuracy of the final soup; the ``none``
 row is each defence's clean accuracy.
 """
@@ -36,13 +38,13 @@ from fedsms_flower.local_grid import LocalGrid, partitions
 from fedsms_flower.records import METRICS_KEY, NUM_EXAMPLES, UPDATE_KEY, payload_of
 from fedsms_server.strategy import JobStopped, SparseSoupStrategy
 
-CLIENTS = 5
+CLIENTS = 7
 ATTACKS = {"none": (0, 1.0), "sign-flip x3": (2, -3.0), "sign-flip x1": (2, -1.0), "scaled x50": (1, 50.0)}
 DEFENCES = {
     "uniform": {"merge": "uniform"},
     "norm-bound 3": {"merge": "uniform", "update_norm_bound": 3.0},
     "median": {"merge": "median"},
-    "trimmed-mean 0.2": {"merge": "trimmed-mean", "trim_fraction": 0.2},
+    "trimmed-mean 0.3": {"merge": "trimmed-mean", "trim_fraction": 0.3},
     "multi-krum f=2": {"merge": "multi-krum", "krum_malicious": 2},
 }
 

@@ -140,6 +140,29 @@ def test_median_and_trimmed_mean_ignore_one_outlier(rule):
     assert out["w"].dtype == torch.float32 and out["n"].item() == 4  # integer tensors keep the maximum
 
 
+def test_multi_krum_leaves_out_updates_that_point_elsewhere():
+    """Two sign-flipped updates of honest norm among seven: coordinate-wise rules see nothing
+    odd in any single value, Multi-Krum sees that the two sit far from the other five."""
+    lines = []
+    honest = [[1.0, 1.0, 1.0], [1.1, 0.9, 1.0], [0.9, 1.1, 1.0], [1.0, 1.1, 0.9], [1.0, 0.9, 1.1]]
+    flipped = [[-1.0, -1.0, -1.0], [-1.1, -0.9, -1.0]]  # two that collude: close to each other
+    merge = Merge("multi-krum", keep_candidates=False, krum_malicious=2, log=lines.append)
+    for c in candidates(flipped[:1] + honest + flipped[1:]):
+        merge.add(c, 1)
+    assert merge.result()["w"].tolist() == pytest.approx([1.0, 1.0, 1.0])  # the mean of the honest five
+    assert lines == ["merge: multi-krum left out candidates [0, 6], the farthest from their neighbours"]
+    uniform = Merge("uniform", keep_candidates=False)
+    for c in candidates(flipped[:1] + honest + flipped[1:]):
+        uniform.add(c, 1)
+    assert uniform.result()["w"].tolist() == pytest.approx([2.9 / 7, 3.1 / 7, 3 / 7])  # pulled to zero
+    warned = []
+    small = Merge("multi-krum", keep_candidates=False, krum_malicious=1, warn=warned.append)
+    for c in candidates(honest[:3]):
+        small.add(c, 1)
+    small.result()
+    assert warned == ["multi-krum with krum-malicious 1 needs more than 4 candidates for its guarantee, this merge has 3"]
+
+
 def test_a_scaled_reply_is_dropped_by_the_update_norm_bound_with_a_log_line(tmp_path):
     lines = []
     strategy = make_strategy(tmp_path, update_norm_bound=3.0, log=lines.append)

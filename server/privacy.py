@@ -59,7 +59,7 @@ class BudgetSpent(FedSMSError):
     """The next round would spend more than ``dp-epsilon-budget``; the job stops before it."""
 
 
-def check(run: RunConfig, fed: FederationConfig, *, federated_recalibration: bool, diagnostics: bool) -> None:
+def check_job(run: RunConfig, fed: FederationConfig, *, federated_recalibration: bool, diagnostics: bool) -> None:
     """Refuse, in one sentence naming the fix, what a private job cannot account for.
 
     Parameters

@@ -51,7 +51,7 @@ from fedsms_server import gate
 from fedsms_server.flower_layout import read_arrays
 from fedsms_server.messages import Outbox
 from fedsms_server.phase_end import PhaseEnd
-from fedsms_server.privacy import BudgetSpent, Privacy, check as check_privacy
+from fedsms_server.privacy import BudgetSpent, Privacy, check_job
 from fedsms_server.recorder import JobRecorder, RoundLog, model_metadata
 from fedsms_server.sampling import ClientSampler, NotEnoughClients
 from fedsms_server.updates import Update, UpdateDecoder, unpack_reply
@@ -159,7 +159,7 @@ class SparseSoupStrategy(Strategy):
             self.log,
             task,
         )
-        check_privacy(
+        check_job(
             run,
             federation,
             federated_recalibration=self.phase_end.federated,

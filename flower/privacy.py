@@ -34,11 +34,7 @@ def private_names(state: Mapping[str, torch.Tensor]) -> list[str]:
     list of str
         The floating-point tensors that are not norm statistics, in ``state``'s order.
     """
-    return [
-        name
-        for name, tensor in state.items()
-        if tensor.is_floating_point() and not name.endswith(NORM_STATISTICS)
-    ]
+    return [name for name, tensor in state.items() if tensor.is_floating_point() and not name.endswith(NORM_STATISTICS)]
 
 
 def clip_update(
@@ -73,9 +69,7 @@ def clip_update(
     except ZeroDivisionError:  # Flower divides by the norm: an unchanged candidate has nothing to clip
         clipped = False
     out = {
-        name: (reference[name].detach().cpu().double() + torch.from_numpy(np.asarray(delta))).to(
-            reference[name].dtype
-        )
+        name: (reference[name].detach().cpu().double() + torch.from_numpy(np.asarray(delta))).to(reference[name].dtype)
         for name, delta in zip(names, update)
     }
     return out, bool(clipped)

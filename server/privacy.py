@@ -98,7 +98,10 @@ def check_job(run: RunConfig, fed: FederationConfig, *, federated_recalibration:
             "clients' norm statistics are not private: with dp, give the server data with recalibration server, "
             "or use a model without norm layers",
         ),
-        (not diagnostics, "soup diagnostics score each client's own candidate, which dp does not: set diagnostics false"),
+        (
+            not diagnostics,
+            "soup diagnostics score each client's own candidate, which dp does not: set diagnostics false",
+        ),
         (
             fed.dp_epsilon_budget == 0 or fed.dp_noise_multiplier > 0,
             "an epsilon budget needs noise: set dp-noise-multiplier above 0",
@@ -133,9 +136,7 @@ class PrivateMerge:
         Updates the server's clipping scaled down.
     """
 
-    def __init__(
-        self, merge: Merge, reference: State, clipping_norm: float, noise_std: float, sampled: int
-    ) -> None:
+    def __init__(self, merge: Merge, reference: State, clipping_norm: float, noise_std: float, sampled: int) -> None:
         self.merge, self.reference = merge, reference
         self.clipping_norm, self.noise_std, self.sampled = clipping_norm, noise_std, sampled
         self.private = private_names(reference)
@@ -195,9 +196,7 @@ class PrivateMerge:
         """
         mean = self.merge.result()
         share = self.merge.count / self.sampled
-        arrays = [
-            (self.reference[name] + (mean[name] - self.reference[name]) * share).numpy() for name in self.private
-        ]
+        arrays = [(self.reference[name] + (mean[name] - self.reference[name]) * share).numpy() for name in self.private]
         add_gaussian_noise_inplace(arrays, self.noise_std)
         return {**mean, **{name: torch.from_numpy(array) for name, array in zip(self.private, arrays)}}
 
@@ -343,7 +342,9 @@ class Privacy:
             "event": event and {"noise_multiplier": event.noise_multiplier, "sample_size": sampled},
         }
         if self.adaptive:
-            bits = merge.clipped if self.fed.dp.startswith("server") else round(train.get(KEY_NORM_BIT, 0) * merge.count)
+            bits = (
+                merge.clipped if self.fed.dp.startswith("server") else round(train.get(KEY_NORM_BIT, 0) * merge.count)
+            )
             fraction = float(np.random.normal(bits, self._round["count_std"])) / sampled
             self.clipping_norm *= math.exp(-ADAPTIVE_LR * (fraction - ADAPTIVE_QUANTILE))
             record["next_clipping_norm"] = self.clipping_norm
@@ -374,7 +375,9 @@ class Privacy:
         """ε spent at ``dp-delta`` so far (None without noise: no privacy; 0 before any release)."""
         if self.fed.dp_noise_multiplier == 0:
             return None
-        return self.accountant.get_epsilon(self.fed.dp_delta) if self.accountant and self.accountant.num_releases else 0.0
+        return (
+            self.accountant.get_epsilon(self.fed.dp_delta) if self.accountant and self.accountant.num_releases else 0.0
+        )
 
     def summary(self) -> dict:
         """What ``summary.json`` says of the job's privacy (empty when dp is off)."""

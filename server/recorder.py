@@ -39,7 +39,7 @@ class RoundLog:
     central_eval: dict = field(default_factory=dict)  # the strategy's own, on the server's data
     evaluate_fn: dict = field(default_factory=dict)  # what ``start(..., evaluate_fn=...)`` returned
     diagnostics: dict = field(default_factory=dict)  # soup diagnostics of a phase's last round
-    privacy: dict = field(default_factory=dict)  # dp: epsilon spent after the round, noise, bound (fedsms_server.privacy)
+    privacy: dict = field(default_factory=dict)  # dp: epsilon spent after the round, noise, clipping bound
     seconds: float = 0.0
 
 

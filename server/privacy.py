@@ -48,7 +48,7 @@ NOT_ACCOUNTED = (
     "recalibration); clients' norm statistics are never used; the server is trusted with the updates "
     "(central DP: the guarantee covers the soups it releases)"
 )
-ADAPTIVE_QUANTILE, ADAPTIVE_LR = 0.5, 0.2  # Flower's (and Andrew et al.'s) target clipped quantile and step
+ADAPTIVE_QUANTILE, ADAPTIVE_LR = 0.5, 0.2  # Andrew et al.'s (and Flower's default) target quantile and step
 SAMPLING = {
     "without-replacement": (SamplingMethod.WITHOUT_REPLACEMENT, NeighboringRelation.REPLACE_ONE, 0.5),
     "no-amplification": (SamplingMethod.NO_AMPLIFICATION, NeighboringRelation.ADD_OR_REMOVE_ONE, 1.0),
@@ -345,8 +345,11 @@ class Privacy:
             bits = (
                 merge.clipped if self.fed.dp.startswith("server") else round(train.get(KEY_NORM_BIT, 0) * merge.count)
             )
-            fraction = float(np.random.normal(bits, self._round["count_std"])) / sampled
-            self.clipping_norm *= math.exp(-ADAPTIVE_LR * (fraction - ADAPTIVE_QUANTILE))
+            # Andrew et al.: the bound grows while fewer than the target quantile of updates fit under it.
+            # (Flower 1.41's wrappers put the clipped fraction where the unclipped one belongs: their
+            # bound shrinks when every update is clipped.)
+            unclipped = 1 - float(np.random.normal(bits, self._round["count_std"])) / sampled
+            self.clipping_norm *= math.exp(-ADAPTIVE_LR * (unclipped - ADAPTIVE_QUANTILE))
             record["next_clipping_norm"] = self.clipping_norm
         spent = f"epsilon {record['epsilon']:.4g} at delta {self.fed.dp_delta:g}" if event else "no noise, no privacy"
         self.log(

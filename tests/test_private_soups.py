@@ -112,6 +112,15 @@ def test_a_merge_adds_noise_to_every_value_under_the_mask_and_nothing_else():
     assert int(torch.count_nonzero(full["w"][~mask["w"]])) == 0
 
 
+def test_the_server_clips_whatever_a_client_sends():
+    reference = {"w": torch.zeros(50), "b": torch.zeros(5)}
+    merge = PrivateMerge(Merge("uniform", False), reference, 0.1, 0.0, 1)
+    merge.add({"w": torch.full((50,), 100.0), "b": torch.full((5,), -100.0)}, 1)
+    merged = merge.result()
+    assert float(torch.cat([merged["w"], merged["b"]]).norm()) == pytest.approx(0.1, rel=1e-6)
+    assert merge.clipped == 1
+
+
 @pytest.mark.parametrize("scale", [1e-3, 0.5, 3.0, 1e4])
 def test_the_clipped_update_never_exceeds_the_bound(scale):
     torch.manual_seed(1)

@@ -93,6 +93,14 @@ def test_noise_lands_only_under_the_mask_and_the_soup_stays_exactly_sparse(priva
     assert summary["model"]["sparsity"] == pytest.approx(1 - kept / total)
 
 
+def test_masked_fedavg_on_the_gmp_schedule_stays_exactly_sparse_under_dp(tmp_path):
+    strategy = private_strategy(tmp_path, pruning_schedule="gmp", clients_per_round=2)
+    strategy.start(LocalGrid(make_client_app(), partitions(3)))
+    total = sum(keep.numel() for keep in strategy.mask.values())
+    assert sum(int(torch.count_nonzero(strategy.soup[name])) for name in strategy.mask) == kept_count(total, 0.8)
+    assert [r["privacy"]["releases"] for r in rounds_of(tmp_path)] == list(range(1, len(strategy.schedule) + 1))
+
+
 def test_a_merge_adds_noise_to_every_value_under_the_mask_and_nothing_else():
     torch.manual_seed(0)
     soup = {"w": torch.randn(6, 5), "b": torch.zeros(5), "bn.running_mean": torch.zeros(5)}

@@ -197,8 +197,9 @@ def test_a_budget_stops_the_job_before_the_round_that_would_exceed_it_and_resume
     assert [r["privacy"]["epsilon"] for r in rounds_of(tmp_path)] == pytest.approx(epsilons)
 
 
-def test_adaptive_clipping_moves_the_bound_by_the_noisy_clipped_fraction(tmp_path):
-    strategy = private_strategy(tmp_path, dp="server-adaptive", dp_noise_multiplier=0.0, dp_clipping_norm=1e-3)
+@pytest.mark.parametrize("dp", ["server-adaptive", "client-adaptive"])
+def test_adaptive_clipping_grows_the_bound_while_too_few_updates_fit_under_it(tmp_path, dp):
+    strategy = private_strategy(tmp_path, dp=dp, dp_noise_multiplier=0.0, dp_clipping_norm=1e-3)
     strategy.start(LocalGrid(make_client_app(), partitions(4)), num_rounds=2)
     first, second = (r["privacy"] for r in rounds_of(tmp_path))
     assert first["clipping_norm"] == 1e-3 and second["clipping_norm"] == first["next_clipping_norm"]

@@ -208,22 +208,32 @@ def test_adaptive_clipping_grows_the_bound_while_too_few_updates_fit_under_it(tm
 
 
 @pytest.mark.parametrize(
-    "run, federation, fix",
+    "run, federation, federated_recalibration, fix",
     [
-        (dict(merge="greedy"), {}, "merge uniform"),
-        (dict(merge="weighted"), {}, "merge uniform"),
-        (dict(merge="trimmed-mean"), {}, "merge uniform"),
-        (dict(update_norm_bound=3.0), {}, "set it to 0"),
-        ({}, dict(mode="hyperparameter"), "use mode data"),
-        (dict(diagnostics=True), {}, "set diagnostics false"),
-        ({}, dict(dp_noise_multiplier=0.0, dp_epsilon_budget=1.0), "dp-noise-multiplier above 0"),
+        (dict(merge="greedy"), {}, False, "merge uniform"),
+        (dict(merge="weighted"), {}, False, "merge uniform"),
+        (dict(merge="trimmed-mean"), {}, False, "merge uniform"),
+        (dict(update_norm_bound=3.0), {}, False, "set it to 0"),
+        ({}, dict(mode="hyperparameter"), False, "use mode data"),
+        (dict(diagnostics=True), {}, False, "set diagnostics false"),
+        ({}, dict(dp_noise_multiplier=0.0, dp_epsilon_budget=1.0), False, "dp-noise-multiplier above 0"),
+        ({}, {}, True, "norm statistics are not private"),
     ],
 )
-def test_dp_refuses_what_it_cannot_account_in_one_sentence(run, federation, fix):
+def test_dp_refuses_what_it_cannot_account_in_one_sentence(run, federation, federated_recalibration, fix):
     fed = FederationConfig(**{**DP, **federation})
-    with pytest.raises(FedSMSError, match=fix):
+    with pytest.raises(FedSMSError, match=fix) as refused:
         check_job(
-            RunConfig(**{**RUN, **run}), fed, federated_recalibration=False, diagnostics=run.get("diagnostics", False)
+            RunConfig(**{**RUN, **run}),
+            fed,
+            federated_recalibration=federated_recalibration,
+            diagnostics=run.get("diagnostics", False),
         )
+    assert str(refused.value).count(". ") == 0  # one sentence
+
+
+def test_the_strategy_refuses_dp_with_clients_recalibrating_norm_statistics(tmp_path):
+    fed = FederationConfig(**DP, recalibration="federated")
+    run = RunConfig(**{**RUN, "model": "cnn"}, out_dir=str(tmp_path))
     with pytest.raises(FedSMSError, match="norm statistics are not private"):
-        check_job(RunConfig(**RUN), FederationConfig(**DP), federated_recalibration=True, diagnostics=False)
+        SparseSoupStrategy(run, fed, build_for("cnn", digits()), server_data=digits(), out_dir=tmp_path)

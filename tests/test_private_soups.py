@@ -74,7 +74,7 @@ def flower_epsilons(rounds: int, noise_multiplier: float, sample: int, populatio
 
 @pytest.fixture(scope="module")
 def private_job(tmp_path_factory):
-    """A private data soup of 3 rounds, 3 of 6 clients per round, noise multiplier 1."""
+    """A private data soup of 3 rounds, 3 of 6 clients per round, noise multiplier 2."""
     out = tmp_path_factory.mktemp("private")
     strategy = private_strategy(out, dp_noise_multiplier=2.0)
     strategy.start(LocalGrid(make_client_app(), partitions(6)))

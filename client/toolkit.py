@@ -81,6 +81,7 @@ from torch import nn
 
 from fedsms import FedSMSError, codec
 from fedsms.masks import Mask, MaskHook, enforce_mask
+from fedsms_flower.privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, clip_update
 from fedsms_flower.records import (
     CANDIDATE,
     CONFIG_KEY,
@@ -214,6 +215,9 @@ class Received:
         reply uses the same.
     hyperparameters : Hyperparameters
         The message's ``"config"`` record as a dict (see :func:`hyperparameters`).
+    start : dict of str to torch.Tensor, optional
+        The soup as received, kept when the server asks the client to clip its update
+        (Flower's ``clipping_norm`` in the config: a private job with client-side clipping).
     """
 
     message: Message
@@ -222,6 +226,7 @@ class Received:
     server_round: int
     value_dtype: str
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    start: dict[str, torch.Tensor] | None = None
 
     @property
     def candidate(self) -> int:
@@ -280,7 +285,10 @@ class Received:
         -------
         flwr.app.Message
             A train reply ``{"update": payload record, "metrics": MetricRecord}``, or an
-            evaluate reply ``{"metrics": MetricRecord}``.
+            evaluate reply ``{"metrics": MetricRecord}``. When the server asked for
+            client-side clipping, the update (trained minus received) is clipped to its
+            ``clipping_norm`` first, and ``norm_bit`` (1: it was scaled down) is reported, as
+            Flower's ``adaptiveclipping_mod`` does.
 
         Raises
         ------
@@ -302,6 +310,11 @@ class Received:
             raise FedSMSError("a train reply needs the trained model; pass reply(model, num_examples, metrics)")
         state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
         state = {name: tensor.detach().cpu() for name, tensor in state.items()}
+        bound = dict.get(self.hyperparameters, KEY_CLIPPING_NORM)  # Flower's name, as sent
+        if bound is not None and self.start is not None:
+            clipped, scaled = clip_update(state, self.start, float(bound))
+            state = {**state, **clipped}
+            record[KEY_NORM_BIT] = int(scaled)
         payload = codec.encode(
             state,
             self.mask,
@@ -384,7 +397,8 @@ def receive(message: Message, model: nn.Module) -> Received:
                 "build the client's model exactly as the server's"
             ) from None
         raise FedSMSError(f"the server's soup of round {server_round} cannot be read: {error}") from None
-    model.load_state_dict(decoded.to_state_dict(template))
+    state = decoded.to_state_dict(template)
+    model.load_state_dict(state)
     return Received(
         message=message,
         mask=decoded.mask,
@@ -392,4 +406,5 @@ def receive(message: Message, model: nn.Module) -> Received:
         server_round=server_round,
         value_dtype=decoded.value_dtype,
         hyperparameters=config,
+        start={k: v.detach().cpu().clone() for k, v in state.items()} if KEY_CLIPPING_NORM in dict(config) else None,
     )

@@ -36,6 +36,10 @@ VALUE_DTYPES = ("fp32", "fp16", "bf16")
 CLIENT_PROTOCOLS = ("compact", "flower")
 RECALIBRATIONS = ("server", "federated")
 PRUNING_SCHEDULES = ("imp", "gmp")
+# Differential privacy of a data soup: where each update is clipped (Flower's server-side /
+# client-side wrappers) and whether its bound is fixed or adapts (Andrew et al.).
+DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+DP_SAMPLINGS = ("without-replacement", "no-amplification")  # Flower's SamplingMethod names
 
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -496,3 +500,29 @@ class FederationKeys(Settings):
         1, "times a round is sent again when too few valid replies came back", at_least=0, cap=100, shapes_soup=False
     )
     resume: bool = key(False, "continue from the last round checkpoint in --out-dir", shapes_soup=False)
+    dp: str = key(
+        "off",
+        "differential privacy of a data soup: each client's update under the mask clipped (on the server or "
+        "the client, to a fixed or an adaptive L2 bound) and Gaussian noise added only under the mask",
+        choices=DP_MODES,
+    )
+    dp_noise_multiplier: float = key(
+        1.0, "noise standard deviation over the clipping norm (dp; 0: clipping only, no privacy)", at_least=0, cap=1e3
+    )
+    dp_clipping_norm: float = key(
+        1.0, "L2 bound of each client's update (dp; the starting bound of adaptive clipping)", above=0, cap=1e6
+    )
+    dp_delta: float = key(1e-5, "delta at which the spent epsilon is reported (dp)", above=0, below=1)
+    dp_sampling: str = key(
+        "without-replacement",
+        "how epsilon is accounted (dp): the sampler's fixed-size draw of clients-per-round from the connected "
+        "clients (replace-one), or no-amplification (add-or-remove-one, as Flower's DP wrappers)",
+        choices=DP_SAMPLINGS,
+    )
+    dp_epsilon_budget: float = key(
+        0.0,
+        "stop the job, checkpointed, before a round that would spend more epsilon (dp; 0: no budget)",
+        at_least=0,
+        cap=1e6,
+        shapes_soup=False,
+    )

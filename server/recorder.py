@@ -41,6 +41,7 @@ class RoundLog:
     central_eval: dict = field(default_factory=dict)  # the strategy's own, on the server's data
     evaluate_fn: dict = field(default_factory=dict)  # what ``start(..., evaluate_fn=...)`` returned
     diagnostics: dict = field(default_factory=dict)  # soup diagnostics of a phase's last round
+    privacy: dict = field(default_factory=dict)  # dp: epsilon spent after the round, noise, clipping bound
     seconds: float = 0.0
 
 
@@ -248,7 +249,7 @@ class JobRecorder:
                 )
         return rows
 
-    def write_outputs(self, model: nn.Module, metadata: dict, stopped: str = "") -> Path:
+    def write_outputs(self, model: nn.Module, metadata: dict, stopped: str = "", privacy: dict | None = None) -> Path:
         """``final_model``, ``results.jsonl``, plots and ``summary.json`` in ``out_dir``;
         ``stopped`` says why the job ended early (empty when every round ran).
 
@@ -264,6 +265,9 @@ class JobRecorder:
             The model's metadata (see ``model_metadata``).
         stopped : str, optional
             Why the job ended early, recorded in ``summary.json`` (default: empty).
+        privacy : dict, optional
+            The job's differential privacy (``fedsms_server.privacy.Privacy.summary``), recorded
+            in ``summary.json`` when given.
 
         Returns
         -------
@@ -297,6 +301,7 @@ class JobRecorder:
             "bytes_up": sum(r.bytes_up for r in self.rounds),
             "final_model": str(final),
             "stopped": stopped,
+            **({"privacy": privacy} if privacy else {}),
         }
         safefile.write_text(out / "summary.json", json.dumps(summary, indent=2))
         self.log(f"job {'stopped: ' + stopped if stopped else 'finished'}; results in {out}")

@@ -52,6 +52,7 @@ from fedsms_server import gate
 from fedsms_server.flower_layout import read_arrays
 from fedsms_server.messages import Outbox
 from fedsms_server.phase_end import PhaseEnd
+from fedsms_server.privacy import BudgetSpent, Privacy, check_job
 from fedsms_server.recorder import JobRecorder, RoundLog, model_metadata
 from fedsms_server.sampling import ClientSampler, NotEnoughClients
 from fedsms_server.updates import Update, UpdateDecoder, unpack_reply
@@ -159,6 +160,13 @@ class SparseSoupStrategy(Strategy):
             self.log,
             task,
         )
+        check_job(
+            run,
+            federation,
+            federated_recalibration=self.phase_end.federated,
+            diagnostics=self.phase_end.keeps_candidates(1),
+        )
+        self.privacy = Privacy(federation, self.log)
         self._decoder = UpdateDecoder()
         self._open: dict[int, RoundLog] = {}  # rounds configured but not yet closed
         self._opened = 0  # the last round whose prune was applied
@@ -288,6 +296,9 @@ class SparseSoupStrategy(Strategy):
             good = (self.engine.state, self.engine.mask, self.engine.digest)  # replaced, never mutated
             try:
                 self._run_round(grid, server_round, timeout, train_config or ConfigRecord(), evaluate_config)
+            except BudgetSpent as spent:  # a clean stop: the last round's checkpoint stands
+                self._stop(str(spent), good)
+                return self._result()
             except RoundFailed as error:
                 self._stop(str(error), good)
                 raise
@@ -408,11 +419,12 @@ class SparseSoupStrategy(Strategy):
             )
         log = self._log(server_round)
         nodes = self.sampler.train_nodes(grid, server_round, exclude=log.rejected if retry else ())
+        self.privacy.open_round(server_round, len(grid.get_node_ids()), len(nodes))
         soup, nbytes = self.outbox.soup_entry(self.soup, self.mask, server_round)
         log.clients = len(nodes)
         log.partitions = [self.sampler.partitions.get(node) for node in nodes]
         log.bytes_down += nbytes * len(nodes)
-        return self.outbox.train(soup, nodes, server_round, config)
+        return self.outbox.train(soup, nodes, server_round, self.privacy.train_config(config))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -478,6 +490,7 @@ class SparseSoupStrategy(Strategy):
             keep=step.ends_phase and self.phase_end.keeps_candidates(step.phase),
             **self.run.merge_options(),
         )
+        merge = self.privacy.wrap(merge, self.soup, self.mask)  # dp: clipped updates, noise under the mask
         totals: dict[str, list] = {}  # metric -> [sum, count] over the replies that report it
         added: list[int] = []  # the nodes of the merged candidates, in order
         peaks: list[tuple[float, int]] = []  # each merged reply's largest magnitude, and its node
@@ -527,6 +540,7 @@ class SparseSoupStrategy(Strategy):
             self.log(f"round {server_round}: dropped: {reason}; the soup stays as it was")
             return None
         log.train = {key: total / count for key, (total, count) in totals.items()}
+        log.privacy = self.privacy.release(server_round, merge, log.train)  # a kept round only
         if step.ends_phase:
             self._complete_phase(None)
         return log.train
@@ -672,7 +686,7 @@ class SparseSoupStrategy(Strategy):
             ``out_dir``.
         """
         self.model.load_state_dict(self.soup)
-        return self.recorder.write_outputs(self.model, self._model_metadata(), stopped)
+        return self.recorder.write_outputs(self.model, self._model_metadata(), stopped, self.privacy.summary())
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a round checkpoint of this job, written under the same settings
@@ -691,6 +705,7 @@ class SparseSoupStrategy(Strategy):
         """
         done = self.recorder.restore(checkpoint, self.model)
         self.engine.restore(checkpoint.state, checkpoint.mask)
+        self.privacy.restore([log.privacy for log in self.rounds])
         self._opened = done
         self.log(
             f"resumed after round {done} (phase {self.schedule[done - 1].phase}, sparsity {sparsity(self.mask):.2%}); "

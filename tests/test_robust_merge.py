@@ -160,7 +160,9 @@ def test_multi_krum_leaves_out_updates_that_point_elsewhere():
     for c in candidates(honest[:3]):
         small.add(c, 1)
     small.result()
-    assert warned == ["multi-krum with krum-malicious 1 needs more than 4 candidates for its guarantee, this merge has 3"]
+    assert warned == [
+        "multi-krum with krum-malicious 1 needs more than 4 candidates for its guarantee, this merge has 3"
+    ]
 
 
 def test_a_scaled_reply_is_dropped_by_the_update_norm_bound_with_a_log_line(tmp_path):

@@ -96,7 +96,8 @@ def origin_of(reply: Message, server_round: int) -> tuple[int, int] | None:
         ``(candidate, node)``, or None when the group id is not one of ``server_round``'s.
     """
     parts = reply.metadata.group_id.split(".")
-    if len(parts) != 3 or parts[0] != str(server_round) or not all(p.isdecimal() and len(p) < 20 for p in parts[1:]):
+    # Flower's node ids are unsigned 64-bit: up to 20 digits
+    if len(parts) != 3 or parts[0] != str(server_round) or not all(p.isdecimal() and len(p) <= 20 for p in parts[1:]):
         return None
     return int(parts[1]), int(parts[2])
 

@@ -15,7 +15,8 @@ from fedsms import FedSMSError, codec
 from fedsms.masks import dense_mask, kept_count, prune_state
 from fedsms.models import build_for
 from fedsms_client.app import make_client_app
-from fedsms_flower.records import payload_of
+from fedsms_flower.local_grid import train_reply
+from fedsms_flower.records import origin_of, payload_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,3 +133,15 @@ def test_evaluate_fn_runs_at_round_0_and_after_every_round_and_is_recorded(tmp_p
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
     final = result.arrays.to_torch_state_dict()
     assert all(torch.equal(final[k], v) for k, v in strategy.soup.items())
+
+
+@pytest.mark.parametrize("node", [1, 10**19 - 1, 2**64 - 1])  # Flower's node ids are unsigned 64-bit
+def test_every_node_id_is_read_back_from_the_group_id(node, monkeypatch):
+    """A reply's candidate and node come from its group id; a node id of 20 digits (half of
+    Flower's random ids) fell back to node-id order, so the soup's float sum depended on the ids."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as a SuperLink sets them
+        monkeypatch.setattr(TaskIdentity, name, value)
+    reply = train_reply(3, 2, node)
+    assert origin_of(reply, 3) == (2, node) and origin_of(reply, 4) is None

@@ -2,6 +2,7 @@
 flwr-datasets partitioner over a local ``datasets.Dataset``: every client trains on exactly
 its own partition, used whole, and the soup reaches its sparsity."""
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,12 +16,16 @@ CLIENTS = 3
 
 
 def example():
+    """The example's ClientApp module (under a name of its own: other examples have a
+    ``client_app`` too) and its data module."""
     sys.path.insert(0, str(EXAMPLE))
     try:
-        import client_app
-        import task
+        spec = importlib.util.spec_from_file_location("flwr_datasets_client_app", EXAMPLE / "client_app.py")
+        client_app = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(client_app)
+        import partitions_task
 
-        return client_app, task
+        return client_app, partitions_task
     finally:
         sys.path.remove(str(EXAMPLE))
 

@@ -3,7 +3,7 @@ gets the Flower Context (for the node's partition-id) and returns this client's 
 partition, which fedsms then uses whole (``partitioned=True``)."""
 
 from flwr.app import Context
-from task import client_splits
+from partitions_task import client_splits
 
 from fedsms.config import RunConfig
 from fedsms.data import DatasetSplits

@@ -64,7 +64,7 @@ def attacked_app(attackers: int, scale: float) -> ClientApp:
         soup = toolkit.receive(message, model)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         trained = codec.decode(
-            payload_of(reply.content[UPDATE_KEY]), expected_mask=None, expected_digest=None, template=start
+            payload_of(reply.content[UPDATE_KEY]), expected_mask=soup.mask, expected_digest=None, template=start
         ).to_state_dict(start)
         sent = {
             k: start[k] + scale * (trained[k] - start[k]) if v.is_floating_point() else v for k, v in trained.items()

@@ -1,5 +1,5 @@
 """A long job killed and resumed (issue 27, point 7): 200 rounds, 100 clients, each reply
-carrying 64 distinct metric names of 128 characters; the job is SIGKILLed mid-run, resumed
+carrying 63 distinct metric names of 128 characters (and num-examples: the 64 entries the gate allows); the job is SIGKILLed mid-run, resumed
 with `resume`, and finishes; the checkpoint's size and the per-round write time are printed.
 
     python bench/long_job_resume.py [--rounds 200] [--clients 100] [--kill-after 120]
@@ -48,7 +48,8 @@ def job(out: str, rounds: int, clients: int, resume: bool) -> None:
         model = build_for("mlp", data)
         soup = toolkit.receive(message, model)
         part = int(context.node_config["partition-id"])
-        return soup.reply(model, 10, {f"{NAME}{part:04d}{i:04d}": float(i) for i in range(64)})
+        # 63 names + num-examples: the 64 entries the gate allows a reply
+        return soup.reply(model, 10, {f"{NAME}{part:04d}{i:04d}": float(i) for i in range(63)})
 
     run = RunConfig(model="mlp", phases=2, target_sparsity=0.5, ood=False, diagnostics=False, out_dir=out)
     per_phase = (rounds - 2) // 2
@@ -95,7 +96,7 @@ def main() -> None:
     subprocess.run([*base, "--child", "resume"], check=True)
     done = [json.loads(line) for line in lines.read_text().splitlines()]
     print(
-        f"{args.rounds} rounds x {args.clients} clients x 64 metric names of 128 characters: killed after round "
+        f"{args.rounds} rounds x {args.clients} clients x 63 metric names of 128 characters: killed after round "
         f"{killed_at} (checkpoint {size_at_kill / 2**20:.2f} MiB), resumed in {time.perf_counter() - resumed:.0f} s; "
         f"{len(done)} round lines, rounds 1..{done[-1]['server_round']}, each round's train metrics "
         f"{len(done[-1]['train'])} names; final checkpoint {checkpoint_bytes(out) / 2**20:.2f} MiB, "

@@ -20,6 +20,8 @@ import pytest
 from conftest import venv_bin
 from helpers import in_process_simulation
 
+from fedsms.checkpoint import load_checkpoint, save_checkpoint
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 PLACEHOLDER = re.compile(r"\.\.\.|\[|\b[A-Z][A-Z_]{3,}\b|\*")
 # Short training (two retraining epochs: the GMP line's 6 mask updates need phases x epochs >= 6),
@@ -27,7 +29,7 @@ PLACEHOLDER = re.compile(r"\.\.\.|\[|\b[A-Z][A-Z_]{3,}\b|\*")
 QUICK = ["--pretrain-epochs", "1", "--retrain-epochs", "2", "--candidates", "2", "--batch-size", "256"]
 QUICK += ["--ood", "false", "--diagnostics", "false"]
 QUICK_FOR = {"local": [*QUICK, "--seeds", "0"], "simulate": QUICK}
-# The README's soup line merges "your candidates": three copies of one checkpoint stand in.
+# The README's soup line merges "your candidates": three scaled copies of one checkpoint stand in.
 USER_FILES = ("a", "b", "c")
 
 
@@ -69,9 +71,10 @@ def demo_like_run(runs: Path, monkeypatch) -> None:
 def test_every_readme_command_runs_as_written_after_the_demo(tmp_path, monkeypatch, flwr_home):
     demo_like_run(tmp_path / "runs", monkeypatch)
     sms = tmp_path / "runs" / "demo-latest" / "local" / "checkpoints" / "seed0-sms"
-    for name in USER_FILES:
-        for suffix in (".safetensors", ".mask.safetensors", ".json"):
-            shutil.copyfile(f"{sms}{suffix}", tmp_path / f"{name}{suffix}")
+    sms_checkpoint = load_checkpoint(sms)
+    for i, name in enumerate(USER_FILES):  # candidates differ: the same weights twice are refused
+        state = {k: v * (1 + 0.01 * i) if v.is_floating_point() else v for k, v in sms_checkpoint.state.items()}
+        save_checkpoint(tmp_path / name, state, sms_checkpoint.mask, sms_checkpoint.metadata)
     # A temporary folder of our own, with a short path: Ray's sockets live under it (107 bytes at most).
     temp = Path(tempfile.mkdtemp(prefix="fsr-"))
     env = {**os.environ, "TMPDIR": str(temp)}

@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="how the m candidates differ besides their seed (batch order), e.g. 'weight_decay=1e-4,1e-3'",
     )
+    parser.add_argument(
+        "--soup-guard", default="greedy", choices=("greedy", "best", "off"), help="fedsms's soup-guard setting"
+    )
+    parser.add_argument("--soup-guard-tolerance", type=float, default=0.01)
     parser.add_argument("--methods", default=METHODS, help="local methods to run besides dense")
     parser.add_argument("--ood-examples", type=int, default=1000)
     parser.add_argument("--device", default="auto")
@@ -98,6 +102,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         recipe=args.recipe,
         methods=args.methods,
         merge="uniform",
+        soup_guard=args.soup_guard,
+        soup_guard_tolerance=args.soup_guard_tolerance,
         ood_examples=args.ood_examples,
         device=args.device,
     )

@@ -12,6 +12,8 @@ drive one ``SoupEngine``, so every rule below is written once:
 3. ``end_round(merge)``: the state becomes the (weighted) mean of the merge.
 4. ``end_phase(step, merge)``: the greedy soup or the best candidate is chosen on the
    task's held-out score, and the norm statistics of an average of several candidates are recalibrated.
+   With a ``SoupGuard``, a uniform or weighted soup that scores below its best candidate on
+   the held-out split by more than the guard's tolerance is replaced by the guard's fallback.
 
 Data-dependent parts (recalibration, held-out scores) come in as ``PhaseHooks``, so the
 engine runs the same with data in this process (``data_hooks``), with a federated
@@ -41,6 +43,7 @@ __all__ = [
     "RULES",
     "Merge",
     "PhaseHooks",
+    "SoupGuard",
     "SoupEngine",
     "State",
     "capped_shares",
@@ -67,6 +70,51 @@ class PhaseHooks:
 
     recalibrate: Callable[[State, int], State] | None = None
     heldout_score: Callable[[State], float] | None = None
+
+
+@dataclass(frozen=True)
+class SoupGuard:
+    """What a phase does when its averaged soup loses to one of its own candidates.
+
+    A soup of candidates that left one another's basin can score far below each of them
+    (a high-sparsity phase after a large learning rate); IMP would have kept one model. The
+    guard compares the recalibrated soup with the best candidate on the held-out split and
+    falls back when the soup is worse by more than ``tolerance``.
+
+    Parameters
+    ----------
+    fallback : str
+        ``greedy`` (the greedy soup of the phase's candidates: never below the best one on
+        the held-out split) or ``best`` (the best candidate).
+    tolerance : float
+        How far below the best candidate, in the task's score units (0.01: one point of
+        accuracy), the soup may score before the phase falls back.
+    """
+
+    fallback: str = "greedy"
+    tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.fallback not in ("greedy", "best"):
+            raise FedSMSError(f"unknown soup-guard fallback {self.fallback!r}; use greedy, best or off")
+
+    @classmethod
+    def of(cls, setting: str, tolerance: float) -> SoupGuard | None:
+        """The guard of the ``soup-guard`` and ``soup-guard-tolerance`` settings (None for ``off``).
+
+        Parameters
+        ----------
+        setting : str
+            ``greedy``, ``best`` or ``off``.
+        tolerance : float
+            The tolerance, in the task's score units.
+
+        Returns
+        -------
+        SoupGuard or None
+            The guard, or None when the setting is ``off``.
+        """
+        return None if setting == "off" else cls(setting, tolerance)
 
 
 def cpu_state(model: nn.Module) -> State:
@@ -148,6 +196,9 @@ class SoupEngine:
         Recalibration and held-out scores; without them phases end without either.
     log : callable, optional
         Receives one line per prune and per greedy choice.
+    guard : SoupGuard, optional
+        Fall back when a phase's uniform or weighted soup loses to its best candidate on the
+        held-out split (needs ``hooks.heldout_score``); None keeps every soup as averaged.
 
     Attributes
     ----------
@@ -157,6 +208,10 @@ class SoupEngine:
         The current mask (CPU).
     digest : str
         ``mask_digest(mask)``, kept up to date.
+    fallback : dict or None
+        What the guard did at the last ``end_phase``: ``rule`` (the fallback), ``soup`` and
+        ``best`` (held-out scores, signed so that larger is better), ``kept`` (candidate
+        indices); None when the soup was kept.
     """
 
     def __init__(
@@ -168,6 +223,7 @@ class SoupEngine:
         seed: int = 0,
         hooks: PhaseHooks | None = None,
         log: Callable[[str], None] | None = None,
+        guard: SoupGuard | None = None,
     ) -> None:
         self.state: State = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         self.mask: Mask = {k: v.to("cpu", copy=True) for k, v in mask.items()}
@@ -176,6 +232,8 @@ class SoupEngine:
         self.hooks = hooks or PhaseHooks()
         self.log = log or (lambda _: None)
         self._warned: set[str] = set()
+        self.guard = guard
+        self.fallback: dict | None = None
 
     @property
     def sparsity(self) -> float:
@@ -253,12 +311,16 @@ class SoupEngine:
         """
         return Merge(
             rule,
-            keep_candidates=keep or (ends_phase and rule in ("greedy", "best")),
+            keep_candidates=keep or (ends_phase and (rule in ("greedy", "best") or self._guards(rule))),
             log=self.log,
             warn=self._warn_once,
             reference=values_under_mask(self.state, self.mask) if robust.get("norm_bound") else None,
             **robust,
         )
+
+    def _guards(self, rule: str) -> bool:
+        """Whether the guard watches soups of ``rule`` (it needs held-out scores)."""
+        return self.guard is not None and rule in ("uniform", "weighted") and self.hooks.heldout_score is not None
 
     def _warn_once(self, line: str) -> None:
         """Log ``line`` the first time only (a setting that cannot act says so once a job)."""
@@ -302,7 +364,8 @@ class SoupEngine:
         -------
         list of int
             Indices (in the order added) of the candidates the state is made of: all of
-            them for ``uniform`` and ``weighted``, the greedy soup's or the best one's.
+            them for ``uniform`` and ``weighted`` (unless the guard fell back), the greedy
+            soup's or the best one's.
 
         Raises
         ------
@@ -310,6 +373,7 @@ class SoupEngine:
             If ``greedy`` or ``best`` must score candidates and the hooks have no held-out score.
         """
         chosen = list(range(merge.count))
+        self.fallback = None
         if merge.rule == "best":
             scores = [self._score(self._full(c)) for c in merge.candidates]
             best = max(range(len(scores)), key=scores.__getitem__)
@@ -322,7 +386,30 @@ class SoupEngine:
             self.log(f"phase {step_index}: greedy soup kept candidates {chosen}")
         if recalibrate and merge.rule != "best" and merge.count > 1:  # one candidate's own statistics already fit it
             self.state = self.recalibrated(self.state, step_index)
+            if self._guards(merge.rule):
+                chosen = self._guarded(step_index, merge, chosen)
         return chosen
+
+    def _guarded(self, step_index: int, merge: Merge, chosen: list[int]) -> list[int]:
+        """Apply the guard to the phase's recalibrated soup; returns the candidates kept."""
+        soup = self._score(self.state)
+        scores = [self._score(self._full(c)) for c in merge.candidates]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        if scores[best] - soup <= self.guard.tolerance:
+            return chosen
+        if self.guard.fallback == "best":
+            self.state, kept = self._full(merge.candidates[best]), [best]
+        else:
+            states = [self._full(c) for c in merge.candidates]
+            state, kept, _ = greedy_soup(states, self.mask, lambda s: self._score(self.recalibrated(s, step_index)))
+            self.state = self.recalibrated(state, step_index) if len(kept) > 1 else state
+        self.fallback = {"rule": self.guard.fallback, "soup": soup, "best": scores[best], "kept": kept}
+        self.log(
+            f"phase {step_index}: the {merge.rule} soup scored {soup:.4f} on the held-out split, "
+            f"{scores[best] - soup:.4f} below its best candidate ({scores[best]:.4f}); "
+            f"falling back to the {self.guard.fallback} soup of candidates {kept} (soup-guard = off keeps the soup)"
+        )
+        return kept
 
     def recalibrated(self, state: State, step_index: int) -> State:
         """``state`` with its norm statistics re-estimated, when the hooks can do it.

@@ -34,7 +34,7 @@ from fedsms.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedsms.config import RunConfig
 from fedsms.data import DatasetSplits, load_dataset
 from fedsms.diagnostics import describe, soup_diagnostics
-from fedsms.engine import PhaseHooks, SoupEngine, State, cpu_state, data_hooks, values_under_mask
+from fedsms.engine import PhaseHooks, SoupEngine, SoupGuard, State, cpu_state, data_hooks, values_under_mask
 from fedsms.evaluate import ensemble_metrics, evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, mask_digest, prunable_names, sparsity
 from fedsms.safefile import append_line
@@ -243,7 +243,14 @@ class LocalRun:
             The method's result rows, in step order.
         """
         spec, config, rows = METHOD_SPECS[method], self.config, []
-        engine = SoupEngine(dense, mask, pruning=config.pruning, seed=config.seed, hooks=self.hooks)
+        engine = SoupEngine(
+            dense,
+            mask,
+            pruning=config.pruning,
+            seed=config.seed,
+            hooks=self.hooks,
+            guard=SoupGuard.of(config.soup_guard, config.soup_guard_tolerance),
+        )
         steps = prune_steps(config, spec.schedule)
         for step in steps:
             started = time.perf_counter()
@@ -275,6 +282,8 @@ class LocalRun:
             }
             if len(trained) > 1:
                 extra["chosen"] = chosen
+            if engine.fallback is not None:
+                extra["guard"] = engine.fallback
             if config.diagnostics and len(trained) > 1 and (spec.rule or config.merge) != "best":
                 diagnostics = self.diagnose(step, start_state, [s for s, _ in trained], engine.state)
                 extra["diagnostics"] = diagnostics

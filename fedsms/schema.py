@@ -408,6 +408,21 @@ class RunKeys(Settings):
         at_least=0,
         cap=1e6,
     )
+    soup_guard: str = key(
+        "greedy",
+        "when a phase's uniform or weighted soup scores below its best candidate on the held-out split by more "
+        "than soup-guard-tolerance: greedy (fall back to the greedy soup), best (the best candidate) or off (keep "
+        "the soup); needs held-out data where the soup is made (a federated server without data keeps the soup) "
+        "and keeps the phase's last m candidates in memory",
+        choices=("greedy", "best", "off"),
+    )
+    soup_guard_tolerance: float = key(
+        0.01,
+        "how far below its best candidate a soup may score on the held-out split, in the task's score units "
+        "(0.01: one point of accuracy), before soup-guard falls back",
+        at_least=0,
+        cap=1e6,
+    )
     recalibration_fraction: float = key(
         0.2, "fraction of training data for norm-statistics recalibration", above=0, at_most=1
     )

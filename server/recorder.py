@@ -41,6 +41,7 @@ class RoundLog:
     central_eval: dict = field(default_factory=dict)  # the strategy's own, on the server's data
     evaluate_fn: dict = field(default_factory=dict)  # what ``start(..., evaluate_fn=...)`` returned
     diagnostics: dict = field(default_factory=dict)  # soup diagnostics of a phase's last round
+    guard: dict = field(default_factory=dict)  # soup-guard's fallback at a phase's last round (empty: soup kept)
     privacy: dict = field(default_factory=dict)  # dp: epsilon spent after the round, noise, clipping bound
     seconds: float = 0.0
 
@@ -245,6 +246,7 @@ class JobRecorder:
                         **metrics,
                         **({"evaluate_fn": log.evaluate_fn} if log.evaluate_fn else {}),
                         **({"diagnostics": log.diagnostics} if log.diagnostics else {}),
+                        **({"guard": log.guard} if log.guard else {}),
                     }
                 )
         return rows

@@ -37,7 +37,7 @@ from fedsms import FedSMSError, codec
 from fedsms.checkpoint import Checkpoint
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.data import DatasetSplits
-from fedsms.engine import PhaseHooks, SoupEngine, data_hooks
+from fedsms.engine import PhaseHooks, SoupEngine, SoupGuard, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, prune_plan, prune_table, sparsity
 from fedsms.merge import State
@@ -137,7 +137,13 @@ class SparseSoupStrategy(Strategy):
         if server_data is not None:
             hooks = data_hooks(self.model, server_data, fraction=run.recalibration_fraction, seed=run.seed, task=task)
         self.engine = SoupEngine(
-            model.state_dict(), dense_mask(model, names), pruning=run.pruning, seed=run.seed, hooks=hooks, log=self.log
+            model.state_dict(),
+            dense_mask(model, names),
+            pruning=run.pruning,
+            seed=run.seed,
+            hooks=hooks,
+            log=self.log,
+            guard=SoupGuard.of(run.soup_guard, run.soup_guard_tolerance),
         )
         self.schedule: list[Round] = federated_rounds(run, federation)
         gmp = "-gmp" if federation.pruning_schedule == "gmp" else ""
@@ -530,6 +536,7 @@ class SparseSoupStrategy(Strategy):
             return None
         if step.ends_phase:
             self.phase_end.begin(server_round, step.phase, merge, start)
+            log.guard = self.engine.fallback or {}
         problem = self._unusable_soup()
         if problem is not None:  # dropped and sent again, never checkpointed
             value, node = max(peaks)

@@ -221,3 +221,54 @@ def test_checkpoint_round_trip_and_refusals(pruned, tmp_path):
     with pytest.raises(FedSMSError, match="modified after saving"):
         load_checkpoint(tmp_path / "d")
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.parametrize(
+    ("fallback", "tolerance", "kept", "w0"),
+    [
+        ("greedy", 0.05, [2, 3, 1], 2.75 / 3),  # the soup (0.6875) is 0.11 below the best (1.0): greedy soup
+        ("best", 0.05, [2], 1.0),
+        ("greedy", 0.2, [0, 1, 2, 3], 0.6875),  # within the tolerance: the soup stays
+    ],
+)
+def test_a_soup_that_loses_to_its_best_candidate_falls_back(fallback, tolerance, kept, w0):
+    from fedsms.engine import PhaseHooks, SoupEngine, SoupGuard
+
+    lines = []
+    hooks = PhaseHooks(heldout_score=closeness(0.9))
+    engine = SoupEngine(
+        {"w": torch.zeros(2)}, MASK, hooks=hooks, guard=SoupGuard(fallback, tolerance), log=lines.append
+    )
+    merge = engine.merge("uniform")
+    for state in scalars(0.0, 0.75, 1.0, 1.0):
+        merge.add(state, 10)
+    engine.end_round(merge)
+    assert engine.end_phase(3, merge) == kept
+    torch.testing.assert_close(engine.state["w"], torch.tensor([w0, 0.5]))
+    if len(kept) < 4:
+        assert engine.fallback == {
+            "rule": fallback,
+            "soup": pytest.approx(-0.2125),
+            "best": pytest.approx(-0.1),
+            "kept": kept,
+        }
+        assert any(f"falling back to the {fallback} soup" in line for line in lines)
+    else:
+        assert engine.fallback is None and not lines
+
+
+def test_the_guard_keeps_the_soup_without_held_out_data_or_when_off():
+    from fedsms.engine import SoupEngine, SoupGuard
+
+    for engine in (
+        SoupEngine({"w": torch.zeros(2)}, MASK, guard=SoupGuard()),  # no held-out score: cannot act
+        SoupEngine({"w": torch.zeros(2)}, MASK, guard=SoupGuard.of("off", 0.01)),
+    ):
+        merge = engine.merge("uniform")
+        assert not merge.candidates  # nothing kept for a guard that cannot act
+        for state in scalars(0.0, 1.0):
+            merge.add(state, 10)
+        engine.end_round(merge)
+        assert engine.end_phase(1, merge) == [0, 1] and engine.fallback is None
+    with pytest.raises(FedSMSError, match="use greedy, best or off"):
+        SoupGuard("uniform", 0.01)

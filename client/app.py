@@ -34,6 +34,7 @@ from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.models import build_for
 from fedsms.norms import norm_stats, recalibrate_norms
 from fedsms.recipe import CandidateConfig
+from fedsms.schema import PRECISIONS, parse_bool
 from fedsms.task import CLASSIFICATION, Task
 from fedsms.training import resolve_device, train_candidate
 from fedsms_client import toolkit
@@ -181,6 +182,16 @@ class ClientSide:
         if not 0 <= self.partition_id < self.num_partitions:
             raise ValueError(f"partition-id {self.partition_id} is not in [0, num-partitions={self.num_partitions})")
         self.device = resolve_device(str(node.get("device", "auto")))  # a machine's own, not the server's
+        # also the machine's own where its node config says so; else the job's
+        self.precision = str(node.get("precision", self.run.precision))
+        if self.precision not in PRECISIONS:
+            raise FedSMSError(f"node config precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        try:
+            self.channels_last = parse_bool(node.get("channels-last", self.run.channels_last))
+        except ValueError:
+            raise FedSMSError(
+                f"node config channels-last must be true or false, got {node.get('channels-last')!r}"
+            ) from None
         self.status_file = str(node.get("status-file", ""))
         self.splits = data_fn(self.run, str(node.get("data-dir", self.run.data_dir)), context)
         if not isinstance(self.splits, DatasetSplits):
@@ -362,6 +373,8 @@ def make_client_app(
             augmentation=side.splits.augmentation,
             device=side.device,
             loss_fn=task.loss,
+            precision=side.precision,
+            channels_last=side.channels_last,
         )
         side.mark(message)
         metrics = {"train_loss": result["train_loss"], "train_seconds": result["seconds"]}

@@ -34,6 +34,9 @@ def train_one(
     device: torch.device,
     log: Log | None = None,
     label: str = "",
+    *,
+    precision: str = "auto",
+    channels_last: bool = False,
 ) -> tuple[State, dict]:
     """Retrain one candidate from ``start`` under ``mask`` (see :func:`fedsms.training.train_candidate`).
 
@@ -55,6 +58,10 @@ def train_one(
         Receives one line per epoch (``"<label> epoch e/E loss L"``).
     label : str, default ""
         How the candidate is named in the log lines.
+    precision : str, default "auto"
+        ``auto``, ``fp32`` or ``bf16`` (see :func:`fedsms.training.autocast_for`).
+    channels_last : bool, default False
+        Train 2-D convolutions in the channels-last layout.
 
     Returns
     -------
@@ -73,7 +80,15 @@ def train_one(
             log(f"{label} epoch {epoch}/{epochs} loss {loss:.4f}")
 
     metrics = train_candidate(
-        model, mask, splits.train, config, augmentation=splits.augmentation, device=device, progress=progress
+        model,
+        mask,
+        splits.train,
+        config,
+        augmentation=splits.augmentation,
+        device=device,
+        progress=progress,
+        precision=precision,
+        channels_last=channels_last,
     )
     return cpu_state(model), metrics
 
@@ -94,13 +109,26 @@ class CandidateTrainer:
         share of the CPU threads.
     log : callable, optional
         Receives progress lines (per epoch in this process, per candidate with workers).
+    precision : str, default "auto"
+        ``auto``, ``fp32`` or ``bf16`` (see :func:`fedsms.training.autocast_for`).
+    channels_last : bool, default False
+        Train 2-D convolutions in the channels-last layout.
     """
 
     def __init__(
-        self, model_name: str, splits: DatasetSplits, device: torch.device, workers: int = 1, log: Log | None = None
+        self,
+        model_name: str,
+        splits: DatasetSplits,
+        device: torch.device,
+        workers: int = 1,
+        log: Log | None = None,
+        *,
+        precision: str = "auto",
+        channels_last: bool = False,
     ):
         self.model = build_for(model_name, splits).to(device)
         self.model_name, self.splits, self.device, self.log = model_name, splits, device, log
+        self.execution = {"precision": precision, "channels_last": channels_last}
         self._pool = None
         if workers > 1:
             threads = max(1, (os.cpu_count() or 1) // workers)
@@ -108,7 +136,7 @@ class CandidateTrainer:
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(model_name, splits, str(device), threads),
+                initargs=(model_name, splits, str(device), threads, self.execution),
             )
 
     def train(
@@ -148,6 +176,7 @@ class CandidateTrainer:
                     self.device,
                     self.log,
                     f"{label} candidate {i + 1}/{len(configs)}",
+                    **self.execution,
                 )
                 for i, c in enumerate(configs)
             ]
@@ -178,10 +207,13 @@ class CandidateTrainer:
 _worker: dict = {}
 
 
-def _init_worker(model_name: str, splits: DatasetSplits, device: str, threads: int) -> None:
+def _init_worker(model_name: str, splits: DatasetSplits, device: str, threads: int, execution: dict) -> None:
     torch.set_num_threads(threads)
-    _worker.update(model=build_for(model_name, splits).to(device), splits=splits, device=torch.device(device))
+    _worker.update(
+        model=build_for(model_name, splits).to(device), splits=splits, device=torch.device(device), execution=execution
+    )
 
 
 def _train_in_worker(start: State, mask: Mask, config: CandidateConfig) -> tuple[State, dict]:
-    return train_one(_worker["model"], start, mask, _worker["splits"], config, _worker["device"])
+    w = _worker
+    return train_one(w["model"], start, mask, w["splits"], config, w["device"], **w["execution"])

@@ -261,6 +261,8 @@ def retrain_checkpoint(
             device,
             log,
             f"[retrain] phase {phase}/{count} candidate {candidate}",
+            precision=config.precision,
+            channels_last=config.channels_last,
         )
     return save_checkpoint(
         output,

@@ -24,7 +24,7 @@ from torch import nn
 
 from fedsms import FedSMSError
 from fedsms.corruptions import CORRUPTIONS, SEVERITIES, check_corruption, corrupt
-from fedsms.data.arrays import ArrayData, DataSource, is_image, iterate_batches
+from fedsms.data.arrays import ArrayData, DataSource, is_image, iterate_batches, resident
 from fedsms.task import CLASSIFICATION, Task, classification_metrics
 
 metrics_from_logits = classification_metrics  # the classification task's metrics, by their old name
@@ -127,6 +127,7 @@ def predict(
         check_corruption(name, severity)
         check_ood_data(data)
         generator = corruption_generator(seed, name, severity)
+    data = resident(data, device)
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     outputs, labels = [], []

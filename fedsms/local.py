@@ -142,7 +142,15 @@ class LocalRun:
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         self.splits = job_splits(config)
-        self.trainer = CandidateTrainer(config.model, self.splits, self.device, config.workers, log)
+        self.trainer = CandidateTrainer(
+            config.model,
+            self.splits,
+            self.device,
+            config.workers,
+            log,
+            precision=config.precision,
+            channels_last=config.channels_last,
+        )
         self.model = self.trainer.model
         self.names = prunable_names(self.model, **config.prune_options())
         self.task = CLASSIFICATION  # every built-in data set is classified

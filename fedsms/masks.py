@@ -481,7 +481,8 @@ class MaskEnforcer:
         check_mask_fits(model, mask)
         params = dict(model.named_parameters())
         self.params = [params[n] for n in mask]
-        self.factors = [keep.to(device=params[n].device, dtype=params[n].dtype) for n, keep in mask.items()]
+        # in each weight's device, dtype and memory layout (channels-last included): one fused multiply
+        self.factors = [torch.empty_like(params[n]).copy_(keep) for n, keep in mask.items()]
 
     @torch.no_grad()
     def apply(self) -> None:

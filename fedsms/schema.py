@@ -36,6 +36,7 @@ VALUE_DTYPES = ("fp32", "fp16", "bf16")
 CLIENT_PROTOCOLS = ("compact", "flower")
 RECALIBRATIONS = ("server", "federated")
 PRUNING_SCHEDULES = ("imp", "gmp")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: mixed precision on CUDA, fp32 elsewhere
 # Differential privacy of a data soup: where each update is clipped (Flower's server-side /
 # client-side wrappers) and whether its bound is fixed or adapts (Andrew et al.).
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
@@ -443,6 +444,15 @@ class RunKeys(Settings):
     ood_examples: int = key(1000, "test examples used for the OOD evaluation", at_least=1, cap=10**7)
     seed: int = key(0, "base seed: candidate i retrains with seed + i", at_least=0, cap=2**32 - 1, candidate="seed")
     device: str = key("auto", "auto, cpu or cuda[:N]", shapes_soup=False)
+    precision: str = key(
+        "auto",
+        "auto (bf16/fp16 mixed precision on CUDA, fp32 elsewhere), fp32, or bf16 (autocast on any device)",
+        choices=PRECISIONS,
+        shapes_soup=False,
+    )
+    channels_last: bool = key(
+        False, "train models with 2-D convolutions in the channels-last layout (faster on recent GPUs)", shapes_soup=False
+    )
     workers: int = key(1, "candidates trained in parallel worker processes", at_least=1, cap=1024, shapes_soup=False)
     out_dir: str = key("runs/local", "where results, checkpoints and plots go", shapes_soup=False)
     init_checkpoint: str = key("", "start from this dense checkpoint instead of pretraining")

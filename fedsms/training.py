@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from fedsms import FedSMSError
-from fedsms.data.arrays import Augmentation, DataSource, count_batches, count_examples, iterate_batches
+from fedsms.data.arrays import Augmentation, DataSource, count_batches, count_examples, iterate_batches, resident
 from fedsms.masks import Mask, enforce_mask
 from fedsms.recipe import CandidateConfig
+from fedsms.schema import PRECISIONS
 
 ProgressFn = Callable[[int, int, float], None]  # (epoch, epochs, mean loss of the epoch)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, labels) -> mean loss
@@ -113,13 +114,40 @@ def make_optimizer(model: nn.Module, config: CandidateConfig) -> torch.optim.SGD
     )
 
 
-def _autocast(device: torch.device):
-    """Mixed precision on CUDA (bf16 where supported, fp16 with a scaler otherwise)."""
-    if device.type != "cuda":
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """(autocast context, gradient scaler or None) of a ``precision`` setting on ``device``.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the model runs.
+    precision : str, default "auto"
+        ``auto``: mixed precision on CUDA (bf16 where supported, fp16 with a loss scaler
+        otherwise), fp32 elsewhere; ``fp32``: none; ``bf16``: bf16 autocast on any device.
+
+    Returns
+    -------
+    tuple
+        A context manager to run the forward pass and the loss in, and a
+        ``torch.amp.GradScaler`` (fp16 only) or None.
+
+    Raises
+    ------
+    FedSMSError
+        If ``precision`` is not one of ``fedsms.schema.PRECISIONS``.
+    """
+    if precision not in PRECISIONS:
+        raise FedSMSError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.autocast(device.type, dtype=torch.bfloat16), None
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def uses_channels_last(model: nn.Module) -> bool:
+    """Whether ``model`` has a 2-D convolution, the layer the channels-last layout speeds up."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def train_candidate(
@@ -132,8 +160,13 @@ def train_candidate(
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
     loss_fn: LossFn | None = None,
+    precision: str = "auto",
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Retrain ``model`` in place under ``mask`` (pruned weights stay exactly zero).
+
+    On a CUDA device an ``ArrayData`` that fits is moved there once and batched there
+    (:func:`fedsms.data.arrays.resident`); no step waits on the host.
 
     Parameters
     ----------
@@ -159,6 +192,11 @@ def train_candidate(
     loss_fn : callable, optional
         ``loss_fn(output, labels) -> scalar loss``; by default cross-entropy with
         ``config.label_smoothing``.
+    precision : str, default "auto"
+        ``auto``, ``fp32`` or ``bf16`` (see :func:`autocast_for`).
+    channels_last : bool, default False
+        Train a model with 2-D convolutions in the channels-last memory layout (faster on
+        recent GPUs); its parameters are handed back in the usual layout.
 
     Returns
     -------
@@ -174,7 +212,12 @@ def train_candidate(
         Inf (training diverged), or an active augmentation meets non-image data.
     """
     device = torch.device(device)
+    autocast, scaler = autocast_for(device, precision)
+    channels_last = channels_last and uses_channels_last(model)
     model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    data = resident(data, device)
     optimizer = make_optimizer(model, config)
     hook = enforce_mask(optimizer, model, mask)  # zeroes now and after every optimizer step
     if loss_fn is None:
@@ -188,7 +231,6 @@ def train_candidate(
     steps_per_epoch = count_batches(data, config.batch_size, drop_last)
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_fraction * total_steps)
-    autocast, scaler = _autocast(device)
     step, examples, started = 0, 0, time.perf_counter()
     classification = True
     try:
@@ -205,6 +247,8 @@ def train_candidate(
                 drop_last=drop_last,
                 device=device,
             ):
+                if channels_last and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * lr_factor(step, total_steps, config.lr_schedule, warmup)
                 with autocast:
@@ -236,6 +280,8 @@ def train_candidate(
                 progress(epoch + 1, config.epochs, epoch_loss)
     finally:
         hook.remove()
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)  # what state dicts, masks and the codec expect
     result = {"train_loss": epoch_loss}
     if classification:
         result["train_accuracy"] = float(correct) / seen

@@ -83,6 +83,22 @@ def test_masked_step(tmp_path):
     assert positive(row["masked_step_s"], row["dense_step_s"]) and math.isfinite(row["overhead"])
 
 
+@pytest.mark.slow  # times real training epochs of ResNet-18 and the 1-D CNN
+def test_gpu_train_bench_times_every_setting_on_the_cpu(tmp_path):
+    data = run_bench("gpu_train", tmp_path, "--device", "cpu", timeout=300)
+    assert data["gpu"] == "none (not run on a GPU)"
+    settings = {(row["model"], row["setting"]) for row in data["rows"]}
+    assert settings == {
+        ("tv:resnet18", "fp32"),
+        ("tv:resnet18", "bf16"),
+        ("tv:resnet18", "bf16 + channels-last"),
+        ("cnn1d", "fp32"),
+        ("cnn1d", "bf16"),
+    }
+    for row in data["rows"]:
+        assert positive(row["masked_epoch_s"], row["dense_epoch_s"], row["masked_examples_per_s"])
+
+
 @pytest.mark.slow
 def test_federation_overhead(tmp_path):
     (row,) = run_bench("federation_overhead", tmp_path, "--clients", "2", timeout=400)["rows"]

@@ -9,6 +9,12 @@ corrupted; normalisation lives inside the model (see ``fedsms.models.Normalize``
 corruptions act on real pixel values. Everything is a tensor op on a whole batch: no
 DataLoader workers, no per-sample Python.
 
+On a GPU the batches stay there: :func:`resident` moves an ``ArrayData`` that fits to the
+device once, and :func:`batches` then draws its order, gathers its batches and augments
+them on that device (from a generator seeded by the caller's, so a seed still fixes every
+draw), with no host round trip per batch; data left on the host goes over in pinned,
+non-blocking copies.
+
 Every trainer and evaluator also takes, wherever it takes an ``ArrayData`` (see
 :data:`DataSource`): a map-style or iterable torch ``Dataset`` of (x, y) pairs (batched
 here, shuffled with the trainer's seeded generator), a ``DataLoader`` (used as it is: its
@@ -214,7 +220,7 @@ class Augmentation:
         if self.crop_padding > 0:
             x = random_translate(x, self.crop_padding, generator, fill=self.fill)
         if self.flip:
-            flip = torch.rand(x.shape[0], generator=generator) < 0.5
+            flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x
 
@@ -259,7 +265,7 @@ def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator, fill
         Padding on each side, >= 1: each image moves by -pad..pad pixels along each axis
         longer than 1.
     generator : torch.Generator
-        Source of the shifts (a CPU generator).
+        Source of the shifts, on ``x``'s device.
     fill : float, default 0.0
         Value of the padding shifted in.
 
@@ -272,11 +278,11 @@ def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator, fill
     pad_h = pad if h > 1 else 0
     padded = torch.nn.functional.pad(x, (pad, pad, pad_h, pad_h), value=fill)
     if pad_h:
-        dy = torch.randint(0, 2 * pad_h + 1, (n,), generator=generator)
-        rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+        dy = torch.randint(0, 2 * pad_h + 1, (n,), generator=generator, device=x.device)
+        rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
         padded = padded.gather(2, rows)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w).expand(n, c, h, w)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w)).view(n, 1, 1, w).expand(n, c, h, w)
     return padded.gather(3, cols)
 
 
@@ -329,14 +335,95 @@ def batches(
         raise ValueError("shuffling or augmenting needs a torch.Generator for reproducibility")
     if augment is not None and augment.active:
         check_augmentable(data.images)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    where = data.images.device
+    draws = generator_on(where, generator) if generator is not None else None
+    order = torch.randperm(n, generator=draws, device=where) if shuffle else torch.arange(n, device=where)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
         x = data.inputs(idx)
         if augment is not None:
-            x = augment(x, generator)
-        yield x.to(device, non_blocking=True), data.labels[idx].to(device, non_blocking=True)
+            x = augment(x, draws)
+        yield to_device(x, device), to_device(data.labels[idx], device)
+
+
+def generator_on(device: torch.device | str, generator: torch.Generator) -> torch.Generator:
+    """``generator`` itself when it draws on ``device``; otherwise a generator there, seeded
+    by one draw from ``generator`` (so the caller's seed still fixes every draw).
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Where the draws are needed (the data's device).
+    generator : torch.Generator
+        The caller's generator (usually a CPU one); advanced by one draw when a new
+        generator is made.
+
+    Returns
+    -------
+    torch.Generator
+        A generator on ``device``.
+    """
+    device = torch.device(device)
+    if generator.device.type == device.type and (generator.device.index or 0) == (device.index or 0):
+        return generator
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device``: as it is when already there, through pinned memory (a copy that
+    does not wait for the GPU) from the host to a CUDA device.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        A batch.
+    device : torch.device or str
+        Where it goes.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` on ``device``.
+    """
+    device = torch.device(device)
+    if x.device.type == "cpu" and device.type == "cuda":
+        x = x.pin_memory()  # a pageable host buffer would make the copy wait for the stream
+    return x.to(device, non_blocking=True)
+
+
+def resident(data: DataSource, device: torch.device | str, fraction: float = 0.25) -> DataSource:
+    """``data`` moved to a CUDA ``device`` once, when it is an ``ArrayData`` whose tensors
+    fit in ``fraction`` of the device's free memory; anything else as it is.
+
+    Batching resident data (:func:`batches`) then gathers, augments and shuffles on the
+    device: no host copy per batch.
+
+    Parameters
+    ----------
+    data : DataSource
+        The data.
+    device : torch.device or str
+        Where training or evaluation runs.
+    fraction : float, default 0.25
+        Largest share of the device's free memory the data may take; the rest is left to
+        the model, its activations and the optimizer.
+
+    Returns
+    -------
+    DataSource
+        An ``ArrayData`` on ``device``, or ``data`` itself (on the CPU, for other sources,
+        for data already there or too large).
+    """
+    device = torch.device(device)
+    if not isinstance(data, ArrayData) or device.type != "cuda" or data.images.device == device:
+        return data
+    size = data.images.nbytes + data.labels.nbytes
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > fraction * free:
+        return data  # batched from the host through pinned memory instead
+    return ArrayData(data.images.to(device), data.labels.to(device))
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
@@ -539,9 +626,9 @@ def iterate_batches(
         x = prepare_inputs(x, copy=False)
         if augment is not None and augment.active:
             check_augmentable(x)
-            x = augment(x, generator)
+            x = augment(x, generator_on(x.device, generator))
         seen += len(y)
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield to_device(x, device), to_device(y, device)
 
 
 def _pair(batch: object) -> Batch:

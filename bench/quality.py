@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", type=int, default=3)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--pretrain-epochs", type=int, default=60)
-    parser.add_argument("--retrain-epochs", type=int, default=10)
+    parser.add_argument("--retrain-epochs", type=int, default=20, help="20: see BENCHMARKS.md, Quality: regime map")
     parser.add_argument("--pretrain-lr", type=float, default=0.05)
     parser.add_argument("--lr", type=float, default=0.2, help="retraining learning rate (unless the recipe sets it)")
     parser.add_argument("--batch-size", type=int, default=128)

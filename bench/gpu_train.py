@@ -73,7 +73,9 @@ def measure(model_name: str, examples: int, batch_size: int, repeats: int, devic
     rows = []
     for label, precision, channels_last in variants(masked_model):
 
-        def epoch(model: torch.nn.Module, model_mask: dict):
+        def epoch(
+            model: torch.nn.Module, model_mask: dict, precision: str = precision, channels_last: bool = channels_last
+        ):
             def run() -> float:
                 result = train_candidate(
                     model,

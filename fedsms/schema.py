@@ -451,7 +451,9 @@ class RunKeys(Settings):
         shapes_soup=False,
     )
     channels_last: bool = key(
-        False, "train models with 2-D convolutions in the channels-last layout (faster on recent GPUs)", shapes_soup=False
+        False,
+        "train models with 2-D convolutions in the channels-last layout (faster on recent GPUs)",
+        shapes_soup=False,
     )
     workers: int = key(1, "candidates trained in parallel worker processes", at_least=1, cap=1024, shapes_soup=False)
     out_dir: str = key("runs/local", "where results, checkpoints and plots go", shapes_soup=False)

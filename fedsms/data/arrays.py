@@ -279,7 +279,9 @@ def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator, fill
     padded = torch.nn.functional.pad(x, (pad, pad, pad_h, pad_h), value=fill)
     if pad_h:
         dy = torch.randint(0, 2 * pad_h + 1, (n,), generator=generator, device=x.device)
-        rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+        rows = (
+            (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+        )
         padded = padded.gather(2, rows)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
     cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w)).view(n, 1, 1, w).expand(n, c, h, w)

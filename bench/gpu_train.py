@@ -24,6 +24,8 @@ numpy); ``bench/aggregation.py`` measures it, on a GPU box as anywhere else.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from common import interleaved, median, parser, report
 
@@ -61,6 +63,11 @@ def variants(model: torch.nn.Module) -> list[tuple[str, str, bool]]:
     return found
 
 
+def epoch_seconds(train: functools.partial, model: torch.nn.Module, mask: dict) -> float:
+    """Seconds of one training epoch, as the trainer measured it."""
+    return train(model, mask)["seconds"]
+
+
 def measure(model_name: str, examples: int, batch_size: int, repeats: int, device: torch.device) -> list[dict]:
     data, augmentation = WORKLOADS[model_name](examples)
     torch.manual_seed(0)
@@ -72,26 +79,20 @@ def measure(model_name: str, examples: int, batch_size: int, repeats: int, devic
     config = CandidateConfig(epochs=1, batch_size=batch_size, augment=True, lr=0.05, weight_decay=5e-4)
     rows = []
     for label, precision, channels_last in variants(masked_model):
-
-        def epoch(
-            model: torch.nn.Module, model_mask: dict, precision: str = precision, channels_last: bool = channels_last
-        ):
-            def run() -> float:
-                result = train_candidate(
-                    model,
-                    model_mask,
-                    data,
-                    config,
-                    augmentation=augmentation,
-                    device=device,
-                    precision=precision,
-                    channels_last=channels_last,
-                )
-                return result["seconds"]
-
-            return run
-
-        times = interleaved({"masked": epoch(masked_model, mask), "dense": epoch(dense_model, {})}, repeats)
+        train = functools.partial(
+            train_candidate,
+            data=data,
+            config=config,
+            augmentation=augmentation,
+            device=device,
+            precision=precision,
+            channels_last=channels_last,
+        )
+        arms = {
+            "masked": functools.partial(epoch_seconds, train, masked_model, mask),
+            "dense": functools.partial(epoch_seconds, train, dense_model, {}),  # the same loop, nothing to mask
+        }
+        times = interleaved(arms, repeats)
         masked, dense = median(times["masked"]), median(times["dense"])
         rows.append(
             {

@@ -11,25 +11,32 @@ server's fast checksum; the table's header names the CRC-32 implementation in us
 One child process per m (so memory figures do not mix). In it, a ``SparseSoupStrategy``
 for the model prunes to 90 % (``configure_train`` of round 1), then ``merge_replies`` (what
 ``aggregate_train`` and ``start`` run: the gate unpacking each reply Message,
-``codec.UpdateReader`` reading it in place with every check, the flat streaming sum, the soup
-rebuilt from it) takes the list of m reply Messages, as Flower's grid hands them over (each
-carrying its own copy of one encoded update; made before the timing and the memory baseline).
+``codec.UpdateReader`` reading it in place with every check, the flat streaming sum, the
+round's soup from it, kept compact: the mean's values under the mask) takes the list of m
+reply Messages, as Flower's grid hands them over (each carrying its own copy of one encoded
+update; made before the timing and the memory baseline).
 Until the strategy's hooks took Messages, the bench handed the strategy unpacked payloads
 from a generator: the ``unpack`` stage (the gate's copy of the payload out of its record)
 was not timed then; the ``excl. unpack`` column takes it off again, for comparison with
 those figures.
 
 Throughput is set against a plain memory copy (``numpy.copyto`` into a preallocated
-buffer) of the same m·payload bytes, timed interleaved with the aggregation in the same
-process. Each stage's own cost is timed apart on one reply (``checks_ms``: the CRC-32 in
-use and zlib's, the layout walk, the whole checked read, the finiteness pass, the add, a
-memcpy of the reply) and once per round (``soup_rebuild``: the new soup from the flat mean).
+buffer) of the same m·payload bytes: each reply's own payload, as the aggregation reads
+them (``memcpy``), timed interleaved with the aggregation in the same process. Until
+2026-12-04 the copy read one payload m times, from the cache (``hot memcpy``, still
+printed: the comparator of the earlier tables; 1.5-2x the other on this machine). Each
+stage's own cost is timed apart on one reply (``checks_ms``: the CRC-32 in use and zlib's,
+the layout walk, the whole checked read, the finiteness pass, the add, a memcpy of the
+reply) and once per soup (``make_dense``: the full state dict from the compact soup, paid
+where a tensor is read: evaluation, pruning, the checkpoint; until 2026-12-04 every round's
+aggregation paid it).
 Peak memory is the child's peak RSS (Linux VmHWM, reset through ``/proc/self/clear_refs``
 just before the timed aggregations, the m replies already in memory, so every allocator
 counts, torch's included) minus its RSS at that moment: what aggregating adds.
 
 Columns: ``MB/s`` the m replies' bytes over the aggregation time; ``memcpy MB/s`` the same
-bytes copied; ``vs memcpy`` their ratio (target >= 0.5); ``excl. CRC`` the same ratio with
+bytes copied; ``vs memcpy`` their ratio (target >= 0.5); ``vs hot memcpy`` the ratio to the
+copy of one payload m times; ``excl. CRC`` the ratio to memcpy with
 m CRC-32 passes (the stage's median) taken off the aggregation time: analysis of what the
 checksum costs, not the target; ``peak/(soup+reply)`` the peak over the soup plus one reply;
 ``peak <= 2 soup + reply`` whether the memory target holds.
@@ -50,7 +57,7 @@ from fedsms import codec
 from fedsms.config import FederationConfig, RunConfig
 from fedsms.models import build_model
 from fedsms_flower.local_grid import LocalGrid, partitions, train_reply
-from fedsms_flower.records import record_of
+from fedsms_flower.records import UPDATE_KEY, payload_of, record_of
 from fedsms_server import gate
 from fedsms_server.strategy import SparseSoupStrategy
 
@@ -78,19 +85,23 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
             assert metrics is not None, "a reply was rejected"
             return elapsed
 
-        source = np.frombuffer(update, dtype=np.uint8)
-        target = np.empty_like(source)
+        sources = [np.frombuffer(payload_of(r.content[UPDATE_KEY]), dtype=np.uint8) for r in replies]
+        target = np.empty_like(sources[0])
 
-        def memcpy() -> None:
-            for _ in range(m):
+        def memcpy() -> None:  # the replies' own bytes, as the aggregation reads them
+            for source in sources:
                 np.copyto(target, source)
+
+        def hot_memcpy() -> None:  # one payload m times, from the cache
+            for _ in range(m):
+                np.copyto(target, sources[0])
 
         peak_rss_reset()
         before = rss()
-        times = interleaved({"aggregate": aggregate, "memcpy": memcpy}, repeats)
+        times = interleaved({"aggregate": aggregate, "memcpy": memcpy, "hot_memcpy": hot_memcpy}, repeats)
         peak = peak_rss() - before
     checks = check_costs(strategy, update, repeats)
-    agg, copy = median(times["aggregate"]), median(times["memcpy"])
+    agg, copy, hot = median(times["aggregate"]), median(times["memcpy"]), median(times["hot_memcpy"])
     nnz = sum(int(k.sum()) for k in strategy.mask.values())
     return {
         "model": model_name,
@@ -106,6 +117,8 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
         "aggregate_MBps": m * len(update) / agg / 1e6,
         "memcpy_MBps": m * len(update) / copy / 1e6,
         "throughput_vs_memcpy": copy / agg,
+        "hot_memcpy_s": hot,
+        "throughput_vs_hot_memcpy": hot / agg,
         "throughput_vs_memcpy_without_crc": copy / max(agg - m * checks["crc32"] / 1000, 1e-9),
         "throughput_vs_memcpy_without_unpack": copy / max(agg - m * checks["unpack"] / 1000, 1e-9),
         "crc32_implementation": codec.CRC32_IMPLEMENTATION,
@@ -117,6 +130,7 @@ def measure(model_name: str, m: int, repeats: int, threads: int) -> dict:
         "crc_ms": checks["crc32"],
         "aggregate_runs_s": times["aggregate"],
         "memcpy_runs_s": times["memcpy"],
+        "hot_memcpy_runs_s": times["hot_memcpy"],
     }
 
 
@@ -124,7 +138,7 @@ def check_costs(strategy, update: bytes, repeats: int) -> dict[str, float]:
     """Milliseconds of each stage of reading and adding one reply (medians)."""
     import zlib
 
-    from fedsms.merge import FlatSum, flat_state
+    from fedsms.merge import FlatSum
 
     reader = codec.UpdateReader(strategy.mask, strategy.soup, digest=strategy.digest, phase=1, round=1)
     reply = reader.read(update)
@@ -133,7 +147,9 @@ def check_costs(strategy, update: bytes, repeats: int) -> dict[str, float]:
     body = memoryview(update)[:-5]
     total = FlatSum()
     total.add(reply)
-    dense_means = total.dense_means()
+    merge = strategy.engine.merge("uniform", ends_phase=False)
+    merge.add_reply(reply, 1)
+    soup = merge.flat_state(strategy.digest)
     stages = {
         "unpack": lambda: gate.train_reply(message),
         "crc32": lambda: codec._crc32(body),
@@ -143,7 +159,7 @@ def check_costs(strategy, update: bytes, repeats: int) -> dict[str, float]:
         "finite": lambda: codec.in_range(reply.values),
         "add": lambda: total.add(reply),
         "memcpy_one": lambda: bytes(bytearray(body)),
-        "soup_rebuild": lambda: flat_state(reply.layout, total.values_sum, dense_means, divisor=total.total_weight),
+        "make_dense": lambda: type(soup)(soup.layout, soup.values, soup.dense).full(),
     }
     times = interleaved({name: (lambda f=f: f() and None) for name, f in stages.items()}, max(repeats, 5))
     return {name: 1000 * median(t) for name, t in times.items()}
@@ -185,6 +201,7 @@ COLUMNS = [
     ("aggregate_MBps", "MB/s", ".0f"),
     ("memcpy_MBps", "memcpy MB/s", ".0f"),
     ("throughput_vs_memcpy", "vs memcpy", ".3f"),
+    ("throughput_vs_hot_memcpy", "vs hot memcpy", ".3f"),
     ("throughput_vs_memcpy_without_crc", "excl. CRC (analysis)", ".3f"),
     ("throughput_vs_memcpy_without_unpack", "excl. unpack", ".3f"),
     ("peak_delta_bytes", "peak +B", "d"),

@@ -176,12 +176,15 @@ def encode(
     ``"norm_stats"``) decides whether the packed mask bits go too (:func:`carries_mask`).
     With ``check_finite`` (the default) a NaN/Inf among the values about to be sent,
     including fp16 overflow beyond ±65504, raises :class:`PayloadError` here rather than
-    at the receiver.
+    at the receiver. A ``fedsms.merge.Soup`` under ``mask`` is written from its blocks as
+    they are (its values are already under the mask: no gather, no dense state); the bytes
+    are the same as for its full state dict.
 
     Parameters
     ----------
     state : mapping of str to torch.Tensor
-        The state dict to send (any device); it must hold every tensor ``mask`` names.
+        The state dict to send (any device), or a ``fedsms.merge.Soup``; it must hold every
+        tensor ``mask`` names.
     mask : Mask
         The mask the values are read under; its digest goes in the header.
     phase : int
@@ -230,6 +233,47 @@ def encode(
     header.value_dtype = enum
     header.kind = KINDS[kind]
 
+    compact = getattr(state, "blocks_under", None)  # a fedsms.merge.Soup: values already under the mask
+    compact = compact(mask) if callable(compact) else None
+    if compact is not None:
+        values = compact[0].to(wire_dtype)
+        extras = list(state.layout.extras(compact[1]).items())
+        if check_finite and not (in_range(values) and all(in_range(t) for _, t in extras if t.is_floating_point())):
+            compact = None  # the tensor-by-tensor path below names the one that fails
+    if compact is not None:
+        for keep, count in zip(mask.values(), state.layout.counts):
+            entry = message.masked.add()
+            entry.shape.extend(keep.shape)
+            entry.nnz = count
+    else:
+        values, extras = _under_mask(state, mask, wire_dtype, value_dtype, check_finite, message)
+    message.values = _tensor_bytes(values)
+
+    if carries_mask(kind):
+        message.mask_bits = pack_mask(mask)
+
+    for _, tensor in extras:
+        entry = message.dense.add()
+        entry.shape.extend(tensor.shape)
+        entry.dtype = _DENSE_ENUMS[tensor.dtype]
+    message.dense_data = b"".join(_tensor_bytes(tensor) for _, tensor in extras)
+
+    message.names = _name_table([*mask, *(name for name, _ in extras)])
+    return _seal(message)
+
+
+def _under_mask(
+    state: Mapping[str, torch.Tensor],
+    mask: Mask,
+    wire_dtype: torch.dtype,
+    value_dtype: str,
+    check_finite: bool,
+    message: pb.SparsePayload,
+) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """``encode``'s gather from a full state: every masked tensor's kept values (its entry
+    added to ``message``) in one flat block of ``wire_dtype``, and the dense extras in the
+    order they travel (largest elements first, state order within a size: every extra
+    starts aligned in the block)."""
     blocks: list[torch.Tensor] = []
     for name, keep in mask.items():
         if name not in state:
@@ -252,11 +296,6 @@ def encode(
         entry.shape.extend(keep.shape)
         entry.nnz = values.numel()
         blocks.append(values)
-    message.values = _tensor_bytes(torch.cat(blocks)) if blocks else b""
-
-    if carries_mask(kind):
-        message.mask_bits = pack_mask(mask)
-
     extras: list[tuple[str, torch.Tensor]] = []
     for name, tensor in state.items():
         if name in mask:
@@ -269,16 +308,8 @@ def encode(
         if check_finite and tensor.is_floating_point() and not in_range(tensor):
             raise PayloadError(f"tensor {name!r} has NaN or Inf values; the training diverged")
         extras.append((name, tensor))
-    # largest elements first, state order within a size: every extra starts aligned in the block
     extras.sort(key=lambda item: -item[1].element_size())
-    for _, tensor in extras:
-        entry = message.dense.add()
-        entry.shape.extend(tensor.shape)
-        entry.dtype = _DENSE_ENUMS[tensor.dtype]
-    message.dense_data = b"".join(_tensor_bytes(tensor) for _, tensor in extras)
-
-    message.names = _name_table([*mask, *(name for name, _ in extras)])
-    return _seal(message)
+    return (torch.cat(blocks) if blocks else torch.zeros(0, dtype=wire_dtype)), extras
 
 
 def _name_table(names: list[str]) -> bytes:
@@ -1034,10 +1065,7 @@ class FlatReply:
         """The reply in the compact form of :meth:`Decoded` (owned float32 masked values,
         dense extras in their dtype and shape): for merges that keep candidates."""
         out = dict(zip(self.layout.masked, self.values.to(torch.float32, copy=True).split(self.layout.counts)))
-        for (names, shapes, _), run in zip(self.layout.runs, self.dense):
-            for name, shape, part in zip(names, shapes, run.split([math.prod(s) for s in shapes])):
-                out[name] = part.clone().view(shape)
-        return out
+        return {**out, **{name: part.clone() for name, part in self.layout.extras(self.dense).items()}}
 
 
 @dataclass
@@ -1056,6 +1084,14 @@ class FlatLayout:
     template: list[tuple[str, tuple[int, ...], torch.dtype]] = _field(default_factory=list, repr=False)
     mask: Mask | None = _field(default=None, repr=False)
     _positions: torch.Tensor | None = _field(default=None, repr=False)
+
+    def extras(self, runs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each dense extra as a view of its run (one 1-D tensor per run of ``runs``), in its shape."""
+        out = {}
+        for (names, shapes, _), run in zip(self.runs, runs):
+            for name, shape, part in zip(names, shapes, run.split([math.prod(s) for s in shapes])):
+                out[name] = part.view(shape)
+        return out
 
     def positions(self) -> torch.Tensor:
         """The flat index of every kept entry, per masked tensor in mask order (local to it),

@@ -32,7 +32,7 @@ from fedsms import FedSMSError
 from fedsms.data import DatasetSplits
 from fedsms.evaluate import evaluate
 from fedsms.masks import Mask, mask_digest, prune_state, sparsity
-from fedsms.merge import RULES, Merge, State, capped_shares, state_from_values, values_under_mask
+from fedsms.merge import RULES, Merge, Soup, State, capped_shares, state_from_values, values_under_mask
 from fedsms.norms import norm_layers, recalibrate_norms
 from fedsms.schedule import PruneStep, prune_seed
 from fedsms.soup import greedy_soup
@@ -203,7 +203,12 @@ class SoupEngine:
     Attributes
     ----------
     state : dict of str to Tensor
-        The current state (CPU): the soup so far.
+        The current state (CPU), the soup so far, as a full state dict; replaced, never
+        written to (assigning a full state dict or a ``merge.Soup`` sets it).
+    soup : mapping of str to Tensor
+        The current state as the engine holds it: after a streamed round a compact
+        ``merge.Soup`` (the values under the mask, made dense when ``state`` or a tensor is
+        first read), else the full state dict. What sending, checking and merging read.
     mask : Mask
         The current mask (CPU).
     digest : str
@@ -225,7 +230,7 @@ class SoupEngine:
         log: Callable[[str], None] | None = None,
         guard: SoupGuard | None = None,
     ) -> None:
-        self.state: State = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         self.mask: Mask = {k: v.to("cpu", copy=True) for k, v in mask.items()}
         self.digest = mask_digest(self.mask)
         self.pruning, self.seed = pruning, seed
@@ -234,6 +239,20 @@ class SoupEngine:
         self._warned: set[str] = set()
         self.guard = guard
         self.fallback: dict | None = None
+
+    @property
+    def state(self) -> State:
+        """The current state as a full state dict (a compact soup is made dense once, here)."""
+        return self._soup.full() if isinstance(self._soup, Soup) else self._soup
+
+    @state.setter
+    def state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._soup = state
+
+    @property
+    def soup(self) -> Mapping[str, torch.Tensor]:
+        """The current state as held: a compact ``merge.Soup`` after a streamed round, else ``state``."""
+        return self._soup
 
     @property
     def sparsity(self) -> float:
@@ -255,11 +274,11 @@ class SoupEngine:
         FedSMSError
             If the saved state names other tensors than the current one.
         """
-        if set(state) != set(self.state):
+        if set(state) != set(self.soup):
             raise FedSMSError(
                 "the saved state names other tensors than this job's model; restore a checkpoint of the same model"
             )
-        self.state = {k: state[k].clone() for k in self.state}  # the model's order, in which payloads list tensors
+        self.state = {k: state[k].clone() for k in self.soup}  # the model's order, in which payloads list tensors
         self.mask = {k: v.clone() for k, v in mask.items()}
         self.digest = mask_digest(self.mask)
 
@@ -314,7 +333,7 @@ class SoupEngine:
             keep_candidates=keep or (ends_phase and (rule in ("greedy", "best") or self._guards(rule))),
             log=self.log,
             warn=self._warn_once,
-            reference=values_under_mask(self.state, self.mask) if robust.get("norm_bound") else None,
+            reference=values_under_mask(self.soup, self.mask) if robust.get("norm_bound") else None,
             **robust,
         )
 
@@ -329,7 +348,8 @@ class SoupEngine:
             self.log(f"warning: {line}")
 
     def end_round(self, merge: Merge) -> None:
-        """The state becomes the mean of the merge's candidates (values outside the mask stay zero).
+        """The state becomes the mean of the merge's candidates (values outside the mask stay
+        zero): a compact ``merge.Soup`` when the merge streamed replies read in place.
 
         Parameters
         ----------

@@ -16,12 +16,21 @@ import math
 import re
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from numpy.lib import format as npy
 
 from fedsms import FedSMSError, codec
-from fedsms_flower.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, STATS_KEY, UPDATE_KEY, payload_of
+from fedsms_flower.records import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    STATS_KEY,
+    UPDATE_KEY,
+    npy_data_offset,
+    payload_of,
+)
 
 MAX_EXAMPLES = codec.MAX_EXAMPLES  # a reply claiming more is not believed
 MAX_METRICS = 64  # metric entries in one reply
@@ -217,28 +226,34 @@ def array_fits(name: str, array: object) -> None:
     data, shape = array.data, array.shape
     if not isinstance(data, bytes) or array.stype != "numpy.ndarray":
         raise Rejected(f"array {name!r} is not a serialised numpy array")
-    try:
-        stream = io.BytesIO(data)
-        version = npy.read_magic(stream)
-        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-        declared, fortran, dtype = read(stream, max_header_size=1024)
-    except Exception:  # numpy raises several types for a damaged header
-        raise Rejected(f"array {name!r} has no readable .npy header") from None
+    offset = npy_data_offset(array)  # the header np.save writes for the declared dtype and shape
+    if offset is not None:
+        declared, fortran, dtype = tuple(shape), False, np.dtype(array.dtype)
+    else:
+        try:
+            stream = io.BytesIO(data)
+            version = npy.read_magic(stream)
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            declared, fortran, dtype = read(stream, max_header_size=1024)
+            offset = stream.tell()
+        except Exception:  # numpy raises several types for a damaged header
+            raise Rejected(f"array {name!r} has no readable .npy header") from None
     if dtype.hasobject or dtype.itemsize == 0 or fortran or tuple(declared) != tuple(shape):
         raise Rejected(f"array {name!r} declares {short(shape, 60)} but holds {short(declared, 60)} of {dtype}")
     if len(declared) > 8 or any(d < 0 for d in declared):
         raise Rejected(f"array {name!r} declares the shape {short(declared, 60)}")
     size = math.prod(declared) * dtype.itemsize
-    if size > MAX_ARRAY_BYTES or len(data) - stream.tell() != size:
+    if size > MAX_ARRAY_BYTES or len(data) - offset != size:
         raise Rejected(
-            f"array {name!r} declares {short(declared, 60)} of {dtype} but carries {len(data) - stream.tell()} bytes"
+            f"array {name!r} declares {short(declared, 60)} of {dtype} but carries {len(data) - offset} bytes"
         )
 
 
-def train_reply(reply: Message) -> tuple[bytes | ArrayRecord, dict[str, float]]:
+def train_reply(reply: Message) -> tuple[memoryview | ArrayRecord, dict[str, float]]:
     """A training reply's model and checked metrics.
 
-    The model is the compact payload's bytes (for ``codec.decode``) or, for a reply in
+    The model is the compact payload's bytes, read in place (``payload_of``: a view of the
+    record's buffer, for ``codec.decode``) or, for a reply in
     Flower's standard layout (``arrays`` and no ``update``: an unchanged ClientApp), the
     ``ArrayRecord`` of its state dict (for ``flower_layout.read_update``), whose example
     count must then come with the metrics as ``num-examples``.
@@ -250,7 +265,7 @@ def train_reply(reply: Message) -> tuple[bytes | ArrayRecord, dict[str, float]]:
 
     Returns
     -------
-    tuple of (bytes or ArrayRecord, dict of str to float)
+    tuple of (memoryview or ArrayRecord, dict of str to float)
         The model (payload bytes or ``ArrayRecord``) and the checked metrics.
 
     Raises

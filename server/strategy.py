@@ -40,7 +40,7 @@ from fedsms.data import DatasetSplits
 from fedsms.engine import PhaseHooks, SoupEngine, SoupGuard, data_hooks
 from fedsms.evaluate import evaluate, evaluate_ood
 from fedsms.masks import Mask, dense_mask, prune_plan, prune_table, sparsity
-from fedsms.merge import State
+from fedsms.merge import State, out_of_range
 from fedsms.schedule import Round, federated_rounds
 from fedsms.task import CLASSIFICATION, Task
 from fedsms_flower.records import (
@@ -162,7 +162,7 @@ class SparseSoupStrategy(Strategy):
             run,
             federation,
             server_data,
-            lambda server_round: self.outbox.soup_content(self.soup, self.mask, server_round),
+            lambda server_round: self.outbox.soup_content(self.engine.soup, self.mask, server_round),
             self.log,
             task,
         )
@@ -299,7 +299,7 @@ class SparseSoupStrategy(Strategy):
         timeout = self.fed.round_timeout if timeout is None else timeout
         first = self.recorder.done + 1
         for server_round in range(first, first + (num_rounds or self.rounds_left)):
-            good = (self.engine.state, self.engine.mask, self.engine.digest)  # replaced, never mutated
+            good = (self.engine.soup, self.engine.mask, self.engine.digest)  # replaced, never mutated
             try:
                 self._run_round(grid, server_round, timeout, train_config or ConfigRecord(), evaluate_config)
             except BudgetSpent as spent:  # a clean stop: the last round's checkpoint stands
@@ -426,7 +426,7 @@ class SparseSoupStrategy(Strategy):
         log = self._log(server_round)
         nodes = self.sampler.train_nodes(grid, server_round, exclude=log.rejected if retry else ())
         self.privacy.open_round(server_round, len(grid.get_node_ids()), len(nodes))
-        soup, nbytes = self.outbox.soup_entry(self.soup, self.mask, server_round)
+        soup, nbytes = self.outbox.soup_entry(self.engine.soup, self.mask, server_round)
         log.clients = len(nodes)
         log.partitions = [self.sampler.partitions.get(node) for node in nodes]
         log.bytes_down += nbytes * len(nodes)
@@ -496,14 +496,16 @@ class SparseSoupStrategy(Strategy):
             keep=step.ends_phase and self.phase_end.keeps_candidates(step.phase),
             **self.run.merge_options(),
         )
-        merge = self.privacy.wrap(merge, self.soup, self.mask)  # dp: clipped updates, noise under the mask
+        merge = self.privacy.wrap(merge, self.engine.soup, self.mask)  # dp: clipped updates, noise under the mask
         totals: dict[str, list] = {}  # metric -> [sum, count] over the replies that report it
         added: list[int] = []  # the nodes of the merged candidates, in order
         peaks: list[tuple[float, int]] = []  # each merged reply's largest magnitude, and its node
         for update in self._updates(server_round, replies):
             node, nbytes, metrics = update.node, update.nbytes, update.metrics
             try:
-                decoded = self._decoder.decode(update, self.soup, self.mask, self.digest, step.phase, server_round)
+                decoded = self._decoder.decode(
+                    update, self.engine.soup, self.mask, self.digest, step.phase, server_round
+                )
             except codec.PayloadError as error:
                 decoded, reason = None, gate.short(error)
             update = None  # the payload may go before the next reply is unpacked (one reply held, not two)
@@ -521,7 +523,7 @@ class SparseSoupStrategy(Strategy):
                     total = totals.setdefault(key, [0.0, 0])
                     total[0] += float(value)
                     total[1] += 1
-        start = self.engine.state  # what the candidates retrained from (replaced, never mutated)
+        start = self.engine.soup  # what the candidates retrained from (replaced, never mutated)
         if merge.count >= self.fed.min_train_clients:
             self.engine.end_round(merge)
             for i in merge.dropped:
@@ -556,9 +558,9 @@ class SparseSoupStrategy(Strategy):
         """Why the round's soup cannot be kept (a value beyond the numeric contract, or a
         central evaluation that is not finite), or None. The central evaluation made here is
         the round's when nothing changes the soup before the round closes."""
-        for name, value in self.soup.items():
-            if value.is_floating_point() and not codec.in_range(value):
-                return f"the soup's tensor {name!r} has NaN or Inf values or values beyond ±{codec.MAX_MAGNITUDE:g}"
+        name = out_of_range(self.engine.soup)
+        if name is not None:
+            return f"the soup's tensor {name!r} has NaN or Inf values or values beyond ±{codec.MAX_MAGNITUDE:g}"
         if self.server_data is None:
             return None
         metrics = self.central_evaluation()
@@ -612,7 +614,7 @@ class SparseSoupStrategy(Strategy):
         nodes = [] if self._clients_cannot_evaluate else self.sampler.evaluate_nodes(grid)
         if not nodes:
             return []
-        soup, nbytes = self.outbox.soup_entry(self.soup, self.mask, server_round)
+        soup, nbytes = self.outbox.soup_entry(self.engine.soup, self.mask, server_round)
         self._log(server_round).bytes_down += nbytes * len(nodes)
         return self.outbox.evaluate(soup, nodes, server_round, config)
 

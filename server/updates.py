@@ -27,7 +27,7 @@ class Update:
 
     node: int
     candidate: int | None = None  # the candidate the reply answers for (from its group id)
-    payload: bytes = b""  # a compact reply (fedsms clients)
+    payload: bytes | memoryview = b""  # a compact reply (fedsms clients), read in place from its record
     metrics: dict = field(default_factory=dict)
     error: str | None = None  # why the reply is unusable, before decoding
     arrays: ArrayRecord | None = None  # a reply in Flower's standard layout (unchanged ClientApps)

@@ -2,9 +2,11 @@
 
     python bench/client_codec.py [--model cnn tv:resnet18 tv:resnet50] [--repeats 5] [--out results/client_codec.json]
 
-What ``fedsms_client.toolkit`` does each round: ``receive`` = ``codec.decode`` of the soup
-payload (mask bits included, every check), ``Decoded.to_state_dict`` and
-``model.load_state_dict``; ``reply`` = ``codec.encode`` of the trained state as an
+What ``fedsms_client.toolkit`` does each round: ``receive`` = the payload read in place
+from its record (``payload_of``), ``codec.decode`` of it (mask bits included, every check)
+and ``Decoded.load_into`` the model's own tensors (until 2026-12-04: a copy of the payload
+out of its record, ``Decoded.to_state_dict`` and ``model.load_state_dict``); ``reply`` =
+``codec.encode`` of the trained state as an
 ``update`` under the mask. Each model is pruned to 90 % (global magnitude). For ``cnn`` the
 two are set against one epoch of training on the digits data (plain SGD, batch 32, one torch
 thread), the digits-sized model of the demo; the big models report ms and MB/s of payload.
@@ -19,6 +21,7 @@ from common import interleaved, median, parser, report
 
 from fedsms import codec
 from fedsms.models import build_model
+from fedsms_flower.records import payload_of, record_of
 
 SPARSITY = 0.9
 
@@ -62,11 +65,12 @@ def measure(model_name: str, repeats: int, tiny: bool) -> dict:
         shape, classes = (3, 32, 32), 10
     model, state, mask = pruned(model_name, shape, classes)
     soup = codec.encode(state, mask, phase=1, round=1, kind="soup")
+    record = record_of(soup)
     template = model.state_dict()
 
     def receive() -> None:
         decoded = codec.decode(
-            soup,
+            payload_of(record),
             expected_mask=None,
             expected_digest=None,
             template=template,
@@ -74,7 +78,7 @@ def measure(model_name: str, repeats: int, tiny: bool) -> dict:
             expected_round=1,
             expected_kind="soup",
         )
-        model.load_state_dict(decoded.to_state_dict(template))
+        decoded.load_into(template)
 
     reply_bytes = [0]
 

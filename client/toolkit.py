@@ -397,8 +397,7 @@ def receive(message: Message, model: nn.Module) -> Received:
                 "build the client's model exactly as the server's"
             ) from None
         raise FedSMSError(f"the server's soup of round {server_round} cannot be read: {error}") from None
-    state = decoded.to_state_dict(template)
-    model.load_state_dict(state)
+    decoded.load_into(template)  # the model's own tensors take the soup: no dense copy
     return Received(
         message=message,
         mask=decoded.mask,
@@ -406,5 +405,5 @@ def receive(message: Message, model: nn.Module) -> Received:
         server_round=server_round,
         value_dtype=decoded.value_dtype,
         hyperparameters=config,
-        start={k: v.detach().cpu().clone() for k, v in state.items()} if KEY_CLIPPING_NORM in dict(config) else None,
+        start={k: v.detach().cpu().clone() for k, v in template.items()} if KEY_CLIPPING_NORM in dict(config) else None,
     )

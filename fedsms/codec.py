@@ -445,6 +445,26 @@ class Decoded:
 
         return state_from_values({**self.values, **self.dense}, self.mask, template)
 
+    def load_into(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Write the full state into the tensors of ``state`` in place (``model.state_dict()``:
+        the model's own parameters and buffers), as ``model.load_state_dict(to_state_dict(...))``
+        would leave them, without building and copying a full state dict.
+
+        Parameters
+        ----------
+        state : mapping of str to torch.Tensor
+            The receiver's tensors (any device), usually the template given to ``decode``.
+
+        Raises
+        ------
+        PayloadError
+            If ``state`` names a tensor the payload lacks or of another shape; nothing is
+            written then.
+        """
+        from fedsms.merge import load_values  # merge imports the codec
+
+        load_values({**self.values, **self.dense}, self.mask, state)
+
 
 def decode(
     data: bytes,

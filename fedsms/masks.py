@@ -708,7 +708,8 @@ def unpack_mask(data: bytes, shapes: Mapping[str, tuple[int, ...]]) -> Mask:
     total = sum(int(np.prod(s)) for s in shapes.values())
     if len(data) != (total + 7) // 8:
         raise FedSMSError(f"mask bits have {len(data)} bytes but the shapes need {(total + 7) // 8}")
-    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=total, bitorder="little").astype(bool)
+    # unpackbits writes 0s and 1s: numpy's bool, viewed, not converted
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=total, bitorder="little").view(bool)
     out, start = {}, 0
     for name, shape in shapes.items():
         n = int(np.prod(shape))

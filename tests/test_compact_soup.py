@@ -155,3 +155,24 @@ def test_the_strategy_merges_checks_and_sends_the_next_round_without_a_dense_sou
     assert strategy.engine.soup is soup and soup._full is None  # sent from its blocks
     sent = bytes(payload_of(message.content[SOUP_KEY]))
     assert sent == codec.encode(dict(strategy.soup), strategy.mask, phase=1, round=2, kind="soup")
+
+
+def test_a_received_soup_is_written_into_the_models_own_tensors_as_load_state_dict_would():
+    torch.manual_seed(0)
+    sender = build_model("resnet20", 10, (3, 32, 32))
+    state, mask = prune_state(sender.state_dict(), dense_mask(sender, prunable_names(sender)), 0.8)
+    payload = codec.encode(state, mask, phase=1, round=1, kind="soup")
+    receiver = build_model("resnet20", 10, (3, 32, 32))  # other weights
+    conv = next(m for m in receiver.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 3)
+    conv.weight.data = conv.weight.data.to(memory_format=torch.channels_last)  # a strided parameter too
+    template = receiver.state_dict()
+    storage = {name: tensor.data_ptr() for name, tensor in template.items()}
+    decoded = codec.decode(payload, expected_mask=None, expected_digest=None, template=template, expected_kind="soup")
+    before = {name: tensor.clone() for name, tensor in template.items()}
+    with pytest.raises(codec.PayloadError, match="missing"):
+        decoded.load_into({**template, "head.extra": torch.zeros(2)})
+    assert all(torch.equal(receiver.state_dict()[k], before[k]) for k in before)  # refused before any write
+    decoded.load_into(template)
+    after = receiver.state_dict()
+    assert {name: tensor.data_ptr() for name, tensor in after.items()} == storage  # in place
+    assert all(torch.equal(after[k], state[k]) for k in state)  # the sender's pruned state, exactly

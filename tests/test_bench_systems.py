@@ -115,6 +115,28 @@ def test_scaling(tmp_path):
         assert all(math.isfinite(r[k]) for k in ("encode_s", "aggregate_s", "recalibrate_s", "evaluate_s", "rest_s"))
 
 
+@pytest.mark.slow  # real SuperLink, SuperNodes and `flwr run`: each variant once, 2 rounds (about 2 minutes)
+def test_deployment_runs_fedsms_and_fedavg_on_real_flower_processes(tmp_path):
+    data = run_bench("deployment", tmp_path, timeout=420)
+    fedsms, fedavg = data["rows"]
+    assert (fedsms["variant"], fedavg["variant"]) == ("fedsms", "fedavg")
+    for r in data["rows"]:
+        # --tiny: 1 dense round + 1 phase of 1 round, and every round of it reached the server's record
+        assert r["rounds"] == 2 and r["rounds_completed"] == [2], r["variant"]
+        assert r["runs_detail"][0]["server_rounds"] == [1, 2], r["variant"]
+        assert positive(r["round_s"], r["first_round_s"], r["train_s"], r["total_s"])
+        assert positive(r["superlink_up_s"], r["supernodes_up_s"], r["submit_to_first_round_s"])
+        assert positive(r["bytes_down_per_round"], r["bytes_up_per_round"])
+        assert r["train_s"] < r["round_s"] and r["finish_s"] >= 0  # training is a part of the round
+        assert r["accuracy"] > 0.2, r["variant"]  # both really trained (10 classes: chance is 0.1)
+    assert positive(data["ratio"]) and data["ratio"] == fedsms["round_s"] / fedavg["round_s"]
+    # after the dense round fedsms sends 90 % sparse payloads, FedAvg the dense model both ways
+    assert fedsms["bytes_down_per_round"] < fedavg["bytes_down_per_round"] / 2
+    assert fedsms["bytes_up_per_round"] < fedavg["bytes_up_per_round"] / 2
+    assert set(data["imports"]) == {"fedsms_server.app", "fedsms_client.app", "FedAvg app", "torch, flwr"}
+    assert positive(*(entry["median_s"] for entry in data["imports"].values()))
+
+
 def test_client_codec(tmp_path):
     (row,) = run_bench("client_codec", tmp_path)["rows"]
     assert row["model"] == "cnn"

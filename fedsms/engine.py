@@ -395,14 +395,9 @@ class SoupEngine:
         chosen = list(range(merge.count))
         self.fallback = None
         if merge.rule == "best":
-            scores = [self._score(self._full(c)) for c in merge.candidates]
-            best = max(range(len(scores)), key=scores.__getitem__)
-            self.state, chosen = self._full(merge.candidates[best]), [best]
+            self.state, chosen = self._best(merge, self._candidate_scores(merge))
         elif merge.rule == "greedy" and merge.count > 1:
-            states = [self._full(c) for c in merge.candidates]
-            self.state, chosen, _ = greedy_soup(
-                states, self.mask, lambda s: self._score(self.recalibrated(s, step_index))
-            )
+            self.state, chosen = self._greedy(merge, step_index)
             self.log(f"phase {step_index}: greedy soup kept candidates {chosen}")
         if recalibrate and merge.rule != "best" and merge.count > 1:  # one candidate's own statistics already fit it
             self.state = self.recalibrated(self.state, step_index)
@@ -413,20 +408,19 @@ class SoupEngine:
     def _guarded(self, step_index: int, merge: Merge, chosen: list[int]) -> list[int]:
         """Apply the guard to the phase's recalibrated soup; returns the candidates kept."""
         soup = self._score(self.state)
-        scores = [self._score(self._full(c)) for c in merge.candidates]
-        best = max(range(len(scores)), key=scores.__getitem__)
-        if scores[best] - soup <= self.guard.tolerance:
+        scores = self._candidate_scores(merge)
+        best = max(scores)
+        if best - soup <= self.guard.tolerance:
             return chosen
         if self.guard.fallback == "best":
-            self.state, kept = self._full(merge.candidates[best]), [best]
+            self.state, kept = self._best(merge, scores)
         else:
-            states = [self._full(c) for c in merge.candidates]
-            state, kept, _ = greedy_soup(states, self.mask, lambda s: self._score(self.recalibrated(s, step_index)))
+            state, kept = self._greedy(merge, step_index)
             self.state = self.recalibrated(state, step_index) if len(kept) > 1 else state
-        self.fallback = {"rule": self.guard.fallback, "soup": soup, "best": scores[best], "kept": kept}
+        self.fallback = {"rule": self.guard.fallback, "soup": soup, "best": best, "kept": kept}
         self.log(
             f"phase {step_index}: the {merge.rule} soup scored {soup:.4f} on the held-out split, "
-            f"{scores[best] - soup:.4f} below its best candidate ({scores[best]:.4f}); "
+            f"{best - soup:.4f} below its best candidate ({best:.4f}); "
             f"falling back to the {self.guard.fallback} soup of candidates {kept} (soup-guard = off keeps the soup)"
         )
         return kept
@@ -447,6 +441,22 @@ class SoupEngine:
             The recalibrated state, or ``state`` itself when there is no recalibration hook.
         """
         return self.hooks.recalibrate(state, step_index) if self.hooks.recalibrate else state
+
+    def _candidate_scores(self, merge: Merge) -> list[float]:
+        """Each kept candidate's held-out score, in the order they were added."""
+        return [self._score(self._full(c)) for c in merge.candidates]
+
+    def _best(self, merge: Merge, scores: list[float]) -> tuple[State, list[int]]:
+        """The best-scoring candidate's state and its index (the first of equals)."""
+        best = max(range(len(scores)), key=scores.__getitem__)
+        return self._full(merge.candidates[best]), [best]
+
+    def _greedy(self, merge: Merge, step_index: int) -> tuple[State, list[int]]:
+        """The greedy soup of the kept candidates (each trial recalibrated before it is
+        scored) and the indices it holds, best first."""
+        states = [self._full(c) for c in merge.candidates]
+        state, chosen, _ = greedy_soup(states, self.mask, lambda s: self._score(self.recalibrated(s, step_index)))
+        return state, chosen
 
     def _score(self, state: State) -> float:
         if self.hooks.heldout_score is None:

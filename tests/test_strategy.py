@@ -1,7 +1,8 @@
 """SparseSoupStrategy's Flower hooks with the real ClientApp in the fast tier: the soup after
 a round is exactly the masked average of the clients' decoded replies, federated evaluation
 is the example-weighted mean of the clients' metrics, bad replies never count, and the
-greedy soup is the one held-out accuracy computed here picks. Each hook is called as
+greedy soup is the one held-out accuracy computed here picks, a soup that loses to its best
+candidate falls back (soup-guard) and the round's record says so. Each hook is called as
 Flower's loop calls it, with nothing set up beforehand."""
 
 import gc
@@ -245,6 +246,38 @@ def test_greedy_merge_is_the_soup_that_heldout_accuracy_picks_with_recalibrated_
     averaged = mean_of([states[i] for i in chosen])
     assert any(not torch.allclose(strategy.soup[n], averaged[n], atol=1e-3) for n in stats if "running" in n)
     assert heldout(strategy.soup) >= max(heldout(s) for s in states)
+
+
+def test_a_federated_soup_that_loses_to_its_best_candidate_falls_back_and_says_so(tmp_path):
+    """The guard at a federated phase end (the server holds data): the soup of a trained
+    candidate and its negation (every float zero) scores at chance on the held-out split,
+    far below the trained one; with ``soup-guard = best`` the strategy's soup is that
+    candidate, and the log line and the round's result row name the fallback."""
+    lines = []
+    strategy = make_strategy(tmp_path, log=lines.append, run=dict(soup_guard="best"), mode="data", pretrain_rounds=0)
+    data = digits()
+    torch.manual_seed(0)
+    train_candidate(strategy.model, strategy.mask, data.train, CandidateConfig(epochs=2, lr=0.05, batch_size=64))
+    trained = ArrayRecord({k: v.clone() for k, v in strategy.model.state_dict().items()})
+    grid = LocalGrid(make_client_app(), partitions(2))
+    # round 1 prunes the trained dense model and ends phase 1
+    [good, _] = payloads(grid.send_and_receive(strategy.configure_train(1, trained, ConfigRecord(), grid)))
+    kept = decoded_state(good, strategy).to_state_dict(strategy.soup)
+    negated = {k: -v if v.is_floating_point() else v for k, v in kept.items()}
+    bad = codec.encode(negated, strategy.mask, phase=1, round=1, kind="update", num_examples=400)
+    strategy.model.load_state_dict(kept)  # the strategy's model is scratch space: the soup lives in the engine
+    assert evaluate(strategy.model, data.heldout)["accuracy"] > 0.5  # the candidate learned
+
+    strategy.aggregate_train(1, [reply_of(1, 0, 0, good), reply_of(1, 1, 1, bad)])
+    closed(strategy, 1)
+
+    for name, value in strategy.soup.items():
+        torch.testing.assert_close(value, kept[name], rtol=0, atol=0, msg=name)
+    [line] = [m for m in lines if "falling back" in m]
+    assert "falling back to the best soup of candidates [0]" in line
+    [row] = strategy.recorder.phase_rows()
+    assert row["guard"]["rule"] == "best" and row["guard"]["kept"] == [0]
+    assert row["guard"]["best"] - row["guard"]["soup"] > 0.3
 
 
 def made_replies(strategy, server_round: int, count: int = 2) -> list:

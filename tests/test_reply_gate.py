@@ -284,7 +284,7 @@ def test_property_every_reply_kind_is_checked_or_rejected(kind, metrics, header,
     try:
         if kind == "train":
             payload, values = gate.train_reply(message)
-            assert isinstance(payload, bytes)
+            assert isinstance(payload, memoryview) and payload.readonly  # read in place, never written
         elif kind == "evaluate":
             values, count = gate.evaluate_reply(message)
             assert 1 <= count <= gate.MAX_EXAMPLES
